@@ -1,0 +1,21 @@
+"""fixpoint: differentiable fixed points and equilibria in JAX."""
+
+from ._adjoint import AbstractAdjoint as AbstractAdjoint
+from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
+from ._adjoint import NeumannAdjoint as NeumannAdjoint
+from ._adjoint import PhantomAdjoint as PhantomAdjoint
+from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
+from ._errors import SolveError as SolveError
+from ._fixed_point import fixed_point as fixed_point
+from ._norm import max_norm as max_norm
+from ._norm import rms_norm as rms_norm
+from ._norm import two_norm as two_norm
+from ._problem import Evaluation as Evaluation
+from ._problem import Problem as Problem
+from ._root_find import root_find as root_find
+from ._solution import RESULTS as RESULTS
+from ._solution import Solution as Solution
+from ._solver import AbstractSolver as AbstractSolver
+from ._solver import check_tolerances as check_tolerances
+
+__version__ = "0.1.0"

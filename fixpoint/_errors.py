@@ -1,0 +1,71 @@
+"""Raising readable errors from inside compiled code."""
+
+import functools as ft
+
+import equinox.internal as eqxi
+import jax
+import numpy as np
+
+from ._solution import RESULTS
+
+
+class SolveError(RuntimeError):
+    """Raised (from inside `jit`) when a solve with `throw=True` fails."""
+
+
+def _describe(what, codes, steps, residual) -> str:
+    names = {getattr(RESULTS, n)._value: n for n in RESULTS.__members__ if not n.startswith("_")}
+    codes = np.asarray(codes).reshape(-1)
+    steps = np.broadcast_to(np.asarray(steps).reshape(-1), codes.shape)
+    residual = np.broadcast_to(np.asarray(residual).reshape(-1), codes.shape)
+    bad = np.flatnonzero(codes != RESULTS.successful._value)
+    i = int(bad[0])
+    name = names[int(codes[i])]
+    where = (
+        ""
+        if codes.size == 1
+        else f" ({bad.size} of {codes.size} samples failed; the first is #{i})"
+    )
+    return (
+        f"{what} failed with result `{name}` after {int(steps[i])} steps "
+        f"(residual {float(residual[i]):.3e}){where}. "
+        f"{RESULTS[getattr(RESULTS, name)]} "
+        "Pass `throw=False` to get the result code instead of an error."
+    )
+
+
+@ft.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def raise_if_failed(value, codes, num_steps, residual, what: str):
+    """Return `value`; at run time, raise `SolveError` if any `codes` is a failure.
+
+    The message names the result code, the number of steps and the residual of
+    the first failing sample, and how many samples failed under `vmap`. The check
+    is a `lax.cond` around a host callback whose output `value` depends on, so it
+    cannot be optimised away.
+    """
+    failed = eqxi.unvmap_any(codes != RESULTS.successful._value)
+    leaves, treedef = jax.tree.flatten(value)
+
+    def raises(codes, steps, res, *leaves):
+        raise SolveError(_describe(what, codes, steps, res))
+
+    def handle(leaves):
+        struct = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+        return jax.pure_callback(
+            raises,
+            struct,
+            codes,
+            num_steps,
+            residual,
+            *leaves,
+            vmap_method="expand_dims",
+        )
+
+    leaves = jax.lax.cond(failed, handle, lambda xs: list(xs), leaves)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@raise_if_failed.defjvp
+def _raise_if_failed_jvp(what, primals, tangents):
+    value, codes, num_steps, residual = primals
+    return raise_if_failed(value, codes, num_steps, residual, what), tangents[0]

@@ -1,0 +1,59 @@
+"""`fixed_point`: find `y` with `fn(y, args) = y`."""
+
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._custom_types import Args, Fn, Y
+from ._solution import Solution
+from ._solve import solve
+from ._solver import AbstractSolver
+
+
+def fixed_point(
+    fn: Fn,
+    y0: Y,
+    args: Args = None,
+    *,
+    solver: AbstractSolver,
+    max_steps: int = 256,
+    throw: bool = True,
+    has_aux: bool = False,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    record_residuals: bool = False,
+    divergence_ratio: float = 1e4,
+) -> Solution:
+    """Find a fixed point `y = fn(y, args)`.
+
+    **Arguments:**
+
+    - `fn`: `fn(y, args) -> y_next` (or `(y_next, aux)` with `has_aux=True`), with
+      the same pytree structure, shapes and dtypes as `y0`.
+    - `y0`: the starting point (warm start): a pytree of floating-point arrays.
+    - `args`: any pytree passed through to `fn`; gradients flow to its arrays.
+    - `solver`: e.g. `solvers.Picard(rtol, atol)`, `solvers.Anderson(...)`,
+      `solvers.Newton(...)`, `solvers.Broyden(...)`.
+    - `max_steps`: the largest number of updates.
+    - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if any
+      sample fails). With `False`, read `sol.result` instead (per sample).
+    - `has_aux`: whether `fn` also returns auxiliary data.
+    - `adjoint`: how to differentiate: `ImplicitAdjoint()` (default),
+      `PhantomAdjoint`, `NeumannAdjoint`, `UnrolledAdjoint`.
+    - `record_residuals`: also return `stats["residual_history"]`, the residual
+      norm at each step (length `max_steps + 1`, NaN-padded).
+    - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
+      exceeds this multiple of the smallest residual norm seen.
+
+    **Returns:** a `fixpoint.Solution`.
+    """
+    return solve(
+        "fixed_point",
+        "fixed_point",
+        fn,
+        y0,
+        args,
+        solver=solver,
+        max_steps=max_steps,
+        throw=throw,
+        has_aux=has_aux,
+        adjoint=adjoint,
+        record_residuals=record_residuals,
+        divergence_ratio=divergence_ratio,
+    )

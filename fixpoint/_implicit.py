@@ -1,0 +1,71 @@
+"""The implicit-function-theorem rule shared by every implicit adjoint.
+
+If `y*(θ)` solves `G(y, θ) = 0` then `J_y G · dy = -J_θ G · dθ`. We attach that
+rule with a `custom_jvp` (so forward mode works) and solve the linear system with
+`lax.custom_linear_solve` (so JAX can transpose it for reverse mode, using VJPs
+only). The primal iteration is never differentiated: memory does not grow with
+the number of forward steps.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+def implicit_solve(primal: Callable, residual: Callable, inputs, y0, linear_solve):
+    """Solve with `primal(inputs, y0) -> (y, rest)`; differentiate `y` implicitly.
+
+    **Arguments:**
+
+    - `primal`: runs the forward solve; it is never differentiated.
+    - `residual`: `residual(y, inputs) -> G`, zero at the solution.
+    - `inputs`: pytree whose floating-point arrays may be differentiated.
+    - `y0`: starting point; receives no gradient.
+    - `linear_solve`: `solve(matvec, b)` for `lax.custom_linear_solve`.
+
+    **Returns:** `(y, rest)`; `rest` (result codes, statistics) has zero tangent.
+    """
+    y0 = jax.lax.stop_gradient(y0)
+    y, rest = _implicit(inputs, y0, primal=primal, residual=residual, linear_solve=linear_solve)
+    rest = jax.lax.stop_gradient(rest)
+    return y, rest
+
+
+@eqx.filter_custom_jvp
+def _implicit(inputs, y0, *, primal, residual, linear_solve):
+    del residual, linear_solve
+    return primal(inputs, y0)
+
+
+def _is_none(x):
+    return x is None
+
+
+@_implicit.def_jvp
+def _implicit_jvp(primals, tangents, *, primal, residual, linear_solve):
+    inputs, y0 = primals
+    t_inputs, _ = tangents
+    y, rest = _implicit(inputs, y0, primal=primal, residual=residual, linear_solve=linear_solve)
+    has_tangent = jax.tree.map(lambda t: t is not None, t_inputs, is_leaf=_is_none)
+    diff, nondiff = eqx.partition(inputs, has_tangent)
+    y_const = jax.lax.stop_gradient(y)
+
+    def g_theta(d):
+        return residual(y_const, eqx.combine(d, nondiff))
+
+    _, rhs = jax.jvp(g_theta, (diff,), (t_inputs,))
+
+    def matvec(v):
+        return jax.jvp(lambda z: residual(z, inputs), (y_const,), (v,))[1]
+
+    t_y = -jax.lax.custom_linear_solve(matvec, rhs, linear_solve, linear_solve)
+    t_rest = jax.tree.map(_zero_tangent, rest)
+    return (y, rest), (t_y, t_rest)
+
+
+def _zero_tangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return None

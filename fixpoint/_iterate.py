@@ -1,0 +1,131 @@
+"""The one jit-compiled loop that drives every solver."""
+
+from typing import Any, Literal
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+
+from ._norm import scaled_norm
+from ._problem import Problem
+from ._solution import RESULTS
+from ._solver import AbstractSolver
+
+
+class LoopOptions(eqx.Module):
+    """Per-call settings of the loop (static)."""
+
+    max_steps: int = eqx.field(static=True)
+    divergence_ratio: float = eqx.field(static=True)
+    record_residuals: bool = eqx.field(static=True)
+
+
+class _Carry(eqx.Module):
+    y: Any
+    state: Any
+    aux: Any
+    step: jax.Array
+    done: jax.Array
+    result: RESULTS
+    residual: jax.Array
+    best: jax.Array
+    history: Any
+
+
+def iterate(
+    solver: AbstractSolver,
+    problem: Problem,
+    y0,
+    args,
+    aux_struct,
+    options: LoopOptions,
+    kind: Literal["lax", "checkpointed"] = "lax",
+    checkpoints: int | None = None,
+):
+    """Run `solver` on `problem` from the flat `y0`.
+
+    Returns `(y, aux, result, stats)` where `y` is the iterate whose residual was
+    measured last. Each body iteration makes one evaluation; the loop stops on
+    convergence, a non-finite residual, divergence (residual norm above
+    `divergence_ratio` times the smallest seen), a solver failure, or after
+    `max_steps` updates. Finished samples of a `vmap` never move again, so every
+    sample gets its own `num_steps` and `result`.
+    """
+    dtype = y0.dtype
+    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
+    history = jnp.full(options.max_steps + 1, jnp.nan, dtype) if options.record_residuals else None
+    init = _Carry(
+        y=y0,
+        state=solver.init(problem, y0, args),
+        aux=aux0,
+        step=jnp.array(0),
+        done=jnp.array(False),
+        result=RESULTS.successful,
+        residual=jnp.array(jnp.inf, dtype),
+        best=jnp.array(jnp.inf, dtype),
+        history=history,
+    )
+
+    def cond(carry):
+        return ~carry.done
+
+    def body(carry):
+        y_next, state, ev, solver_result = solver.step(problem, carry.y, args, carry.state)
+        rnorm = solver.norm(ev.residual)
+        scaled = scaled_norm(solver.norm, ev.residual, carry.y, solver.rtol, solver.atol)
+        finite = jnp.isfinite(rnorm) & jnp.isfinite(scaled)
+        converged = finite & (scaled < 1)
+        diverged = rnorm > options.divergence_ratio * carry.best
+        failed = solver_result != RESULTS.successful
+        out_of_steps = carry.step >= options.max_steps
+        result = RESULTS.where(
+            converged,
+            RESULTS.successful,
+            RESULTS.where(
+                ~finite,
+                RESULTS.nonfinite,
+                RESULTS.where(
+                    diverged,
+                    RESULTS.diverged,
+                    RESULTS.where(
+                        failed,
+                        solver_result,
+                        RESULTS.where(out_of_steps, RESULTS.max_steps_reached, RESULTS.successful),
+                    ),
+                ),
+            ),
+        )
+        done = converged | ~finite | diverged | failed | out_of_steps
+        history = carry.history
+        if history is not None:
+            history = history.at[carry.step].set(rnorm)
+        return _Carry(
+            y=jnp.where(done, carry.y, y_next),
+            state=state,
+            aux=ev.aux,
+            step=carry.step + jnp.where(done, 0, 1),
+            done=done,
+            result=result,
+            residual=rnorm,
+            best=jnp.minimum(carry.best, jnp.where(finite, rnorm, carry.best)),
+            history=history,
+        )
+
+    if kind == "lax":
+        final = eqxi.while_loop(cond, body, init, kind="lax")
+    else:
+        buffers = (lambda c: c.history) if options.record_residuals else None
+        final = eqxi.while_loop(
+            cond,
+            body,
+            init,
+            max_steps=options.max_steps + 1,
+            buffers=buffers,
+            kind="checkpointed",
+            checkpoints=checkpoints,
+        )
+    stats = {"num_steps": final.step, "residual": final.residual}
+    if options.record_residuals:
+        stats["residual_history"] = final.history
+    return final.y, final.aux, final.result, stats

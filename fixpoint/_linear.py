@@ -1,0 +1,65 @@
+"""Backward linear solves for implicit differentiation, as `solve(matvec, b)`.
+
+Each function here builds the `solve` argument of `jax.lax.custom_linear_solve`.
+Because the same `solve` is used with the transposed operator for reverse mode,
+forward (`jvp`) and reverse (`grad`) mode get consistent answers.
+"""
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+
+from ._errors import raise_if_failed
+from ._norm import max_norm
+from ._solution import RESULTS
+
+_WHAT = "The backward (implicit-differentiation) linear solve"
+
+
+def _flag(x, failed, steps, residual, throw: bool):
+    """Raise (`throw=True`) or NaN-poison `x` where the backward solve failed."""
+    codes = jnp.where(failed, RESULTS.linear_solve_failed._value, RESULTS.successful._value)
+    if throw:
+        x = raise_if_failed(x, codes, steps, residual, _WHAT)
+    return jnp.where(failed, jnp.nan, x)
+
+
+def lineax_solve(solver: lx.AbstractLinearSolver, rtol: float, atol: float, throw: bool):
+    """`solve(matvec, b)` by a lineax solver on the matrix-free operator `matvec`.
+
+    The answer is verified independently of the solver: the true residual
+    `max|A x - b|` must be at most `atol + rtol * max|b|` (with a 10x margin for
+    round-off), and `x` must be finite. Otherwise the solve counts as failed.
+    """
+
+    def solve(matvec, b):
+        op = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: b))
+        sol = lx.linear_solve(op, b, solver, throw=False)
+        x = sol.value
+        res = max_norm(matvec(x) - b)
+        bound = 10 * (atol + rtol * max_norm(b))
+        failed = (sol.result != lx.RESULTS.successful) | ~(res <= bound)
+        steps = sol.stats.get("num_steps", jnp.array(0))
+        return _flag(x, failed, steps, res, throw)
+
+    return solve
+
+
+def series_solve(steps: int, damping: float, throw: bool):
+    """`x_k = damping * sum_{i<k} (I - damping*A)^i b`: damped Richardson from zero.
+
+    With `A = I - J_f` (a fixed-point problem) this is the k-step phantom
+    gradient; with `damping=1` it is the truncated Neumann series
+    `sum_{i<k} J_f^i b`. It is an approximation by design, so only a non-finite
+    answer counts as a failure.
+    """
+
+    def solve(matvec, b):
+        def body(_, x):
+            return x + damping * (b - matvec(x))
+
+        x = jax.lax.fori_loop(0, steps, body, jnp.zeros_like(b))
+        failed = ~jnp.all(jnp.isfinite(x))
+        return _flag(x, failed, jnp.array(steps), max_norm(x), throw)
+
+    return solve

@@ -1,0 +1,88 @@
+"""What `fixed_point` and `root_find` share: checks, flattening, adjoint, Solution."""
+
+import equinox as eqx
+from jax.flatten_util import ravel_pytree
+
+from ._adjoint import AbstractAdjoint
+from ._checks import as_float_pytree, check_instance, check_int, check_output
+from ._errors import raise_if_failed
+from ._iterate import LoopOptions, iterate
+from ._problem import Problem
+from ._solution import Solution
+from ._solver import AbstractSolver
+
+
+class _Flat(eqx.Module):
+    """The user's `fn` on flat vectors: `(y_flat, args) -> (out_flat, aux)`."""
+
+    fn: object
+    unravel: object = eqx.field(static=True)
+    has_aux: bool = eqx.field(static=True)
+
+    def __call__(self, y, args):
+        out = self.fn(self.unravel(y), args)
+        out, aux = out if self.has_aux else (out, None)
+        return ravel_pytree(out)[0], aux
+
+
+def solve(
+    name,
+    kind,
+    fn,
+    y0,
+    args,
+    *,
+    solver,
+    max_steps,
+    throw,
+    has_aux,
+    adjoint,
+    record_residuals,
+    divergence_ratio,
+) -> Solution:
+    check_instance(solver, AbstractSolver, "solver")
+    check_instance(adjoint, AbstractAdjoint, "adjoint")
+    check_int(max_steps, "max_steps", 1)
+    if not callable(fn):
+        raise TypeError(f"`fn` must be callable, got {fn!r}.")
+    if not isinstance(divergence_ratio, (int, float)) or not divergence_ratio > 1:
+        raise ValueError(f"`divergence_ratio` must be a number > 1, got {divergence_ratio!r}.")
+    y0 = as_float_pytree(y0)
+    out_struct = eqx.filter_eval_shape(fn, y0, args)
+    check_output(out_struct, y0, has_aux, name)
+    aux_struct = out_struct[1] if has_aux else None
+
+    y0_flat, unravel = ravel_pytree(y0)
+    flat = _Flat(fn, unravel, has_aux)
+    # Hoist arrays that `fn` closes over into a pytree, so they are differentiated.
+    flat_cc = eqx.filter_closure_convert(flat, y0_flat, args)
+    inputs = (flat_cc, args)
+    options = LoopOptions(max_steps, divergence_ratio, record_residuals)
+
+    def primal(inputs, y, loop, checkpoints):
+        f, a = inputs
+        return _split(
+            iterate(solver, Problem(f, kind), y, a, aux_struct, options, loop, checkpoints)
+        )
+
+    def residual(y, inputs):
+        f, a = inputs
+        return Problem(f, kind).residual(y, a)[0]
+
+    y_flat, (aux, result, stats) = adjoint.apply(
+        primal, residual, inputs, y0_flat, (solver.rtol, solver.atol)
+    )
+    if throw:
+        y_flat = raise_if_failed(
+            y_flat, result._value, stats["num_steps"], stats["residual"], f"`{name}`"
+        )
+    if has_aux:
+        # Evaluated again at the (differentiable) solution so that gradients flow
+        # through `aux` under every adjoint.
+        aux = flat_cc(y_flat, args)[1]
+    return Solution(value=unravel(y_flat), result=result, aux=aux, stats=stats)
+
+
+def _split(out):
+    y, aux, result, stats = out
+    return y, (aux, result, stats)

@@ -1,0 +1,59 @@
+"""The solver protocol that one generic loop drives (see `_iterate.py`)."""
+
+import abc
+from typing import Any, Generic, TypeVar
+
+import equinox as eqx
+from equinox import AbstractVar
+
+from ._custom_types import Norm
+from ._problem import Evaluation, Problem
+from ._solution import RESULTS
+
+_State = TypeVar("_State")
+
+
+class AbstractSolver(eqx.Module, Generic[_State]):
+    """A fixed-point / root-finding algorithm on flat vectors.
+
+    A solver holds static settings only. The loop calls `init` once, then `step`
+    repeatedly. `step` evaluates the problem *once* at the current iterate `y`,
+    returns that `Evaluation` (the loop tests convergence on its residual) and
+    proposes the next iterate. Termination, divergence detection and the result
+    codes are the loop's job, so every solver gets them the same way.
+
+    Every concrete solver has the fields `rtol`, `atol` (the test is
+    `norm(G(y) / (atol + rtol * |y|)) < 1`) and `norm`.
+    """
+
+    rtol: AbstractVar[float]
+    atol: AbstractVar[float]
+    norm: AbstractVar[Norm]
+
+    @abc.abstractmethod
+    def init(self, problem: Problem, y, args) -> _State:
+        """Initial solver state for starting point `y` (must not call `fn`)."""
+
+    @abc.abstractmethod
+    def step(
+        self, problem: Problem, y, args, state: _State
+    ) -> tuple[Any, _State, Evaluation, RESULTS]:
+        """Evaluate at `y`; return `(y_next, state_next, evaluation_at_y, result)`.
+
+        `result` is `RESULTS.successful` unless the solver itself failed at `y`
+        (e.g. a linear solve); the loop then stops with that code.
+        """
+
+
+def check_tolerances(solver) -> None:
+    """Shared `__check_init__` body: readable errors for bad tolerances."""
+    for name in ("rtol", "atol"):
+        value = getattr(solver, name)
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(
+                f"{type(solver).__name__}: `{name}` must be a non-negative number, got {value!r}."
+            )
+    if solver.rtol == 0 and solver.atol == 0:
+        raise ValueError(f"{type(solver).__name__}: `rtol` and `atol` cannot both be zero.")
+    if not callable(solver.norm):
+        raise TypeError(f"{type(solver).__name__}: `norm` must be callable, got {solver.norm!r}.")

@@ -1,0 +1,1 @@
+"""Equinox layers built on `fixpoint` and `solvers` (filled by later work)."""

@@ -1,0 +1,103 @@
+"""Anderson acceleration (type II) with a scaled ridge and a restart safeguard."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+import fixpoint
+from fixpoint import RESULTS
+
+
+class _AndersonState(eqx.Module):
+    fys: Float[Array, "m n"]  # f(y_i) for the stored iterates
+    res: Float[Array, "m n"]  # f(y_i) - y_i
+    valid: Bool[Array, " m"]
+    slot: Int[Array, ""]
+    restarts: Int[Array, ""]
+
+
+class Anderson(fixpoint.AbstractSolver):
+    """Anderson acceleration (Walker & Ni 2011, type II / "AA-II").
+
+    Keeps the last `history` pairs `(f(y_i), r_i = f(y_i) - y_i)` and picks
+    weights `α` (summing to one) minimising `|Σ α_i r_i|`:
+
+        y_next = Σ α_i f(y_i) - (1 - damping) Σ α_i r_i
+
+    What makes it robust where fixed-ridge implementations stall:
+
+    - the Tikhonov ridge is *relative*: `ridge · trace(RRᵀ)/m`, so it scales with
+      the residuals and never swamps them near convergence;
+    - a safeguard: if the weights are non-finite or `Σ|α_i|` exceeds
+      `max_weight` (an ill-conditioned least-squares problem), the step falls
+      back to a (damped) Picard step and the history restarts from the newest pair.
+
+    **Arguments:** `rtol`, `atol`, `history` (≥ 1), `damping` in (0, 1],
+    `ridge` (relative, ≥ 0), `max_weight` (> 1), `norm`.
+    """
+
+    rtol: float
+    atol: float
+    history: int = 5
+    damping: float = 1.0
+    ridge: float = 1e-10
+    max_weight: float = 1e4
+    norm: Callable = fixpoint.max_norm
+
+    def __check_init__(self):
+        fixpoint.check_tolerances(self)
+        if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1:
+            raise ValueError(f"Anderson: `history` must be an int >= 1, got {self.history!r}.")
+        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
+            raise ValueError(f"Anderson: `damping` must lie in (0, 1], got {self.damping!r}.")
+        if not isinstance(self.ridge, (int, float)) or self.ridge < 0:
+            raise ValueError(f"Anderson: `ridge` must be >= 0, got {self.ridge!r}.")
+        if not isinstance(self.max_weight, (int, float)) or self.max_weight <= 1:
+            raise ValueError(f"Anderson: `max_weight` must be > 1, got {self.max_weight!r}.")
+
+    def init(self, problem, y, args):
+        m, n = self.history, y.size
+        return _AndersonState(
+            fys=jnp.zeros((m, n), y.dtype),
+            res=jnp.zeros((m, n), y.dtype),
+            valid=jnp.zeros(m, bool),
+            slot=jnp.array(0),
+            restarts=jnp.array(0),
+        )
+
+    def step(self, problem, y, args, state):
+        ev = problem.evaluate(y, args)
+        r = ev.fy - y
+        fys = state.fys.at[state.slot].set(ev.fy)
+        res = state.res.at[state.slot].set(r)
+        newest = jnp.arange(self.history) == state.slot
+        valid = state.valid | newest
+
+        alpha = self._weights(res, valid)
+        ok = jnp.all(jnp.isfinite(alpha)) & (jnp.sum(jnp.abs(alpha)) <= self.max_weight)
+        alpha = jnp.where(ok, alpha, newest.astype(y.dtype))
+        y_next = alpha @ fys - (1 - self.damping) * (alpha @ res)
+        state = _AndersonState(
+            fys=fys,
+            res=res,
+            valid=jnp.where(ok, valid, newest),
+            slot=(state.slot + 1) % self.history,
+            restarts=state.restarts + jnp.where(ok, 0, 1),
+        )
+        return y_next, state, ev, RESULTS.successful
+
+    def _weights(self, res, valid):
+        """Solve `min |Σ α_i r_i|² + λ|α|²` s.t. `Σ α_i = 1` over the valid rows."""
+        m = self.history
+        gram = jnp.where(valid[:, None] & valid[None, :], res @ res.T, 0)
+        # Normalise by the mean squared residual so the ridge is relative and the
+        # bordered system below is well balanced at any residual size.
+        scale = jnp.maximum(jnp.trace(gram) / jnp.sum(valid), jnp.finfo(res.dtype).tiny)
+        # Invalid rows get a unit diagonal and no constraint: their weights are zero.
+        gram = gram / scale + jnp.diag(jnp.where(valid, self.ridge, 1.0))
+        ones = valid.astype(res.dtype)
+        system = jnp.block([[gram, ones[:, None]], [ones[None, :], jnp.zeros((1, 1), res.dtype)]])
+        rhs = jnp.zeros(m + 1, res.dtype).at[m].set(1.0)
+        return jnp.linalg.solve(system, rhs)[:m]
