@@ -14,7 +14,8 @@ class SolveError(RuntimeError):
 
 
 def _describe(what, codes, steps, residual) -> str:
-    names = {getattr(RESULTS, n)._value: n for n in RESULTS.__members__ if not n.startswith("_")}
+    # Equinox keeps the items by name in `_name_to_item`.
+    names = {int(item._value): name for name, item in RESULTS._name_to_item.items()}
     codes = np.asarray(codes).reshape(-1)
     steps = np.broadcast_to(np.asarray(steps).reshape(-1), codes.shape)
     residual = np.broadcast_to(np.asarray(residual).reshape(-1), codes.shape)
@@ -29,7 +30,7 @@ def _describe(what, codes, steps, residual) -> str:
     return (
         f"{what} failed with result `{name}` after {int(steps[i])} steps "
         f"(residual {float(residual[i]):.3e}){where}. "
-        f"{RESULTS[getattr(RESULTS, name)]} "
+        f"{RESULTS[RESULTS._name_to_item[name]]} "
         "Pass `throw=False` to get the result code instead of an error."
     )
 
@@ -43,6 +44,11 @@ def raise_if_failed(value, codes, num_steps, residual, what: str):
     is a `lax.cond` around a host callback whose output `value` depends on, so it
     cannot be optimised away.
     """
+    if not any(isinstance(x, jax.core.Tracer) for x in (codes, num_steps, residual)):
+        # Eager call: check in Python and raise the plain exception.
+        if np.any(np.asarray(codes) != RESULTS.successful._value):
+            raise SolveError(_describe(what, codes, num_steps, residual))
+        return value
     failed = eqxi.unvmap_any(codes != RESULTS.successful._value)
     leaves, treedef = jax.tree.flatten(value)
 

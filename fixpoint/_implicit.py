@@ -47,18 +47,17 @@ def _is_none(x):
 def _implicit_jvp(primals, tangents, *, primal, residual, linear_solve):
     inputs, y0 = primals
     t_inputs, _ = tangents
-    y, rest = _implicit(inputs, y0, primal=primal, residual=residual, linear_solve=linear_solve)
     has_tangent = jax.tree.map(lambda t: t is not None, t_inputs, is_leaf=_is_none)
+    y, rest = _implicit(inputs, y0, primal=primal, residual=residual, linear_solve=linear_solve)
     diff, nondiff = eqx.partition(inputs, has_tangent)
-    y_const = jax.lax.stop_gradient(y)
 
     def g_theta(d):
-        return residual(y_const, eqx.combine(d, nondiff))
+        return residual(y, eqx.combine(d, nondiff))
 
     _, rhs = jax.jvp(g_theta, (diff,), (t_inputs,))
 
     def matvec(v):
-        return jax.jvp(lambda z: residual(z, inputs), (y_const,), (v,))[1]
+        return jax.jvp(lambda z: residual(z, inputs), (y,), (v,))[1]
 
     t_y = -jax.lax.custom_linear_solve(matvec, rhs, linear_solve, linear_solve)
     t_rest = jax.tree.map(_zero_tangent, rest)

@@ -1,6 +1,8 @@
 """What `fixed_point` and `root_find` share: checks, flattening, adjoint, Solution."""
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._adjoint import AbstractAdjoint
@@ -56,7 +58,9 @@ def solve(
     flat = _Flat(fn, unravel, has_aux)
     # Hoist arrays that `fn` closes over into a pytree, so they are differentiated.
     flat_cc = eqx.filter_closure_convert(flat, y0_flat, args)
-    inputs = (flat_cc, args)
+    # Weakly typed scalars (e.g. a Python float under `grad`) come back from
+    # `custom_jvp` as Python-like scalars; strong-typed arrays stay arrays.
+    inputs = jax.tree.map(_strong, (flat_cc, args))
     options = LoopOptions(max_steps, divergence_ratio, record_residuals)
 
     def primal(inputs, y, loop, checkpoints):
@@ -86,3 +90,9 @@ def solve(
 def _split(out):
     y, aux, result, stats = out
     return y, (aux, result, stats)
+
+
+def _strong(x):
+    if eqx.is_array(x) and getattr(x, "weak_type", False):
+        return jnp.asarray(x, dtype=x.dtype)
+    return x
