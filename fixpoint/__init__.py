@@ -19,3 +19,5 @@ from ._solver import AbstractSolver as AbstractSolver
 from ._solver import check_tolerances as check_tolerances
 
 __version__ = "0.1.0"
+from ._custom import custom_fixed_point as custom_fixed_point
+from ._custom import custom_root as custom_root

@@ -45,22 +45,9 @@ def solve(
     check_instance(solver, AbstractSolver, "solver")
     check_instance(adjoint, AbstractAdjoint, "adjoint")
     check_int(max_steps, "max_steps", 1)
-    if not callable(fn):
-        raise TypeError(f"`fn` must be callable, got {fn!r}.")
     if not isinstance(divergence_ratio, (int, float)) or not divergence_ratio > 1:
         raise ValueError(f"`divergence_ratio` must be a number > 1, got {divergence_ratio!r}.")
-    y0 = as_float_pytree(y0)
-    out_struct = eqx.filter_eval_shape(fn, y0, args)
-    check_output(out_struct, y0, has_aux, name)
-    aux_struct = out_struct[1] if has_aux else None
-
-    y0_flat, unravel = ravel_pytree(y0)
-    flat = _Flat(fn, unravel, has_aux)
-    # Hoist arrays that `fn` closes over into a pytree, so they are differentiated.
-    flat_cc = eqx.filter_closure_convert(flat, y0_flat, args)
-    # Weakly typed scalars (e.g. a Python float under `grad`) come back from
-    # `custom_jvp` as Python-like scalars; strong-typed arrays stay arrays.
-    inputs = jax.tree.map(_strong, (flat_cc, args))
+    y0_flat, unravel, inputs, aux_struct = setup(name, fn, y0, args, has_aux)
     options = LoopOptions(max_steps, divergence_ratio, record_residuals)
 
     def primal(inputs, y, loop, checkpoints):
@@ -69,12 +56,8 @@ def solve(
             iterate(solver, Problem(f, kind), y, a, aux_struct, options, loop, checkpoints)
         )
 
-    def residual(y, inputs):
-        f, a = inputs
-        return Problem(f, kind).residual(y, a)[0]
-
     y_flat, (aux, result, stats) = adjoint.apply(
-        primal, residual, inputs, y0_flat, (solver.rtol, solver.atol)
+        primal, residual_fn(kind), inputs, y0_flat, (solver.rtol, solver.atol)
     )
     if throw:
         y_flat = raise_if_failed(
@@ -83,8 +66,38 @@ def solve(
     if has_aux:
         # Evaluated again at the (differentiable) solution so that gradients flow
         # through `aux` under every adjoint.
-        aux = flat_cc(y_flat, args)[1]
+        aux = inputs[0](y_flat, inputs[1])[1]
     return Solution(value=unravel(y_flat), result=result, aux=aux, stats=stats)
+
+
+def setup(name, fn, y0, args, has_aux):
+    """Check `fn` against `y0` and put the problem in flat, differentiable form.
+
+    Returns `(y0_flat, unravel, inputs, aux_struct)` where `inputs = (flat_fn,
+    args)` holds every array a gradient may flow to: `args` and the arrays `fn`
+    closes over (hoisted by closure conversion).
+    """
+    if not callable(fn):
+        raise TypeError(f"`fn` must be callable, got {fn!r}.")
+    y0 = as_float_pytree(y0)
+    out_struct = eqx.filter_eval_shape(fn, y0, args)
+    check_output(out_struct, y0, has_aux, name)
+    aux_struct = out_struct[1] if has_aux else None
+    y0_flat, unravel = ravel_pytree(y0)
+    flat_cc = eqx.filter_closure_convert(_Flat(fn, unravel, has_aux), y0_flat, args)
+    # Weakly typed scalars (e.g. a Python float under `grad`) come back from
+    # `custom_jvp` as Python-like scalars; strong-typed arrays stay arrays.
+    inputs = jax.tree.map(_strong, (flat_cc, args))
+    return y0_flat, unravel, inputs, aux_struct
+
+
+def residual_fn(kind):
+    """`residual(y_flat, inputs) -> G(y)`, the root form used by the adjoints."""
+
+    def residual(y, inputs):
+        return Problem(inputs[0], kind).residual(y, inputs[1])[0]
+
+    return residual
 
 
 def _split(out):

@@ -1,0 +1,70 @@
+"""`custom_fixed_point` / `custom_root`: our gradient rules for a user's own solver."""
+
+import functools as ft
+
+import equinox as eqx
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._checks import as_float_pytree, check_instance, check_output
+from ._solve import residual_fn, setup
+
+
+def _default_tolerances(dtype):
+    return (1e-10, 1e-10) if jnp.finfo(dtype).bits >= 64 else (1e-6, 1e-6)
+
+
+def _decorator(kind, name, fn, has_aux, adjoint):
+    check_instance(adjoint, AbstractAdjoint, "adjoint")
+
+    def decorator(solver_fn):
+        @ft.wraps(solver_fn)
+        def wrapped(y0, args=None):
+            y0_flat, unravel, inputs, _ = setup(name, fn, y0, args, has_aux)
+            y0 = as_float_pytree(y0)
+            out_struct = eqx.filter_eval_shape(solver_fn, y0, args)
+            check_output(out_struct, y0, False, f"the solver decorated by `{name}`")
+            # The solver may close over traced arrays too: hoist them into `inputs`.
+            solver_cc = eqx.filter_closure_convert(solver_fn, y0, args)
+            inputs = (*inputs, solver_cc)
+
+            def primal(inputs, y, loop, checkpoints):
+                del loop, checkpoints
+                _, args, solver = inputs
+                return ravel_pytree(solver(unravel(y), args))[0], ()
+
+            tolerances = _default_tolerances(y0_flat.dtype)
+            y_flat, _ = adjoint.apply(primal, residual_fn(kind), inputs, y0_flat, tolerances)
+            return unravel(y_flat)
+
+        return wrapped
+
+    return decorator
+
+
+def custom_fixed_point(fn, *, has_aux=False, adjoint: AbstractAdjoint = ImplicitAdjoint()):
+    """Give your own solver fixpoint's gradient rule for the fixed point of `fn`.
+
+    ```python
+    @fixpoint.custom_fixed_point(fn)
+    def my_solver(y0, args):
+        ...  # any JAX code that returns y with fn(y, args) ≈ y
+        return y
+
+    jax.grad(lambda a: my_solver(y0, a).sum())(args)
+    ```
+
+    The decorated `my_solver(y0, args)` returns the same value; its derivative
+    with respect to `args` (and arrays `fn` closes over) comes from `adjoint`
+    applied to `fn` at the returned point, whatever `my_solver` did internally:
+    `my_solver` itself is never differentiated (except with `UnrolledAdjoint`,
+    which differentiates through it). The default `ImplicitAdjoint()` uses GMRES
+    with tolerances `1e-6` (float32) or `1e-10` (float64) unless given its own.
+    """
+    return _decorator("fixed_point", "custom_fixed_point", fn, has_aux, adjoint)
+
+
+def custom_root(fn, *, has_aux=False, adjoint: AbstractAdjoint = ImplicitAdjoint()):
+    """As `custom_fixed_point`, for a solver returning `y` with `fn(y, args) ≈ 0`."""
+    return _decorator("root", "custom_root", fn, has_aux, adjoint)
