@@ -74,7 +74,9 @@ def iterate(
         y_next, state, ev, solver_result = solver.step(problem, carry.y, args, carry.state)
         rnorm = solver.norm(ev.residual)
         scaled = scaled_norm(solver.norm, ev.residual, carry.y, solver.rtol, solver.atol)
-        finite = jnp.isfinite(rnorm) & jnp.isfinite(scaled)
+        # `scaled` may be inf where atol = 0 and y = 0: that is not converged, but not
+        # a non-finite iterate either.
+        finite = jnp.isfinite(rnorm)
         converged = finite & (scaled < 1)
         diverged = rnorm > options.divergence_ratio * carry.best
         failed = solver_result != RESULTS.successful

@@ -94,7 +94,9 @@ class Anderson(fixpoint.AbstractSolver):
         gram = jnp.where(valid[:, None] & valid[None, :], res @ res.T, 0)
         # Normalise by the mean squared residual so the ridge is relative and the
         # bordered system below is well balanced at any residual size.
-        scale = jnp.maximum(jnp.trace(gram) / jnp.sum(valid), jnp.finfo(res.dtype).tiny)
+        scale = jnp.maximum(
+            jnp.trace(gram) / jnp.sum(valid, dtype=res.dtype), jnp.finfo(res.dtype).tiny
+        )
         # Invalid rows get a unit diagonal and no constraint: their weights are zero.
         gram = gram / scale + jnp.diag(jnp.where(valid, self.ridge, 1.0))
         ones = valid.astype(res.dtype)

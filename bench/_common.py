@@ -1,0 +1,151 @@
+"""Shared helpers for the benchmark scripts: timing, problems, tables, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import jax
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class Timing:
+    """Compile time, steady-state run times and the output of one jitted function."""
+
+    def __init__(self, compile_s: float, first_s: float, times: list[float], out):
+        self.compile_s = compile_s
+        self.first_s = first_s
+        self.times = times
+        self.out = out
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+
+def time_jitted(fn, *args, reps: int = 5, guard_s: float = 30.0, min_reps: int = 1) -> Timing:
+    """Time `jax.jit(fn)(*args)`.
+
+    Compilation (tracing + lowering + XLA compile, `lower(...).compile()`) is timed on
+    its own. The first call of the compiled executable is a warm-up and is excluded.
+    Then up to `reps` calls are timed, each ended with `jax.block_until_ready`; fewer
+    (at least `min_reps`) when the warm-up call shows that `reps` calls would exceed
+    `guard_s` seconds.
+    """
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    first_s = time.perf_counter() - t0
+    n = max(min_reps, min(reps, int(guard_s / max(first_s, 1e-9))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return Timing(compile_s, first_s, times, out)
+
+
+def symmetric_contraction(rng: np.random.Generator, d: int, rho: float) -> np.ndarray:
+    """A random symmetric (GOE) matrix scaled so that its spectral norm is `rho`.
+
+    For a symmetric matrix the spectral norm equals the spectral radius, so `z -> W z + c`
+    is a contraction with rate exactly `rho`, and `z -> tanh(W z + c)` one with rate at
+    most `rho` (`|tanh'| <= 1`).
+    """
+    a = rng.standard_normal((d, d))
+    s = (a + a.T) / 2
+    return rho * s / np.linalg.norm(s, 2)
+
+
+def spread_spectrum(rng: np.random.Generator, d: int, top: float) -> np.ndarray:
+    """A symmetric matrix `Q diag(λ) Qᵀ` with `λ` evenly spread over `[0, top]`."""
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    lam = np.linspace(0.0, top, d)
+    return (q * lam) @ q.T
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "equinox", "lineax", "optimistix", "jaxopt", "fixpoint-jax"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "n/a"
+    return out
+
+
+def device_info() -> dict[str, str]:
+    dev = jax.devices()[0]
+    return {
+        "platform": jax.default_backend(),
+        "device_kind": getattr(dev, "device_kind", str(dev)),
+        "device_count": str(jax.device_count()),
+        "host": platform.machine(),
+        "host_cpus": str(os.cpu_count()),
+    }
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}_{jax.default_backend()}.json"
+    path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def fmt_time(s: float | None) -> str:
+    """Seconds as a short human string (µs / ms / s)."""
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f}µs"
+    if s < 1:
+        return f"{s * 1e3:.2f}ms" if s < 0.1 else f"{s * 1e3:.0f}ms"
+    return f"{s:.2f}s"
+
+
+def fmt_sci(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.1e}"
+
+
+def print_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    """A plain fixed-width table (right-aligned except the first two columns)."""
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(cells):
+        parts = []
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True)):
+            parts.append(c.ljust(w) if i < 2 else c.rjust(w))
+        return "  ".join(parts).rstrip()
+
+    if title:
+        print(f"\n{title}")
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))

@@ -1,0 +1,498 @@
+"""Forward fixed-point solves: `fixpoint`/`solvers` against optimistix, jaxopt and a bare loop.
+
+What is measured, per (method, configuration):
+
+- compile time: `jax.jit(run).lower(...).compile()`, timed on its own;
+- run time: median (and best) of up to `--reps` steady-state calls, each ended with
+  `jax.block_until_ready`; the first call after compiling is a warm-up and is excluded;
+- steps: mean / max over the batch (each sample is solved on its own under `jax.vmap`;
+  the bare loop runs the whole batch until the worst sample has converged);
+- residual: `max |f(z) - z|` over the batch, recomputed independently from the returned
+  `z` in the same way for every method;
+- ok: the fraction of samples that the method itself reports as converged.
+
+Problems (float32):
+
+- `deq`: `f(z, c) = tanh(W z + c)` with `c = U x` (the input injection, computed once per
+  solve as in a DEQ), `W` a random symmetric matrix with spectral norm = spectral radius
+  `rho` (so `f` is a contraction with rate <= rho), `U ~ N(0, 0.1²/d)`, `x ~ N(0, 1)`;
+  `z0 = 0`, target `max|f(z) - z| <= tol` (default 1e-5);
+- `crawl`: the nearly linear `f(z, b) = W z + b`, `W` symmetric with eigenvalues evenly
+  spread over [0, 0.99], `b = (I - W) z_true` with `z_true ~ U(-1, 1)`, d = 256,
+  target residual 1e-6: Picard needs ~1400 steps here, Anderson far fewer.
+
+Methods and the stopping rule each uses (tolerances are made as comparable as the APIs
+allow: `atol = tol`, `rtol = 0` wherever there is a choice):
+
+- `ours-*`: `fixpoint.fixed_point` with `solvers.Picard / Anderson(history=5) / Newton /
+  Broyden`; stop when `max|f(y) - y| < atol` at the returned `y`. Newton uses `lx.LU()`
+  for d <= 256 and matrix-free `lx.GMRES(rtol=1e-3, atol=tol/100)` above;
+- `optx-FPI`: `optx.fixed_point(..., optx.FixedPointIteration(rtol=0, atol=tol))`; stop
+  when `max|y - f(y)| < atol` and return `f(y)`;
+- `optx-Newton`: `optx.root_find(f(y) - y, optx.Newton(rtol=0, atol=tol))` with its
+  default `lx.AutoLinearSolver(well_posed=None)` (which resolves to dense LU here); stop
+  when both the Newton step and `f(y) - y` are below `atol` in max-norm. At d = 1024 also
+  `optx-Newton-GMRES` with the same GMRES as ours;
+- `jaxopt-FPI` / `jaxopt-AA`: `jaxopt.FixedPointIteration` / `AndersonAcceleration
+  (history_size=5, ridge=1e-5)` with `tol=tol`, `implicit_diff=False`; their test is on
+  the Euclidean norm (`|f(y) - y|_2 <= tol`), which is stricter than the max-norm test of
+  the others by up to a factor sqrt(d). We pass `unroll=False`: with `implicit_diff=False`
+  jaxopt's default `unroll="auto"` turns the loop into a `scan` over all `maxiter`
+  steps (under `vmap` every step is then executed); `jaxopt-AA[auto]` shows that default
+  on the smallest configurations;
+- `bare-loop`: a `jax.lax.while_loop` Picard on the whole batch, stopping when
+  `max|f(z) - z| <= tol` over the batch: the floor for one-evaluation-per-step methods.
+
+After the table, the time per iteration of `ours-Picard` is compared with the bare loop.
+
+Run (from the repository root):
+
+    .venv/bin/python bench/fixed_point.py --quick   # d in {64, 256}, batch in {1, 64}
+    .venv/bin/python bench/fixed_point.py --full    # d in {64, 256, 1024}, batch {1, 64, 1024}
+
+`--quick` (the default) takes about 3 minutes on a 2-core CPU; `--full` takes about
+25 minutes there (most of it at d = 1024, batch = 1024) and a few minutes on a GPU.
+Configurations that would take minutes on their own are skipped and listed as such
+(dense-Jacobian Newton at large d × batch on CPU). A per-(method, config) time guard
+(`--guard`, seconds) lowers the number of repetitions for slow runs; a single call is
+never interrupted. Results go to `bench/results/fixed_point_<platform>.json`. The same
+script runs on GPU when JAX sees one (nothing here requires it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import jaxopt
+import lineax as lx
+import numpy as np
+import optimistix as optx
+from _common import (
+    device_info,
+    fmt_sci,
+    fmt_time,
+    print_table,
+    spread_spectrum,
+    symmetric_contraction,
+    time_jitted,
+    versions,
+    write_json,
+)
+from tqdm import tqdm
+
+import fixpoint
+import solvers
+
+
+@dataclass(frozen=True)
+class Config:
+    problem: str  # "deq" (tanh) or "crawl" (linear)
+    d: int
+    batch: int
+    rho: float
+    tol: float
+    max_steps: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.problem} d={self.d} B={self.batch} rho={self.rho}"
+
+
+def activation(cfg: Config) -> Callable:
+    return jnp.tanh if cfg.problem == "deq" else (lambda v: v)
+
+
+def make_data(cfg: Config, seed: int):
+    """`(W, C)`: the matrix and the per-sample offsets `c` (rows of `C`)."""
+    rng = np.random.default_rng(seed)
+    if cfg.problem == "deq":
+        w = symmetric_contraction(rng, cfg.d, cfg.rho)
+        u = 0.1 * rng.standard_normal((cfg.d, cfg.d)) / np.sqrt(cfg.d)
+        x = rng.standard_normal((cfg.batch, cfg.d))
+        c = x @ u.T
+    else:
+        w = spread_spectrum(rng, cfg.d, cfg.rho)
+        z_true = rng.uniform(-1, 1, (cfg.batch, cfg.d))
+        c = z_true - z_true @ w.T
+    return jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32)
+
+
+def per_sample_fn(cfg: Config) -> Callable:
+    act = activation(cfg)
+
+    def fn(z, args):
+        w, c = args
+        return act(w @ z + c)
+
+    return fn
+
+
+# --------------------------------------------------------------------------- methods
+# A builder takes the config and returns `run(W, C) -> (Z, steps[B], ok[B])`.
+
+
+def _vmapped(one):
+    return jax.vmap(one, in_axes=(None, 0))
+
+
+def _gmres(cfg: Config):
+    return lx.GMRES(rtol=1e-3, atol=cfg.tol / 100)
+
+
+def _newton_linear_solver(cfg: Config):
+    return lx.LU() if cfg.d <= 256 else _gmres(cfg)
+
+
+def ours(make_solver: Callable[[Config], fixpoint.AbstractSolver]):
+    def build(cfg: Config):
+        fn, solver = per_sample_fn(cfg), make_solver(cfg)
+
+        def one(w, c):
+            sol = fixpoint.fixed_point(
+                fn, jnp.zeros_like(c), (w, c), solver=solver, max_steps=cfg.max_steps, throw=False
+            )
+            return sol.value, sol.stats["num_steps"], sol.result == fixpoint.RESULTS.successful
+
+        return _vmapped(one)
+
+    return build
+
+
+def optx_fpi(cfg: Config):
+    fn = per_sample_fn(cfg)
+    solver = optx.FixedPointIteration(rtol=0.0, atol=cfg.tol)
+
+    def one(w, c):
+        sol = optx.fixed_point(
+            fn, solver, jnp.zeros_like(c), (w, c), max_steps=cfg.max_steps, throw=False
+        )
+        return sol.value, sol.stats["num_steps"], sol.result == optx.RESULTS.successful
+
+    return _vmapped(one)
+
+
+def optx_newton(linear_solver: Callable[[Config], lx.AbstractLinearSolver] | None):
+    def build(cfg: Config):
+        fn = per_sample_fn(cfg)
+        kwargs = {} if linear_solver is None else {"linear_solver": linear_solver(cfg)}
+        solver = optx.Newton(rtol=0.0, atol=cfg.tol, **kwargs)
+
+        def root(y, args):
+            return fn(y, args) - y
+
+        def one(w, c):
+            sol = optx.root_find(
+                root, solver, jnp.zeros_like(c), (w, c), max_steps=cfg.max_steps, throw=False
+            )
+            return sol.value, sol.stats["num_steps"], sol.result == optx.RESULTS.successful
+
+        return _vmapped(one)
+
+    return build
+
+
+def jaxopt_solver(kind: str, unroll: bool | str = False):
+    def build(cfg: Config):
+        fn = per_sample_fn(cfg)
+        common = dict(
+            fixed_point_fun=fn,
+            maxiter=cfg.max_steps,
+            tol=cfg.tol,
+            implicit_diff=False,
+            unroll=unroll,
+        )
+        if kind == "fpi":
+            solver = jaxopt.FixedPointIteration(**common)
+        else:
+            solver = jaxopt.AndersonAcceleration(history_size=5, ridge=1e-5, **common)
+
+        def one(w, c):
+            params, state = solver.run(jnp.zeros_like(c), (w, c))
+            return params, state.iter_num, state.error <= cfg.tol
+
+        return _vmapped(one)
+
+    return build
+
+
+def bare_loop(cfg: Config):
+    act = activation(cfg)
+
+    def run(w, c_batch):
+        def f(z):
+            return act(z @ w.T + c_batch)
+
+        def cond(s):
+            z, fz, k = s
+            return (jnp.max(jnp.abs(fz - z)) > cfg.tol) & (k < cfg.max_steps)
+
+        def body(s):
+            _, fz, k = s
+            return fz, f(fz), k + 1
+
+        z0 = jnp.zeros_like(c_batch)
+        z, fz, k = jax.lax.while_loop(cond, body, (z0, f(z0), jnp.array(0)))
+        ok = jnp.max(jnp.abs(fz - z), axis=1) <= cfg.tol
+        return z, jnp.full(c_batch.shape[0], k), ok
+
+    return run
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[[Config], Callable]
+    norm: str  # the quantity the method's own stopping test uses
+    detail: Callable[[Config], str] = lambda cfg: ""
+    applies: Callable[[Config], bool] = lambda cfg: True
+    skip: Callable[[Config], str | None] = lambda cfg: None
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _dense_newton_skip(cfg: Config) -> str | None:
+    # A dense Jacobian per sample: batch * d JVPs and batch LU factorisations of d x d
+    # per Newton step (at d = 1024, batch = 64: ~0.2 TFLOP and 256 MiB per step).
+    if _on_cpu() and cfg.d >= 1024 and cfg.batch > 1:
+        return "dense d×d Jacobian + LU per sample: minutes on CPU"
+    return None
+
+
+def _newton_detail(cfg: Config) -> str:
+    return "LU" if cfg.d <= 256 else "GMRES(1e-3)"
+
+
+METHODS = [
+    Method("ours-Picard", ours(lambda c: solvers.Picard(rtol=0.0, atol=c.tol)), "max|r|"),
+    Method(
+        "ours-Anderson",
+        ours(lambda c: solvers.Anderson(rtol=0.0, atol=c.tol, history=5)),
+        "max|r|",
+        detail=lambda cfg: "m=5",
+    ),
+    Method(
+        "ours-Newton",
+        ours(lambda c: solvers.Newton(rtol=0.0, atol=c.tol, linear_solver=_newton_linear_solver(c))),
+        "max|r|",
+        detail=_newton_detail,
+    ),
+    Method(
+        "ours-Broyden",
+        ours(lambda c: solvers.Broyden(rtol=0.0, atol=c.tol)),
+        "max|r|",
+        detail=lambda cfg: "mem=20",
+    ),
+    Method("optx-FPI", optx_fpi, "max|r|"),
+    Method(
+        "optx-Newton",
+        optx_newton(None),
+        "max|dy|&max|r|",
+        detail=lambda cfg: "Auto→LU",
+        skip=_dense_newton_skip,
+    ),
+    Method(
+        "optx-Newton-GMRES",
+        optx_newton(_gmres),
+        "max|dy|&max|r|",
+        detail=lambda cfg: "GMRES(1e-3)",
+        applies=lambda cfg: cfg.d > 256,
+    ),
+    Method("jaxopt-FPI", jaxopt_solver("fpi"), "l2|dy|", detail=lambda cfg: "unroll=False"),
+    Method(
+        "jaxopt-AA",
+        jaxopt_solver("aa"),
+        "l2|r|",
+        detail=lambda cfg: "m=5 unroll=False",
+    ),
+    Method(
+        "jaxopt-AA[auto]",
+        jaxopt_solver("aa", unroll="auto"),
+        "l2|r|",
+        detail=lambda cfg: "m=5 unroll=auto(scan)",
+        applies=lambda cfg: cfg.problem == "deq" and cfg.d == 64 and cfg.rho == 0.9,
+    ),
+    Method("bare-loop", bare_loop, "max|r| (batch)", detail=lambda cfg: "lax.while_loop"),
+]
+
+
+def configs(mode: str, tol: float) -> list[Config]:
+    if mode == "full":
+        ds, batches = (64, 256, 1024), (1, 64, 1024)
+    else:
+        ds, batches = (64, 256), (1, 64)
+    out = [
+        Config("deq", d, b, rho, tol, 1000)
+        for d, b, rho in itertools.product(ds, batches, (0.9, 0.99))
+    ]
+    out += [Config("crawl", 256, b, 0.99, 1e-6, 5000) for b in (1, 64)]
+    return out
+
+
+def residuals(cfg: Config, w, c, z) -> np.ndarray:
+    """`max |f(z) - z|` per sample, computed the same way for every method."""
+    act = activation(cfg)
+    r = jax.jit(lambda w, c, z: jnp.max(jnp.abs(act(z @ w.T + c) - z), axis=1))(w, c, z)
+    return np.asarray(r)
+
+
+def run_one(method: Method, cfg: Config, w, c, reps: int, guard: float) -> dict:
+    row = {"method": method.name, "detail": method.detail(cfg), "norm": method.norm}
+    row.update(asdict(cfg))
+    reason = method.skip(cfg)
+    if reason is not None:
+        row["skipped"] = reason
+        return row
+    run = method.build(cfg)
+    try:
+        timing = time_jitted(run, w, c, reps=reps, guard_s=guard)
+    except Exception as e:  # a peer failing to trace/compile is a result, not a crash
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return row
+    z, steps, ok = timing.out
+    steps = np.asarray(steps)
+    res = residuals(cfg, w, c, z)
+    row.update(
+        compile_s=timing.compile_s,
+        first_call_s=timing.first_s,
+        run_s=timing.median,
+        run_best_s=timing.best,
+        reps=len(timing.times),
+        steps_mean=float(steps.mean()),
+        steps_max=int(steps.max()),
+        residual_max=float(res.max()),
+        ok_frac=float(np.mean(np.asarray(ok))),
+        reached_tol_frac=float(np.mean(res <= cfg.tol)),
+    )
+    return row
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        cfg = f"{r['problem']} d={r['d']} B={r['batch']} ρ={r['rho']}"
+        name = r["method"] + (f" [{r['detail']}]" if r["detail"] else "")
+        if "skipped" in r or "error" in r:
+            msg = f"skipped: {r['skipped']}" if "skipped" in r else f"ERROR {r['error']}"
+            out.append([cfg, name, "-", "-", "-", "-", "-", msg])
+            continue
+        flag = "" if r["reached_tol_frac"] == 1.0 else f" (≤tol {r['reached_tol_frac']:.0%})"
+        out.append(
+            [
+                cfg,
+                name,
+                fmt_time(r["compile_s"]),
+                fmt_time(r["run_s"]) + (f" ×{r['reps']}" if r["reps"] < 5 else ""),
+                f"{r['steps_mean']:.1f}/{r['steps_max']}",
+                fmt_sci(r["residual_max"]),
+                f"{r['ok_frac']:.0%}",
+                flag.strip(),
+            ]
+        )
+    return out
+
+
+def picard_vs_bare(rows: list[dict]) -> list[dict]:
+    """Time per loop iteration of ours-Picard against the bare loop, per config.
+
+    Under `vmap` our loop runs until the slowest sample stops, so its iteration count is
+    `steps_max`; the bare loop's is its (shared) step count.
+    """
+    out = []
+    by_cfg: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        key = f"{r['problem']} d={r['d']} B={r['batch']} rho={r['rho']}"
+        by_cfg.setdefault(key, {})[r["method"]] = r
+    for key, ms in by_cfg.items():
+        p, b = ms.get("ours-Picard"), ms.get("bare-loop")
+        if not p or not b or "run_s" not in p or "run_s" not in b:
+            continue
+        tp = p["run_s"] / max(p["steps_max"] + 1, 1)
+        tb = b["run_s"] / max(b["steps_max"] + 1, 1)
+        out.append(
+            {
+                "config": key,
+                "ours_steps": p["steps_max"],
+                "bare_steps": b["steps_max"],
+                "ours_per_iter_s": tp,
+                "bare_per_iter_s": tb,
+                "ratio": tp / tb,
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small grid (default)")
+    mode.add_argument("--full", action="store_true", help="full grid")
+    parser.add_argument("--tol", type=float, default=1e-5, help="target max|f(z)-z| (deq)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    parser.add_argument(
+        "--guard", type=float, default=20.0, help="seconds of timed calls per (method, config)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="", help="comma-separated subset of method names")
+    cli = parser.parse_args()
+    mode_name = "full" if cli.full else "quick"
+    wanted = {m for m in cli.methods.split(",") if m}
+
+    info = device_info()
+    print(f"fixed_point benchmark ({mode_name}) on {info['platform']} ({info['device_kind']})")
+    cfgs = configs(mode_name, cli.tol)
+    rows: list[dict] = []
+    payload = {"benchmark": "fixed_point", "mode": mode_name, "device": info}
+    payload.update(versions=versions(), settings=vars(cli), rows=rows)
+    t_start = time.perf_counter()
+    for i, cfg in enumerate(tqdm(cfgs, desc="configs", unit="cfg")):
+        w, c = make_data(cfg, cli.seed + i)
+        for m in METHODS:
+            if not m.applies(cfg) or (wanted and m.name not in wanted):
+                continue
+            rows.append(run_one(m, cfg, w, c, cli.reps, cli.guard))
+        payload["elapsed_s"] = time.perf_counter() - t_start
+        write_json("fixed_point", payload)  # after every config: partial results survive
+
+    headers = ["config", "method", "compile", "run (median)", "steps mean/max"]
+    headers += ["max|f(z)-z|", "ok", "note"]
+    print_table(headers, table_rows(rows), title="Forward solves (float32)")
+    print(
+        "\nStopping tests: ours, optx-FPI, bare-loop: max-norm of f(z)-z < tol (atol=tol, rtol=0);"
+        "\noptx-Newton: max-norm of the Newton step AND of f(z)-z < tol;"
+        "\njaxopt: Euclidean norm of the step (FPI) / of f(z)-z (AA) <= tol (stricter)."
+        "\n'ok' = fraction of samples the method reports converged; 'note' flags samples"
+        "\nwhose independently recomputed residual exceeds tol. ×n = fewer timed repetitions."
+    )
+    ratios = picard_vs_bare(rows)
+    payload["picard_vs_bare"] = ratios
+    print_table(
+        ["config", "", "ours steps", "bare steps", "ours/iter", "bare/iter", "ratio"],
+        [
+            [
+                r["config"],
+                "",
+                str(r["ours_steps"]),
+                str(r["bare_steps"]),
+                fmt_time(r["ours_per_iter_s"]),
+                fmt_time(r["bare_per_iter_s"]),
+                f"{r['ratio']:.2f}",
+            ]
+            for r in ratios
+        ],
+        title="ours-Picard vs bare while_loop: time per iteration (run time / (steps+1))",
+    )
+    payload["elapsed_s"] = time.perf_counter() - t_start
+    path = write_json("fixed_point", payload)
+    print(f"\nwrote {path} (total {payload['elapsed_s']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Backtracking on the residual norm, for the solvers that take Newton-like steps.
+
+Fits the one-evaluation-per-step protocol: a step that lands at a trial point
+`y_acc + alpha p` either accepts it (sufficient decrease of `|G|`, Armijo-style)
+and computes a new direction there, or rejects it and proposes `y_acc + alpha/2 p`.
+"""
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+
+class Backtracking(eqx.Module):
+    y_acc: Float[Array, " n"]  # last accepted point
+    g_acc: Float[Array, " n"]  # residual there
+    gnorm_acc: Float[Array, ""]
+    direction: Float[Array, " n"]
+    alpha: Float[Array, ""]
+    has_prev: Bool[Array, ""]
+
+
+def init_backtracking(y) -> Backtracking:
+    return Backtracking(
+        y_acc=y,
+        g_acc=jnp.zeros_like(y),
+        gnorm_acc=jnp.array(jnp.inf, y.dtype),
+        direction=jnp.zeros_like(y),
+        alpha=jnp.array(1.0, y.dtype),
+        has_prev=jnp.array(False),
+    )
+
+
+def judge(bt: Backtracking, gnorm, min_step: float, decrease: float = 1e-4):
+    """`(accept, exhausted)` for the trial point whose residual norm is `gnorm`.
+
+    A trial is accepted on sufficient decrease, on the first step, or once the
+    step has shrunk below `min_step` (`exhausted`: the caller should treat its
+    model as stale, e.g. reset a quasi-Newton memory).
+    """
+    sufficient = gnorm <= (1 - decrease * bt.alpha) * bt.gnorm_acc
+    exhausted = bt.alpha <= min_step
+    accept = ~bt.has_prev | sufficient | exhausted
+    return accept, exhausted & ~sufficient & bt.has_prev
+
+
+def advance(bt: Backtracking, accept, y, g, gnorm, direction):
+    """The next iterate and state: a full step along `direction` from `y` if
+    `accept`, else half the previous step from the last accepted point."""
+    half = bt.alpha / 2
+    y_next = jnp.where(accept, y + direction, bt.y_acc + half * bt.direction)
+    return y_next, Backtracking(
+        y_acc=jnp.where(accept, y, bt.y_acc),
+        g_acc=jnp.where(accept, g, bt.g_acc),
+        gnorm_acc=jnp.where(accept, gnorm, bt.gnorm_acc),
+        direction=jnp.where(accept, direction, bt.direction),
+        alpha=jnp.where(accept, jnp.ones_like(half), half),
+        has_prev=jnp.array(True),
+    )
