@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -86,6 +87,24 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "n/a"
     return out
+
+
+def git_state() -> dict[str, str]:
+    """The library's commit and whether the working tree differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fixpoint", "solvers"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return {"commit": "unknown", "library_dirty": "unknown"}
+    return {"commit": head, "library_dirty": str(bool(dirty))}
 
 
 def device_info() -> dict[str, str]:

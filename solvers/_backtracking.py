@@ -2,7 +2,8 @@
 
 Fits the one-evaluation-per-step protocol: a step that lands at a trial point
 `y_acc + alpha p` either accepts it (sufficient decrease of `|G|`, Armijo-style)
-and computes a new direction there, or rejects it and proposes `y_acc + alpha/2 p`.
+and computes a new direction there, or rejects it and proposes a point at half
+the step length from the last accepted point `y_acc`.
 """
 
 import equinox as eqx
@@ -43,16 +44,25 @@ def judge(bt: Backtracking, gnorm, min_step: float, decrease: float = 1e-4):
     return accept, exhausted & ~sufficient & bt.has_prev
 
 
+def base_point(bt: Backtracking, accept, y, g):
+    """Where the next step starts: `y` if accepted, else the last accepted point."""
+    return jnp.where(accept, y, bt.y_acc), jnp.where(accept, g, bt.g_acc)
+
+
 def advance(bt: Backtracking, accept, y, g, gnorm, direction):
-    """The next iterate and state: a full step along `direction` from `y` if
-    `accept`, else half the previous step from the last accepted point."""
-    half = bt.alpha / 2
-    y_next = jnp.where(accept, y + direction, bt.y_acc + half * bt.direction)
-    return y_next, Backtracking(
-        y_acc=jnp.where(accept, y, bt.y_acc),
-        g_acc=jnp.where(accept, g, bt.g_acc),
+    """The next iterate and state.
+
+    `direction` is a step from `base_point(...)`: taken in full from `y` if
+    `accept`, else scaled by half the previous step length from the last accepted
+    point (the caller may pass an improved direction, e.g. after a secant update).
+    """
+    alpha = jnp.where(accept, jnp.ones_like(bt.alpha), bt.alpha / 2)
+    y_base, g_base = base_point(bt, accept, y, g)
+    return y_base + alpha * direction, Backtracking(
+        y_acc=y_base,
+        g_acc=g_base,
         gnorm_acc=jnp.where(accept, gnorm, bt.gnorm_acc),
-        direction=jnp.where(accept, direction, bt.direction),
-        alpha=jnp.where(accept, jnp.ones_like(half), half),
+        direction=direction,
+        alpha=alpha,
         has_prev=jnp.array(True),
     )

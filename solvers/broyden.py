@@ -9,7 +9,7 @@ from jaxtyping import Array, Bool, Float, Int
 import fixpoint
 from fixpoint import RESULTS
 
-from ._backtracking import Backtracking, advance, init_backtracking, judge
+from ._backtracking import Backtracking, advance, base_point, init_backtracking, judge
 
 
 class _BroydenState(eqx.Module):
@@ -30,9 +30,10 @@ class Broyden(fixpoint.AbstractSolver):
     overwritten. Each step costs one evaluation and O(memory · n) work.
 
     Safeguards: a backtracking line search on `|G|₂` (a trial point without
-    sufficient decrease is rejected and the step halved, down to `min_step`,
-    after which the point is accepted and the memory cleared); an update whose
-    denominator is tiny or non-finite is skipped.
+    sufficient decrease is rejected, its secant information is still used, and
+    the next trial goes half as far from the last accepted point, down to
+    `min_step`, after which the point is accepted and the memory cleared); an
+    update whose denominator is tiny or non-finite is skipped.
 
     **Arguments:** `rtol`, `atol`, `memory` (≥ 1), `min_step` in (0, 1), `norm`.
     """
@@ -68,7 +69,8 @@ class Broyden(fixpoint.AbstractSolver):
         search = state.search
         accept, exhausted = judge(search, gnorm, self.min_step)
 
-        # Rank-one "good Broyden" update from the accepted step s and change dg.
+        # Rank-one "good Broyden" update from the last accepted point to this
+        # one. A rejected trial point is still valid secant information.
         us, vs = state.us, state.vs
         s = y - search.y_acc
         dg = g - search.g_acc
@@ -77,9 +79,9 @@ class Broyden(fixpoint.AbstractSolver):
         denom = v @ dg
         scale = jnp.linalg.norm(s) * jnp.linalg.norm(dg)
         update = (
-            accept
-            & search.has_prev
+            search.has_prev
             & jnp.isfinite(denom)
+            & jnp.isfinite(gnorm)
             & (jnp.abs(denom) > 1e3 * jnp.finfo(y.dtype).eps * scale)
             & (scale > 0)
         )
@@ -91,7 +93,9 @@ class Broyden(fixpoint.AbstractSolver):
         us = jnp.where(valid[:, None], us, 0)
         vs = jnp.where(valid[:, None], vs, 0)
 
-        direction = -(g + us.T @ (vs @ g))
+        # The quasi-Newton direction from wherever the next step starts.
+        _, g_base = base_point(search, accept, y, g)
+        direction = -(g_base + us.T @ (vs @ g_base))
         y_next, search = advance(search, accept, y, g, gnorm, direction)
         state = _BroydenState(
             us=us,

@@ -64,7 +64,9 @@ class Newton(fixpoint.AbstractSolver):
         p = sol.value
         gnorm = jnp.linalg.norm(residual)
         accept, _ = judge(state, gnorm, self.min_step)
-        y_next, state = advance(state, accept, y, residual, gnorm, self.damping * p)
+        # On rejection, keep the direction computed at the last accepted point.
+        direction = jnp.where(accept, self.damping * p, state.direction)
+        y_next, state = advance(state, accept, y, residual, gnorm, direction)
         # A failed linear solve matters only where its direction is used, and a
         # non-finite residual is reported as such by the loop.
         ok = (sol.result == lx.RESULTS.successful) & jnp.all(jnp.isfinite(p))

@@ -1,0 +1,236 @@
+"""Every result code on purpose; every bad input gets a readable error."""
+
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import SOLVERS
+
+import fixpoint
+import solvers
+
+P = solvers.Picard(1e-8, 1e-8)
+
+
+def test_successful():
+    sol = fixpoint.fixed_point(lambda y, _: 0.5 * y + 1, jnp.zeros(2), solver=P)
+    assert bool(sol.result == fixpoint.RESULTS.successful)
+
+
+def test_max_steps_reached():
+    sol = fixpoint.fixed_point(
+        lambda y, _: jnp.cos(y), jnp.zeros(2), solver=P, max_steps=3, throw=False
+    )
+    assert bool(sol.result == fixpoint.RESULTS.max_steps_reached)
+    assert int(sol.stats["num_steps"]) == 3
+    # The value is the iterate whose residual is reported.
+    np.testing.assert_allclose(
+        sol.stats["residual"], jnp.max(jnp.abs(jnp.cos(sol.value) - sol.value))
+    )
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_diverged_stops_early(name):
+    # x -> 1.5 x + 1 has the fixed point -2, but iteration from 0 runs away.
+    sol = fixpoint.fixed_point(
+        lambda y, _: 1.5 * y + 1,
+        jnp.zeros(3),
+        solver=SOLVERS[name](),
+        throw=False,
+        max_steps=10_000,
+    )
+    if name.startswith("newton") or name == "broyden" or name.startswith("anderson"):
+        # Methods that see the linear structure find the (repelling) fixed point.
+        assert bool(sol.result == fixpoint.RESULTS.successful)
+        np.testing.assert_allclose(sol.value, -2.0, rtol=1e-8)
+    else:
+        assert bool(sol.result == fixpoint.RESULTS.diverged)
+        assert int(sol.stats["num_steps"]) <= 40
+
+
+def test_nonfinite_y0():
+    sol = fixpoint.fixed_point(
+        lambda y, _: jnp.cos(y), jnp.array([jnp.nan, 1.0]), solver=P, throw=False
+    )
+    assert bool(sol.result == fixpoint.RESULTS.nonfinite)
+    assert int(sol.stats["num_steps"]) == 0
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_nonfinite_from_fn(name):
+    # log(y) + 10 = 0 from y = 1: every method's first step lands at y < 0.
+    sol = fixpoint.root_find(
+        lambda y, _: jnp.log(y) + 10, jnp.ones(1), solver=SOLVERS[name](), throw=False
+    )
+    assert bool(sol.result == fixpoint.RESULTS.nonfinite)
+
+
+def test_nonfinite_args():
+    sol = fixpoint.fixed_point(
+        lambda y, a: 0.5 * y + a, jnp.zeros(2), jnp.array([1.0, jnp.inf]), solver=P, throw=False
+    )
+    assert bool(sol.result == fixpoint.RESULTS.nonfinite)
+
+
+def test_linear_solve_failed():
+    # g(y) = y^2 + 1 at y = 0: the Jacobian is singular, the residual is not zero.
+    sol = fixpoint.root_find(
+        lambda y, _: y**2 + 1, jnp.zeros(1), solver=solvers.Newton(1e-8, 1e-8), throw=False
+    )
+    assert bool(sol.result == fixpoint.RESULTS.linear_solve_failed)
+
+
+def test_throw_eager_message():
+    with pytest.raises(fixpoint.SolveError, match=r"result `max_steps_reached` after 3 steps"):
+        fixpoint.fixed_point(lambda y, _: jnp.cos(y), jnp.zeros(2), solver=P, max_steps=3)
+
+
+def test_throw_under_jit_message():
+    @jax.jit
+    def run(y0):
+        return fixpoint.fixed_point(lambda y, _: 1.5 * y + 1, y0, solver=P).value
+
+    with pytest.raises(Exception, match=r"result `diverged` after \d+ steps"):
+        jax.block_until_ready(run(jnp.zeros(2)))
+
+
+def test_throw_under_vmap_names_failing_sample():
+    def run(c):
+        return fixpoint.fixed_point(lambda y, c: c * y + 1, jnp.zeros(2), c, solver=P).value
+
+    with pytest.raises(Exception, match=re.escape("(1 of 3 samples failed; the first is #1)")):
+        jax.block_until_ready(jax.jit(jax.vmap(run))(jnp.array([0.5, 1.5, 0.2])))
+
+
+def test_throw_false_batch_survives_one_failure():
+    def run(c):
+        return fixpoint.fixed_point(lambda y, c: c * y + 1, jnp.zeros(2), c, solver=P, throw=False)
+
+    sol = jax.jit(jax.vmap(run))(jnp.array([0.5, 1.5, 0.2]))
+    ok = np.asarray(sol.result == fixpoint.RESULTS.successful)
+    np.testing.assert_array_equal(ok, [True, False, True])
+    np.testing.assert_allclose(sol.value[0], 2.0, rtol=1e-7)
+    np.testing.assert_allclose(sol.value[2], 1.25, rtol=1e-7)
+
+
+def test_record_residuals():
+    sol = fixpoint.fixed_point(
+        lambda y, _: 0.5 * y + 1, jnp.zeros(2), solver=P, record_residuals=True, max_steps=64
+    )
+    hist = np.asarray(sol.stats["residual_history"])
+    n = int(sol.stats["num_steps"])
+    assert hist.shape == (65,)
+    np.testing.assert_allclose(hist[: n + 1], 0.5 ** np.arange(n + 1), rtol=1e-12)
+    assert np.all(np.isnan(hist[n + 1 :]))
+    np.testing.assert_allclose(hist[n], sol.stats["residual"])
+
+
+# ---- bad input --------------------------------------------------------------
+
+
+def test_shape_mismatch_names_leaf():
+    with pytest.raises(ValueError, match=r"changed the shape of `y0\['b'\]`"):
+        fixpoint.fixed_point(
+            lambda y, _: {"a": y["a"], "b": y["b"][:1]},
+            {"a": jnp.zeros(2), "b": jnp.zeros(3)},
+            solver=P,
+        )
+
+
+def test_dtype_mismatch():
+    with pytest.raises(TypeError, match="changed the dtype of `y0`"):
+        fixpoint.fixed_point(lambda y, _: y.astype(jnp.float32), jnp.zeros(2), solver=P)
+
+
+def test_pytree_mismatch():
+    with pytest.raises(ValueError, match="same structure as `y0`"):
+        fixpoint.fixed_point(lambda y, _: [y], jnp.zeros(2), solver=P)
+
+
+def test_forgot_has_aux():
+    with pytest.raises(ValueError, match="did you forget `has_aux=True`"):
+        fixpoint.fixed_point(lambda y, _: (y, 1.0), jnp.zeros(2), solver=P)
+
+
+def test_has_aux_needs_pair():
+    with pytest.raises(ValueError, match="`has_aux=True`"):
+        fixpoint.fixed_point(lambda y, _: y, jnp.zeros(2), solver=P, has_aux=True)
+
+
+def test_has_aux_value():
+    sol = fixpoint.fixed_point(
+        lambda y, _: (0.5 * y + 1, {"sq": y**2}), jnp.zeros(2), solver=P, has_aux=True
+    )
+    np.testing.assert_allclose(sol.aux["sq"], sol.value**2)
+
+
+def test_integer_y0():
+    with pytest.raises(TypeError, match="`y0` has dtype int"):
+        fixpoint.fixed_point(lambda y, _: y, jnp.zeros(2, int), solver=P)
+
+
+def test_non_array_y0():
+    with pytest.raises(TypeError, match=r"`y0\['a'\]` must be an array"):
+        fixpoint.fixed_point(lambda y, _: y, {"a": "text"}, solver=P)
+
+
+def test_empty_y0():
+    with pytest.raises(ValueError, match="`y0` must contain at least one array"):
+        fixpoint.fixed_point(lambda y, _: y, {}, solver=P)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: solvers.Picard(-1.0, 1e-6), "`rtol` must be a non-negative"),
+        (lambda: solvers.Picard(1e-6, -1.0), "`atol` must be a non-negative"),
+        (lambda: solvers.Picard(0.0, 0.0), "cannot both be zero"),
+        (lambda: solvers.Picard(1e-6, 1e-6, damping=0.0), "`damping` must lie in"),
+        (lambda: solvers.Picard(1e-6, 1e-6, damping=1.5), "`damping` must lie in"),
+        (lambda: solvers.Anderson(1e-6, 1e-6, history=0), "`history` must be an int >= 1"),
+        (lambda: solvers.Anderson(1e-6, 1e-6, ridge=-1.0), "`ridge` must be >= 0"),
+        (lambda: solvers.Broyden(1e-6, 1e-6, memory=0), "`memory` must be an int >= 1"),
+        (
+            lambda: solvers.Newton(1e-6, 1e-6, linear_solver="lu"),
+            "`linear_solver` must be a lineax",
+        ),
+        (lambda: fixpoint.PhantomAdjoint(steps=0), "`steps` must be an int >= 1"),
+        (lambda: fixpoint.NeumannAdjoint(terms=0), "`terms` must be an int >= 1"),
+        (lambda: fixpoint.UnrolledAdjoint(checkpoints=0), "`checkpoints` must be None"),
+    ],
+)
+def test_invalid_options(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(TypeError, match="histroy"):
+        solvers.Anderson(1e-6, 1e-6, histroy=3)
+    with pytest.raises(TypeError, match="tol"):
+        fixpoint.fixed_point(lambda y, _: y, jnp.zeros(1), solver=P, tol=1e-3)
+
+
+def test_bad_entry_arguments():
+    with pytest.raises(ValueError, match="`max_steps` must be >= 1"):
+        fixpoint.fixed_point(lambda y, _: y, jnp.zeros(1), solver=P, max_steps=0)
+    with pytest.raises(TypeError, match="`max_steps` must be an int"):
+        fixpoint.fixed_point(lambda y, _: y, jnp.zeros(1), solver=P, max_steps=2.5)
+    with pytest.raises(TypeError, match="`solver` must be an instance"):
+        fixpoint.fixed_point(lambda y, _: y, jnp.zeros(1), solver="picard")
+    with pytest.raises(TypeError, match="`adjoint` must be an instance"):
+        fixpoint.fixed_point(lambda y, _: y, jnp.zeros(1), solver=P, adjoint="implicit")
+    with pytest.raises(TypeError, match="`fn` must be callable"):
+        fixpoint.fixed_point(3, jnp.zeros(1), solver=P)
+    with pytest.raises(ValueError, match="`divergence_ratio` must be a number > 1"):
+        fixpoint.fixed_point(lambda y, _: y, jnp.zeros(1), solver=P, divergence_ratio=0.5)
+
+
+def test_errors_at_trace_time_under_jit():
+    # Bad shapes fail while tracing, before anything runs.
+    traced = eqx.filter_jit(lambda y: fixpoint.fixed_point(lambda y, _: y[:1], y, solver=P))
+    with pytest.raises(ValueError, match="changed the shape"):
+        traced(jnp.zeros(3))
