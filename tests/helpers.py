@@ -40,6 +40,7 @@ SOLVERS = {
 
 def finite_difference_grad(f, x, eps=1e-6):
     """Central finite differences of a scalar `f` at the array `x` (float64)."""
+    f = jax.jit(f)
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
     out = np.zeros_like(flat)
     for i in range(flat.size):
