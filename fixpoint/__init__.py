@@ -16,6 +16,7 @@ from ._root_find import root_find as root_find
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solver import AbstractSolver as AbstractSolver
+from ._solver import Step as Step
 from ._solver import check_tolerances as check_tolerances
 
 __version__ = "0.1.0"

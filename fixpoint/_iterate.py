@@ -71,14 +71,23 @@ def iterate(
         return ~carry.done
 
     def body(carry):
-        y_next, state, ev, solver_result = solver.step(problem, carry.y, args, carry.state)
+        step = solver.step(problem, carry.y, args, carry.state)
+        ev, solver_result = step.evaluation, step.result
         rnorm = solver.norm(ev.residual)
         scaled = scaled_norm(solver.norm, ev.residual, carry.y, solver.rtol, solver.atol)
         # `scaled` may be inf where atol = 0 and y = 0: that is not converged, but not
         # a non-finite iterate either.
         finite = jnp.isfinite(rnorm)
-        converged = finite & (scaled < 1)
-        diverged = rnorm > options.divergence_ratio * carry.best
+        # The proposed step is the solver's estimate of the distance to the
+        # solution (for Newton exactly so). Requiring it to be small as well stops
+        # an iterate that runs off to where the residual merely saturates (say
+        # arctan(y) - 0.3 at y = 1e15, where rtol * |y| is huge) from counting as
+        # converged. For Picard the step *is* the residual, so nothing changes.
+        step_size = scaled_norm(
+            solver.norm, step.y_next - carry.y, carry.y, solver.rtol, solver.atol
+        )
+        converged = finite & (scaled < 1) & (step_size < 1)
+        diverged = ~jnp.asarray(step.trial) & (rnorm > options.divergence_ratio * carry.best)
         failed = solver_result != RESULTS.successful
         out_of_steps = carry.step >= options.max_steps
         result = RESULTS.where(
@@ -103,8 +112,8 @@ def iterate(
         if history is not None:
             history = history.at[carry.step].set(rnorm)
         return _Carry(
-            y=jnp.where(done, carry.y, y_next),
-            state=state,
+            y=jnp.where(done, carry.y, step.y_next),
+            state=step.state,
             aux=ev.aux,
             step=carry.step + jnp.where(done, 0, 1),
             done=done,

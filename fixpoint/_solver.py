@@ -13,13 +13,34 @@ from ._solution import RESULTS
 _State = TypeVar("_State")
 
 
+class Step(eqx.Module):
+    """What one solver step reports to the loop.
+
+    - `y_next`: the proposed next iterate;
+    - `state`: the solver state for the next step;
+    - `evaluation`: `fn` evaluated at the current iterate (the loop tests
+      convergence on its residual);
+    - `result`: `RESULTS.successful` unless the solver itself failed at this
+      iterate (e.g. a linear solve);
+    - `trial`: whether the current iterate was only a trial point that the solver
+      rejected (a line search backtracking). A rejected trial never counts as
+      divergence: the solver is already stepping back from it.
+    """
+
+    y_next: Any
+    state: Any
+    evaluation: Evaluation
+    result: RESULTS = eqx.field(default_factory=lambda: RESULTS.successful)
+    trial: Any = False
+
+
 class AbstractSolver(eqx.Module, Generic[_State]):
     """A fixed-point / root-finding algorithm on flat vectors.
 
     A solver holds static settings only. The loop calls `init` once, then `step`
-    repeatedly. `step` evaluates the problem *once* at the current iterate `y`,
-    returns that `Evaluation` (the loop tests convergence on its residual) and
-    proposes the next iterate. Termination, divergence detection and the result
+    repeatedly. `step` evaluates the problem *once* at the current iterate `y` and
+    returns a `Step`: that `Evaluation` (the loop tests convergence on its
+    residual) and the proposed next iterate. Termination, divergence detection and the result
     codes are the loop's job, so every solver gets them the same way.
 
     Every concrete solver has the fields `rtol`, `atol` (the test is
@@ -35,14 +56,8 @@ class AbstractSolver(eqx.Module, Generic[_State]):
         """Initial solver state for starting point `y` (must not call `fn`)."""
 
     @abc.abstractmethod
-    def step(
-        self, problem: Problem, y, args, state: _State
-    ) -> tuple[Any, _State, Evaluation, RESULTS]:
-        """Evaluate at `y`; return `(y_next, state_next, evaluation_at_y, result)`.
-
-        `result` is `RESULTS.successful` unless the solver itself failed at `y`
-        (e.g. a linear solve); the loop then stops with that code.
-        """
+    def step(self, problem: Problem, y, args, state: _State) -> Step:
+        """Evaluate the problem once at `y` and propose the next iterate."""
 
 
 def check_tolerances(solver) -> None:

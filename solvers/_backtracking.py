@@ -34,9 +34,12 @@ def init_backtracking(y) -> Backtracking:
 def judge(bt: Backtracking, gnorm, min_step: float, decrease: float = 1e-4):
     """`(accept, exhausted)` for the trial point whose residual norm is `gnorm`.
 
-    A trial is accepted on sufficient decrease, on the first step, or once the
-    step has shrunk below `min_step` (`exhausted`: the caller should treat its
-    model as stale, e.g. reset a quasi-Newton memory).
+    The Armijo-style test `|G| <= (1 - decrease·α)|G_acc|`. A trial is also
+    accepted on the first step, or once the step has shrunk below `min_step`
+    (`exhausted`: the caller should treat its model as stale, e.g. reset a
+    quasi-Newton memory). Non-monotone variants (accepting some growth) were
+    tried for Broyden and rejected: letting the reference drift made Broyden
+    diverge on a linear problem, and anchoring it to the best norm made it stall.
     """
     sufficient = gnorm <= (1 - decrease * bt.alpha) * bt.gnorm_acc
     exhausted = bt.alpha <= min_step

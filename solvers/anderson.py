@@ -7,7 +7,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 import fixpoint
-from fixpoint import RESULTS
 
 
 class _AndersonState(eqx.Module):
@@ -86,7 +85,7 @@ class Anderson(fixpoint.AbstractSolver):
             slot=(state.slot + 1) % self.history,
             restarts=state.restarts + jnp.where(ok, 0, 1),
         )
-        return y_next, state, ev, RESULTS.successful
+        return fixpoint.Step(y_next, state, ev)
 
     def _weights(self, res, valid):
         """Solve `min |Σ α_i r_i|² + λ|α|²` s.t. `Σ α_i = 1` over the valid rows."""

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 import fixpoint
-from fixpoint import RESULTS
 
-from ._backtracking import Backtracking, advance, base_point, init_backtracking, judge
+from ._backtracking import Backtracking, advance, init_backtracking, judge
 
 
 class _BroydenState(eqx.Module):
@@ -30,8 +29,8 @@ class Broyden(fixpoint.AbstractSolver):
     overwritten. Each step costs one evaluation and O(memory · n) work.
 
     Safeguards: a backtracking line search on `|G|₂` (a trial point without
-    sufficient decrease is rejected, its secant information is still used, and
-    the next trial goes half as far from the last accepted point, down to
+    sufficient decrease is rejected; its secant information is still used, and
+    the next trial goes half as far along the same direction, down to
     `min_step`, after which the point is accepted and the memory cleared); an
     update whose denominator is tiny or non-finite is skipped.
 
@@ -93,9 +92,9 @@ class Broyden(fixpoint.AbstractSolver):
         us = jnp.where(valid[:, None], us, 0)
         vs = jnp.where(valid[:, None], vs, 0)
 
-        # The quasi-Newton direction from wherever the next step starts.
-        _, g_base = base_point(search, accept, y, g)
-        direction = -(g_base + us.T @ (vs @ g_base))
+        # A new quasi-Newton direction where the trial is accepted; otherwise
+        # backtrack along the previous direction.
+        direction = jnp.where(accept, -(g + us.T @ (vs @ g)), search.direction)
         y_next, search = advance(search, accept, y, g, gnorm, direction)
         state = _BroydenState(
             us=us,
@@ -105,4 +104,4 @@ class Broyden(fixpoint.AbstractSolver):
             search=search,
             restarts=state.restarts + jnp.where(exhausted, 1, 0),
         )
-        return y_next, state, ev, RESULTS.successful
+        return fixpoint.Step(y_next, state, ev, trial=~accept)

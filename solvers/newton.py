@@ -72,4 +72,4 @@ class Newton(fixpoint.AbstractSolver):
         ok = (sol.result == lx.RESULTS.successful) & jnp.all(jnp.isfinite(p))
         failed = accept & ~ok & jnp.isfinite(gnorm)
         result = RESULTS.where(failed, RESULTS.linear_solve_failed, RESULTS.successful)
-        return y_next, state, ev, result
+        return fixpoint.Step(y_next, state, ev, result, trial=~accept)

@@ -3,7 +3,6 @@
 from collections.abc import Callable
 
 import fixpoint
-from fixpoint import RESULTS
 
 
 class Picard(fixpoint.AbstractSolver):
@@ -35,4 +34,4 @@ class Picard(fixpoint.AbstractSolver):
             y_next = ev.fy
         else:
             y_next = y + self.damping * (ev.fy - y)
-        return y_next, state, ev, RESULTS.successful
+        return fixpoint.Step(y_next, state, ev)

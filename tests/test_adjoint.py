@@ -98,7 +98,9 @@ def test_gradient_flows_to_closed_over_arrays_and_pytree_args():
 
     s = jnp.array(0.3)
     gw, gs = jax.grad(loss_ws, argnums=(0, 1))(w, s)
-    np.testing.assert_allclose(gw, finite_difference_grad(lambda w: loss_ws(w, s), w), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        gw, finite_difference_grad(lambda w: loss_ws(w, s), w), rtol=1e-6, atol=1e-9
+    )
     np.testing.assert_allclose(gs, finite_difference_grad(lambda s: loss_ws(w, s), s), rtol=1e-6)
 
 

