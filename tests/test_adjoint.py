@@ -282,9 +282,12 @@ def test_custom_fixed_point_and_custom_root():
         )
     )(x)
     for solver in (my_solver, my_root_solver):
-        g = jax.grad(lambda x: jnp.dot(c, solver(jnp.zeros(5), x)))(x)
-        np.testing.assert_allclose(g, reference, rtol=1e-8)
-        _, t = jax.jvp(lambda x: jnp.dot(c, solver(jnp.zeros(5), x)), (x,), (jnp.ones(5),))
+
+        def loss(x, solver=solver):
+            return jnp.dot(c, solver(jnp.zeros(5), x))
+
+        np.testing.assert_allclose(jax.grad(loss)(x), reference, rtol=1e-8)
+        _, t = jax.jvp(loss, (x,), (jnp.ones(5),))
         np.testing.assert_allclose(t, jnp.sum(reference), rtol=1e-8)
 
 
