@@ -35,6 +35,14 @@ def _describe(what, codes, steps, residual) -> str:
     )
 
 
+def _concrete(x) -> bool:
+    try:
+        np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return False
+    return True
+
+
 @ft.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def raise_if_failed(value, codes, num_steps, residual, what: str):
     """Return `value`; at run time, raise `SolveError` if any `codes` is a failure.
@@ -44,7 +52,7 @@ def raise_if_failed(value, codes, num_steps, residual, what: str):
     is a `lax.cond` around a host callback whose output `value` depends on, so it
     cannot be optimised away.
     """
-    if not any(isinstance(x, jax.core.Tracer) for x in (codes, num_steps, residual)):
+    if not any(isinstance(x, jax.Array) and not _concrete(x) for x in (codes, num_steps, residual)):
         # Eager call: check in Python and raise the plain exception.
         if np.any(np.asarray(codes) != RESULTS.successful._value):
             raise SolveError(_describe(what, codes, num_steps, residual))

@@ -1,5 +1,7 @@
 """What `fixed_point` and `root_find` share: checks, flattening, adjoint, Solution."""
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -17,8 +19,8 @@ from ._solver import AbstractSolver
 class _Flat(eqx.Module):
     """The user's `fn` on flat vectors: `(y_flat, args) -> (out_flat, aux)`."""
 
-    fn: object
-    unravel: object = eqx.field(static=True)
+    fn: Callable
+    unravel: Callable = eqx.field(static=True)
     has_aux: bool = eqx.field(static=True)
 
     def __call__(self, y, args):
