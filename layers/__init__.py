@@ -1,1 +1,8 @@
-"""Equinox layers built on `fixpoint` and `solvers` (filled by later work)."""
+"""Equinox layers built on `fixpoint` and `solvers`."""
+
+from .deq import DEQ as DEQ
+from .training import correction_iterates as correction_iterates
+from .training import jacobian_penalty as jacobian_penalty
+from .training import spectral_norm as spectral_norm
+from .training import spectral_radius as spectral_radius
+from .training import weight_norm as weight_norm

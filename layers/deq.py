@@ -1,0 +1,125 @@
+"""`DEQ`: a deep equilibrium layer over any Equinox module `f(z, x)`."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray
+
+import fixpoint
+import solvers
+
+
+def _apply(z, args):
+    f, x, mask = args
+    out = f(z, x)
+    return out if mask is None else out * mask
+
+
+class DEQ(eqx.Module):
+    """A deep equilibrium layer: `z* = f(z*, x)`, differentiated implicitly.
+
+    `deq(x)` returns the equilibrium for one input (use `jax.vmap` for a batch:
+    every sample converges, and is reported, on its own). `deq.solve(x)` returns
+    the whole `fixpoint.Solution`, with `stats["num_steps"]`, `stats["residual"]`
+    and `result` per sample.
+
+    **Arguments:**
+
+    - `f`: an Equinox module (or any callable pytree) called as `f(z, x)`.
+    - `solver`: any solver from `solvers` (default `Anderson(1e-4, 1e-4)`).
+    - `adjoint`: any adjoint from `fixpoint` (default `ImplicitAdjoint()`).
+    - `max_steps`: the solver's step budget.
+    - `throw`: raise on a failed forward solve (`True`), or return the last
+      iterate with its result code (`False`: read `deq.solve(x).result`; a failed
+      solve is never silent in the stats).
+    - `z_shape`: the shape of `z`; default: the shape of `x`.
+    - `dropout`: variational dropout rate: one mask per forward pass (per sample),
+      applied to `f`'s output at every iteration, so the map stays the same map
+      during the solve. Needs `key=` in training; pass `inference=True` to turn
+      it off.
+    - `normalise`: a function applied to `f` once per forward pass before the
+      solve, e.g. `layers.spectral_norm` (gradients flow through it).
+    """
+
+    f: Callable
+    solver: fixpoint.AbstractSolver = eqx.field(static=True)
+    adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+    z_shape: tuple[int, ...] | None = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    normalise: Callable | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        f: Callable,
+        *,
+        solver: fixpoint.AbstractSolver | None = None,
+        adjoint: fixpoint.AbstractAdjoint | None = None,
+        max_steps: int = 50,
+        throw: bool = True,
+        z_shape: tuple[int, ...] | None = None,
+        dropout: float = 0.0,
+        normalise: Callable | None = None,
+    ):
+        if not callable(f):
+            raise TypeError(f"DEQ: `f` must be callable as f(z, x), got {f!r}.")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"DEQ: `dropout` must lie in [0, 1), got {dropout!r}.")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"DEQ: `max_steps` must be an int >= 1, got {max_steps!r}.")
+        self.f = f
+        self.solver = solvers.Anderson(1e-4, 1e-4) if solver is None else solver
+        self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
+        self.max_steps = max_steps
+        self.throw = throw
+        self.z_shape = None if z_shape is None else tuple(z_shape)
+        self.dropout = dropout
+        self.normalise = normalise
+
+    def prepared(self) -> Callable:
+        """`f` after `normalise` (what one forward pass iterates)."""
+        return self.f if self.normalise is None else self.normalise(self.f)
+
+    def mask(self, z0, key, inference):
+        if self.dropout == 0 or inference:
+            return None
+        if key is None:
+            raise ValueError("DEQ: `dropout > 0` needs `key=` (or `inference=True`).")
+        keep = jax.random.bernoulli(key, 1 - self.dropout, z0.shape)
+        return keep.astype(z0.dtype) / (1 - self.dropout)
+
+    def initial(self, x, z0):
+        if z0 is not None:
+            return z0
+        shape = x.shape if self.z_shape is None else self.z_shape
+        return jnp.zeros(shape, x.dtype)
+
+    def solve(
+        self,
+        x: Array,
+        z0: Array | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+        record_residuals: bool = False,
+    ) -> fixpoint.Solution:
+        """Solve for the equilibrium of one input; returns the `fixpoint.Solution`."""
+        z0 = self.initial(x, z0)
+        args = (self.prepared(), x, self.mask(z0, key, inference))
+        return fixpoint.fixed_point(
+            _apply,
+            z0,
+            args,
+            solver=self.solver,
+            adjoint=self.adjoint,
+            max_steps=self.max_steps,
+            throw=self.throw,
+            record_residuals=record_residuals,
+        )
+
+    def __call__(self, x, z0=None, *, key=None, inference=False):
+        """The equilibrium `z*` for one input `x`."""
+        return self.solve(x, z0, key=key, inference=inference).value
