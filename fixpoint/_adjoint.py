@@ -6,7 +6,7 @@ import equinox as eqx
 import lineax as lx
 
 from ._implicit import implicit_solve
-from ._linear import lineax_solve, series_solve
+from ._linear import gmres_solve, lineax_solve, series_solve
 
 
 class AbstractAdjoint(eqx.Module):
@@ -43,29 +43,50 @@ class ImplicitAdjoint(_AbstractImplicit):
 
     **Arguments:**
 
-    - `linear_solver`: a lineax solver. Default `lineax.GMRES` with the forward
-      solver's `rtol`/`atol` (restart 20). `lineax.LU()` forms the dense Jacobian:
-      fine for small problems.
-    - `rtol`, `atol`: tolerances for the default GMRES; `None` takes the forward
-      solver's.
-    - `throw`: on a failed backward solve (the true residual `|A x - b|` above
-      tolerance, or non-finite), `True` raises `fixpoint.SolveError`; `False`
-      returns a NaN gradient (the documented failure signal, never a plausible
-      wrong number).
+    - `linear_solver`: `None` (default): fixpoint's restarted GMRES, matrix-free,
+      stopping on the relative residual `|A x - b|₂ <= max(atol, rtol |b|₂)`.
+      Or any lineax solver, e.g. `lineax.LU()` (forms the dense Jacobian: fine
+      for small problems) or `lineax.GMRES(...)`; its answer is checked against
+      the same bound (with a 10x margin).
+    - `rtol`, `atol`: the backward tolerances. Default: `rtol` = the larger of
+      the forward solver's `rtol` and `atol` (the gradient is then about as
+      accurate as the solution), `atol = 0`.
+    - `restart`, `max_restarts`: GMRES's Krylov dimension and restart budget.
+    - `throw`: on a failed backward solve (residual above tolerance, or
+      non-finite), `True` raises `fixpoint.SolveError`; `False` returns a NaN
+      gradient (the documented failure signal, never a plausible wrong number).
     """
 
     linear_solver: lx.AbstractLinearSolver | None = None
     rtol: float | None = None
     atol: float | None = None
+    restart: int = 20
+    max_restarts: int = 50
     throw: bool = True
 
+    def __check_init__(self):
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"ImplicitAdjoint: `{name}` must be None or >= 0, got {value!r}.")
+        for name in ("restart", "max_restarts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ImplicitAdjoint: `{name}` must be an int >= 1, got {value!r}.")
+        if self.linear_solver is not None and not isinstance(
+            self.linear_solver, lx.AbstractLinearSolver
+        ):
+            raise TypeError(
+                "ImplicitAdjoint: `linear_solver` must be None or a lineax solver, "
+                f"got {self.linear_solver!r}."
+            )
+
     def linear_solve(self, tolerances):
-        rtol = tolerances[0] if self.rtol is None else self.rtol
-        atol = tolerances[1] if self.atol is None else self.atol
-        solver = self.linear_solver
-        if solver is None:
-            solver = lx.GMRES(rtol=rtol, atol=atol, restart=20, stagnation_iters=20)
-        return lineax_solve(solver, rtol, atol, self.throw)
+        rtol = max(tolerances) if self.rtol is None else self.rtol
+        atol = 0.0 if self.atol is None else self.atol
+        if self.linear_solver is None:
+            return gmres_solve(rtol, atol, self.restart, self.max_restarts, self.throw)
+        return lineax_solve(self.linear_solver, rtol, atol, self.throw)
 
 
 class PhantomAdjoint(_AbstractImplicit):

@@ -60,7 +60,8 @@ def custom_fixed_point(fn, *, has_aux=False, adjoint: AbstractAdjoint = Implicit
     applied to `fn` at the returned point, whatever `my_solver` did internally:
     `my_solver` itself is never differentiated (except with `UnrolledAdjoint`,
     which differentiates through it). The default `ImplicitAdjoint()` uses GMRES
-    with tolerances `1e-6` (float32) or `1e-10` (float64) unless given its own.
+    with relative tolerance `1e-6` (float32) or `1e-10` (float64) unless given
+    its own.
     """
     return _decorator("fixed_point", "custom_fixed_point", fn, has_aux, adjoint)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import lineax as lx
 
 from ._errors import raise_if_failed
+from ._gmres import gmres
 from ._norm import max_norm
 from ._solution import RESULTS
 
@@ -24,21 +25,42 @@ def _flag(x, failed, steps, residual, throw: bool):
     return jnp.where(failed, jnp.nan, x)
 
 
+def _target(b, rtol, atol):
+    return jnp.maximum(atol, rtol * jnp.linalg.norm(b))
+
+
+def gmres_solve(rtol: float, atol: float, restart: int, max_restarts: int, throw: bool):
+    """`solve(matvec, b)` by our restarted GMRES (`_gmres.py`): matrix-free.
+
+    Fails (raise or NaN, by `throw`) unless `|A x - b|₂ <= max(atol, rtol |b|₂)`.
+    """
+
+    def solve(matvec, b):
+        x, res, its = gmres(
+            matvec, b, rtol=rtol, atol=atol, restart=restart, max_restarts=max_restarts
+        )
+        failed = ~(res <= _target(b, rtol, atol)) | ~jnp.all(jnp.isfinite(x))
+        return _flag(x, failed, its, res, throw)
+
+    return solve
+
+
 def lineax_solve(solver: lx.AbstractLinearSolver, rtol: float, atol: float, throw: bool):
     """`solve(matvec, b)` by a lineax solver on the matrix-free operator `matvec`.
 
     The answer is verified independently of the solver: the true residual
-    `max|A x - b|` must be at most `atol + rtol * max|b|` (with a 10x margin for
-    round-off), and `x` must be finite. Otherwise the solve counts as failed.
+    `|A x - b|₂` must be at most `max(atol, rtol |b|₂)` (with a 10x margin for
+    round-off, since the solver's own test differs), and `x` must be finite.
+    Otherwise the solve counts as failed.
     """
 
     def solve(matvec, b):
         op = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: b))
         sol = lx.linear_solve(op, b, solver, throw=False)
         x = sol.value
-        res = max_norm(matvec(x) - b)
-        bound = 10 * (atol + rtol * max_norm(b))
-        failed = (sol.result != lx.RESULTS.successful) | ~(res <= bound)
+        res = jnp.linalg.norm(matvec(x) - b)
+        failed = ~(res <= 10 * _target(b, rtol, atol)) | ~jnp.all(jnp.isfinite(x))
+        failed = failed | (sol.result != lx.RESULTS.successful)
         steps = sol.stats.get("num_steps", jnp.array(0))
         return _flag(x, failed, steps, res, throw)
 
