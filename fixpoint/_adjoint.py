@@ -52,8 +52,8 @@ class ImplicitAdjoint(_AbstractImplicit):
       the forward solver's `rtol` and `atol` (the gradient is then about as
       accurate as the solution), `atol = 0`.
     - `restart`, `max_restarts`: GMRES's Krylov dimension and restart budget.
-    - `throw`: on a failed backward solve (residual above tolerance, or
-      non-finite), `True` raises `fixpoint.SolveError`; `False` returns a NaN
+    - `throw`: on a failed backward solve (true residual above ten times the
+      tolerance, or non-finite), `True` raises `fixpoint.SolveError`; `False` returns a NaN
       gradient (the documented failure signal, never a plausible wrong number).
     """
 

@@ -81,15 +81,17 @@ def gmres(matvec, b, *, rtol: float, atol: float, restart: int = 20, max_restart
         return x0 + y @ basis[:m], k
 
     def outer_cond(c):
-        _, res, restarts, _ = c
-        return (res > target) & (restarts < max_restarts) & jnp.isfinite(res)
+        _, res, restarts, _, progress = c
+        return (res > target) & (restarts < max_restarts) & jnp.isfinite(res) & progress
 
     def outer_body(c):
-        x, _, restarts, its = c
+        x, _, restarts, its, _ = c
         x, k = cycle(x)
-        return x, jnp.linalg.norm(b - matvec(x)), restarts + 1, its + k
+        # A cycle that takes no step means the estimate says converged while the
+        # true residual does not: round-off has the last word, so stop.
+        return x, jnp.linalg.norm(b - matvec(x)), restarts + 1, its + k, k > 0
 
     x0 = jnp.zeros_like(b)
-    init = (x0, jnp.linalg.norm(b), jnp.array(0), jnp.array(0))
-    x, res, _, its = jax.lax.while_loop(outer_cond, outer_body, init)
+    init = (x0, jnp.linalg.norm(b), jnp.array(0), jnp.array(0), jnp.array(True))
+    x, res, _, its, _ = jax.lax.while_loop(outer_cond, outer_body, init)
     return x, res, its

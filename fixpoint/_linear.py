@@ -32,14 +32,16 @@ def _target(b, rtol, atol):
 def gmres_solve(rtol: float, atol: float, restart: int, max_restarts: int, throw: bool):
     """`solve(matvec, b)` by our restarted GMRES (`_gmres.py`): matrix-free.
 
-    Fails (raise or NaN, by `throw`) unless `|A x - b|₂ <= max(atol, rtol |b|₂)`.
+    GMRES aims at `|A x - b|₂ <= max(atol, rtol |b|₂)`; the solve counts as
+    failed (raise or NaN, by `throw`) when the true residual ends above ten times
+    that, a margin for the round-off floor of an ill-conditioned system.
     """
 
     def solve(matvec, b):
         x, res, its = gmres(
             matvec, b, rtol=rtol, atol=atol, restart=restart, max_restarts=max_restarts
         )
-        failed = ~(res <= _target(b, rtol, atol)) | ~jnp.all(jnp.isfinite(x))
+        failed = ~(res <= 10 * _target(b, rtol, atol)) | ~jnp.all(jnp.isfinite(x))
         return _flag(x, failed, its, res, throw)
 
     return solve
