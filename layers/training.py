@@ -85,8 +85,11 @@ def spectral_norm(module, bound: float = 1.0, iters: int = 30):
 
     A pure function: apply it once per forward pass (`DEQ(..., normalise=...)`),
     gradients flow through the rescaling. The norm is estimated by `iters` power
-    iterations on the weight reshaped to `(out, -1)` (for a convolution this is
-    the usual proxy, not the norm of the convolution operator).
+    iterations on the weight reshaped to `(out, -1)`. For a `Linear` layer that
+    is its operator norm. For a convolution with `K` kernel taps it is the usual
+    proxy; the operator norm is at most `sqrt(K)` times it (the convolution is
+    `[W_1 … W_K]` applied to `K` shifted copies of the input), so pass
+    `bound / sqrt(K)` when `f` must provably contract.
     """
 
     def normalise(layer):
