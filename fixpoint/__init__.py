@@ -5,7 +5,10 @@ from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint import NeumannAdjoint as NeumannAdjoint
 from ._adjoint import PhantomAdjoint as PhantomAdjoint
 from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
+from ._custom import custom_fixed_point as custom_fixed_point
+from ._custom import custom_root as custom_root
 from ._errors import SolveError as SolveError
+from ._errors import raise_if_failed as raise_if_failed
 from ._fixed_point import fixed_point as fixed_point
 from ._norm import max_norm as max_norm
 from ._norm import rms_norm as rms_norm
@@ -20,5 +23,3 @@ from ._solver import Step as Step
 from ._solver import check_tolerances as check_tolerances
 
 __version__ = "0.1.0"
-from ._custom import custom_fixed_point as custom_fixed_point
-from ._custom import custom_root as custom_root

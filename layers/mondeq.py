@@ -85,8 +85,8 @@ class MonDEQ(eqx.Module):
     - `m`: the monotonicity parameter, `> 0` (default `0.1`). Larger `m` is
       faster to solve but less expressive.
     - `solver`: `solvers.PeacemanRachford` (default, `rtol = atol = 1e-5`,
-      `alpha = 1`) or `solvers.ForwardBackward`. The dense resolvent is an LU
-      factorisation of `I + α(I - W)`, formed once per call.
+      `alpha = 1`) or `solvers.ForwardBackward`. The dense resolvent
+      `(I + α(I - W))⁻¹` is formed once per call.
     - `max_steps`: the largest number of splitting steps (default `100`).
     - `adjoint`: `fixpoint.ImplicitAdjoint()` (default), `PhantomAdjoint` or
       `NeumannAdjoint`.
@@ -237,6 +237,11 @@ class CircularConvMonotone(AbstractMonotoneLinear):
     B: Float[Array, "c c *k"]
     m: float = eqx.field(static=True)
     spatial: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(self, A: Array, B: Array, m: float, spatial: tuple[int, ...]):
+        """**Arguments:** kernels `A`, `B` of shape `(c, c, *k)`, the monotonicity
+        `m > 0`, and the spatial shape of `z`."""
+        self.A, self.B, self.m, self.spatial = A, B, float(m), tuple(spatial)
 
     def mv(self, z):
         az = _circular_conv(self.A, z)

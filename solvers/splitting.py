@@ -1,0 +1,450 @@
+"""Operator splitting for monotone equilibria `z = relu(W z + b)` (monDEQ).
+
+Winston & Kolter 2020, "Monotone operator equilibrium networks" (NeurIPS). With
+`I - W ⪰ m I` (`m > 0`) the equilibrium is the unique zero of the strongly
+monotone inclusion `0 ∈ (I - W) z - b + N(z)`, where `N` is the normal cone of
+the non-negative orthant (whose resolvent, for every step size, is `relu`).
+Forward–backward and Peaceman–Rachford splitting find it; unlike plain
+iteration `z <- relu(W z + b)` they converge for every such `W` (forward–backward
+for a small enough step, Peaceman–Rachford for any step).
+
+These solvers need the structure of the map (the linear operator `W`, its
+monotonicity `m`, a resolvent), which `fixpoint.fixed_point(fn, ...)` does not
+see, so they are called as `solver.solve(operator, b, z0)`. Gradients come from
+`fixpoint.custom_fixed_point` on `z -> relu(W z + b)`: the splitting iteration
+itself is never differentiated.
+"""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from equinox import AbstractVar
+from jaxtyping import Array, Float
+
+import fixpoint
+
+# `fixpoint` has no public "raise SolveError for a failed Solution" yet; this is the
+# helper `fixed_point(throw=True)` uses, so both raise the same readable error.
+from fixpoint import RESULTS, raise_if_failed
+
+# ---- the linear part ---------------------------------------------------------
+
+
+class AbstractMonotoneLinear(eqx.Module):
+    """The linear part `W` of a monotone equilibrium `z = relu(W z + b)`.
+
+    A concrete operator promises `sym(I - W) ⪰ m I` with `m > 0` and provides:
+
+    - `mv(z)`: the product `W z` (`z` of any fixed shape, e.g. `(n,)` or
+      `(channels, length)`);
+    - `lipschitz()`: `L = ‖I - W‖₂` (an upper bound is enough);
+    - `resolvent(alpha)`: a function `v -> (I + α (I - W))⁻¹ v`, prepared once
+      per solve (factorise here, apply cheaply in the returned function);
+    - `monotonicity()`: the smallest eigenvalue of `sym(I - W) = (I - W + (I - W)ᵀ)/2`,
+      which must be `≥ m` (a check, not used by the solvers).
+    """
+
+    m: AbstractVar[float]
+
+    @abc.abstractmethod
+    def mv(self, z: Array) -> Array:
+        """`W z`."""
+
+    @abc.abstractmethod
+    def lipschitz(self) -> Float[Array, ""]:
+        """`‖I - W‖₂`, or an upper bound on it."""
+
+    @abc.abstractmethod
+    def resolvent(self, alpha: Float[Array, ""]) -> Callable[[Array], Array]:
+        """`v -> (I + alpha (I - W))⁻¹ v`."""
+
+    @abc.abstractmethod
+    def monotonicity(self) -> Float[Array, ""]:
+        """`λ_min(sym(I - W))`."""
+
+
+class MonotoneMatrix(AbstractMonotoneLinear):
+    """A dense `n × n` matrix `W` with `sym(I - W) ⪰ m I`, acting on vectors `(n,)`.
+
+    The resolvent `(I + α (I - W))⁻¹` is formed explicitly (a dense inverse) once per
+    solve; each application is then one matvec. `lipschitz()` is the exact
+    spectral norm (an SVD). The bound `m` is your claim: `monotonicity()` checks it.
+
+    **Arguments:**
+
+    - `W`: the `n × n` matrix, e.g. `(1 - m) I - AᵀA + B - Bᵀ` (`layers.MonDEQ.W()`).
+    - `m`: the monotonicity parameter, a number `> 0`.
+    """
+
+    W: Float[Array, "n n"]
+    m: float = eqx.field(static=True)
+
+    def __init__(self, W: Float[Array, "n n"], m: float):
+        _check_positive(m, "MonotoneMatrix", "m")
+        shape = jnp.shape(W)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError(f"MonotoneMatrix: `W` must be a square matrix, got shape {shape}.")
+        self.W = W
+        self.m = float(m)
+
+    def _i_minus_w(self):
+        return jnp.eye(self.W.shape[0], dtype=self.W.dtype) - self.W
+
+    def mv(self, z):
+        return self.W @ z
+
+    def lipschitz(self):
+        return jnp.linalg.norm(self._i_minus_w(), 2)
+
+    def resolvent(self, alpha):
+        eye = jnp.eye(self.W.shape[0], dtype=self.W.dtype)
+        # An explicit inverse, as in the paper: each step is then one matvec. (Under
+        # `vmap`, `lu_solve` on CPU is hundreds of times slower than a matvec.) The
+        # matrix is well conditioned: its symmetric part is at least `(1 + α m) I`.
+        inverse = jnp.linalg.inv(eye + alpha.astype(self.W.dtype) * self._i_minus_w())
+        return lambda v: inverse @ v
+
+    def monotonicity(self):
+        a = self._i_minus_w()
+        return jnp.linalg.eigvalsh(0.5 * (a + a.T))[0]
+
+
+# ---- the shared loop ---------------------------------------------------------
+
+
+class _Carry(eqx.Module):
+    z: Array
+    u: Array | None
+    step: Array
+    done: Array
+    result: RESULTS
+    residual: Array
+    best: Array
+
+
+def _iterate(solver, operator, b, z0, u0, update, max_steps):
+    """Run `update(z, u, wz) -> (z, u)` until `relu(W z + b) ≈ z`; return a Solution.
+
+    The residual `r = relu(W z + b) - z` is measured at the current iterate
+    before each update, so the returned `value` is the iterate whose residual is
+    reported. The loop stops on convergence (`norm(r / (atol + rtol |z|)) < 1`), a
+    non-finite residual (`nonfinite`), divergence (`norm(r)` above
+    `divergence_ratio` times the smallest seen: `diverged`) or after `max_steps`
+    updates (`max_steps_reached`). Finished samples of a `vmap` never move again.
+    """
+    dtype = z0.dtype
+
+    def cond(c):
+        return ~c.done
+
+    def body(c):
+        wz = operator.mv(c.z)
+        r = jax.nn.relu(wz + b) - c.z
+        rnorm = solver.norm(r)
+        scaled = solver.norm(r / (solver.atol + solver.rtol * jnp.abs(c.z)))
+        finite = jnp.isfinite(rnorm)
+        converged = finite & (scaled < 1)
+        diverged = finite & (rnorm > solver.divergence_ratio * c.best)
+        out_of_steps = c.step >= max_steps
+        result = RESULTS.where(
+            converged,
+            RESULTS.successful,
+            RESULTS.where(
+                ~finite,
+                RESULTS.nonfinite,
+                RESULTS.where(
+                    diverged,
+                    RESULTS.diverged,
+                    RESULTS.where(out_of_steps, RESULTS.max_steps_reached, RESULTS.successful),
+                ),
+            ),
+        )
+        done = converged | ~finite | diverged | out_of_steps
+        z_next, u_next = update(c.z, c.u, wz)
+        keep = lambda old, new: jnp.where(done, old, new)
+        return _Carry(
+            z=keep(c.z, z_next),
+            u=None if c.u is None else keep(c.u, u_next),
+            step=c.step + jnp.where(done, 0, 1),
+            done=done,
+            result=result,
+            residual=rnorm,
+            best=jnp.minimum(c.best, jnp.where(finite, rnorm, c.best)),
+        )
+
+    init = _Carry(
+        z=z0,
+        u=u0,
+        step=jnp.array(0),
+        done=jnp.array(False),
+        result=RESULTS.successful,
+        residual=jnp.array(jnp.inf, dtype),
+        best=jnp.array(jnp.inf, dtype),
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    stats = {"num_steps": final.step, "residual": final.residual}
+    return fixpoint.Solution(value=final.z, result=final.result, aux=None, stats=stats)
+
+
+def _equilibrium_map(z, args):
+    operator, b = args
+    return jax.nn.relu(operator.mv(z) + b)
+
+
+def _already_solved(z, args):
+    # The splitting solve has run already (outside, on stop-gradient inputs, so
+    # that its statistics can be returned): `custom_fixed_point` only needs to
+    # attach the implicit gradient at its answer.
+    del args
+    return z
+
+
+def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, u_init, update):
+    """Checks, the splitting loop on stop-gradient inputs, then the implicit gradient."""
+    if not isinstance(operator, AbstractMonotoneLinear):
+        raise TypeError(
+            f"{name}.solve: `operator` must be a `solvers.AbstractMonotoneLinear` "
+            f"(e.g. `solvers.MonotoneMatrix(W, m)`), got {type(operator).__name__}."
+        )
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"{name}.solve: `max_steps` must be an int >= 1, got {max_steps!r}.")
+    if not isinstance(adjoint, fixpoint.AbstractAdjoint):
+        raise TypeError(f"{name}.solve: `adjoint` must be a fixpoint adjoint, got {adjoint!r}.")
+    if isinstance(adjoint, fixpoint.UnrolledAdjoint):
+        raise ValueError(
+            f"{name}.solve: `UnrolledAdjoint` is not supported (the splitting loop is "
+            "not differentiated); use `ImplicitAdjoint`, `PhantomAdjoint` or `NeumannAdjoint`."
+        )
+    b = jnp.asarray(b)
+    if not jnp.issubdtype(b.dtype, jnp.floating):
+        raise TypeError(f"{name}.solve: `b` must be floating point, got dtype {b.dtype}.")
+    z0 = jnp.zeros_like(b) if z0 is None else jnp.asarray(z0)
+    if z0.shape != b.shape or z0.dtype != b.dtype:
+        raise ValueError(
+            f"{name}.solve: `z0` must have the shape and dtype of `b` "
+            f"({b.shape}, {b.dtype}), got ({z0.shape}, {z0.dtype})."
+        )
+    wz_struct = jax.eval_shape(operator.mv, z0)
+    if wz_struct.shape != b.shape or wz_struct.dtype != b.dtype:
+        raise ValueError(
+            f"{name}.solve: `operator.mv(z)` must have the shape and dtype of `b` "
+            f"({b.shape}, {b.dtype}), got ({wz_struct.shape}, {wz_struct.dtype})."
+        )
+
+    op_nd, b_nd, z0_nd = jax.tree.map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, (operator, b, z0)
+    )
+    u0, update = u_init(op_nd, b_nd, z0_nd), update(op_nd, b_nd)
+    sol = _iterate(solver, op_nd, b_nd, z0_nd, u0, update, max_steps)
+    value = sol.value
+    if throw:
+        value = raise_if_failed(
+            value, sol.result._value, sol.stats["num_steps"], sol.stats["residual"], f"`{name}`"
+        )
+    solve_fn = fixpoint.custom_fixed_point(_equilibrium_map, adjoint=adjoint)(_already_solved)
+    value = solve_fn(value, (operator, b))
+    return fixpoint.Solution(value=value, result=sol.result, aux=None, stats=sol.stats)
+
+
+_IMPLICIT = fixpoint.ImplicitAdjoint()
+
+
+def _check_common(solver):
+    fixpoint.check_tolerances(solver)
+    name = type(solver).__name__
+    ratio = solver.divergence_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
+        raise ValueError(f"{name}: `divergence_ratio` must be a number > 1, got {ratio!r}.")
+
+
+def _check_positive(value, name, field):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}: `{field}` must be a number > 0, got {value!r}.")
+
+
+class ForwardBackward(eqx.Module):
+    """Forward–backward splitting for `z = relu(W z + b)` (Winston & Kolter 2020).
+
+        z <- relu((1 - α) z + α (W z + b))
+
+    a forward (gradient) step on `(I - W) z - b` followed by the resolvent of the
+    orthant's normal cone, `relu`. With `sym(I - W) ⪰ m I` and `L = ‖I - W‖₂` it
+    contracts with factor `sqrt(1 - 2αm + α²L²) < 1` for `0 < α < 2m/L²`; larger
+    steps may diverge, which is reported (`RESULTS.diverged`, `nonfinite` or
+    `max_steps_reached`), never silent. One product with `W` per step.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
+      `r = relu(W z + b) - z`.
+    - `alpha`: the step size. `None` (default) uses `α = m / L²` with `m` the
+      operator's monotonicity parameter and `L = operator.lipschitz()`, computed
+      at every solve: the step that minimises the contraction bound above (to
+      `sqrt(1 - m²/L²)`) and half the largest safe step.
+    - `norm`: the residual norm, default `fixpoint.max_norm`.
+    - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
+      exceeds this multiple of the smallest seen (default `1e4`).
+    """
+
+    rtol: float
+    atol: float
+    alpha: float | None = None
+    norm: Callable = fixpoint.max_norm
+    divergence_ratio: float = 1e4
+
+    def __check_init__(self):
+        _check_common(self)
+        if self.alpha is not None:
+            _check_positive(self.alpha, "ForwardBackward", "alpha")
+
+    def step_size(self, operator: AbstractMonotoneLinear) -> Float[Array, ""]:
+        """The step `α` used on `operator`: `alpha`, or `m / L²` when `alpha=None`."""
+        if self.alpha is not None:
+            return jnp.asarray(self.alpha)
+        return operator.m / jnp.square(operator.lipschitz())
+
+    def solve(
+        self,
+        operator: AbstractMonotoneLinear,
+        b: Array,
+        z0: Array | None = None,
+        *,
+        max_steps: int = 256,
+        throw: bool = True,
+        adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
+    ) -> fixpoint.Solution:
+        """Solve `z = relu(W z + b)` where `W` is `operator`.
+
+        **Arguments:**
+
+        - `operator`: a `solvers.AbstractMonotoneLinear` (e.g. `MonotoneMatrix(W, m)`).
+        - `b`: the bias `U x + b₀`; `z` has its shape and dtype.
+        - `z0`: the starting point (default zeros).
+        - `max_steps`: the largest number of updates.
+        - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if
+          any sample fails); with `False` read `sol.result` instead.
+        - `adjoint`: how gradients are computed: the implicit function theorem on
+          `z = relu(W z + b)` (`fixpoint.ImplicitAdjoint()`, default), or
+          `PhantomAdjoint` / `NeumannAdjoint`. Gradients flow to the arrays in
+          `operator` and to `b`, never to `z0`.
+
+        **Returns:** a `fixpoint.Solution` with `stats["num_steps"]` and
+        `stats["residual"]`, the norm of `relu(W z + b) - z` at `value`.
+        """
+
+        def update(op, bias):
+            alpha = self.step_size(op).astype(bias.dtype)
+
+            def fb(z, u, wz):
+                return jax.nn.relu((1 - alpha) * z + alpha * (wz + bias)), u
+
+            return fb
+
+        return _solve(
+            self,
+            "ForwardBackward",
+            operator,
+            b,
+            z0,
+            max_steps,
+            throw,
+            adjoint,
+            lambda op, bias, z0: None,
+            update,
+        )
+
+
+class PeacemanRachford(eqx.Module):
+    """Peaceman–Rachford splitting for `z = relu(W z + b)` (Winston & Kolter 2020, Alg. 2).
+
+    With `V = (I + α (I - W))⁻¹` (the resolvent of the linear part, formed once
+    per solve by `operator.resolvent`), starting from `u = z = z0`:
+
+        u_½ = 2 z - u
+        z_½ = V (u_½ + α b)
+        u   = 2 z_½ - u_½
+        z   = relu(u)
+
+    Because `I - W` is strongly monotone (`m > 0`) and Lipschitz, this converges
+    linearly for *every* `α > 0` (the rate depends on `α`; the paper tunes it,
+    `1` is its default). One product with `W` (for the residual) and one resolvent
+    application per step.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
+      `r = relu(W z + b) - z`.
+    - `alpha`: the step size, a number `> 0` (default `1.0`).
+    - `norm`: the residual norm, default `fixpoint.max_norm`.
+    - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
+      exceeds this multiple of the smallest seen (default `1e4`).
+    """
+
+    rtol: float
+    atol: float
+    alpha: float = 1.0
+    norm: Callable = fixpoint.max_norm
+    divergence_ratio: float = 1e4
+
+    def __check_init__(self):
+        _check_common(self)
+        _check_positive(self.alpha, "PeacemanRachford", "alpha")
+
+    def solve(
+        self,
+        operator: AbstractMonotoneLinear,
+        b: Array,
+        z0: Array | None = None,
+        *,
+        max_steps: int = 256,
+        throw: bool = True,
+        adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
+    ) -> fixpoint.Solution:
+        """Solve `z = relu(W z + b)` where `W` is `operator`.
+
+        **Arguments:**
+
+        - `operator`: a `solvers.AbstractMonotoneLinear` (e.g. `MonotoneMatrix(W, m)`).
+        - `b`: the bias `U x + b₀`; `z` has its shape and dtype.
+        - `z0`: the starting point (default zeros).
+        - `max_steps`: the largest number of updates.
+        - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if
+          any sample fails); with `False` read `sol.result` instead.
+        - `adjoint`: how gradients are computed: the implicit function theorem on
+          `z = relu(W z + b)` (`fixpoint.ImplicitAdjoint()`, default), or
+          `PhantomAdjoint` / `NeumannAdjoint`. Gradients flow to the arrays in
+          `operator` and to `b`, never to `z0`.
+
+        **Returns:** a `fixpoint.Solution` with `stats["num_steps"]` and
+        `stats["residual"]`, the norm of `relu(W z + b) - z` at `value`.
+        """
+
+        def update(op, bias):
+            alpha = jnp.asarray(self.alpha, bias.dtype)
+            resolve = op.resolvent(alpha)
+            alpha_b = alpha * bias
+
+            def pr(z, u, wz):
+                del wz
+                u_half = 2 * z - u
+                z_half = resolve(u_half + alpha_b)
+                u = 2 * z_half - u_half
+                return jax.nn.relu(u), u
+
+            return pr
+
+        return _solve(
+            self,
+            "PeacemanRachford",
+            operator,
+            b,
+            z0,
+            max_steps,
+            throw,
+            adjoint,
+            lambda op, bias, z0: z0,
+            update,
+        )
