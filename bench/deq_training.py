@@ -273,12 +273,14 @@ def main():
         r.pop("model")
         rows.append(r)
     print(
-        f"\n{'task':<14} {'gradient':<9} {'test acc':>8} {'fwd steps':>9} {'converged':>9} {'wall':>8} {'s/epoch':>8}  backward"
+        f"\n{'task':<14} {'gradient':<9} {'test acc':>8} {'fwd steps':>9} {'converged':>9} "
+        f"{'wall':>8} {'s/epoch':>8}  backward"
     )
     for r in rows:
         print(
             f"{r['task']:<14} {r['adjoint']:<9} {r['test_acc']:8.4f} {r['test_fwd_steps']:9.1f} "
-            f"{r['test_converged']:9.3f} {r['wall_s']:7.1f}s {r['s_per_epoch']:8.2f}  {r['backward']}"
+            f"{r['test_converged']:9.3f} {r['wall_s']:7.1f}s {r['s_per_epoch']:8.2f}  "
+            f"{r['backward']}"
         )
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"deq_training_{a.task}.json"
