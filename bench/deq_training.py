@@ -148,6 +148,20 @@ def make_model(task, adjoint, key):
             key=k1,
         )
         return Classifier(mon, eqx.nn.Linear(100, 10, key=k2))
+    if task == "mnist1d-convmondeq":
+        mon = layers.ConvMonDEQ(
+            1,
+            32,
+            40,
+            5,
+            m=0.1,
+            solver=solvers.PeacemanRachford(1e-3, 1e-3),
+            max_steps=60,
+            adjoint=ADJOINTS[adjoint],
+            throw=False,
+            key=k1,
+        )
+        return Classifier(mon, eqx.nn.Linear(32 * 40, 10, key=k2))
     if task == "digits-mlp":
         f = MLPCell(64, 64, k1)
         z_shape, feat = (64,), 64
@@ -175,7 +189,7 @@ def make_model(task, adjoint, key):
 
 
 def train(task, adjoint, epochs, batch, lr, seed=0, progress=True):
-    if task == "mnist1d-conv":
+    if task.startswith("mnist1d"):
         xtr, ytr, xte, yte = load_mnist1d(seed)
     else:
         (xtr, ytr), (xte, yte) = load_digits(seed)
@@ -257,7 +271,9 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--task", default="digits-mlp", choices=["digits-mlp", "digits-mondeq", "mnist1d-conv"]
+        "--task",
+        default="digits-mlp",
+        choices=["digits-mlp", "digits-mondeq", "mnist1d-conv", "mnist1d-convmondeq"],
     )
     p.add_argument("--adjoint", nargs="+", default=["implicit"], choices=list(ADJOINTS))
     p.add_argument("--epochs", type=int, default=None)
@@ -265,7 +281,7 @@ def main():
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    epochs = a.epochs or (30 if a.task == "mnist1d-conv" else 40)
+    epochs = a.epochs or (30 if a.task.startswith("mnist1d") else 40)
     lr = a.lr or 3e-3
     rows = []
     for adj in a.adjoint:
