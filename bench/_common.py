@@ -36,14 +36,16 @@ class Timing:
         return min(self.times)
 
 
-def time_jitted(fn, *args, reps: int = 5, guard_s: float = 30.0, min_reps: int = 1) -> Timing:
+def time_jitted(
+    fn, *args, reps: int = 5, guard_s: float = 30.0, min_total_s: float = 0.2, max_reps: int = 100
+) -> Timing:
     """Time `jax.jit(fn)(*args)`.
 
     Compilation (tracing + lowering + XLA compile, `lower(...).compile()`) is timed on
     its own. The first call of the compiled executable is a warm-up and is excluded.
-    Then up to `reps` calls are timed, each ended with `jax.block_until_ready`; fewer
-    (at least `min_reps`) when the warm-up call shows that `reps` calls would exceed
-    `guard_s` seconds.
+    Then calls are timed, each ended with `jax.block_until_ready`: `reps` of them, more
+    (up to `max_reps`) for fast calls until about `min_total_s` seconds are covered, and
+    fewer (at least one) once the timed calls have used up `guard_s` seconds.
     """
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
@@ -51,13 +53,26 @@ def time_jitted(fn, *args, reps: int = 5, guard_s: float = 30.0, min_reps: int =
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     first_s = time.perf_counter() - t0
-    n = max(min_reps, min(reps, int(guard_s / max(first_s, 1e-9))))
-    times = []
-    for _ in range(n):
+    times: list[float] = []
+    while True:
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
+        typical = max(statistics.median(times), 1e-9)
+        target = max(reps, min(max_reps, int(min_total_s / typical)))
+        if len(times) >= target or sum(times) >= guard_s:
+            break
     return Timing(compile_s, first_s, times, out)
+
+
+def short_error(e: Exception, limit: int = 300) -> str:
+    """A one-line description of an exception (for errors raised inside callbacks, the
+    original exception's line, not the runtime's wrapper)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error:" in ln or "Exception:" in ln:
+            return ln[:limit]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit]
 
 
 def symmetric_contraction(rng: np.random.Generator, d: int, rho: float) -> np.ndarray:
@@ -137,6 +152,8 @@ def fmt_time(s: float | None) -> str:
     """Seconds as a short human string (µs / ms / s)."""
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "-"
+    if s < 1e-4:
+        return f"{s * 1e6:.2f}µs" if s < 1e-5 else f"{s * 1e6:.1f}µs"
     if s < 1e-3:
         return f"{s * 1e6:.0f}µs"
     if s < 1:
@@ -150,8 +167,10 @@ def fmt_sci(x: float | None) -> str:
     return f"{x:.1e}"
 
 
-def print_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
-    """A plain fixed-width table (right-aligned except the first two columns)."""
+def print_table(
+    headers: list[str], rows: list[list[str]], title: str | None = None, left=(0, 1)
+) -> None:
+    """A plain fixed-width table: the columns in `left` left-aligned, the rest right."""
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -159,7 +178,7 @@ def print_table(headers: list[str], rows: list[list[str]], title: str | None = N
     def line(cells):
         parts = []
         for i, (c, w) in enumerate(zip(cells, widths, strict=True)):
-            parts.append(c.ljust(w) if i < 2 else c.rjust(w))
+            parts.append(c.ljust(w) if i in left else c.rjust(w))
         return "  ".join(parts).rstrip()
 
     if title:
