@@ -13,7 +13,10 @@ class SolveError(RuntimeError):
     """Raised (from inside `jit`) when a solve with `throw=True` fails."""
 
 
-def _describe(what, codes, steps, residual) -> str:
+_SOLVE_HINT = "Pass `throw=False` to get the result code instead of an error."
+
+
+def _describe(what, codes, steps, residual, hint=_SOLVE_HINT) -> str:
     # Equinox keeps the items by name in `_name_to_item`.
     names = {int(item._value): name for name, item in RESULTS._name_to_item.items()}
     codes = np.asarray(codes).reshape(-1)
@@ -31,7 +34,7 @@ def _describe(what, codes, steps, residual) -> str:
         f"{what} failed with result `{name}` after {int(steps[i])} steps "
         f"(residual {float(residual[i]):.3e}){where}. "
         f"{RESULTS[RESULTS._name_to_item[name]]} "
-        "Pass `throw=False` to get the result code instead of an error."
+        f"{hint}"
     )
 
 
@@ -43,8 +46,8 @@ def _concrete(x) -> bool:
     return True
 
 
-@ft.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def raise_if_failed(value, codes, num_steps, residual, what: str):
+@ft.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def raise_if_failed(value, codes, num_steps, residual, what: str, hint: str = _SOLVE_HINT):
     """Return `value`; at run time, raise `SolveError` if any `codes` is a failure.
 
     The message names the result code, the number of steps and the residual of
@@ -55,13 +58,13 @@ def raise_if_failed(value, codes, num_steps, residual, what: str):
     if not any(isinstance(x, jax.Array) and not _concrete(x) for x in (codes, num_steps, residual)):
         # Eager call: check in Python and raise the plain exception.
         if np.any(np.asarray(codes) != RESULTS.successful._value):
-            raise SolveError(_describe(what, codes, num_steps, residual))
+            raise SolveError(_describe(what, codes, num_steps, residual, hint))
         return value
     failed = eqxi.unvmap_any(codes != RESULTS.successful._value)
     leaves, treedef = jax.tree.flatten(value)
 
     def raises(codes, steps, res, *leaves):
-        raise SolveError(_describe(what, codes, steps, res))
+        raise SolveError(_describe(what, codes, steps, res, hint))
 
     def handle(leaves):
         struct = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
@@ -80,6 +83,6 @@ def raise_if_failed(value, codes, num_steps, residual, what: str):
 
 
 @raise_if_failed.defjvp
-def _raise_if_failed_jvp(what, primals, tangents):
+def _raise_if_failed_jvp(what, hint, primals, tangents):
     value, codes, num_steps, residual = primals
-    return raise_if_failed(value, codes, num_steps, residual, what), tangents[0]
+    return raise_if_failed(value, codes, num_steps, residual, what, hint), tangents[0]

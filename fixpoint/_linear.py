@@ -15,13 +15,17 @@ from ._norm import max_norm
 from ._solution import RESULTS
 
 _WHAT = "The backward (implicit-differentiation) linear solve"
+_HINT = (
+    "Loosen or raise the adjoint's budget (`ImplicitAdjoint(rtol=..., max_restarts=...)`), "
+    "or pass `ImplicitAdjoint(throw=False)` to get NaN gradients instead of an error."
+)
 
 
 def _flag(x, failed, steps, residual, throw: bool):
     """Raise (`throw=True`) or NaN-poison `x` where the backward solve failed."""
     codes = jnp.where(failed, RESULTS.linear_solve_failed._value, RESULTS.successful._value)
     if throw:
-        x = raise_if_failed(x, codes, steps, residual, _WHAT)
+        x = raise_if_failed(x, codes, steps, residual, _WHAT, _HINT)
     return jnp.where(failed, jnp.nan, x)
 
 
