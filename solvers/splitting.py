@@ -265,7 +265,65 @@ def _check_positive(value, name, field):
         raise ValueError(f"{name}: `{field}` must be a number > 0, got {value!r}.")
 
 
-class ForwardBackward(eqx.Module):
+class _AbstractSplitting(eqx.Module):
+    """Shared `solve` of the splitting methods; each defines `update` and `u_init`."""
+
+    rtol: AbstractVar[float]
+    atol: AbstractVar[float]
+    norm: AbstractVar[Callable]
+    divergence_ratio: AbstractVar[float]
+
+    @abc.abstractmethod
+    def update(self, op, bias) -> Callable:
+        """`step(z, u, wz) -> (z_next, u_next)` for this operator and bias."""
+
+    @abc.abstractmethod
+    def u_init(self, op, bias, z0):
+        """The auxiliary sequence's start (`None` if the method has none)."""
+
+    def solve(
+        self,
+        operator: AbstractMonotoneLinear,
+        b: Array,
+        z0: Array | None = None,
+        *,
+        max_steps: int = 256,
+        throw: bool = True,
+        adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
+    ) -> fixpoint.Solution:
+        """Solve `z = relu(W z + b)` where `W` is `operator`.
+
+        **Arguments:**
+
+        - `operator`: a `solvers.AbstractMonotoneLinear` (e.g. `MonotoneMatrix(W, m)`).
+        - `b`: the bias `U x + b₀`; `z` has its shape and dtype.
+        - `z0`: the starting point (default zeros).
+        - `max_steps`: the largest number of updates.
+        - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if
+          any sample fails); with `False` read `sol.result` instead.
+        - `adjoint`: how gradients are computed: the implicit function theorem on
+          `z = relu(W z + b)` (`fixpoint.ImplicitAdjoint()`, default), or
+          `PhantomAdjoint` / `NeumannAdjoint`. Gradients flow to the arrays in
+          `operator` and to `b`, never to `z0`.
+
+        **Returns:** a `fixpoint.Solution` with `stats["num_steps"]` and
+        `stats["residual"]`, the norm of `relu(W z + b) - z` at `value`.
+        """
+        return _solve(
+            self,
+            type(self).__name__,
+            operator,
+            b,
+            z0,
+            max_steps,
+            throw,
+            adjoint,
+            self.u_init,
+            self.update,
+        )
+
+
+class ForwardBackward(_AbstractSplitting):
     """Forward–backward splitting for `z = relu(W z + b)` (Winston & Kolter 2020).
 
         z <- relu((1 - α) z + α (W z + b))
@@ -306,58 +364,19 @@ class ForwardBackward(eqx.Module):
             return jnp.asarray(self.alpha)
         return operator.m / jnp.square(operator.lipschitz())
 
-    def solve(
-        self,
-        operator: AbstractMonotoneLinear,
-        b: Array,
-        z0: Array | None = None,
-        *,
-        max_steps: int = 256,
-        throw: bool = True,
-        adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
-    ) -> fixpoint.Solution:
-        """Solve `z = relu(W z + b)` where `W` is `operator`.
+    def update(self, op, bias):
+        alpha = self.step_size(op).astype(bias.dtype)
 
-        **Arguments:**
+        def fb(z, u, wz):
+            return jax.nn.relu((1 - alpha) * z + alpha * (wz + bias)), u
 
-        - `operator`: a `solvers.AbstractMonotoneLinear` (e.g. `MonotoneMatrix(W, m)`).
-        - `b`: the bias `U x + b₀`; `z` has its shape and dtype.
-        - `z0`: the starting point (default zeros).
-        - `max_steps`: the largest number of updates.
-        - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if
-          any sample fails); with `False` read `sol.result` instead.
-        - `adjoint`: how gradients are computed: the implicit function theorem on
-          `z = relu(W z + b)` (`fixpoint.ImplicitAdjoint()`, default), or
-          `PhantomAdjoint` / `NeumannAdjoint`. Gradients flow to the arrays in
-          `operator` and to `b`, never to `z0`.
+        return fb
 
-        **Returns:** a `fixpoint.Solution` with `stats["num_steps"]` and
-        `stats["residual"]`, the norm of `relu(W z + b) - z` at `value`.
-        """
-
-        def update(op, bias):
-            alpha = self.step_size(op).astype(bias.dtype)
-
-            def fb(z, u, wz):
-                return jax.nn.relu((1 - alpha) * z + alpha * (wz + bias)), u
-
-            return fb
-
-        return _solve(
-            self,
-            "ForwardBackward",
-            operator,
-            b,
-            z0,
-            max_steps,
-            throw,
-            adjoint,
-            lambda op, bias, z0: None,
-            update,
-        )
+    def u_init(self, op, bias, z0):
+        return None
 
 
-class PeacemanRachford(eqx.Module):
+class PeacemanRachford(_AbstractSplitting):
     """Peaceman–Rachford splitting for `z = relu(W z + b)` (Winston & Kolter 2020, Alg. 2).
 
     With `V = (I + α (I - W))⁻¹` (the resolvent of the linear part, formed once
@@ -393,58 +412,19 @@ class PeacemanRachford(eqx.Module):
         _check_common(self)
         _check_positive(self.alpha, "PeacemanRachford", "alpha")
 
-    def solve(
-        self,
-        operator: AbstractMonotoneLinear,
-        b: Array,
-        z0: Array | None = None,
-        *,
-        max_steps: int = 256,
-        throw: bool = True,
-        adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
-    ) -> fixpoint.Solution:
-        """Solve `z = relu(W z + b)` where `W` is `operator`.
+    def update(self, op, bias):
+        alpha = jnp.asarray(self.alpha, bias.dtype)
+        resolve = op.resolvent(alpha)
+        alpha_b = alpha * bias
 
-        **Arguments:**
+        def pr(z, u, wz):
+            del wz
+            u_half = 2 * z - u
+            z_half = resolve(u_half + alpha_b)
+            u = 2 * z_half - u_half
+            return jax.nn.relu(u), u
 
-        - `operator`: a `solvers.AbstractMonotoneLinear` (e.g. `MonotoneMatrix(W, m)`).
-        - `b`: the bias `U x + b₀`; `z` has its shape and dtype.
-        - `z0`: the starting point (default zeros).
-        - `max_steps`: the largest number of updates.
-        - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if
-          any sample fails); with `False` read `sol.result` instead.
-        - `adjoint`: how gradients are computed: the implicit function theorem on
-          `z = relu(W z + b)` (`fixpoint.ImplicitAdjoint()`, default), or
-          `PhantomAdjoint` / `NeumannAdjoint`. Gradients flow to the arrays in
-          `operator` and to `b`, never to `z0`.
+        return pr
 
-        **Returns:** a `fixpoint.Solution` with `stats["num_steps"]` and
-        `stats["residual"]`, the norm of `relu(W z + b) - z` at `value`.
-        """
-
-        def update(op, bias):
-            alpha = jnp.asarray(self.alpha, bias.dtype)
-            resolve = op.resolvent(alpha)
-            alpha_b = alpha * bias
-
-            def pr(z, u, wz):
-                del wz
-                u_half = 2 * z - u
-                z_half = resolve(u_half + alpha_b)
-                u = 2 * z_half - u_half
-                return jax.nn.relu(u), u
-
-            return pr
-
-        return _solve(
-            self,
-            "PeacemanRachford",
-            operator,
-            b,
-            z0,
-            max_steps,
-            throw,
-            adjoint,
-            lambda op, bias, z0: z0,
-            update,
-        )
+    def u_init(self, op, bias, z0):
+        return z0
