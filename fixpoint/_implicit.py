@@ -23,7 +23,7 @@ def implicit_solve(primal: Callable, residual: Callable, inputs, y0, linear_solv
     - `residual`: `residual(y, inputs) -> G`, zero at the solution.
     - `inputs`: pytree whose floating-point arrays may be differentiated.
     - `y0`: starting point; receives no gradient.
-    - `linear_solve`: `solve(matvec, b)` for `lax.custom_linear_solve`.
+    - `linear_solve`: `solve(matvec, b, transpose_of=None)` (see `_linear.py`).
 
     **Returns:** `(y, rest)`; `rest` (result codes, statistics) has zero tangent.
     """
@@ -59,7 +59,10 @@ def _implicit_jvp(primals, tangents, *, primal, residual, linear_solve):
     def matvec(v):
         return jax.jvp(lambda z: residual(z, inputs), (y,), (v,))[1]
 
-    t_y = -jax.lax.custom_linear_solve(matvec, rhs, linear_solve, linear_solve)
+    def transpose_solve(vecmat, b):
+        return linear_solve(vecmat, b, transpose_of=matvec)
+
+    t_y = -jax.lax.custom_linear_solve(matvec, rhs, linear_solve, transpose_solve)
     t_rest = jax.tree.map(_zero_tangent, rest)
     return (y, rest), (t_y, t_rest)
 

@@ -1,8 +1,9 @@
-"""Backward linear solves for implicit differentiation, as `solve(matvec, b)`.
+"""Backward linear solves for implicit differentiation.
 
-Each function here builds the `solve` argument of `jax.lax.custom_linear_solve`.
-Because the same `solve` is used with the transposed operator for reverse mode,
-forward (`jvp`) and reverse (`grad`) mode get consistent answers.
+Each function here builds `solve(matvec, b, transpose_of=None)` for
+`jax.lax.custom_linear_solve`: the same function serves the forward (`jvp`) solve
+and, with the transposed operator (and the original one as `transpose_of`), the
+transposed solve of reverse mode, so both modes get consistent answers.
 """
 
 import jax
@@ -41,7 +42,8 @@ def gmres_solve(rtol: float, atol: float, restart: int, max_restarts: int, throw
     that, a margin for the round-off floor of an ill-conditioned system.
     """
 
-    def solve(matvec, b):
+    def solve(matvec, b, transpose_of=None):
+        del transpose_of
         x, res, its = gmres(
             matvec, b, rtol=rtol, atol=atol, restart=restart, max_restarts=max_restarts
         )
@@ -51,8 +53,24 @@ def gmres_solve(rtol: float, atol: float, restart: int, max_restarts: int, throw
     return solve
 
 
+# lineax's matrix-free solvers (`NormalCG` is a function returning a `CG`).
+_ITERATIVE = tuple(
+    cls
+    for cls in (getattr(lx, name, None) for name in ("GMRES", "BiCGStab", "CG", "LSMR"))
+    if isinstance(cls, type)
+)
+
+
 def lineax_solve(solver: lx.AbstractLinearSolver, rtol: float, atol: float, throw: bool):
-    """`solve(matvec, b)` by a lineax solver on the matrix-free operator `matvec`.
+    """`solve(matvec, b, transpose_of=None)` by a lineax solver.
+
+    Iterative lineax solvers work on the matrix-free operator. Dense ones (LU,
+    QR, ...) need the matrix: it is always built in *forward* mode, from JVPs of
+    the original operator, also for the transposed solve of reverse mode
+    (`transpose_of` is then the original `matvec`). Built from VJPs instead,
+    a shared weight matrix would be multiplied by a batched identity under
+    `vmap` (B·n³ work); from JVPs, `W @ I` does not depend on the sample and is
+    computed once.
 
     The answer is verified independently of the solver: the true residual
     `|A x - b|₂` must be at most `max(atol, rtol |b|₂)` (with a 10x margin for
@@ -60,11 +78,17 @@ def lineax_solve(solver: lx.AbstractLinearSolver, rtol: float, atol: float, thro
     Otherwise the solve counts as failed.
     """
 
-    def solve(matvec, b):
-        op = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: b))
+    def solve(matvec, b, transpose_of=None):
+        if isinstance(solver, _ITERATIVE):
+            op = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: b))
+        else:
+            forward = matvec if transpose_of is None else transpose_of
+            eye = jnp.eye(b.shape[0], dtype=b.dtype)
+            matrix = jax.vmap(forward, out_axes=1)(eye)
+            op = lx.MatrixLinearOperator(matrix if transpose_of is None else matrix.T)
         sol = lx.linear_solve(op, b, solver, throw=False)
         x = sol.value
-        res = jnp.linalg.norm(matvec(x) - b)
+        res = jnp.linalg.norm(op.mv(x) - b)
         failed = ~(res <= 10 * _target(b, rtol, atol)) | ~jnp.all(jnp.isfinite(x))
         failed = failed | (sol.result != lx.RESULTS.successful)
         steps = sol.stats.get("num_steps", jnp.array(0))
@@ -82,7 +106,9 @@ def series_solve(steps: int, damping: float, throw: bool):
     answer counts as a failure.
     """
 
-    def solve(matvec, b):
+    def solve(matvec, b, transpose_of=None):
+        del transpose_of
+
         def body(_, x):
             return x + damping * (b - matvec(x))
 
