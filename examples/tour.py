@@ -159,12 +159,12 @@ def main():
             )
 
     header = (
-        f"{'problem':<20} {'solver':<20} {'result':<16} {'steps':>7} {'residual':>10} "
+        f"{'problem':<20} {'solver':<20} {'result':<24} {'steps':>7} {'residual':>10} "
         f"{'run':>10} {'compile':>9}"
     )
     print("\n" + header + "\n" + "-" * len(header))
     for p, s, r, st, res, run, comp in rows:
-        print(f"{p:<20} {s:<20} {r:<16} {st:7.1f} {res:10.2e} {run * 1e3:8.2f}ms {comp:8.2f}s")
+        print(f"{p:<20} {s:<20} {r:<24} {st:7.1f} {res:10.2e} {run * 1e3:8.2f}ms {comp:8.2f}s")
 
     # Convergence plot on the slow problem.
     fig, ax = plt.subplots(figsize=(6, 4))
