@@ -22,7 +22,7 @@ test set at the end) and backward cost (steps of the backward series for
 phantom/JFB; GMRES for implicit, which runs to the forward tolerance).
 
     python bench/deq_training.py --task digits-mlp --adjoint implicit phantom jfb
-    python bench/deq_training.py --task mnist1d-convmondeq --adjoint implicit --epochs 15
+    python bench/deq_training.py --task mnist1d-convmondeq --adjoint implicit --epochs 10
 
 Writes `bench/results/deq_training_<task>.json` and prints a table.
 """
