@@ -10,6 +10,7 @@ from ._custom import custom_root as custom_root
 from ._errors import SolveError as SolveError
 from ._errors import raise_if_failed as raise_if_failed
 from ._fixed_point import fixed_point as fixed_point
+from ._iterate import termination as termination
 from ._norm import max_norm as max_norm
 from ._norm import rms_norm as rms_norm
 from ._norm import two_norm as two_norm

@@ -33,6 +33,37 @@ class _Carry(eqx.Module):
     history: Any
 
 
+def termination(converged, finite, diverged, out_of_steps, solver_result=None):
+    """`(result, done)` for one step of a loop, in order of precedence.
+
+    Converged beats everything; then a non-finite residual, divergence, a failure
+    the solver reported (`solver_result`, if any), and running out of steps.
+    Shared by every loop that reports `RESULTS` (also the splitting solvers).
+    """
+    failed = jnp.array(False) if solver_result is None else solver_result != RESULTS.successful
+    if solver_result is None:
+        solver_result = RESULTS.successful
+    result = RESULTS.where(
+        converged,
+        RESULTS.successful,
+        RESULTS.where(
+            ~finite,
+            RESULTS.nonfinite,
+            RESULTS.where(
+                diverged,
+                RESULTS.diverged,
+                RESULTS.where(
+                    failed,
+                    solver_result,
+                    RESULTS.where(out_of_steps, RESULTS.max_steps_reached, RESULTS.successful),
+                ),
+            ),
+        ),
+    )
+    done = converged | ~finite | diverged | failed | out_of_steps
+    return result, done
+
+
 def iterate(
     solver: AbstractSolver,
     problem: Problem,
@@ -88,26 +119,8 @@ def iterate(
         )
         converged = finite & (scaled < 1) & (step_size < 1)
         diverged = ~jnp.asarray(step.trial) & (rnorm > options.divergence_ratio * carry.best)
-        failed = solver_result != RESULTS.successful
         out_of_steps = carry.step >= options.max_steps
-        result = RESULTS.where(
-            converged,
-            RESULTS.successful,
-            RESULTS.where(
-                ~finite,
-                RESULTS.nonfinite,
-                RESULTS.where(
-                    diverged,
-                    RESULTS.diverged,
-                    RESULTS.where(
-                        failed,
-                        solver_result,
-                        RESULTS.where(out_of_steps, RESULTS.max_steps_reached, RESULTS.successful),
-                    ),
-                ),
-            ),
-        )
-        done = converged | ~finite | diverged | failed | out_of_steps
+        result, done = termination(converged, finite, diverged, out_of_steps, solver_result)
         history = carry.history
         if history is not None:
             history = history.at[carry.step].set(rnorm)

@@ -149,20 +149,7 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps):
         converged = finite & (scaled < 1)
         diverged = finite & (rnorm > solver.divergence_ratio * c.best)
         out_of_steps = c.step >= max_steps
-        result = RESULTS.where(
-            converged,
-            RESULTS.successful,
-            RESULTS.where(
-                ~finite,
-                RESULTS.nonfinite,
-                RESULTS.where(
-                    diverged,
-                    RESULTS.diverged,
-                    RESULTS.where(out_of_steps, RESULTS.max_steps_reached, RESULTS.successful),
-                ),
-            ),
-        )
-        done = converged | ~finite | diverged | out_of_steps
+        result, done = fixpoint.termination(converged, finite, diverged, out_of_steps)
         z_next, u_next = update(c.z, c.u, wz)
         keep = lambda old, new: jnp.where(done, old, new)
         return _Carry(
