@@ -17,10 +17,17 @@ from ._norm import two_norm as two_norm
 from ._problem import Evaluation as Evaluation
 from ._problem import Problem as Problem
 from ._root_find import root_find as root_find
+from ._scan import scan as scan
+from ._scan_loop import iterate_scan as iterate_scan
+from ._scan_solver import AbstractScanSolver as AbstractScanSolver
+from ._scan_solver import ScanProblem as ScanProblem
+from ._scan_solver import ScanStep as ScanStep
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solver import AbstractSolver as AbstractSolver
 from ._solver import Step as Step
 from ._solver import check_tolerances as check_tolerances
+from ._time import Time as Time
+from ._time import linear_recurrence as linear_recurrence
 
 __version__ = "0.1.0"

@@ -6,24 +6,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def as_float_pytree(y0):
+def as_float_pytree(y0, name: str = "y0"):
     """Convert the leaves of `y0` to arrays; every leaf must be floating point."""
     leaves, treedef = jax.tree.flatten(y0)
     if not leaves:
-        raise ValueError("`y0` must contain at least one array; got an empty pytree.")
+        raise ValueError(f"`{name}` must contain at least one array; got an empty pytree.")
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(y0)[0]:
         if not eqx.is_array_like(leaf):
             raise TypeError(
-                f"`y0{jax.tree_util.keystr(path)}` must be an array or number, "
+                f"`{name}{jax.tree_util.keystr(path)}` must be an array or number, "
                 f"got {type(leaf).__name__}."
             )
         arr = jnp.asarray(leaf)
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise TypeError(
-                f"`y0{jax.tree_util.keystr(path)}` has dtype {arr.dtype}; fixpoint "
+                f"`{name}{jax.tree_util.keystr(path)}` has dtype {arr.dtype}; fixpoint "
                 "solves over real floating-point values. Cast it, e.g. "
-                "`y0.astype(jnp.float32)`."
+                f"`{name}.astype(jnp.float32)`."
             )
         out.append(arr)
     return jax.tree.unflatten(treedef, out)

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
-def implicit_solve(primal: Callable, residual: Callable, inputs, y0, linear_solve):
+def implicit_solve(
+    primal: Callable, residual: Callable, inputs, y0, linear_solve, *, at_point: bool = False
+):
     """Solve with `primal(inputs, y0) -> (y, rest)`; differentiate `y` implicitly.
 
     **Arguments:**
@@ -23,11 +25,16 @@ def implicit_solve(primal: Callable, residual: Callable, inputs, y0, linear_solv
     - `residual`: `residual(y, inputs) -> G`, zero at the solution.
     - `inputs`: pytree whose floating-point arrays may be differentiated.
     - `y0`: starting point; receives no gradient.
-    - `linear_solve`: `solve(matvec, b, transpose_of=None)` (see `_linear.py`).
+    - `linear_solve`: `solve(matvec, b, transpose_of=None)` (see `_linear.py`);
+      with `at_point=True`, a function `(y, inputs) -> solve` instead, for solves
+      that need the solution itself (e.g. to form Jacobians), not just `matvec`.
 
     **Returns:** `(y, rest)`; `rest` (result codes, statistics) has zero tangent.
     """
     y0 = jax.lax.stop_gradient(y0)
+    if not at_point:
+        solve = linear_solve
+        linear_solve = lambda y, inputs: solve  # noqa: E731
     y, rest = _implicit(inputs, y0, primal=primal, residual=residual, linear_solve=linear_solve)
     rest = jax.lax.stop_gradient(rest)
     return y, rest
@@ -59,10 +66,12 @@ def _implicit_jvp(primals, tangents, *, primal, residual, linear_solve):
     def matvec(v):
         return jax.jvp(lambda z: residual(z, inputs), (y,), (v,))[1]
 
-    def transpose_solve(vecmat, b):
-        return linear_solve(vecmat, b, transpose_of=matvec)
+    solve = linear_solve(y, inputs)
 
-    t_y = -jax.lax.custom_linear_solve(matvec, rhs, linear_solve, transpose_solve)
+    def transpose_solve(vecmat, b):
+        return solve(vecmat, b, transpose_of=matvec)
+
+    t_y = -jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
     t_rest = jax.tree.map(_zero_tangent, rest)
     return (y, rest), (t_y, t_rest)
 

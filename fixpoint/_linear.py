@@ -22,7 +22,7 @@ _HINT = (
 )
 
 
-def _flag(x, failed, steps, residual, throw: bool):
+def flag_failure(x, failed, steps, residual, throw: bool):
     """Raise (`throw=True`) or NaN-poison `x` where the backward solve failed."""
     codes = jnp.where(failed, RESULTS.linear_solve_failed._value, RESULTS.successful._value)
     if throw:
@@ -48,7 +48,7 @@ def gmres_solve(rtol: float, atol: float, restart: int, max_restarts: int, throw
             matvec, b, rtol=rtol, atol=atol, restart=restart, max_restarts=max_restarts
         )
         failed = ~(res <= 10 * _target(b, rtol, atol)) | ~jnp.all(jnp.isfinite(x))
-        return _flag(x, failed, its, res, throw)
+        return flag_failure(x, failed, its, res, throw)
 
     return solve
 
@@ -92,7 +92,7 @@ def lineax_solve(solver: lx.AbstractLinearSolver, rtol: float, atol: float, thro
         failed = ~(res <= 10 * _target(b, rtol, atol)) | ~jnp.all(jnp.isfinite(x))
         failed = failed | (sol.result != lx.RESULTS.successful)
         steps = sol.stats.get("num_steps", jnp.array(0))
-        return _flag(x, failed, steps, res, throw)
+        return flag_failure(x, failed, steps, res, throw)
 
     return solve
 
@@ -114,6 +114,6 @@ def series_solve(steps: int, damping: float, throw: bool):
 
         x = jax.lax.fori_loop(0, steps, body, jnp.zeros_like(b))
         failed = ~jnp.all(jnp.isfinite(x))
-        return _flag(x, failed, jnp.array(steps), max_norm(x), throw)
+        return flag_failure(x, failed, jnp.array(steps), max_norm(x), throw)
 
     return solve

@@ -1,0 +1,334 @@
+"""`fixpoint.scan`: `jax.lax.scan`, evaluated as a fixed point over time."""
+
+import functools as ft
+from collections.abc import Callable
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ._checks import as_float_pytree, check_instance, check_int
+from ._errors import raise_if_failed
+from ._implicit import implicit_solve
+from ._scan_loop import iterate_scan, scan_linear_solve
+from ._scan_solver import AbstractScanSolver, ScanProblem
+from ._solution import Solution
+from ._time import Time
+
+
+def scan(
+    f: Callable,
+    init,
+    xs=None,
+    length: int | None = None,
+    *,
+    solver: AbstractScanSolver,
+    reverse: bool = False,
+    guess=None,
+    max_steps: int | None = None,
+    throw: bool = True,
+    adjoint_solver: AbstractScanSolver | None = None,
+    record_residuals: bool = False,
+    return_solution: bool = False,
+    mesh: Mesh | None = None,
+):
+    """`jax.lax.scan(f, init, xs, length, reverse)`, solved in parallel over time.
+
+    The carries `h_1, ..., h_T` of `h_t, y_t = f(h_{t-1}, x_t)` are the fixed
+    point of `H ↦ (f(h_{t-1}, x_t)[0])_t`; `solver` finds it by updating every
+    step at once (see `solvers.Jacobi`, `solvers.DEER`, ...). The answer is that
+    of `lax.scan` to the solver's tolerance; every solver needs at most `T`
+    iterations. Gradients (forward and reverse mode) follow the implicit
+    function theorem: the adjoint is a linear recurrence solved by the same
+    parallel method, at memory independent of the number of iterations.
+
+    **Arguments:**
+
+    - `f`: `f(carry, x) -> (carry, y)`, as for `lax.scan`. The carry must be a
+      pytree of floating-point arrays of one dtype, kept by `f`.
+    - `init`: the initial carry.
+    - `xs`: the inputs, a pytree of arrays with a shared leading (time) axis; or
+      `None` with `length`.
+    - `length`: the number of steps, if `xs` is `None` (checked against `xs`
+      otherwise).
+    - `solver`: a scan solver: `solvers.Sequential()`, `Jacobi()`,
+      `GaussSeidel(block)`, `DEER()`, `QuasiDEER()`, `ELK()`.
+    - `reverse`: run from the last step to the first, as `lax.scan`.
+    - `guess`: a starting trajectory of carries (leading axis `T`), e.g. the
+      answer of a previous call; default: `init` at every step.
+    - `max_steps`: the largest number of iterations; default `T`, which always
+      suffices.
+    - `throw`: raise `fixpoint.SolveError` when the solve fails (any sample,
+      under `vmap`); with `False` read the result code (`return_solution=True`).
+    - `adjoint_solver`: the scan solver for the backward linear recurrences;
+      default `solver`.
+    - `record_residuals`: also record the largest per-step residual at every
+      iteration in `stats["residual_history"]`.
+    - `return_solution`: also return a `fixpoint.Solution`.
+    - `mesh`: a `jax.sharding.Mesh` with one axis: the time axis is split into
+      one contiguous chunk per device (`shard_map`), so each device holds only
+      its chunk of the trajectory and of the solver's work arrays. The outputs
+      stay sharded when the number of devices divides `T`; otherwise `T` is
+      padded at the end (steps after the last cannot change earlier ones) and
+      the outputs are gathered before the padding is cut off.
+
+    **Returns:** `(final_carry, ys)`, or `(final_carry, ys, solution)` with
+    `return_solution=True`: `solution.value` is the trajectory of carries
+    (leading axis `T`), `solution.result` a `RESULTS` item, and `solution.stats`
+    has `num_steps` (iterations), `residual` (largest per-step residual norm),
+    `converged_steps` (leading steps, in scan order, within tolerance) and,
+    with `record_residuals=True`, `residual_history`.
+    """
+    if not callable(f):
+        raise TypeError(f"`f` must be callable, got {f!r}.")
+    check_instance(solver, AbstractScanSolver, "solver")
+    if adjoint_solver is None:
+        adjoint_solver = solver
+    check_instance(adjoint_solver, AbstractScanSolver, "adjoint_solver")
+    for name, value in (
+        ("reverse", reverse),
+        ("throw", throw),
+        ("record_residuals", record_residuals),
+        ("return_solution", return_solution),
+    ):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+    if mesh is not None and (not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1):
+        raise ValueError(f"`mesh` must be a `jax.sharding.Mesh` with one axis, got {mesh!r}.")
+    if mesh is not None and mesh.axis_types[0] != AxisType.Auto:
+        raise ValueError(
+            "`mesh` must have an automatic axis (`AxisType.Auto`), e.g. "
+            "`jax.make_mesh((n,), ('time',), axis_types=(jax.sharding.AxisType.Auto,))`; "
+            f"got {mesh.axis_types[0]}."
+        )
+    init = as_float_pytree(init, "init")
+    steps = _length(xs, length)
+    if max_steps is None:
+        max_steps = steps
+    check_int(max_steps, "max_steps", 1)
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    h0, unravel = ravel_pytree(init)
+    _check_carry(f, init, x0, h0.dtype)
+    h_guess = _guess(guess, init, steps, h0)
+    cell = _Cell.convert(_Flat(f, unravel), h0, x0)
+    inputs = jax.tree.map(_strong, (cell, xs, h0))
+    devices = 1 if mesh is None else mesh.devices.size
+    pad = -steps % devices
+    if pad:
+        # Padding goes after the last step in scan order: it cannot change the others.
+        inputs, h_guess = _pad(inputs, h_guess, pad, reverse)
+    run = ft.partial(
+        _solve,
+        solver=solver,
+        adjoint_solver=adjoint_solver,
+        max_steps=max_steps,
+        throw=throw,
+        reverse=reverse,
+        record_residuals=record_residuals,
+    )
+    if mesh is None:
+        h, ys, result, stats = run(inputs, h_guess, time=Time())
+    else:
+        h, ys, result, stats = _sharded(run, mesh, inputs, h_guess)
+    if pad:
+        cut = slice(pad, None) if reverse else slice(0, steps)
+        if mesh is not None:
+            # A sharded axis cannot be cut to a length the devices do not divide.
+            h, ys = jax.tree.map(lambda a: _place(a, mesh, PartitionSpec()), (h, ys))
+        h, ys = jax.tree.map(lambda a: a[cut], (h, ys))
+    if throw:
+        h, ys = raise_if_failed(
+            (h, ys), result._value, stats["num_steps"], stats["residual"], "`scan`"
+        )
+    final = unravel(h[0] if reverse else h[-1])
+    if not return_solution:
+        return final, ys
+    trajectory = jax.vmap(unravel)(h)
+    return final, ys, Solution(value=trajectory, result=result, aux=None, stats=stats)
+
+
+def _solve(inputs, h_guess, *, time, solver, adjoint_solver, max_steps, throw, reverse,
+           record_residuals):
+    """The scan on one device (or inside `shard_map`, on one chunk of time)."""
+
+    def problem(inputs):
+        cell, xs, h0 = inputs
+        return ScanProblem(lambda hp, x: cell(hp, x)[0], h0, xs, time, reverse)
+
+    def primal(inputs, h):
+        h, result, stats = iterate_scan(
+            solver,
+            problem(inputs),
+            h,
+            rtol=solver.rtol,
+            atol=solver.atol,
+            max_steps=max_steps,
+            record_residuals=record_residuals,
+        )
+        return h, (result, stats)
+
+    def residual(h, inputs):
+        return h - problem(inputs).evaluate(h)
+
+    solve_at = scan_linear_solve(adjoint_solver, throw, time, reverse)
+    h, (result, stats) = implicit_solve(primal, residual, inputs, h_guess, solve_at, at_point=True)
+    cell, xs, h0 = inputs
+    ys = jax.vmap(cell)(time.shift(h, h0, reverse), xs)[1]
+    return h, ys, result, stats
+
+
+def _sharded(run, mesh, inputs, h_guess):
+    axis = mesh.axis_names[0]
+    time = Time(axis, mesh.devices.size)
+    (cell, xs, h0), static = eqx.partition(inputs, eqx.is_array)
+    split, whole = PartitionSpec(axis), PartitionSpec()
+
+    def body(cell, xs, h0, h_guess):
+        return run(eqx.combine((cell, xs, h0), static), h_guess, time=time)
+
+    in_specs = (whole, split, whole, split)
+    args = jax.tree.map(
+        lambda spec, x: jax.tree.map(lambda a: _place(a, mesh, spec), x),
+        in_specs,
+        (cell, xs, h0, h_guess),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=in_specs,
+        out_specs=(split, split, whole, whole),
+        check_vma=False,
+    )(*args)
+
+
+def _place(a, mesh, spec):
+    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
+
+
+class _Flat(eqx.Module):
+    """`f` on a flat carry: `(h_flat, x) -> (h_next_flat, y)`."""
+
+    fn: Callable
+    unravel: Callable = eqx.field(static=True)
+
+    def __call__(self, h, x):
+        carry, y = self.fn(self.unravel(h), x)
+        return ravel_pytree(carry)[0], y
+
+
+class _Cell(eqx.Module):
+    """`f` with the floating-point arrays it closes over hoisted into `consts`.
+
+    So a gradient can flow to them through the implicit rule. (Equinox's
+    `filter_closure_convert` checks the shardings of its arguments, which differ
+    inside `shard_map`.)
+    """
+
+    fn: Callable = eqx.field(static=True)
+    consts: tuple
+
+    @classmethod
+    def convert(cls, fn, h, x):
+        converted, consts = jax.closure_convert(fn, h, x)
+        return cls(converted, tuple(consts))
+
+    def __call__(self, h, x):
+        return self.fn(h, x, *self.consts)
+
+
+def _length(xs, length) -> int:
+    leaves = jax.tree.leaves(xs)
+    if length is not None:
+        check_int(length, "length", 1)
+    if not leaves:
+        if length is None:
+            raise ValueError("`scan` needs `xs` with a leading time axis, or `length`.")
+        return length
+    lengths = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(xs)[0]:
+        if not eqx.is_array_like(leaf) or np.ndim(leaf) == 0:
+            raise ValueError(
+                f"`xs{jax.tree_util.keystr(path)}` must be an array with a leading time "
+                f"axis, got {type(leaf).__name__} with shape {np.shape(leaf)}."
+            )
+        lengths[jax.tree_util.keystr(path)] = np.shape(leaf)[0]
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"xs{k}: {v}" for k, v in lengths.items())
+        raise ValueError(f"Every leaf of `xs` must have the same leading length; got {listed}.")
+    steps = next(iter(lengths.values()))
+    if length is not None and length != steps:
+        raise ValueError(f"`length={length}` does not match the leading axis of `xs` ({steps}).")
+    if steps < 1:
+        raise ValueError("`xs` has length 0: there is nothing to scan.")
+    return steps
+
+
+def _check_carry(f, init, x0, dtype):
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(init)}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"Every leaf of `init` must have the same dtype, got {sorted(map(str, dtypes))}."
+        )
+    out = eqx.filter_eval_shape(f, init, x0)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            "`f` must return a pair `(carry, y)`, as for `lax.scan`; it returned "
+            f"{type(out).__name__} {jax.tree.structure(out)}."
+        )
+    carry = out[0]
+    if jax.tree.structure(carry) != jax.tree.structure(init):
+        raise ValueError(
+            "`f` must return a carry with the structure of `init`.\n"
+            f"  init:            {jax.tree.structure(init)}\n"
+            f"  f(init, x)[0]:   {jax.tree.structure(carry)}"
+        )
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(init)[0], jax.tree.leaves(carry), strict=True
+    ):
+        where = f"init{jax.tree_util.keystr(path)}"
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(
+                f"`f` changed `{where}` from {a.dtype}{list(a.shape)} to "
+                f"{b.dtype}{list(b.shape)}; the carry must keep its shape and dtype."
+            )
+
+
+def _guess(guess, init, steps, h0):
+    if guess is None:
+        return jnp.broadcast_to(h0, (steps, h0.shape[0]))
+    if jax.tree.structure(guess) != jax.tree.structure(init):
+        raise ValueError(
+            "`guess` must have the structure of `init` (with a leading time axis): "
+            f"{jax.tree.structure(guess)} vs {jax.tree.structure(init)}."
+        )
+    for (path, g), a in zip(
+        jax.tree_util.tree_flatten_with_path(guess)[0], jax.tree.leaves(init), strict=True
+    ):
+        if np.shape(g) != (steps, *a.shape):
+            raise ValueError(
+                f"`guess{jax.tree_util.keystr(path)}` must have shape {(steps, *a.shape)}, "
+                f"got {np.shape(g)}."
+            )
+    leaves = [jnp.asarray(g, h0.dtype).reshape(steps, -1) for g in jax.tree.leaves(guess)]
+    return jnp.concatenate(leaves, axis=1)
+
+
+def _pad(inputs, h_guess, pad, reverse):
+    cell, xs, h0 = inputs
+
+    def extend(a):
+        edge = a[:1] if reverse else a[-1:]
+        fill = jnp.repeat(edge, pad, axis=0)
+        return jnp.concatenate([fill, a] if reverse else [a, fill])
+
+    return (cell, jax.tree.map(extend, xs), h0), extend(h_guess)
+
+
+def _strong(x):
+    if eqx.is_array(x) and getattr(x, "weak_type", False):
+        return jnp.asarray(x, dtype=x.dtype)
+    return x
+

@@ -1,0 +1,170 @@
+"""The loop that drives every scan solver, and the linear solves of its adjoint."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._iterate import termination
+from ._linear import flag_failure
+from ._scan_solver import AbstractScanSolver, ScanProblem
+from ._solution import RESULTS
+
+
+class _Carry(eqx.Module):
+    h: Any
+    state: Any
+    step: jax.Array
+    done: jax.Array
+    result: RESULTS
+    residual: jax.Array
+    converged_steps: jax.Array
+    history: Any
+
+
+def iterate_scan(
+    solver: AbstractScanSolver,
+    problem: ScanProblem,
+    h,
+    *,
+    rtol,
+    atol,
+    max_steps: int,
+    record_residuals: bool = False,
+):
+    """Iterate `solver` on the trajectory `h` (`(T, D)`, or a device's chunk).
+
+    Each iteration evaluates `F(H)` once (inside `solver.step`) and measures
+    every step's residual `h_t - cell(h_{t-1}, x_t)`. Let `p` be the first step,
+    in scan order, whose residual misses the tolerance. The next trajectory keeps
+    steps before `p` unchanged, sets step `p` to its exact value `F(H)_p` (its
+    predecessor has converged), and takes the solver's proposal after `p`,
+    except where that proposal is not finite (then `F(H)_t`, or the current
+    value if that is not finite either). So after `k` iterations at least the
+    first `k` steps have converged: `T` iterations always suffice, whatever the
+    solver proposes (a diverging Newton step included).
+
+    Stops with `successful` when every step converged; `nonfinite` when the
+    exact value at step `p` is not finite (the sequential scan itself would
+    produce it); `max_steps_reached` after `max_steps` updates.
+
+    Returns `(h, result, stats)` where `stats` has `num_steps`, `residual` (the
+    largest per-step residual norm), `converged_steps` (how many leading steps
+    met the tolerance) and, if asked, `residual_history`.
+    """
+    time = problem.time
+    length = h.shape[0]
+    total = length * time.size
+    order = time.order(length, problem.reverse)
+    per_step = jax.vmap(solver.norm)
+    dtype = h.dtype
+    history = jnp.full(max_steps + 1, jnp.nan, dtype) if record_residuals else None
+    init = _Carry(
+        h=h,
+        state=solver.init(problem, h),
+        step=jnp.array(0),
+        done=jnp.array(False),
+        result=RESULTS.successful,
+        residual=jnp.array(jnp.inf, dtype),
+        converged_steps=jnp.array(0),
+        history=history,
+    )
+
+    def body(c):
+        step = solver.step(problem, c.h, c.state)
+        fh = step.fh
+        r = c.h - fh
+        rnorm = per_step(r)
+        scaled = per_step(r / (atol + rtol * jnp.abs(c.h)))
+        ok = (scaled < 1) | (rnorm == 0)
+        p = time.min(jnp.where(ok, total, order))
+        converged = p >= total
+        fh_finite = jnp.all(jnp.isfinite(fh), axis=1)
+        finite = time.all(jnp.where(order == p, fh_finite, True))
+        proposal_finite = jnp.all(jnp.isfinite(step.h_next), axis=1)
+        fallback = jnp.where(fh_finite[:, None], fh, c.h)
+        proposal = jnp.where(proposal_finite[:, None], step.h_next, fallback)
+        before, at = (order < p)[:, None], (order == p)[:, None]
+        h_next = jnp.where(before, c.h, jnp.where(at, fh, proposal))
+        residual = time.max(jnp.where(jnp.isfinite(rnorm), rnorm, jnp.inf))
+        result, done = termination(
+            converged, finite, jnp.array(False), c.step >= max_steps
+        )
+        history = c.history
+        if history is not None:
+            history = history.at[c.step].set(residual)
+        return _Carry(
+            h=jnp.where(done, c.h, h_next),
+            state=step.state,
+            step=c.step + jnp.where(done, 0, 1),
+            done=done,
+            result=result,
+            residual=residual,
+            converged_steps=jnp.minimum(p, total),
+            history=history,
+        )
+
+    final = jax.lax.while_loop(lambda c: ~c.done, body, init)
+    stats = {
+        "num_steps": final.step,
+        "residual": final.residual,
+        "converged_steps": final.converged_steps,
+    }
+    if record_residuals:
+        stats["residual_history"] = final.history
+    return final.h, final.result, stats
+
+
+def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bool):
+    """The backward solve of `fixpoint.scan`'s implicit rule, at a solution.
+
+    Returns `solve_at(h, inputs) -> solve(matvec, b, transpose_of=None)`. The
+    operator `I - ∂F/∂H` is block bidiagonal, so both solves are linear
+    recurrences, run by `solver` through the same loop as the forward pass:
+
+    - forward (JVP): `v_t = A_t v_{t-1} + b_t`, in the scan's direction;
+    - transposed (VJP): `λ_t = b_t + A_{t+1}ᵀ λ_{t+1}`, in the opposite direction,
+
+    with `A_t = ∂cell/∂h` at `(h_{t-1}, x_t)`. Tolerance: the solver's `rtol`,
+    and `max(rtol, atol) · max|b|` as `atol`. A solve that does not converge
+    raises (`throw=True`) or returns NaN.
+    """
+
+    def solve_at(h, inputs):
+        cell_fn, xs, h0 = inputs
+        cell = lambda hp, x: cell_fn(hp, x)[0]  # noqa: E731
+        hp = time.shift(h, h0, reverse)
+        total = h.shape[0] * time.size
+        zero = jnp.zeros_like(h0)
+
+        def solve(matvec, b, transpose_of=None):
+            del matvec
+            if transpose_of is None:
+
+                def lin(v, inp):
+                    b_t, hp_t, x_t = inp
+                    return jax.jvp(lambda z: cell(z, x_t), (hp_t,), (v,))[1] + b_t
+
+                problem = ScanProblem(lin, zero, (b, hp, xs), time, reverse)
+            else:
+                x_next = jax.tree.map(lambda a: time.shift(a, a[0], not reverse), xs)
+                order = time.order(h.shape[0], reverse)
+                has_next = order < total - 1
+
+                def lin(lam, inp):
+                    b_t, h_t, x_t, m = inp
+                    g = jax.vjp(lambda z: cell(z, x_t), h_t)[1](lam)[0]
+                    return jnp.where(m, g, 0) + b_t
+
+                problem = ScanProblem(lin, zero, (b, h, x_next, has_next), time, not reverse)
+            scale = jnp.maximum(solver.rtol, solver.atol) * time.max(jnp.abs(b))
+            x, result, stats = iterate_scan(
+                solver, problem, jnp.zeros_like(b), rtol=solver.rtol, atol=scale, max_steps=total
+            )
+            failed = result != RESULTS.successful
+            return flag_failure(x, failed, stats["num_steps"], stats["residual"], throw)
+
+        return solve
+
+    return solve_at

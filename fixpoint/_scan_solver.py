@@ -1,0 +1,112 @@
+"""The protocol of the scan solvers: iterations on a whole trajectory at once.
+
+`fixpoint.scan` turns `h_t = cell(h_{t-1}, x_t)` into one fixed-point problem
+on the trajectory `H = (h_1, ..., h_T)`: `H = F(H)` with
+`F(H)_t = cell(h_{t-1}, x_t)` (and `h_0` given). A scan solver proposes the next
+trajectory from the current one; the loop in `_scan.py` tests convergence step by
+step and guarantees progress, so every solver gets the same termination, result
+codes and `≤ T` iteration bound.
+"""
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from equinox import AbstractVar
+from jaxtyping import Array, Float
+
+from ._custom_types import Norm
+from ._time import Time
+
+
+class ScanProblem(eqx.Module):
+    """`cell(h, x) -> h_next` on flat states, with `h0` and the inputs `xs`.
+
+    Trajectories are `(T, D)` arrays (a device's chunk of time when sharded).
+    With `reverse=True` the recurrence runs from the last step to the first:
+    `h_t = cell(h_{t+1}, x_t)`, as `lax.scan(..., reverse=True)`.
+    """
+
+    cell: Callable
+    h0: Float[Array, " D"]
+    xs: Any
+    time: Time
+    reverse: bool = eqx.field(static=True, default=False)
+
+    def prev(self, h):
+        """Each step's previous state in scan order (`h0` for the first step)."""
+        return self.time.shift(h, self.h0, self.reverse)
+
+    def evaluate(self, h):
+        """`F(H)`: every step from its predecessor, all in parallel."""
+        return jax.vmap(self.cell)(self.prev(h), self.xs)
+
+    def jacobians(self, h):
+        """`(F(H), J)` with the dense per-step Jacobians `J_t = ∂cell/∂h` `(T, D, D)`."""
+
+        def one(hp, x):
+            out = self.cell(hp, x)
+            return out, out
+
+        jac, fh = jax.vmap(jax.jacfwd(one, has_aux=True))(self.prev(h), self.xs)
+        return fh, jac
+
+    def diagonals(self, h, assume_diagonal: bool, batch_size: int):
+        """`(F(H), diag J)` with the diagonals of the per-step Jacobians, `(T, D)`.
+
+        With `assume_diagonal=True` the Jacobian is taken to be diagonal and its
+        diagonal is one JVP with a vector of ones (exact for cells whose state
+        dimensions interact only through the inputs). Otherwise the diagonal is
+        extracted exactly with one JVP per state dimension, `batch_size` at a
+        time, so memory stays `O(T · D · batch_size)`.
+        """
+        fn = lambda hp: jax.vmap(self.cell)(hp, self.xs)  # noqa: E731
+        hp = self.prev(h)
+        if assume_diagonal:
+            return jax.jvp(fn, (hp,), (jnp.ones_like(hp),))
+        fh, lin = jax.linearize(fn, hp)
+        dim = hp.shape[1]
+
+        def column(i):
+            e = jnp.broadcast_to(jax.nn.one_hot(i, dim, dtype=hp.dtype), hp.shape)
+            return lin(e)[:, i]
+
+        diag = jax.lax.map(column, jnp.arange(dim), batch_size=min(dim, batch_size))
+        return fh, diag.T
+
+
+class ScanStep(eqx.Module):
+    """One scan-solver step: the proposal `h_next`, the new `state`, and `F(H)`."""
+
+    h_next: Float[Array, "T D"]
+    state: Any
+    fh: Float[Array, "T D"]
+
+
+class AbstractScanSolver(eqx.Module):
+    """An algorithm for `fixpoint.scan`.
+
+    `step` evaluates `F` once at the current trajectory `H` (returning it as
+    `fh`; the loop measures the residual `H - F(H)` step by step) and proposes
+    the next trajectory. The loop keeps every step whose residual already meets
+    the tolerance, replaces the first unconverged step by its exact sequential
+    value, and discards non-finite proposals, so each iteration fixes at least
+    one more step whatever the solver proposes.
+
+    `rtol`, `atol` and `norm` define convergence of step `t`:
+    `norm((h_t - cell(h_{t-1}, x_t)) / (atol + rtol |h_t|)) < 1`, for every `t`.
+    """
+
+    rtol: AbstractVar[float]
+    atol: AbstractVar[float]
+    norm: AbstractVar[Norm]
+    @abc.abstractmethod
+    def init(self, problem: ScanProblem, h) -> Any:
+        """Initial state for the trajectory guess `h`."""
+
+    @abc.abstractmethod
+    def step(self, problem: ScanProblem, h, state) -> ScanStep:
+        """Evaluate `F(h)` once and propose the next trajectory."""

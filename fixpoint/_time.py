@@ -1,0 +1,144 @@
+"""Operations along the time axis of a trajectory, on one device or sharded.
+
+A trajectory is an array whose leading axis is time. Every scan solver touches
+that axis only through a `Time` object: shifting by one step, associative scans,
+and reductions. With `axis_name=None` these are plain array operations. Inside
+`shard_map` over a mesh axis (`axis_name`, `size` devices, each holding one
+contiguous chunk of time), the same calls exchange the few values that cross a
+chunk boundary: one state for a shift, one summary per device for a scan, one
+scalar for a reduction. So the solvers are written once and run either way.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Time(eqx.Module):
+    """The time axis: local (`axis_name=None`) or split over `size` devices."""
+
+    axis_name: str | None = eqx.field(static=True, default=None)
+    size: int = eqx.field(static=True, default=1)
+
+    def _index(self):
+        return lax.axis_index(self.axis_name)
+
+    def offset(self, local_length: int):
+        """Global index of this chunk's first step."""
+        if self.axis_name is None:
+            return jnp.array(0)
+        return self._index() * local_length
+
+    def shift(self, x, fill, reverse: bool = False):
+        """Each step's predecessor in scan order.
+
+        Forward: `[fill, x_0, ..., x_{T-2}]`; `reverse=True`: `[x_1, ..., x_{T-1}, fill]`.
+        """
+        if self.axis_name is None:
+            if reverse:
+                return jnp.concatenate([x[1:], fill[None]])
+            return jnp.concatenate([fill[None], x[:-1]])
+        if reverse:
+            perm = [(i + 1, i) for i in range(self.size - 1)]
+            incoming = lax.ppermute(x[0], self.axis_name, perm)
+            tail = jnp.where(self._index() == self.size - 1, fill, incoming)
+            return jnp.concatenate([x[1:], tail[None]])
+        perm = [(i, i + 1) for i in range(self.size - 1)]
+        incoming = lax.ppermute(x[-1], self.axis_name, perm)
+        head = jnp.where(self._index() == 0, fill, incoming)
+        return jnp.concatenate([head[None], x[:-1]])
+
+    def order(self, local_length: int, reverse: bool = False):
+        """Each local step's position in scan order (0 is the first step computed)."""
+        index = self.offset(local_length) + jnp.arange(local_length)
+        if reverse:
+            return local_length * self.size - 1 - index
+        return index
+
+    def associative_scan(self, fn: Callable, elems, reverse: bool = False):
+        """`lax.associative_scan` over the whole (possibly sharded) time axis.
+
+        `fn(a, b)` combines `a`, earlier in scan order, with `b`, and must work on
+        batches along the leading axis (as for `lax.associative_scan`). Sharded,
+        each device scans its chunk, the chunk totals are gathered and scanned
+        (one element per device), and each chunk is combined with the total of
+        the chunks before it in scan order.
+        """
+        local = lax.associative_scan(fn, elems, reverse=reverse)
+        if self.axis_name is None:
+            return local
+        total = jax.tree.map(lambda a: a[0] if reverse else a[-1], local)
+        totals = jax.tree.map(lambda a: lax.all_gather(a, self.axis_name), total)
+        before = lax.associative_scan(fn, totals, reverse=reverse)
+        i = self._index()
+        j = jnp.clip(i + 1 if reverse else i - 1, 0, self.size - 1)
+        carry = jax.tree.map(lambda a: a[j], before)
+        has_carry = (i < self.size - 1) if reverse else (i > 0)
+        length = jax.tree.leaves(local)[0].shape[0]
+        carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (length, *a.shape)), carry)
+        combined = fn(carry, local)
+        return jax.tree.map(lambda c, x: jnp.where(has_carry, c, x), combined, local)
+
+    def all(self, x):
+        out = jnp.all(x)
+        if self.axis_name is None:
+            return out
+        return lax.pmin(out.astype(jnp.int32), self.axis_name).astype(bool)
+
+    def any(self, x):
+        out = jnp.any(x)
+        if self.axis_name is None:
+            return out
+        return lax.pmax(out.astype(jnp.int32), self.axis_name).astype(bool)
+
+    def max(self, x):
+        out = jnp.max(x)
+        if self.axis_name is None:
+            return out
+        return lax.pmax(out, self.axis_name)
+
+    def sum(self, x):
+        out = jnp.sum(x)
+        if self.axis_name is None:
+            return out
+        return lax.psum(out, self.axis_name)
+
+    def min(self, x):
+        out = jnp.min(x)
+        if self.axis_name is None:
+            return out
+        return lax.pmin(out, self.axis_name)
+
+
+def _linear_combine(diagonal: bool):
+    # Elements (A, b) stand for the affine map h -> A h + b; `a` acts first.
+    if diagonal:
+
+        def combine(a, b):
+            return b[0] * a[0], b[0] * a[1] + b[1]
+
+    else:
+
+        def combine(a, b):
+            hi = lax.Precision.HIGHEST
+            return (
+                jnp.matmul(b[0], a[0], precision=hi),
+                jnp.einsum("...ij,...j->...i", b[0], a[1], precision=hi) + b[1],
+            )
+
+    return combine
+
+
+def linear_recurrence(time: Time, a, b, reverse: bool = False):
+    """Solve `x_t = A_t x_{t-1} + b_t` (from `x_{-1} = 0`) by an associative scan.
+
+    `a` is `(T, D, D)` (dense) or `(T, D)` (diagonal); `b` is `(T, D)`. With
+    `reverse=True` the recurrence runs backwards: `x_t = A_t x_{t+1} + b_t`.
+    Matrix products run at the highest precision: with a TF32-like default on a
+    GPU the Newton iterations of DEER stall short of the tolerance.
+    """
+    combine = _linear_combine(a.ndim == b.ndim)
+    return time.associative_scan(combine, (a, b), reverse=reverse)[1]
