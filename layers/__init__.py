@@ -4,6 +4,8 @@ from .deq import DEQ as DEQ
 from .mondeq import CircularConvMonotone as CircularConvMonotone
 from .mondeq import ConvMonDEQ as ConvMonDEQ
 from .mondeq import MonDEQ as MonDEQ
+from .rnn import DiagonalGRUCell as DiagonalGRUCell
+from .rnn import ParallelRNN as ParallelRNN
 from .training import correction_iterates as correction_iterates
 from .training import jacobian_penalty as jacobian_penalty
 from .training import spectral_norm as spectral_norm

@@ -1,0 +1,127 @@
+"""Recurrent networks evaluated in parallel over time with `fixpoint.scan`."""
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+import fixpoint
+import solvers
+
+
+class DiagonalGRUCell(eqx.Module):
+    """A GRU whose recurrent weights are diagonal, so its state Jacobian is diagonal.
+
+    `z = σ(W_z x + u_z ⊙ h + b_z)`, `r = σ(W_r x + u_r ⊙ h + b_r)`,
+    `n = tanh(W_n x + b_n + r ⊙ (u_n ⊙ h + c_n))`, `h' = (1 - z) ⊙ n + z ⊙ h`.
+    Each state dimension depends on the previous state only through itself, so
+    `∂h'/∂h` is diagonal and quasi-DEER with `assume_diagonal=True` *is* Newton's
+    method (the construction of ParaRNN, Danieli et al. 2025). Dimensions mix
+    through the inputs (and through stacked layers).
+
+    Called as `cell(x, h)`, like `equinox.nn.GRUCell`.
+    """
+
+    weight_ih: Float[Array, "3*hidden input"]
+    weight_hh: Float[Array, "3*hidden"]
+    bias: Float[Array, "3*hidden"]
+    bias_n: Float[Array, " hidden"]
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    diagonal_jacobian: ClassVar[bool] = True
+
+    def __init__(self, input_size: int, hidden_size: int, *, key: PRNGKeyArray, dtype=None):
+        dtype = jnp.float32 if dtype is None else dtype
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        bound = 1 / math.sqrt(hidden_size)
+        uniform = lambda k, shape, b: jax.random.uniform(k, shape, dtype, -b, b)  # noqa: E731
+        self.weight_ih = uniform(k1, (3 * hidden_size, input_size), bound)
+        self.weight_hh = uniform(k2, (3 * hidden_size,), 1.0)
+        self.bias = uniform(k3, (3 * hidden_size,), bound)
+        self.bias_n = uniform(k4, (hidden_size,), bound)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+
+    def __call__(self, x: Float[Array, " input"], h: Float[Array, " hidden"]):
+        gx = self.weight_ih @ x + self.bias
+        uz, ur, un = jnp.split(self.weight_hh, 3)
+        gz, gr, gn = jnp.split(gx, 3)
+        z = jax.nn.sigmoid(gz + uz * h)
+        r = jax.nn.sigmoid(gr + ur * h)
+        n = jnp.tanh(gn + r * (un * h + self.bias_n))
+        return (1 - z) * n + z * h
+
+
+class ParallelRNN(eqx.Module):
+    """Run `cell(x, h) -> h` over a whole sequence, solved in parallel over time.
+
+    Equal to the sequential loop `h_t = cell(x_t, h_{t-1})` to the solver's
+    tolerance, and differentiable by the implicit rule of `fixpoint.scan`.
+
+    **Arguments:**
+
+    - `cell`: `equinox.nn.GRUCell`, `equinox.nn.LSTMCell` (its state is the pair
+      `(h, c)`), `DiagonalGRUCell`, or any callable `cell(x, h) -> h`.
+    - `solver`: a scan solver. Default: `QuasiDEER(assume_diagonal=True)` for
+      cells with `diagonal_jacobian = True` (exact Newton there), else `DEER()`.
+    - `throw`: raise if a solve fails (see `fixpoint.scan`).
+    - `mesh`: shard the time axis over the devices of this mesh.
+
+    Calling `rnn(xs, h0=None)` with `xs` of shape `(T, input_size)` returns all
+    hidden states, with a leading time axis (for an LSTM the pair `(hs, cs)`).
+    `h0` defaults to zeros (needs `cell.hidden_size`). With
+    `return_solution=True` it returns `(states, fixpoint.Solution)` instead.
+    """
+
+    cell: Callable
+    solver: fixpoint.AbstractScanSolver
+    throw: bool = eqx.field(static=True)
+    mesh: object = eqx.field(static=True)
+
+    def __init__(self, cell: Callable, *, solver=None, throw: bool = True, mesh=None):
+        if not callable(cell):
+            raise TypeError(f"ParallelRNN: `cell` must be callable, got {cell!r}.")
+        if solver is None:
+            if getattr(cell, "diagonal_jacobian", False):
+                solver = solvers.QuasiDEER(assume_diagonal=True)
+            else:
+                solver = solvers.DEER()
+        if not isinstance(solver, fixpoint.AbstractScanSolver):
+            raise TypeError(
+                f"ParallelRNN: `solver` must be a scan solver (e.g. solvers.DEER()), got {solver!r}."
+            )
+        self.cell = cell
+        self.solver = solver
+        self.throw = throw
+        self.mesh = mesh
+
+    def initial_state(self):
+        """Zeros shaped like the cell's state."""
+        size = getattr(self.cell, "hidden_size", None)
+        if size is None:
+            raise ValueError(
+                "ParallelRNN: pass `h0`; the cell has no `hidden_size` to build a zero state."
+            )
+        floats = jax.tree.leaves(eqx.filter(self.cell, eqx.is_inexact_array))
+        dtype = floats[0].dtype if floats else jnp.float32
+        zero = jnp.zeros(size, dtype)
+        return (zero, zero) if isinstance(self.cell, eqx.nn.LSTMCell) else zero
+
+    def __call__(self, xs, h0=None, *, guess=None, return_solution: bool = False):
+        if h0 is None:
+            h0 = self.initial_state()
+        _, _, sol = fixpoint.scan(
+            lambda h, x: (self.cell(x, h), None),
+            h0,
+            xs,
+            solver=self.solver,
+            guess=guess,
+            throw=self.throw,
+            return_solution=True,
+            mesh=self.mesh,
+        )
+        return (sol.value, sol) if return_solution else sol.value
