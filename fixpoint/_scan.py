@@ -2,6 +2,7 @@
 
 import functools as ft
 from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -139,9 +140,7 @@ def scan(
             h, ys = jax.tree.map(lambda a: _place(a, mesh, PartitionSpec()), (h, ys))
         h, ys = jax.tree.map(lambda a: a[cut], (h, ys))
     if throw:
-        h, ys = raise_if_failed(
-            (h, ys), result._value, stats["num_steps"], stats["residual"], "`scan`"
-        )
+        h, ys = _checked((h, ys), result, stats)
     final = unravel(h[0] if reverse else h[-1])
     if not return_solution:
         return final, ys
@@ -149,8 +148,9 @@ def scan(
     return final, ys, Solution(value=trajectory, result=result, aux=None, stats=stats)
 
 
-def _solve(inputs, h_guess, *, time, solver, adjoint_solver, max_steps, throw, reverse,
-           record_residuals):
+def _solve(
+    inputs, h_guess, *, time, solver, adjoint_solver, max_steps, throw, reverse, record_residuals
+):
     """The scan on one device (or inside `shard_map`, on one chunk of time)."""
 
     def problem(inputs):
@@ -202,6 +202,26 @@ def _sharded(run, mesh, inputs, h_guess):
         out_specs=(split, split, whole, whole),
         check_vma=False,
     )(*args)
+
+
+def _checked(outputs, result, stats):
+    """`outputs`, made to depend on a run-time check that raises if the solve failed.
+
+    The check runs on a scalar token (0 unless it raises) that is added to every
+    floating-point output: handing the outputs themselves to the host callback
+    would gather a sharded trajectory onto one device.
+    """
+    dtype = jnp.result_type(stats["residual"])
+    token = raise_if_failed(
+        jnp.zeros((), dtype), result._value, stats["num_steps"], stats["residual"], "`scan`"
+    )
+
+    def attach(a):
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            return a + token.astype(a.dtype)
+        return a
+
+    return jax.tree.map(attach, outputs)
 
 
 def _place(a, mesh, spec):
@@ -331,4 +351,3 @@ def _strong(x):
     if eqx.is_array(x) and getattr(x, "weak_type", False):
         return jnp.asarray(x, dtype=x.dtype)
     return x
-

@@ -88,9 +88,7 @@ def iterate_scan(
         before, at = (order < p)[:, None], (order == p)[:, None]
         h_next = jnp.where(before, c.h, jnp.where(at, fh, proposal))
         residual = time.max(jnp.where(jnp.isfinite(rnorm), rnorm, jnp.inf))
-        result, done = termination(
-            converged, finite, jnp.array(False), c.step >= max_steps
-        )
+        result, done = termination(converged, finite, jnp.array(False), c.step >= max_steps)
         history = c.history
         if history is not None:
             history = history.at[c.step].set(residual)
@@ -142,22 +140,23 @@ def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bo
             del matvec
             if transpose_of is None:
 
-                def lin(v, inp):
+                def tangent(v, inp):
                     b_t, hp_t, x_t = inp
                     return jax.jvp(lambda z: cell(z, x_t), (hp_t,), (v,))[1] + b_t
 
-                problem = ScanProblem(lin, zero, (b, hp, xs), time, reverse)
+                problem = ScanProblem(tangent, zero, (b, hp, xs), time, reverse)
             else:
                 x_next = jax.tree.map(lambda a: time.shift(a, a[0], not reverse), xs)
                 order = time.order(h.shape[0], reverse)
                 has_next = order < total - 1
 
-                def lin(lam, inp):
+                def cotangent(lam, inp):
                     b_t, h_t, x_t, m = inp
                     g = jax.vjp(lambda z: cell(z, x_t), h_t)[1](lam)[0]
                     return jnp.where(m, g, 0) + b_t
 
-                problem = ScanProblem(lin, zero, (b, h, x_next, has_next), time, not reverse)
+                inputs = (b, h, x_next, has_next)
+                problem = ScanProblem(cotangent, zero, inputs, time, not reverse)
             scale = jnp.maximum(solver.rtol, solver.atol) * time.max(jnp.abs(b))
             x, result, stats = iterate_scan(
                 solver, problem, jnp.zeros_like(b), rtol=solver.rtol, atol=scale, max_steps=total

@@ -103,6 +103,7 @@ class AbstractScanSolver(eqx.Module):
     rtol: AbstractVar[float]
     atol: AbstractVar[float]
     norm: AbstractVar[Norm]
+
     @abc.abstractmethod
     def init(self, problem: ScanProblem, h) -> Any:
         """Initial state for the trajectory guess `h`."""

@@ -113,23 +113,17 @@ class Time(eqx.Module):
         return lax.pmin(out, self.axis_name)
 
 
-def _linear_combine(diagonal: bool):
+def _diagonal_combine(a, b):
     # Elements (A, b) stand for the affine map h -> A h + b; `a` acts first.
-    if diagonal:
+    return b[0] * a[0], b[0] * a[1] + b[1]
 
-        def combine(a, b):
-            return b[0] * a[0], b[0] * a[1] + b[1]
 
-    else:
-
-        def combine(a, b):
-            hi = lax.Precision.HIGHEST
-            return (
-                jnp.matmul(b[0], a[0], precision=hi),
-                jnp.einsum("...ij,...j->...i", b[0], a[1], precision=hi) + b[1],
-            )
-
-    return combine
+def _dense_combine(a, b):
+    hi = lax.Precision.HIGHEST
+    return (
+        jnp.matmul(b[0], a[0], precision=hi),
+        jnp.einsum("...ij,...j->...i", b[0], a[1], precision=hi) + b[1],
+    )
 
 
 def linear_recurrence(time: Time, a, b, reverse: bool = False):
@@ -140,5 +134,5 @@ def linear_recurrence(time: Time, a, b, reverse: bool = False):
     Matrix products run at the highest precision: with a TF32-like default on a
     GPU the Newton iterations of DEER stall short of the tolerance.
     """
-    combine = _linear_combine(a.ndim == b.ndim)
+    combine = _diagonal_combine if a.ndim == b.ndim else _dense_combine
     return time.associative_scan(combine, (a, b), reverse=reverse)[1]

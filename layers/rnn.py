@@ -7,6 +7,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, PRNGKeyArray
 
 import fixpoint
@@ -26,9 +27,9 @@ class DiagonalGRUCell(eqx.Module):
     Called as `cell(x, h)`, like `equinox.nn.GRUCell`.
     """
 
-    weight_ih: Float[Array, "3*hidden input"]
-    weight_hh: Float[Array, "3*hidden"]
-    bias: Float[Array, "3*hidden"]
+    weight_ih: Float[Array, "gates input"]
+    weight_hh: Float[Array, " gates"]
+    bias: Float[Array, " gates"]
     bias_n: Float[Array, " hidden"]
     input_size: int = eqx.field(static=True)
     hidden_size: int = eqx.field(static=True)
@@ -80,7 +81,7 @@ class ParallelRNN(eqx.Module):
     cell: Callable
     solver: fixpoint.AbstractScanSolver
     throw: bool = eqx.field(static=True)
-    mesh: object = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True)
 
     def __init__(self, cell: Callable, *, solver=None, throw: bool = True, mesh=None):
         if not callable(cell):
@@ -92,7 +93,8 @@ class ParallelRNN(eqx.Module):
                 solver = solvers.DEER()
         if not isinstance(solver, fixpoint.AbstractScanSolver):
             raise TypeError(
-                f"ParallelRNN: `solver` must be a scan solver (e.g. solvers.DEER()), got {solver!r}."
+                "ParallelRNN: `solver` must be a scan solver (e.g. solvers.DEER()), "
+                f"got {solver!r}."
             )
         self.cell = cell
         self.solver = solver
@@ -114,7 +116,7 @@ class ParallelRNN(eqx.Module):
     def __call__(self, xs, h0=None, *, guess=None, return_solution: bool = False):
         if h0 is None:
             h0 = self.initial_state()
-        _, _, sol = fixpoint.scan(
+        out = fixpoint.scan(
             lambda h, x: (self.cell(x, h), None),
             h0,
             xs,
@@ -124,4 +126,5 @@ class ParallelRNN(eqx.Module):
             return_solution=True,
             mesh=self.mesh,
         )
+        sol = out[2]  # pyright: ignore[reportGeneralTypeIssues]
         return (sol.value, sol) if return_solution else sol.value

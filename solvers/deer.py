@@ -143,7 +143,8 @@ class ELK(fixpoint.AbstractScanSolver):
         merit = problem.time.sum(jnp.where(jnp.isfinite(r), r * r, jnp.inf))
         better = merit < best
         lam = jnp.where(better, lam * self.decrease, jnp.maximum(lam, 1e-6) * self.increase)
-        h_base, a, r = (jnp.where(better, new, old) for new, old in ((h, h_old), (a, a_old), (r, r_old)))
+        pairs = ((h, h_old), (a, a_old), (r, r_old))
+        h_base, a, r = (jnp.where(better, new, old) for new, old in pairs)
         delta = kalman_smoother(problem.time, a, r, lam, problem.reverse)
         state = (lam, jnp.where(better, merit, best), h_base, a, r)
         return fixpoint.ScanStep(h_base + delta, state, fh)
@@ -208,4 +209,6 @@ def _check_batch(solver):
         )
     size = solver.batch_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"{type(solver).__name__}: `batch_size` must be an int >= 1, got {size!r}.")
+        raise ValueError(
+            f"{type(solver).__name__}: `batch_size` must be an int >= 1, got {size!r}."
+        )

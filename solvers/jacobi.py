@@ -17,10 +17,6 @@ import fixpoint
 _RTOL = _ATOL = 1e-6
 
 
-def _check(solver):
-    fixpoint.check_tolerances(solver)
-
-
 class Jacobi(fixpoint.AbstractScanSolver):
     """Jacobi iteration over time: `h_t <- cell(h_{t-1}, x_t)` for every `t` at once.
 
@@ -36,7 +32,7 @@ class Jacobi(fixpoint.AbstractScanSolver):
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        _check(self)
+        fixpoint.check_tolerances(self)
 
     def init(self, problem, h):
         return None
@@ -63,7 +59,7 @@ class GaussSeidel(fixpoint.AbstractScanSolver):
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        _check(self)
+        fixpoint.check_tolerances(self)
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise ValueError(f"GaussSeidel: `block` must be an int >= 1, got {self.block!r}.")
 
@@ -88,7 +84,7 @@ class Sequential(fixpoint.AbstractScanSolver):
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        _check(self)
+        fixpoint.check_tolerances(self)
 
     def init(self, problem, h):
         return None

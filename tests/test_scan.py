@@ -1,0 +1,458 @@
+"""`fixpoint.scan` against `jax.lax.scan`: every solver, forward and gradients."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fixpoint
+import layers
+import solvers
+from solvers.deer import kalman_smoother
+
+TOL = dict(rtol=1e-11, atol=1e-11)
+SCAN_SOLVERS = {
+    "sequential": solvers.Sequential(**TOL),
+    "jacobi": solvers.Jacobi(**TOL),
+    "gauss_seidel": solvers.GaussSeidel(block=7, **TOL),
+    "deer": solvers.DEER(**TOL),
+    "quasi_deer": solvers.QuasiDEER(**TOL),
+    "quasi_deer_batched": solvers.QuasiDEER(batch_size=2, **TOL),
+    "elk": solvers.ELK(**TOL),
+    "elk_fixed": solvers.ELK(damping=0.1, adaptive=False, **TOL),
+}
+T = 60
+
+
+def _gru(key, d=3, n_in=2, scale=1.0):
+    cell = eqx.nn.GRUCell(n_in, d, key=key, dtype=jnp.float64)
+    return eqx.tree_at(lambda c: c.weight_hh, cell, cell.weight_hh * scale)
+
+
+def _cells(key):
+    """(name, f(params, h, x) -> (h, y), params, init) for a GRU, an LSTM and a user cell."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    gru = _gru(k1, n_in=3)
+    lstm = eqx.nn.LSTMCell(3, 3, key=k2, dtype=jnp.float64)
+    w = 0.5 * jax.random.normal(k3, (3, 3), jnp.float64)
+
+    def gru_f(p, h, x):
+        h = p(x, h)
+        return h, jnp.sum(h**2)
+
+    def lstm_f(p, hc, x):
+        hc = p(x, hc)
+        return hc, {"h": hc[0], "x": x}
+
+    def user_f(p, carry, x):
+        # a pytree carry with two leaves
+        a, b = carry["a"], carry["b"]
+        a = jnp.sin(p @ a + x[:3]) + 0.1 * b
+        b = jnp.tanh(b * x[0] + a[:1])
+        return {"a": a, "b": b}, a[0] * b[0]
+
+    zeros = jnp.zeros(3, jnp.float64)
+    return [
+        ("gru", gru_f, gru, zeros),
+        ("lstm", lstm_f, lstm, (zeros, zeros)),
+        ("user", user_f, w, {"a": zeros, "b": jnp.zeros(1, jnp.float64)}),
+    ]
+
+
+def _xs(key, n=T, d=3):
+    return jax.random.normal(key, (n, d), jnp.float64)
+
+
+def _loss(scanner, f, p, init, xs, reverse=False):
+    carry, ys = scanner(lambda h, x: f(p, h, x), init, xs, reverse=reverse)
+    leaves = jax.tree.leaves((carry, ys))
+    weights = [
+        (1 + jnp.arange(leaf.size) % 5).reshape(leaf.shape).astype(leaf.dtype) for leaf in leaves
+    ]
+    return sum(jnp.sum(jnp.sin(leaf) * w) for leaf, w in zip(leaves, weights, strict=True))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", list(SCAN_SOLVERS))
+def test_matches_lax_scan(name, reverse, getkey):
+    solver = SCAN_SOLVERS[name]
+    xs = _xs(getkey())
+    for cell_name, f, p, init in _cells(getkey()):
+        g = lambda h, x, f=f, p=p: f(p, h, x)  # noqa: E731
+        ref = jax.lax.scan(g, init, xs, reverse=reverse)
+        out = jax.jit(
+            lambda xs, g=g, init=init: fixpoint.scan(g, init, xs, solver=solver, reverse=reverse)
+        )(xs)
+        assert jax.tree.structure(out) == jax.tree.structure(ref), cell_name
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9, err_msg=cell_name)
+
+        ours = lambda *a, **k: fixpoint.scan(*a, solver=solver, **k)  # noqa: E731
+        grad_ref = jax.grad(_loss, argnums=(2, 3, 4))(jax.lax.scan, f, p, init, xs, reverse)
+        grad = jax.jit(jax.grad(_loss, argnums=(2, 3, 4)), static_argnums=(0, 1, 5))(
+            ours, f, p, init, xs, reverse
+        )
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_ref), strict=True):
+            # The issue's bar for float64: 1e-9.
+            np.testing.assert_allclose(
+                a, b, rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(b))), err_msg=cell_name
+            )
+
+
+def test_gradient_matches_finite_differences(getkey):
+    _, f, p, init = _cells(getkey())[0]
+    xs = _xs(getkey(), n=20)
+    solver = solvers.DEER(**TOL)
+    ours = lambda *a, **k: fixpoint.scan(*a, solver=solver, **k)  # noqa: E731
+    g = jax.grad(_loss, argnums=4)(ours, f, p, init, xs)
+    direction = jax.random.normal(getkey(), xs.shape, jnp.float64)
+    eps = 1e-6
+    fd = (
+        _loss(ours, f, p, init, xs + eps * direction)
+        - _loss(ours, f, p, init, xs - eps * direction)
+    ) / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(g, direction), fd, rtol=1e-7)
+
+
+def test_forward_mode_matches_lax_scan(getkey):
+    _, f, p, init = _cells(getkey())[0]
+    xs, t = _xs(getkey()), _xs(getkey())
+    ref = jax.jvp(lambda xs: jax.lax.scan(lambda h, x: f(p, h, x), init, xs), (xs,), (t,))
+    solver = solvers.QuasiDEER(**TOL)
+    out = jax.jvp(
+        lambda xs: fixpoint.scan(lambda h, x: f(p, h, x), init, xs, solver=solver), (xs,), (t,)
+    )
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_float32_gradients_match_lax_scan(getkey):
+    """The issue's float32 bar, at the default tolerance of the solvers."""
+    cell = eqx.nn.GRUCell(2, 8, key=getkey(), dtype=jnp.float32)
+    xs = jax.random.normal(getkey(), (200, 2), jnp.float32)
+
+    def loss(cell, scanner):
+        _, hs = scanner(lambda h, x: (cell(x, h),) * 2, jnp.zeros(8, jnp.float32), xs)
+        return jnp.sum(hs * jnp.cos(jnp.arange(8.0, dtype=jnp.float32)))
+
+    ref = jax.grad(loss)(cell, jax.lax.scan)
+    for solver in (solvers.DEER(), solvers.QuasiDEER(), solvers.ELK()):
+        g = jax.grad(loss)(cell, lambda *a, s=solver: fixpoint.scan(*a, solver=s))
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref), strict=True):
+            scale = float(jnp.max(jnp.abs(b)))
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale, type(solver).__name__
+
+
+def test_length_only_and_solution(getkey):
+    def f(h, _):
+        h = jnp.cos(h)
+        return h, h
+
+    init = jnp.array([0.3, -1.0])
+    ref = jax.lax.scan(f, init, None, length=50)
+    carry, ys, sol = fixpoint.scan(
+        f, init, None, 50, solver=solvers.DEER(**TOL), return_solution=True, record_residuals=True
+    )
+    np.testing.assert_allclose(ys, ref[1], atol=1e-10)
+    np.testing.assert_allclose(carry, ref[0], atol=1e-10)
+    np.testing.assert_allclose(sol.value, ref[1], atol=1e-10)
+    assert sol.result == fixpoint.RESULTS.successful
+    assert int(sol.stats["converged_steps"]) == 50
+    steps = int(sol.stats["num_steps"])
+    history = np.asarray(sol.stats["residual_history"])
+    assert np.all(np.isfinite(history[: steps + 1])) and np.all(np.isnan(history[steps + 1 :]))
+    assert history[steps] == sol.stats["residual"] and history[steps] < 1e-10
+
+
+def test_guess_warm_start(getkey):
+    _, f, p, init = _cells(getkey())[0]
+    xs = _xs(getkey())
+    g = lambda h, x: f(p, h, x)  # noqa: E731
+    _, ys, cold = fixpoint.scan(g, init, xs, solver=solvers.Jacobi(**TOL), return_solution=True)
+    _, ys2, warm = fixpoint.scan(
+        g, init, xs, solver=solvers.Jacobi(**TOL), guess=cold.value, return_solution=True
+    )
+    assert int(warm.stats["num_steps"]) == 0 < int(cold.stats["num_steps"])
+    np.testing.assert_allclose(ys2, ys)
+
+
+def test_newton_diverges_but_steps_stay_bounded_by_length(getkey):
+    """Recurrent weights x6: plain DEER blows up; the safeguard keeps it ≤ T iterations."""
+    n = 200
+    cell = _gru(getkey(), d=4, scale=6.0)
+    xs = jax.random.normal(getkey(), (n, 2), jnp.float64)
+    f = lambda h, x: (cell(x, h), None)  # noqa: E731
+    init = jnp.zeros(4, jnp.float64)
+    ref = jax.lax.scan(lambda h, x: (cell(x, h),) * 2, init, xs)[1]
+
+    # Unsafeguarded Newton on the trajectory (DEER's step applied as is).
+    problem = fixpoint.ScanProblem(lambda h, x: cell(x, h), init, xs, fixpoint.Time())
+    h = jnp.zeros((n, 4), jnp.float64)
+    biggest = 0.0
+    for _ in range(8):
+        h = solvers.DEER().step(problem, h, None).h_next
+        biggest = max(biggest, float(jnp.max(jnp.abs(h))))
+    assert not biggest < 1e3, "premise: raw Newton should run off on this recurrence"
+
+    for solver in (solvers.DEER(**TOL), solvers.QuasiDEER(**TOL), solvers.ELK(**TOL)):
+        _, _, sol = fixpoint.scan(f, init, xs, solver=solver, return_solution=True)
+        assert sol.result == fixpoint.RESULTS.successful
+        assert int(sol.stats["num_steps"]) <= n
+        # Chaotic: tiny per-step residuals are amplified along the trajectory.
+        np.testing.assert_allclose(sol.value, ref, atol=1e-6)
+
+
+def test_elk_iterates_stay_bounded(getkey):
+    n = 200
+    cell = _gru(getkey(), d=4, scale=6.0)
+    xs = jax.random.normal(getkey(), (n, 2), jnp.float64)
+    f = lambda h, x: (cell(x, h), None)  # noqa: E731
+    init = jnp.zeros(4, jnp.float64)
+    biggest = {}
+    for name, solver in (("elk", solvers.ELK(**TOL)), ("deer", solvers.DEER(**TOL))):
+        values = []
+        for k in (2, 5, 20):
+            _, _, sol = fixpoint.scan(
+                f, init, xs, solver=solver, max_steps=k, throw=False, return_solution=True
+            )
+            assert np.all(np.isfinite(sol.value))
+            values.append(float(jnp.max(jnp.abs(sol.value))))
+        biggest[name] = max(values)
+    # A GRU state stays in [-1, 1]; ELK's iterates stay near that box, DEER's do not.
+    assert biggest["elk"] < 2.0
+    assert biggest["deer"] > 10 * biggest["elk"]
+
+
+def test_diagonal_gru_newton(getkey):
+    cell = layers.DiagonalGRUCell(3, 5, key=getkey(), dtype=jnp.float64)
+    h = jax.random.normal(getkey(), (5,), jnp.float64)
+    x = jax.random.normal(getkey(), (3,), jnp.float64)
+    jac = jax.jacfwd(lambda h: cell(x, h))(h)
+    np.testing.assert_allclose(jac, jnp.diag(jnp.diag(jac)), atol=0)
+
+    xs = jax.random.normal(getkey(), (500, 3), jnp.float64)
+    rnn = layers.ParallelRNN(cell, solver=solvers.QuasiDEER(assume_diagonal=True, **TOL))
+    hs, sol = rnn(xs, return_solution=True)
+    ref = jax.lax.scan(lambda h, x: (cell(x, h),) * 2, jnp.zeros(5, jnp.float64), xs)[1]
+    np.testing.assert_allclose(hs, ref, atol=1e-10)
+    assert int(sol.stats["num_steps"]) <= 8  # Newton: a handful, not hundreds
+
+
+def test_parallel_rnn_cells(getkey):
+    xs = jax.random.normal(getkey(), (80, 2), jnp.float64)
+    for cell in (
+        eqx.nn.GRUCell(2, 4, key=getkey(), dtype=jnp.float64),
+        eqx.nn.LSTMCell(2, 4, key=getkey(), dtype=jnp.float64),
+    ):
+        rnn = layers.ParallelRNN(cell)
+        assert isinstance(rnn.solver, solvers.DEER)
+        hs = rnn(xs)
+        h0 = rnn.initial_state()
+        ref = jax.lax.scan(lambda h, x, c=cell: (c(x, h),) * 2, h0, xs)[1]
+        for a, b in zip(jax.tree.leaves(hs), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert isinstance(
+        layers.ParallelRNN(layers.DiagonalGRUCell(2, 3, key=getkey())).solver, solvers.QuasiDEER
+    )
+    with pytest.raises(ValueError, match="h0"):
+        layers.ParallelRNN(lambda x, h: h)(xs)
+    with pytest.raises(TypeError, match="solver"):
+        layers.ParallelRNN(cell, solver=solvers.Picard(1e-6, 1e-6))
+
+
+def test_parallel_rnn_trains(getkey):
+    """A gradient step through ParallelRNN equals one through lax.scan."""
+    cell = eqx.nn.GRUCell(2, 4, key=getkey(), dtype=jnp.float64)
+    xs = jax.random.normal(getkey(), (50, 2), jnp.float64)
+
+    def loss(cell, parallel):
+        if parallel:
+            hs = layers.ParallelRNN(cell, solver=solvers.DEER(**TOL))(xs)
+        else:
+            hs = jax.lax.scan(lambda h, x: (cell(x, h),) * 2, jnp.zeros(4, jnp.float64), xs)[1]
+        return jnp.mean((hs[-10:] - 0.5) ** 2)
+
+    g = eqx.filter_grad(loss)(cell, True)
+    ref = eqx.filter_grad(loss)(cell, False)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_vmap_and_jit_agree(getkey):
+    _, f, p, init = _cells(getkey())[0]
+    batch = jax.random.normal(getkey(), (4, T, 3), jnp.float64)
+    batch = batch.at[0].multiply(0.01)  # an easier sample: fewer iterations
+    run = lambda xs: fixpoint.scan(
+        lambda h, x: f(p, h, x),
+        init,
+        xs,  # noqa: E731
+        solver=solvers.Jacobi(**TOL),
+        return_solution=True,
+    )
+    out = jax.vmap(run)(batch)
+    for i in range(4):
+        single = run(batch[i])
+        np.testing.assert_allclose(out[1][i], single[1], rtol=1e-12)
+        assert int(out[2].stats["num_steps"][i]) == int(single[2].stats["num_steps"])
+    steps = np.asarray(out[2].stats["num_steps"])
+    assert steps[0] < steps.max()  # each sample stops on its own
+
+
+def test_grad_of_vmap(getkey):
+    _, f, p, init = _cells(getkey())[0]
+    batch = jax.random.normal(getkey(), (3, 30, 3), jnp.float64)
+
+    def loss(p, scanner):
+        ys = jax.vmap(lambda xs: scanner(lambda h, x: f(p, h, x), init, xs)[1])(batch)
+        return jnp.sum(ys)
+
+    ref = jax.grad(loss)(p, jax.lax.scan)
+    g = jax.grad(loss)(p, lambda *a: fixpoint.scan(*a, solver=solvers.DEER(**TOL)))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_no_retrace(getkey):
+    _, f, p, init = _cells(getkey())[0]
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def run(xs):
+        return fixpoint.scan(lambda h, x: f(p, h, x), init, xs, solver=solvers.DEER(**TOL))
+
+    run(_xs(getkey()))
+    run(_xs(getkey()))
+
+
+def test_result_codes_and_errors(getkey):
+    _, f, p, init = _cells(getkey())[0]
+    xs = _xs(getkey())
+    g = lambda h, x: f(p, h, x)  # noqa: E731
+    _, _, sol = fixpoint.scan(
+        g, init, xs, solver=solvers.Jacobi(**TOL), max_steps=3, throw=False, return_solution=True
+    )
+    assert sol.result == fixpoint.RESULTS.max_steps_reached
+    assert 3 <= int(sol.stats["converged_steps"]) < T
+    with pytest.raises(fixpoint.SolveError, match="max_steps_reached"):
+        fixpoint.scan(g, init, xs, solver=solvers.Jacobi(**TOL), max_steps=3)
+    with pytest.raises(Exception, match="max_steps_reached"):
+        jax.jit(lambda xs: fixpoint.scan(g, init, xs, solver=solvers.Jacobi(**TOL), max_steps=3))(
+            xs
+        ).block_until_ready()
+
+    # A NaN input at step 20: the sequential scan itself is non-finite from there on.
+    bad = xs.at[20].set(jnp.nan)
+    for solver in (solvers.Jacobi(**TOL), solvers.DEER(**TOL), solvers.ELK(**TOL)):
+        _, _, sol = fixpoint.scan(g, init, bad, solver=solver, throw=False, return_solution=True)
+        assert sol.result == fixpoint.RESULTS.nonfinite
+        assert int(sol.stats["converged_steps"]) == 20
+
+
+def test_backward_failure_is_flagged():
+    """An infinite Jacobian at the solution: the backward recurrence is not finite."""
+
+    def f(h, x):
+        h = 0.5 * jnp.sqrt(jnp.abs(h)) + x  # d/dh is infinite at h = 0
+        return h, h
+
+    init = jnp.zeros(1, jnp.float64)
+    xs = jnp.array([[0.0], [1.0], [0.5]], jnp.float64)
+    ys = fixpoint.scan(f, init, xs, solver=solvers.Jacobi(**TOL))[1]
+    np.testing.assert_allclose(ys, jax.lax.scan(f, init, xs)[1])
+
+    def loss(xs, throw):
+        return jnp.sum(fixpoint.scan(f, init, xs, solver=solvers.Jacobi(**TOL), throw=throw)[1])
+
+    assert np.all(np.isnan(jax.grad(loss)(xs, False)))
+    with pytest.raises(Exception, match="backward"):
+        jax.grad(loss)(xs, True)
+
+
+def test_bad_inputs_fail_at_trace_time():
+    def f(h, x):
+        return h * x, x
+
+    init = jnp.zeros(2)
+    xs = jnp.ones((5, 2))
+    s = solvers.Jacobi()
+    with pytest.raises(ValueError, match="same leading length"):
+        fixpoint.scan(f, init, {"a": xs, "b": jnp.ones((4, 2))}, solver=s)
+    with pytest.raises(ValueError, match="length=6"):
+        fixpoint.scan(f, init, xs, 6, solver=s)
+    with pytest.raises(ValueError, match="`length`"):
+        fixpoint.scan(f, init, None, solver=s)
+    with pytest.raises(TypeError, match="init"):
+        fixpoint.scan(f, jnp.zeros(2, jnp.int32), xs, solver=s)
+    with pytest.raises(ValueError, match="pair"):
+        fixpoint.scan(lambda h, x: h, init, xs, solver=s)
+    with pytest.raises(ValueError, match="structure of `init`"):
+        fixpoint.scan(lambda h, x: ((h, h), x), init, xs, solver=s)
+    with pytest.raises(ValueError, match="shape and dtype"):
+        fixpoint.scan(lambda h, x: (jnp.zeros(3), x), init, xs, solver=s)
+    with pytest.raises(TypeError, match="solver"):
+        fixpoint.scan(f, init, xs, solver=solvers.Picard(1e-6, 1e-6))
+    with pytest.raises(TypeError, match="reverse"):
+        fixpoint.scan(f, init, xs, solver=s, reverse="yes")
+    with pytest.raises(ValueError, match="guess"):
+        fixpoint.scan(f, init, xs, solver=s, guess=jnp.zeros((4, 2)))
+    with pytest.raises(ValueError, match="xs"):
+        fixpoint.scan(f, init, {"a": 1.0}, solver=s)
+    with pytest.raises(ValueError, match="mesh"):
+        fixpoint.scan(f, init, xs, solver=s, mesh="devices")
+    with pytest.raises(ValueError, match="block"):
+        solvers.GaussSeidel(block=0)
+    with pytest.raises(ValueError, match="damping"):
+        solvers.ELK(damping=-1.0)
+    with pytest.raises(ValueError, match="rtol"):
+        solvers.DEER(rtol=-1.0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fixpoint.scan(f, init, xs, solver=s, tolerance=1e-3)
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_linear_recurrence(diagonal, reverse, getkey):
+    n, d = 37, 3
+    a = 0.9 * jax.random.normal(getkey(), (n, d) if diagonal else (n, d, d), jnp.float64)
+    b = jax.random.normal(getkey(), (n, d), jnp.float64)
+    x = fixpoint.linear_recurrence(fixpoint.Time(), a, b, reverse)
+    ref, prev = np.zeros((n, d)), np.zeros(d)
+    for t in range(n - 1, -1, -1) if reverse else range(n):
+        prev = (a[t] * prev if diagonal else a[t] @ prev) + b[t]
+        ref[t] = prev
+    np.testing.assert_allclose(x, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lam", [0.0, 0.3, 5.0])
+def test_kalman_smoother_solves_levenberg_marquardt(lam, reverse, getkey):
+    """ELK's step minimises |Δ_t - a_t Δ_{t-1} - r_t|² + λ|Δ|² (dense check, per dim)."""
+    n, d = 25, 2
+    a = 2.0 * jax.random.normal(getkey(), (n, d), jnp.float64)  # unstable: |a| > 1 often
+    r = jax.random.normal(getkey(), (n, d), jnp.float64)
+    delta = kalman_smoother(fixpoint.Time(), a, r, lam, reverse)
+    for k in range(d):
+        ak, rk = np.asarray(a[:, k]), np.asarray(r[:, k])
+        if reverse:
+            ak, rk = ak[::-1], rk[::-1]
+        lower = np.eye(n) - np.diag(ak[1:], -1)
+        ref = np.linalg.solve(lower.T @ lower + lam * np.eye(n), lower.T @ rk)
+        got = np.asarray(delta[:, k])
+        np.testing.assert_allclose(got[::-1] if reverse else got, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_sharded_equals_unsharded():
+    """Four CPU devices (a subprocess: the device count is fixed when JAX starts)."""
+    script = Path(__file__).with_name("sharded_scan_check.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all sharded checks passed" in out.stdout
