@@ -21,7 +21,6 @@ from ._scan import scan as scan
 from ._scan_loop import iterate_scan as iterate_scan
 from ._scan_solver import AbstractScanSolver as AbstractScanSolver
 from ._scan_solver import ScanProblem as ScanProblem
-from ._scan_solver import ScanStep as ScanStep
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solver import AbstractSolver as AbstractSolver

@@ -35,17 +35,23 @@ def iterate_scan(
 ):
     """Iterate `solver` on the trajectory `h` (`(T, D)`, or a device's chunk).
 
-    Each iteration evaluates `F(H)` once (inside `solver.step`) and measures
+    Each iteration evaluates `F(H)` once (`solver.linearise`) and measures
     every step's residual `h_t - cell(h_{t-1}, x_t)`. Let `p` be the first step,
     in scan order, whose residual misses the tolerance. The next trajectory keeps
-    steps before `p` unchanged, sets step `p` to its exact value `F(H)_p` (its
-    predecessor has converged), and takes the solver's proposal after `p`,
+    steps before `p` unchanged ("frozen"; the solver's `update` is told which),
+    sets step `p` to its exact value `F(H)_p` (its predecessor has converged),
+    and takes the solver's proposal after `p`,
     except where that proposal is not finite (then `F(H)_t`, or the current
     value if that is not finite either). So after `k` iterations at least the
     first `k` steps have converged: `T` iterations always suffice, whatever the
     solver proposes (a diverging Newton step included).
 
-    Stops with `successful` when every step converged; `nonfinite` when the
+    Once every step meets the tolerance, nothing is frozen and the solver's
+    proposal must also be within tolerance of the current trajectory (as in
+    `fixed_point`): for Newton it estimates the error accumulated along the
+    sequence, which per-step residuals alone do not bound for long memories.
+
+    Stops with `successful` when both tests pass; `nonfinite` when the
     exact value at step `p` is not finite (the sequential scan itself would
     produce it); `max_steps_reached` after `max_steps` updates.
 
@@ -72,29 +78,40 @@ def iterate_scan(
     )
 
     def body(c):
-        step = solver.step(problem, c.h, c.state)
-        fh = step.fh
+        fh, derivatives = solver.linearise(problem, c.h, c.state)
         r = c.h - fh
         rnorm = per_step(r)
         scaled = per_step(r / (atol + rtol * jnp.abs(c.h)))
         ok = (scaled < 1) | (rnorm == 0)
         p = time.min(jnp.where(ok, total, order))
-        converged = p >= total
+        all_ok = p >= total
         fh_finite = jnp.all(jnp.isfinite(fh), axis=1)
         finite = time.all(jnp.where(order == p, fh_finite, True))
-        proposal_finite = jnp.all(jnp.isfinite(step.h_next), axis=1)
+        frozen = order < p
+        # Once every step meets the tolerance nothing is frozen: the solver's
+        # proposal from there is its estimate of the remaining error (for Newton,
+        # accumulated along the sequence), and it must be small too.
+        h_next, state = solver.update(problem, c.h, fh, derivatives, frozen & ~all_ok, c.state)
+        proposal_finite = jnp.all(jnp.isfinite(h_next), axis=1)
         fallback = jnp.where(fh_finite[:, None], fh, c.h)
-        proposal = jnp.where(proposal_finite[:, None], step.h_next, fallback)
-        before, at = (order < p)[:, None], (order == p)[:, None]
-        h_next = jnp.where(before, c.h, jnp.where(at, fh, proposal))
+        proposal = jnp.where(proposal_finite[:, None], h_next, fallback)
+        step_size = per_step((proposal - c.h) / (atol + rtol * jnp.abs(c.h)))
+        # After `total` iterations every step has been set from a converged
+        # predecessor: the residual test alone decides.
+        converged = all_ok & (time.all(step_size < 1) | (c.step >= total))
+        at = (order == p)[:, None]
+        locked = jnp.where(frozen[:, None], c.h, jnp.where(at, fh, proposal))
+        h_next = jnp.where(all_ok, proposal, locked)
+        out_of_steps = c.step >= max_steps
+        result, done = termination(converged, finite, jnp.array(False), out_of_steps)
+        h_next = jnp.where(done, c.h, h_next)
         residual = time.max(jnp.where(jnp.isfinite(rnorm), rnorm, jnp.inf))
-        result, done = termination(converged, finite, jnp.array(False), c.step >= max_steps)
         history = c.history
         if history is not None:
             history = history.at[c.step].set(residual)
         return _Carry(
-            h=jnp.where(done, c.h, h_next),
-            state=step.state,
+            h=h_next,
+            state=state,
             step=c.step + jnp.where(done, 0, 1),
             done=done,
             result=result,

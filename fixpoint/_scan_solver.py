@@ -78,23 +78,18 @@ class ScanProblem(eqx.Module):
         return fh, diag.T
 
 
-class ScanStep(eqx.Module):
-    """One scan-solver step: the proposal `h_next`, the new `state`, and `F(H)`."""
-
-    h_next: Float[Array, "T D"]
-    state: Any
-    fh: Float[Array, "T D"]
-
-
 class AbstractScanSolver(eqx.Module):
     """An algorithm for `fixpoint.scan`.
 
-    `step` evaluates `F` once at the current trajectory `H` (returning it as
-    `fh`; the loop measures the residual `H - F(H)` step by step) and proposes
-    the next trajectory. The loop keeps every step whose residual already meets
-    the tolerance, replaces the first unconverged step by its exact sequential
-    value, and discards non-finite proposals, so each iteration fixes at least
-    one more step whatever the solver proposes.
+    Each iteration of the loop calls `linearise`, which evaluates `F` once at the
+    current trajectory `H` (plus whatever derivatives the solver uses), then
+    measures every step's residual `H - F(H)`, and then calls `update` with the
+    mask `frozen` of the leading steps (in scan order) that already meet the
+    tolerance. The loop keeps those steps unchanged, sets the first unconverged
+    step to its exact value `F(H)_p`, and discards non-finite proposals, so each
+    iteration fixes at least one more step whatever the solver proposes. A
+    solver should treat the frozen steps as exact (zero residual, zero update),
+    so that its proposal for the later steps is consistent with them.
 
     `rtol`, `atol` and `norm` define convergence of step `t`:
     `norm((h_t - cell(h_{t-1}, x_t)) / (atol + rtol |h_t|)) < 1`, for every `t`.
@@ -109,5 +104,9 @@ class AbstractScanSolver(eqx.Module):
         """Initial state for the trajectory guess `h`."""
 
     @abc.abstractmethod
-    def step(self, problem: ScanProblem, h, state) -> ScanStep:
-        """Evaluate `F(h)` once and propose the next trajectory."""
+    def linearise(self, problem: ScanProblem, h, state) -> tuple[Any, Any]:
+        """`(F(h), derivatives)`: one evaluation, and what `update` needs (or None)."""
+
+    @abc.abstractmethod
+    def update(self, problem: ScanProblem, h, fh, derivatives, frozen, state) -> tuple[Any, Any]:
+        """`(h_next, state)`: the proposed trajectory, given `F(h)` and the frozen mask."""

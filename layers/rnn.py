@@ -69,21 +69,37 @@ class ParallelRNN(eqx.Module):
       `(h, c)`), `DiagonalGRUCell`, or any callable `cell(x, h) -> h`.
     - `solver`: a scan solver. Default: `QuasiDEER(assume_diagonal=True)` for
       cells with `diagonal_jacobian = True` (exact Newton there), else `DEER()`.
+    - `adjoint_solver`: the scan solver for the backward recurrences (default
+      `solver`).
+    - `max_steps`: iteration budget (default `T`, which always suffices).
     - `throw`: raise if a solve fails (see `fixpoint.scan`).
     - `mesh`: shard the time axis over the devices of this mesh.
 
     Calling `rnn(xs, h0=None)` with `xs` of shape `(T, input_size)` returns all
     hidden states, with a leading time axis (for an LSTM the pair `(hs, cs)`).
-    `h0` defaults to zeros (needs `cell.hidden_size`). With
-    `return_solution=True` it returns `(states, fixpoint.Solution)` instead.
+    `h0` defaults to zeros (needs `cell.hidden_size`); `guess` warm-starts the
+    trajectory (e.g. the states of the previous training step). With
+    `return_solution=True` it returns `(states, fixpoint.Solution)` instead
+    (with `record_residuals=True`, its stats hold the residual history).
     """
 
     cell: Callable
     solver: fixpoint.AbstractScanSolver
+    adjoint_solver: fixpoint.AbstractScanSolver | None
+    max_steps: int | None = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
     mesh: Mesh | None = eqx.field(static=True)
 
-    def __init__(self, cell: Callable, *, solver=None, throw: bool = True, mesh=None):
+    def __init__(
+        self,
+        cell: Callable,
+        *,
+        solver=None,
+        adjoint_solver=None,
+        max_steps: int | None = None,
+        throw: bool = True,
+        mesh=None,
+    ):
         if not callable(cell):
             raise TypeError(f"ParallelRNN: `cell` must be callable, got {cell!r}.")
         if solver is None:
@@ -98,6 +114,8 @@ class ParallelRNN(eqx.Module):
             )
         self.cell = cell
         self.solver = solver
+        self.adjoint_solver = adjoint_solver
+        self.max_steps = max_steps
         self.throw = throw
         self.mesh = mesh
 
@@ -113,7 +131,15 @@ class ParallelRNN(eqx.Module):
         zero = jnp.zeros(size, dtype)
         return (zero, zero) if isinstance(self.cell, eqx.nn.LSTMCell) else zero
 
-    def __call__(self, xs, h0=None, *, guess=None, return_solution: bool = False):
+    def __call__(
+        self,
+        xs,
+        h0=None,
+        *,
+        guess=None,
+        return_solution: bool = False,
+        record_residuals: bool = False,
+    ):
         if h0 is None:
             h0 = self.initial_state()
         out = fixpoint.scan(
@@ -122,7 +148,10 @@ class ParallelRNN(eqx.Module):
             xs,
             solver=self.solver,
             guess=guess,
+            max_steps=self.max_steps,
             throw=self.throw,
+            adjoint_solver=self.adjoint_solver,
+            record_residuals=record_residuals,
             return_solution=True,
             mesh=self.mesh,
         )

@@ -41,10 +41,14 @@ class DEER(fixpoint.AbstractScanSolver):
     def init(self, problem, h):
         return None
 
-    def step(self, problem, h, state):
-        fh, jac = problem.jacobians(h)
-        delta = fixpoint.linear_recurrence(problem.time, jac, fh - h, problem.reverse)
-        return fixpoint.ScanStep(h + delta, state, fh)
+    def linearise(self, problem, h, state):
+        return problem.jacobians(h)
+
+    def update(self, problem, h, fh, jac, frozen, state):
+        delta = fixpoint.linear_recurrence(
+            problem.time, jac, _residual(h, fh, frozen), problem.reverse
+        )
+        return h + delta, state
 
 
 class QuasiDEER(fixpoint.AbstractScanSolver):
@@ -77,10 +81,14 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
     def init(self, problem, h):
         return None
 
-    def step(self, problem, h, state):
-        fh, diag = problem.diagonals(h, self.assume_diagonal, self.batch_size)
-        delta = fixpoint.linear_recurrence(problem.time, diag, fh - h, problem.reverse)
-        return fixpoint.ScanStep(h + delta, state, fh)
+    def linearise(self, problem, h, state):
+        return problem.diagonals(h, self.assume_diagonal, self.batch_size)
+
+    def update(self, problem, h, fh, diag, frozen, state):
+        delta = fixpoint.linear_recurrence(
+            problem.time, diag, _residual(h, fh, frozen), problem.reverse
+        )
+        return h + delta, state
 
 
 class ELK(fixpoint.AbstractScanSolver):
@@ -133,48 +141,62 @@ class ELK(fixpoint.AbstractScanSolver):
         lam = jnp.asarray(self.damping, h.dtype)
         return (lam, jnp.asarray(jnp.inf, h.dtype), h, jnp.zeros_like(h), jnp.zeros_like(h))
 
-    def step(self, problem, h, state):
-        fh, a = problem.diagonals(h, self.assume_diagonal, self.batch_size)
-        r = fh - h
+    def linearise(self, problem, h, state):
+        return problem.diagonals(h, self.assume_diagonal, self.batch_size)
+
+    def update(self, problem, h, fh, a, frozen, state):
+        r = _residual(h, fh, frozen)
+        smooth = lambda a, r, lam: kalman_smoother(  # noqa: E731
+            problem.time, a, r, lam, problem.reverse, frozen
+        )
         if not self.adaptive:
-            delta = kalman_smoother(problem.time, a, r, self.damping, problem.reverse)
-            return fixpoint.ScanStep(h + delta, state, fh)
+            return h + smooth(a, r, self.damping), state
         lam, best, h_old, a_old, r_old = state
         merit = problem.time.sum(jnp.where(jnp.isfinite(r), r * r, jnp.inf))
         better = merit < best
         lam = jnp.where(better, lam * self.decrease, jnp.maximum(lam, 1e-6) * self.increase)
         pairs = ((h, h_old), (a, a_old), (r, r_old))
         h_base, a, r = (jnp.where(better, new, old) for new, old in pairs)
-        delta = kalman_smoother(problem.time, a, r, lam, problem.reverse)
         state = (lam, jnp.where(better, merit, best), h_base, a, r)
-        return fixpoint.ScanStep(h_base + delta, state, fh)
+        # Retaking a step from the last accepted trajectory: the steps frozen since
+        # then stay frozen (the loop keeps them), so they get no residual here.
+        return h_base + smooth(a, jnp.where(frozen[:, None], 0, r), lam), state
 
 
-def kalman_smoother(time, a, r, damping, reverse=False):
+def kalman_smoother(time, a, r, damping, reverse=False, frozen=None):
     """Posterior means of `Δ_t = a_t Δ_{t-1} + r_t + w_t`, `0 = Δ_t + v_t` (elementwise).
 
-    `w_t ~ N(0, 1)`, `v_t ~ N(0, 1/damping)`, `Δ_{-1} = 0` exactly. All in
-    parallel over time: the filter variance obeys the Riccati recurrence
-    `P_t = (a_t² P_{t-1} + 1) / (damping (a_t² P_{t-1} + 1) + 1)`, a Möbius map
-    of `P_{t-1}`, so its prefix compositions are products of 2×2 matrices.
+    `w_t ~ N(0, q_t)`, `v_t ~ N(0, 1/damping)`, `Δ_{-1} = 0` exactly, with
+    `q_t = 1`, except `q_t = 0` on `frozen` steps (there `r_t` must be 0 too,
+    so `Δ_t = 0` is known exactly). All in parallel over time: the filter
+    variance obeys the Riccati recurrence
+    `P_t = (a_t² P_{t-1} + q_t) / (damping (a_t² P_{t-1} + q_t) + 1)`, a Möbius
+    map of `P_{t-1}`, so its prefix compositions are products of 2×2 matrices.
     """
     lam = jnp.asarray(damping, a.dtype)
     a2 = a * a
-    one = jnp.ones_like(a)
-    mobius = jnp.stack([jnp.stack([a2, one], -1), jnp.stack([lam * a2, (lam + 1) * one], -1)], -2)
+    q = jnp.ones_like(a) if frozen is None else jnp.broadcast_to(~frozen[:, None], a.shape)
+    q = q.astype(a.dtype)
+    mobius = jnp.stack([jnp.stack([a2, q], -1), jnp.stack([lam * a2, lam * q + 1], -1)], -2)
     prefix = time.associative_scan(_compose, mobius, reverse=reverse)
     p = prefix[..., 0, 1] / prefix[..., 1, 1]  # applied to P_{-1} = 0
     p_prev = time.shift(p, jnp.zeros_like(p[0]), reverse)
-    p_pred = a2 * p_prev + 1
+    p_pred = a2 * p_prev + q
     gain = 1 / (lam * p_pred + 1)  # 1 - K_t
     m = fixpoint.linear_recurrence(time, gain * a, gain * r, reverse)
     back = not reverse
     a_next = time.shift(a, jnp.zeros_like(a[0]), back)
     r_next = time.shift(r, jnp.zeros_like(r[0]), back)
     p_pred_next = time.shift(p_pred, jnp.ones_like(p_pred[0]), back)
-    g = p * a_next / p_pred_next
+    # Inside a frozen prefix both variances vanish and the smoother gain is 0.
+    g = jnp.where(p_pred_next > 0, p * a_next / jnp.where(p_pred_next > 0, p_pred_next, 1), 0)
     e = m - g * (a_next * m + r_next)
     return fixpoint.linear_recurrence(time, g, e, back)
+
+
+def _residual(h, fh, frozen):
+    """`F(H) - H`, zero on the frozen steps (they are taken as exact)."""
+    return jnp.where(frozen[:, None], 0, fh - h)
 
 
 def _compose(x, y):

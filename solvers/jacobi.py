@@ -37,9 +37,11 @@ class Jacobi(fixpoint.AbstractScanSolver):
     def init(self, problem, h):
         return None
 
-    def step(self, problem, h, state):
-        fh = problem.evaluate(h)
-        return fixpoint.ScanStep(fh, state, fh)
+    def linearise(self, problem, h, state):
+        return problem.evaluate(h), None
+
+    def update(self, problem, h, fh, derivatives, frozen, state):
+        return fh, state
 
 
 class GaussSeidel(fixpoint.AbstractScanSolver):
@@ -66,9 +68,11 @@ class GaussSeidel(fixpoint.AbstractScanSolver):
     def init(self, problem, h):
         return None
 
-    def step(self, problem, h, state):
-        fh = problem.evaluate(h)
-        return fixpoint.ScanStep(block_sweep(problem, h, self.block), state, fh)
+    def linearise(self, problem, h, state):
+        return problem.evaluate(h), None
+
+    def update(self, problem, h, fh, derivatives, frozen, state):
+        return block_sweep(problem, h, self.block), state
 
 
 class Sequential(fixpoint.AbstractScanSolver):
@@ -89,9 +93,11 @@ class Sequential(fixpoint.AbstractScanSolver):
     def init(self, problem, h):
         return None
 
-    def step(self, problem, h, state):
-        fh = problem.evaluate(h)
-        return fixpoint.ScanStep(block_sweep(problem, h, h.shape[0]), state, fh)
+    def linearise(self, problem, h, state):
+        return problem.evaluate(h), None
+
+    def update(self, problem, h, fh, derivatives, frozen, state):
+        return block_sweep(problem, h, h.shape[0]), state
 
 
 def block_sweep(problem: fixpoint.ScanProblem, h, block: int):
