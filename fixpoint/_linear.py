@@ -22,11 +22,11 @@ _HINT = (
 )
 
 
-def flag_failure(x, failed, steps, residual, throw: bool):
+def flag_failure(x, failed, steps, residual, throw: bool, hint: str = _HINT):
     """Raise (`throw=True`) or NaN-poison `x` where the backward solve failed."""
     codes = jnp.where(failed, RESULTS.linear_solve_failed._value, RESULTS.successful._value)
     if throw:
-        x = raise_if_failed(x, codes, steps, residual, _WHAT, _HINT)
+        x = raise_if_failed(x, codes, steps, residual, _WHAT, hint)
     return jnp.where(failed, jnp.nan, x)
 
 

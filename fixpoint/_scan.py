@@ -59,10 +59,12 @@ def scan(
     - `reverse`: run from the last step to the first, as `lax.scan`.
     - `guess`: a starting trajectory of carries (leading axis `T`), e.g. the
       answer of a previous call; default: `init` at every step.
-    - `max_steps`: the largest number of iterations; default `T`, which always
-      suffices.
+    - `max_steps`: the largest number of iterations; default `T` (padded to a
+      multiple of the devices with `mesh=`), which always suffices.
     - `throw`: raise `fixpoint.SolveError` when the solve fails (any sample,
-      under `vmap`); with `False` read the result code (`return_solution=True`).
+      under `vmap`; under `jit` it arrives inside JAX's runtime error, with the
+      same message); with `False` read the result code (`return_solution=True`).
+      Also applies to the backward solves of a gradient (NaN with `False`).
     - `adjoint_solver`: the scan solver for the backward linear recurrences;
       default `solver`.
     - `record_residuals`: also record the largest per-step residual at every
@@ -106,9 +108,8 @@ def scan(
         )
     init = as_float_pytree(init, "init")
     steps = _length(xs, length)
-    if max_steps is None:
-        max_steps = steps
-    check_int(max_steps, "max_steps", 1)
+    if max_steps is not None:
+        check_int(max_steps, "max_steps", 1)
     x0 = jax.tree.map(lambda a: a[0], xs)
     h0, unravel = ravel_pytree(init)
     _check_carry(f, init, x0, h0.dtype)
@@ -117,6 +118,8 @@ def scan(
     inputs = jax.tree.map(_strong, (cell, xs, h0))
     devices = 1 if mesh is None else mesh.devices.size
     pad = -steps % devices
+    if max_steps is None:
+        max_steps = steps + pad  # the padded steps must converge too
     if pad:
         # Padding goes after the last step in scan order: it cannot change the others.
         inputs, h_guess = _pad(inputs, h_guess, pad, reverse)
@@ -207,9 +210,10 @@ def _sharded(run, mesh, inputs, h_guess):
 def _checked(outputs, result, stats):
     """`outputs`, made to depend on a run-time check that raises if the solve failed.
 
-    The check runs on a scalar token (0 unless it raises) that is added to every
-    floating-point output: handing the outputs themselves to the host callback
-    would gather a sharded trajectory onto one device.
+    The check runs on a scalar token (0 unless it raises) that is combined with
+    every output leaf, so no output can be used without it: handing the
+    outputs themselves to the host callback would gather a sharded trajectory
+    onto one device.
     """
     dtype = jnp.result_type(stats["residual"])
     token = raise_if_failed(
@@ -217,9 +221,9 @@ def _checked(outputs, result, stats):
     )
 
     def attach(a):
-        if jnp.issubdtype(a.dtype, jnp.inexact):
-            return a + token.astype(a.dtype)
-        return a
+        if a.dtype == jnp.bool_:
+            return a ^ (token != 0)
+        return a + token.astype(a.dtype)
 
     return jax.tree.map(attach, outputs)
 

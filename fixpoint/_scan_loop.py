@@ -21,6 +21,9 @@ class _Carry(eqx.Module):
     residual: jax.Array
     converged_steps: jax.Array
     history: Any
+    h_ok: Any  # the last trajectory whose every step met the tolerance
+    has_ok: jax.Array
+    residual_ok: jax.Array
 
 
 def iterate_scan(
@@ -51,6 +54,10 @@ def iterate_scan(
     `fixed_point`): for Newton it estimates the error accumulated along the
     sequence, which per-step residuals alone do not bound for long memories.
 
+    If such a refinement undoes steps that had converged, the loop returns the
+    last trajectory that met the per-step tolerance everywhere (`successful`),
+    so the `T`-iteration bound always holds.
+
     Stops with `successful` when both tests pass; `nonfinite` when the
     exact value at step `p` is not finite (the sequential scan itself would
     produce it); `max_steps_reached` after `max_steps` updates.
@@ -75,6 +82,9 @@ def iterate_scan(
         residual=jnp.array(jnp.inf, dtype),
         converged_steps=jnp.array(0),
         history=history,
+        h_ok=h,
+        has_ok=jnp.array(False),
+        residual_ok=jnp.array(jnp.inf, dtype),
     )
 
     def body(c):
@@ -102,10 +112,18 @@ def iterate_scan(
         at = (order == p)[:, None]
         locked = jnp.where(frozen[:, None], c.h, jnp.where(at, fh, proposal))
         h_next = jnp.where(all_ok, proposal, locked)
+        # An unfrozen refinement may undo steps that had converged. Then fall back
+        # to the last trajectory that met the per-step tolerance everywhere, so
+        # the `T`-iteration bound holds whatever the refinement does.
+        regressed = ~all_ok & c.has_ok
         out_of_steps = c.step >= max_steps
-        result, done = termination(converged, finite, jnp.array(False), out_of_steps)
-        h_next = jnp.where(done, c.h, h_next)
+        result, done = termination(
+            converged | regressed, finite | regressed, jnp.array(False), out_of_steps
+        )
         residual = time.max(jnp.where(jnp.isfinite(rnorm), rnorm, jnp.inf))
+        h_next = jnp.where(done, jnp.where(regressed, c.h_ok, c.h), h_next)
+        residual = jnp.where(regressed, c.residual_ok, residual)
+        p = jnp.where(regressed, total, p)
         history = c.history
         if history is not None:
             history = history.at[c.step].set(residual)
@@ -118,6 +136,9 @@ def iterate_scan(
             residual=residual,
             converged_steps=jnp.minimum(p, total),
             history=history,
+            h_ok=jnp.where(all_ok, c.h, c.h_ok),
+            has_ok=c.has_ok | all_ok,
+            residual_ok=jnp.where(all_ok, residual, c.residual_ok),
         )
 
     final = jax.lax.while_loop(lambda c: ~c.done, body, init)
@@ -129,6 +150,12 @@ def iterate_scan(
     if record_residuals:
         stats["residual_history"] = final.history
     return final.h, final.result, stats
+
+
+_HINT = (
+    "Pass `throw=False` to `fixpoint.scan` to get NaN gradients instead, or choose "
+    "another solver for the backward recurrence with `adjoint_solver=`."
+)
 
 
 def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bool):
@@ -179,7 +206,8 @@ def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bo
                 solver, problem, jnp.zeros_like(b), rtol=solver.rtol, atol=scale, max_steps=total
             )
             failed = result != RESULTS.successful
-            return flag_failure(x, failed, stats["num_steps"], stats["residual"], throw)
+            steps, res = stats["num_steps"], stats["residual"]
+            return flag_failure(x, failed, steps, res, throw, _HINT)
 
         return solve
 

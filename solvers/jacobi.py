@@ -125,7 +125,7 @@ def block_sweep(problem: fixpoint.ScanProblem, h, block: int):
             nxt = problem.cell(carry, x)
             return nxt, nxt
 
-        return jax.lax.scan(body, start, x_block)[1]
+        return jax.lax.scan(body, start, x_block, length=block)[1]
 
     out = jax.vmap(sweep)(starts, xs_blocks).reshape(length + pad, -1)[:length]
     return jnp.flip(out, 0) if problem.reverse else out

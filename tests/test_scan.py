@@ -176,6 +176,61 @@ def test_length_only_and_solution(getkey):
     assert history[steps] == sol.stats["residual"] and history[steps] < 1e-10
 
 
+@pytest.mark.parametrize("name", ["sequential", "gauss_seidel", "jacobi"])
+def test_length_only_sweeping_solvers(name):
+    def f(h, _):
+        return jnp.cos(h), h
+
+    init = jnp.array(0.5, jnp.float64)
+    ref = jax.lax.scan(f, init, None, length=6)
+    for reverse in (False, True):
+        out = fixpoint.scan(f, init, None, 6, solver=SCAN_SOLVERS[name], reverse=reverse)
+        np.testing.assert_allclose(out[1], jax.lax.scan(f, init, None, 6, reverse=reverse)[1])
+    np.testing.assert_allclose(out[0], ref[0])
+
+
+def test_refinement_never_breaks_the_length_bound():
+    """A chaotic tanh RNN where quasi-Newton's unfrozen refinement undoes converged steps."""
+    k = jax.random.split(jax.random.PRNGKey(5), 3)
+    n = int(jax.random.randint(k[2], (), 8, 60))
+    w = (2 + 3 * float(jax.random.uniform(k[0]))) * jax.random.normal(k[0], (3, 3)) / np.sqrt(3)
+    xs = jax.random.normal(k[1], (n, 3))
+    w, xs = w.astype(jnp.float64), xs.astype(jnp.float64)
+    f = lambda c, x: (jnp.tanh(w @ c + x), None)  # noqa: E731
+    init = jnp.zeros(3, jnp.float64)
+    for tol in (1e-3, 1e-5):
+        solver = solvers.QuasiDEER(rtol=tol, atol=tol)
+        _, _, sol = fixpoint.scan(f, init, xs, solver=solver, throw=False, return_solution=True)
+        assert sol.result == fixpoint.RESULTS.successful
+        assert int(sol.stats["num_steps"]) <= n
+        residual = sol.value - jax.vmap(lambda c, x: jnp.tanh(w @ c + x))(
+            jnp.concatenate([init[None], sol.value[:-1]]), xs
+        )
+        assert np.all(np.abs(residual) < tol * (1 + np.abs(sol.value)))
+    g = jax.grad(
+        lambda xs: jnp.sum(
+            fixpoint.scan(lambda c, x: (jnp.tanh(w @ c + x),) * 2, init, xs, solver=solver)[1]
+        )
+    )(xs)
+    assert np.all(np.isfinite(g))
+
+
+def test_throw_covers_integer_outputs():
+    """Only an integer output is used: the run-time check must still run under jit."""
+
+    def f(c, x):
+        c = jnp.tanh(1.5 * c[::-1] + x)
+        return c, jnp.argmax(c)
+
+    xs = jax.random.normal(jax.random.PRNGKey(0), (20, 2), jnp.float64)
+    init = jnp.array([0.1, 0.2], jnp.float64)
+    run = jax.jit(
+        lambda xs: fixpoint.scan(f, init, xs, solver=solvers.Jacobi(**TOL), max_steps=2)[1]
+    )
+    with pytest.raises(Exception, match="max_steps_reached"):
+        run(xs).block_until_ready()
+
+
 def test_guess_warm_start(getkey):
     _, f, p, init = _cells(getkey())[0]
     xs = _xs(getkey())
