@@ -16,6 +16,7 @@ from ._implicit import implicit_solve
 from ._scan_loop import iterate_scan, scan_linear_solve
 from ._scan_solver import AbstractScanSolver, ScanProblem
 from ._solution import Solution
+from ._solve import _strong
 from ._time import Time
 
 
@@ -349,9 +350,3 @@ def _pad(inputs, h_guess, pad, reverse):
         return jnp.concatenate([fill, a] if reverse else [a, fill])
 
     return (cell, jax.tree.map(extend, xs), h0), extend(h_guess)
-
-
-def _strong(x):
-    if eqx.is_array(x) and getattr(x, "weak_type", False):
-        return jnp.asarray(x, dtype=x.dtype)
-    return x

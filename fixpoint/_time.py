@@ -88,12 +88,6 @@ class Time(eqx.Module):
             return out
         return lax.pmin(out.astype(jnp.int32), self.axis_name).astype(bool)
 
-    def any(self, x):
-        out = jnp.any(x)
-        if self.axis_name is None:
-            return out
-        return lax.pmax(out.astype(jnp.int32), self.axis_name).astype(bool)
-
     def max(self, x):
         out = jnp.max(x)
         if self.axis_name is None:

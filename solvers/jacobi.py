@@ -17,7 +17,20 @@ import fixpoint
 _RTOL = _ATOL = 1e-6
 
 
-class Jacobi(fixpoint.AbstractScanSolver):
+class _AbstractEvaluateOnly(fixpoint.AbstractScanSolver):
+    """Solvers that need only `F(H)` (no derivatives) and keep no state."""
+
+    def __check_init__(self):
+        fixpoint.check_tolerances(self)
+
+    def init(self, problem, h):
+        return None
+
+    def linearise(self, problem, h, state):
+        return problem.evaluate(h), None
+
+
+class Jacobi(_AbstractEvaluateOnly):
     """Jacobi iteration over time: `h_t <- cell(h_{t-1}, x_t)` for every `t` at once.
 
     Each iteration costs one parallel evaluation of the cell and fixes at least
@@ -31,20 +44,11 @@ class Jacobi(fixpoint.AbstractScanSolver):
     atol: float = _ATOL
     norm: Callable = fixpoint.max_norm
 
-    def __check_init__(self):
-        fixpoint.check_tolerances(self)
-
-    def init(self, problem, h):
-        return None
-
-    def linearise(self, problem, h, state):
-        return problem.evaluate(h), None
-
     def update(self, problem, h, fh, derivatives, frozen, state):
         return fh, state
 
 
-class GaussSeidel(fixpoint.AbstractScanSolver):
+class GaussSeidel(_AbstractEvaluateOnly):
     """Block Gauss–Seidel / Jacobi hybrid: sequential inside blocks of `block` steps.
 
     Every block starts from the current value of the step before it (Jacobi
@@ -61,21 +65,14 @@ class GaussSeidel(fixpoint.AbstractScanSolver):
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise ValueError(f"GaussSeidel: `block` must be an int >= 1, got {self.block!r}.")
-
-    def init(self, problem, h):
-        return None
-
-    def linearise(self, problem, h, state):
-        return problem.evaluate(h), None
 
     def update(self, problem, h, fh, derivatives, frozen, state):
         return block_sweep(problem, h, self.block), state
 
 
-class Sequential(fixpoint.AbstractScanSolver):
+class Sequential(_AbstractEvaluateOnly):
     """The reference: one sequential sweep (`lax.scan`) over the whole sequence.
 
     Exact after one iteration (a second evaluation confirms it). When the time
@@ -86,15 +83,6 @@ class Sequential(fixpoint.AbstractScanSolver):
     rtol: float = _RTOL
     atol: float = _ATOL
     norm: Callable = fixpoint.max_norm
-
-    def __check_init__(self):
-        fixpoint.check_tolerances(self)
-
-    def init(self, problem, h):
-        return None
-
-    def linearise(self, problem, h, state):
-        return problem.evaluate(h), None
 
     def update(self, problem, h, fh, derivatives, frozen, state):
         return block_sweep(problem, h, h.shape[0]), state
