@@ -57,7 +57,7 @@ speedups are far below 1 there: CPU figures are for reference only.
 
 Run (from the repository root):
 
-    .venv/bin/python bench/scan.py --quick   # CPU subset: 2.6 min on 2 idle CPU cores, 4 min on busy ones
+    .venv/bin/python bench/scan.py --quick   # CPU subset: 2.6-4 min on 2 CPU cores
     .venv/bin/python bench/scan.py --full    # whole grid, for a GPU (not timed: no GPU here)
 
 `--quick` (the default; measured 4 min 3 s wall, 240 s in the script, on 2 shared CPU

@@ -5,9 +5,13 @@ from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint import NeumannAdjoint as NeumannAdjoint
 from ._adjoint import PhantomAdjoint as PhantomAdjoint
 from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
+from ._convergence import converged as converged
+from ._convergence import meets as meets
+from ._convergence import scaled_size as scaled_size
 from ._custom import custom_fixed_point as custom_fixed_point
 from ._custom import custom_root as custom_root
 from ._errors import SolveError as SolveError
+from ._errors import checked as checked
 from ._errors import raise_if_failed as raise_if_failed
 from ._fixed_point import fixed_point as fixed_point
 from ._iterate import termination as termination

@@ -3,22 +3,26 @@
 import abc
 
 import equinox as eqx
+import jax
 import lineax as lx
 
-from ._implicit import implicit_solve
+from ._implicit import implicit_solve, poison_cotangent
 from ._linear import gmres_solve, lineax_solve, series_solve
 
 
 class AbstractAdjoint(eqx.Module):
     """How to differentiate a solve.
 
-    `apply(primal, residual, inputs, y0, loop)` returns `(y, rest)` where `primal`
-    runs the forward loop (`loop` is `"lax"` or a checkpointed kind) and `residual`
-    is the root form `G(y, inputs)` of the problem.
+    `apply(primal, residual, inputs, y0, tolerances, failed)` returns `(y, rest)`
+    where `primal(inputs, y0, loop, checkpoints)` runs the forward loop (`loop`
+    is `"lax"` or `"checkpointed"`), `residual` is the root form `G(y, inputs)`
+    of the problem, and `failed(y, rest, inputs)` (or `None`) says whether the
+    forward solve failed: the derivative of a failed solve must be NaN wherever
+    its cotangent is nonzero (and zero where it is zero).
     """
 
     @abc.abstractmethod
-    def apply(self, primal, residual, inputs, y0, tolerances):
+    def apply(self, primal, residual, inputs, y0, tolerances, failed=None):
         """Run `primal` and attach this adjoint's derivative rule."""
 
 
@@ -29,9 +33,10 @@ class _AbstractImplicit(AbstractAdjoint):
     def linear_solve(self, tolerances):
         """The `solve(matvec, b)` used for `A⁻¹`."""
 
-    def apply(self, primal, residual, inputs, y0, tolerances):
+    def apply(self, primal, residual, inputs, y0, tolerances, failed=None):
         run = lambda i, y: primal(i, y, "lax", None)  # noqa: E731
-        return implicit_solve(run, residual, inputs, y0, self.linear_solve(tolerances))
+        solve = self.linear_solve(tolerances)
+        return implicit_solve(run, residual, inputs, y0, solve, failed=failed)
 
 
 class ImplicitAdjoint(_AbstractImplicit):
@@ -150,6 +155,9 @@ class UnrolledAdjoint(AbstractAdjoint):
                 f"got {self.checkpoints!r}."
             )
 
-    def apply(self, primal, residual, inputs, y0, tolerances):
+    def apply(self, primal, residual, inputs, y0, tolerances, failed=None):
         del residual, tolerances
-        return primal(inputs, y0, "checkpointed", self.checkpoints)
+        y, rest = primal(inputs, y0, "checkpointed", self.checkpoints)
+        if failed is not None:
+            y = poison_cotangent(y, jax.lax.stop_gradient(failed(y, rest, inputs)))
+        return y, rest

@@ -8,15 +8,21 @@ from jax.flatten_util import ravel_pytree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._checks import as_float_pytree, check_instance, check_output
+from ._convergence import converged
+from ._norm import max_norm
 from ._solve import residual_fn, setup
+from ._solver import check_tolerance
 
 
 def _default_tolerances(dtype):
     return (1e-10, 1e-10) if jnp.finfo(dtype).bits >= 64 else (1e-6, 1e-6)
 
 
-def _decorator(kind, name, fn, has_aux, adjoint):
+def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol):
     check_instance(adjoint, AbstractAdjoint, "adjoint")
+    for label, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None:
+            check_tolerance(value, f"{name}: `{label}`")
 
     def decorator(solver_fn):
         @ft.wraps(solver_fn)
@@ -29,13 +35,33 @@ def _decorator(kind, name, fn, has_aux, adjoint):
             solver_cc = eqx.filter_closure_convert(solver_fn, y0, args)
             inputs = (*inputs, solver_cc)
 
+            residual = residual_fn(kind)
+            dtype = y0_flat.dtype
+            eps = float(jnp.finfo(dtype).eps) ** 0.5
+            check = (eps if rtol is None else rtol, eps if atol is None else atol)
+
             def primal(inputs, y, loop, checkpoints):
                 del loop, checkpoints
                 _, args, solver = inputs
-                return ravel_pytree(solver(unravel(y), args))[0], ()
+                start = max_norm(residual(y, inputs))
+                return ravel_pytree(solver(unravel(y), args))[0], start
 
-            tolerances = _default_tolerances(y0_flat.dtype)
-            y_flat, _ = adjoint.apply(primal, residual_fn(kind), inputs, y0_flat, tolerances)
+            def failed(y, start, inputs):
+                # The same test as the loops', on the point the user's solver returned.
+                ok, _ = converged(
+                    max_norm,
+                    residual(y, inputs),
+                    y,
+                    None,
+                    *check,
+                    kind=kind,
+                    start_norm=start,
+                    y0=y,
+                )
+                return ~ok
+
+            tolerances = _default_tolerances(dtype)
+            y_flat, _ = adjoint.apply(primal, residual, inputs, y0_flat, tolerances, failed)
             return unravel(y_flat)
 
         return wrapped
@@ -43,7 +69,14 @@ def _decorator(kind, name, fn, has_aux, adjoint):
     return decorator
 
 
-def custom_fixed_point(fn, *, has_aux=False, adjoint: AbstractAdjoint = ImplicitAdjoint()):
+def custom_fixed_point(
+    fn,
+    *,
+    has_aux=False,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    rtol: float | None = None,
+    atol: float | None = None,
+):
     """Give your own solver fixpoint's gradient rule for the fixed point of `fn`.
 
     ```python
@@ -62,10 +95,27 @@ def custom_fixed_point(fn, *, has_aux=False, adjoint: AbstractAdjoint = Implicit
     which differentiates through it). The default `ImplicitAdjoint()` uses GMRES
     with relative tolerance `1e-6` (float32) or `1e-10` (float64) unless given
     its own.
+
+    The returned point is checked as the loops check theirs: if
+    `max_norm((y - fn(y, args)) / (atol + rtol·|y|)) < 1` fails there, the
+    solve counts as failed and its derivative is NaN wherever the cotangent is
+    nonzero (zero where it is zero, so a masked sample does not poison a
+    batch). `rtol`, `atol` default to `sqrt(eps)` of the dtype (3.5e-4 in
+    float32, 1.5e-8 in float64): pass your solver's tolerances.
     """
-    return _decorator("fixed_point", "custom_fixed_point", fn, has_aux, adjoint)
+    return _decorator("fixed_point", "custom_fixed_point", fn, has_aux, adjoint, rtol, atol)
 
 
-def custom_root(fn, *, has_aux=False, adjoint: AbstractAdjoint = ImplicitAdjoint()):
-    """As `custom_fixed_point`, for a solver returning `y` with `fn(y, args) ≈ 0`."""
-    return _decorator("root", "custom_root", fn, has_aux, adjoint)
+def custom_root(
+    fn,
+    *,
+    has_aux=False,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    rtol: float | None = None,
+    atol: float | None = None,
+):
+    """As `custom_fixed_point`, for a solver returning `y` with `fn(y, args) ≈ 0`.
+
+    The check of the returned point is `max_norm(g(y) / (atol + rtol·‖g(y0)‖)) < 1`.
+    """
+    return _decorator("root", "custom_root", fn, has_aux, adjoint, rtol, atol)

@@ -2,8 +2,10 @@
 
 import functools as ft
 
+import equinox as eqx
 import equinox.internal as eqxi
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._solution import RESULTS
@@ -86,3 +88,24 @@ def raise_if_failed(value, codes, num_steps, residual, what: str, hint: str = _S
 def _raise_if_failed_jvp(what, hint, primals, tangents):
     value, codes, num_steps, residual = primals
     return raise_if_failed(value, codes, num_steps, residual, what, hint), tangents[0]
+
+
+def checked(outputs, codes, num_steps, residual, what: str, hint: str = _SOLVE_HINT):
+    """`outputs` (any pytree), made to depend on a run-time check of `codes`.
+
+    The check (`raise_if_failed`) runs on a scalar token, 0 unless it raises,
+    that is combined with *every* array leaf: so whichever output a caller uses
+    (the value, the result code, a step count) keeps the check alive under
+    `jit`, and a sharded output is never gathered to one device for it.
+    """
+    dtype = jnp.result_type(residual)
+    token = raise_if_failed(jnp.zeros((), dtype), codes, num_steps, residual, what, hint)
+
+    def attach(a):
+        if not eqx.is_array(a):
+            return a
+        if a.dtype == jnp.bool_:
+            return a ^ (token != 0)
+        return a + jax.lax.stop_gradient(token).astype(a.dtype)
+
+    return jax.tree.map(attach, outputs)

@@ -7,7 +7,7 @@ import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 
-from ._norm import scaled_norm
+from ._convergence import converged as convergence_test
 from ._problem import Problem
 from ._solution import RESULTS
 from ._solver import AbstractSolver
@@ -30,6 +30,7 @@ class _Carry(eqx.Module):
     result: RESULTS
     residual: jax.Array
     best: jax.Array
+    start: jax.Array
     history: Any
 
 
@@ -95,6 +96,7 @@ def iterate(
         result=RESULTS.successful,
         residual=jnp.array(jnp.inf, dtype),
         best=jnp.array(jnp.inf, dtype),
+        start=jnp.array(jnp.inf, dtype),
         history=history,
     )
 
@@ -105,20 +107,31 @@ def iterate(
         step = solver.step(problem, carry.y, args, carry.state)
         ev, solver_result = step.evaluation, step.result
         rnorm = solver.norm(ev.residual)
-        scaled = scaled_norm(solver.norm, ev.residual, carry.y, solver.rtol, solver.atol)
-        # `scaled` may be inf where atol = 0 and y = 0: that is not converged, but not
-        # a non-finite iterate either.
+        first = carry.step == 0
+        start = jnp.where(first, rnorm, carry.start)
         finite = jnp.isfinite(rnorm)
         # The proposed step is the solver's estimate of the distance to the
-        # solution (for Newton exactly so). Requiring it to be small as well stops
-        # an iterate that runs off to where the residual merely saturates (say
-        # arctan(y) - 0.3 at y = 1e15, where rtol * |y| is huge) from counting as
-        # converged. For Picard the step *is* the residual, so nothing changes.
-        step_size = scaled_norm(
-            solver.norm, step.y_next - carry.y, carry.y, solver.rtol, solver.atol
+        # solution (for Newton exactly so); requiring it to be small as well stops
+        # an iterate that runs off to where the residual merely saturates. For
+        # Picard the step *is* the residual. See `_convergence.py` for the rule.
+        converged, residual_ok = convergence_test(
+            solver.norm,
+            ev.residual,
+            carry.y,
+            step.y_next - carry.y,
+            solver.rtol,
+            solver.atol,
+            kind=problem.kind,
+            start_norm=start,
+            y0=y0,
         )
-        converged = finite & (scaled < 1) & (step_size < 1)
-        diverged = ~jnp.asarray(step.trial) & (rnorm > options.divergence_ratio * carry.best)
+        converged = finite & converged
+        # A residual within tolerance is never "diverging" (e.g. after a best of 0).
+        diverged = (
+            ~jnp.asarray(step.trial)
+            & ~residual_ok
+            & (rnorm > options.divergence_ratio * carry.best)
+        )
         out_of_steps = carry.step >= options.max_steps
         result, done = termination(converged, finite, diverged, out_of_steps, solver_result)
         history = carry.history
@@ -133,6 +146,7 @@ def iterate(
             result=result,
             residual=rnorm,
             best=jnp.minimum(carry.best, jnp.where(finite, rnorm, carry.best)),
+            start=start,
             history=history,
         )
 

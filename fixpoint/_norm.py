@@ -1,4 +1,4 @@
-"""Norms on flat vectors, and the scaled-residual termination test."""
+"""Norms on flat vectors (the convergence test itself is in `_convergence.py`)."""
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -21,8 +21,3 @@ def rms_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
 def two_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
     """The Euclidean norm."""
     return jnp.sqrt(jnp.sum(jnp.square(x)))
-
-
-def scaled_norm(norm, r, y, rtol, atol) -> Float[Array, ""]:
-    """`norm(r / (atol + rtol * |y|))`: below 1 means converged."""
-    return norm(r / (atol + rtol * jnp.abs(y)))

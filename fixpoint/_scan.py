@@ -11,11 +11,11 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._checks import as_float_pytree, check_instance, check_int
-from ._errors import raise_if_failed
+from ._errors import checked
 from ._implicit import implicit_solve
-from ._scan_loop import iterate_scan, scan_linear_solve
+from ._scan_loop import EXTRA_STEPS, iterate_scan, scan_linear_solve
 from ._scan_solver import AbstractScanSolver, ScanProblem
-from ._solution import Solution
+from ._solution import RESULTS, Solution
 from ._solve import _strong
 from ._time import Time
 
@@ -120,7 +120,7 @@ def scan(
     devices = 1 if mesh is None else mesh.devices.size
     pad = -steps % devices
     if max_steps is None:
-        max_steps = steps + pad  # the padded steps must converge too
+        max_steps = steps + pad + EXTRA_STEPS  # the padded steps must converge too
     if pad:
         # Padding goes after the last step in scan order: it cannot change the others.
         inputs, h_guess = _pad(inputs, h_guess, pad, reverse)
@@ -144,7 +144,9 @@ def scan(
             h, ys = jax.tree.map(lambda a: _place(a, mesh, PartitionSpec()), (h, ys))
         h, ys = jax.tree.map(lambda a: a[cut], (h, ys))
     if throw:
-        h, ys = _checked((h, ys), result, stats)
+        h, ys, result, stats = checked(
+            (h, ys, result, stats), result._value, stats["num_steps"], stats["residual"], "`scan`"
+        )
     final = unravel(h[0] if reverse else h[-1])
     if not return_solution:
         return final, ys
@@ -177,10 +179,17 @@ def _solve(
         return h - problem(inputs).evaluate(h)
 
     solve_at = scan_linear_solve(adjoint_solver, throw, time, reverse)
-    h, (result, stats) = implicit_solve(primal, residual, inputs, h_guess, solve_at, at_point=True)
+    h, (result, stats) = implicit_solve(
+        primal, residual, inputs, h_guess, solve_at, at_point=True, failed=_failed
+    )
     cell, xs, h0 = inputs
     ys = jax.vmap(cell)(time.shift(h, h0, reverse), xs)[1]
     return h, ys, result, stats
+
+
+def _failed(h, rest, inputs):
+    del h, inputs
+    return rest[0] != RESULTS.successful
 
 
 def _sharded(run, mesh, inputs, h_guess):
@@ -206,27 +215,6 @@ def _sharded(run, mesh, inputs, h_guess):
         out_specs=(split, split, whole, whole),
         check_vma=False,
     )(*args)
-
-
-def _checked(outputs, result, stats):
-    """`outputs`, made to depend on a run-time check that raises if the solve failed.
-
-    The check runs on a scalar token (0 unless it raises) that is combined with
-    every output leaf, so no output can be used without it: handing the
-    outputs themselves to the host callback would gather a sharded trajectory
-    onto one device.
-    """
-    dtype = jnp.result_type(stats["residual"])
-    token = raise_if_failed(
-        jnp.zeros((), dtype), result._value, stats["num_steps"], stats["residual"], "`scan`"
-    )
-
-    def attach(a):
-        if a.dtype == jnp.bool_:
-            return a ^ (token != 0)
-        return a + token.astype(a.dtype)
-
-    return jax.tree.map(attach, outputs)
 
 
 def _place(a, mesh, spec):

@@ -19,7 +19,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, Float
 
 from ._custom_types import Norm
-from ._time import Time
+from ._time import Time, linear_recurrence
 
 
 class ScanProblem(eqx.Module):
@@ -77,6 +77,17 @@ class ScanProblem(eqx.Module):
         diag = jax.lax.map(column, jnp.arange(dim), batch_size=min(dim, batch_size))
         return fh, diag.T
 
+    def newton_step(self, h):
+        """`H - E`: one Newton step on the whole trajectory, with dense Jacobians.
+
+        `E` solves `E_t = A_t E_{t-1} + r_t` (`A_t = ∂cell/∂h`, `r = H - F(H)`),
+        the first-order error of `H` against the sequential answer. Costs `D`
+        JVPs per step and one associative scan of `D×D` matrices; memory
+        `O(T·D²)`. The default `refine` of solvers without dense Jacobians.
+        """
+        fh, jac = self.jacobians(h)
+        return h + linear_recurrence(self.time, jac, fh - h, self.reverse)
+
 
 class AbstractScanSolver(eqx.Module):
     """An algorithm for `fixpoint.scan`.
@@ -91,8 +102,13 @@ class AbstractScanSolver(eqx.Module):
     solver should treat the frozen steps as exact (zero residual, zero update),
     so that its proposal for the later steps is consistent with them.
 
-    `rtol`, `atol` and `norm` define convergence of step `t`:
-    `norm((h_t - cell(h_{t-1}, x_t)) / (atol + rtol |h_t|)) < 1`, for every `t`.
+    Once every step meets the tolerance, the loop calls `refine` instead of
+    `update` and certifies the trajectory only when the refinement (an estimate
+    of the accumulated error) is within the tolerance as well.
+
+    `rtol`, `atol` and `norm` define both tests of step `t` (`fixpoint.meets`):
+    `norm(v_t / (atol + rtol |h_t|)) < 1` for the residual
+    `v_t = h_t - cell(h_{t-1}, x_t)` and for the refinement's move.
     """
 
     rtol: AbstractVar[float]
@@ -110,3 +126,14 @@ class AbstractScanSolver(eqx.Module):
     @abc.abstractmethod
     def update(self, problem: ScanProblem, h, fh, derivatives, frozen, state) -> tuple[Any, Any]:
         """`(h_next, state)`: the proposed trajectory, given `F(h)` and the frozen mask."""
+
+    @abc.abstractmethod
+    def refine(self, problem: ScanProblem, h, fh, derivatives, state) -> tuple[Any, Any]:
+        """`(h_refined, state)` once every step of `h` meets the per-step tolerance.
+
+        `h_refined` must be accurate to first order in the residuals `h - F(h)`
+        (a Newton step on the whole trajectory, `problem.newton_step(h)`, or an
+        exact sequential sweep): the loop certifies `h` only if `h_refined`
+        differs from it by less than the tolerance at every step, so that the
+        error accumulated along the sequence is within the tolerance too.
+        """

@@ -9,10 +9,10 @@ from jax.flatten_util import ravel_pytree
 
 from ._adjoint import AbstractAdjoint
 from ._checks import as_float_pytree, check_instance, check_int, check_output
-from ._errors import raise_if_failed
+from ._errors import checked
 from ._iterate import LoopOptions, iterate
 from ._problem import Problem
-from ._solution import Solution
+from ._solution import RESULTS, Solution
 from ._solver import AbstractSolver
 
 
@@ -59,16 +59,21 @@ def solve(
         )
 
     y_flat, (aux, result, stats) = adjoint.apply(
-        primal, residual_fn(kind), inputs, y0_flat, (solver.rtol, solver.atol)
+        primal, residual_fn(kind), inputs, y0_flat, (solver.rtol, solver.atol), _failed
     )
-    if throw:
-        y_flat = raise_if_failed(
-            y_flat, result._value, stats["num_steps"], stats["residual"], f"`{name}`"
-        )
     if has_aux:
         # Evaluated again at the (differentiable) solution so that gradients flow
         # through `aux` under every adjoint.
         aux = inputs[0](y_flat, inputs[1])[1]
+    if throw:
+        # Every output depends on the check, so it runs whichever one is used.
+        y_flat, result, stats, aux = checked(
+            (y_flat, result, stats, aux),
+            result._value,
+            stats["num_steps"],
+            stats["residual"],
+            f"`{name}`",
+        )
     return Solution(value=unravel(y_flat), result=result, aux=aux, stats=stats)
 
 
@@ -100,6 +105,11 @@ def residual_fn(kind):
         return Problem(inputs[0], kind).residual(y, inputs[1])[0]
 
     return residual
+
+
+def _failed(y, rest, inputs):
+    del y, inputs
+    return rest[1] != RESULTS.successful
 
 
 def _split(out):

@@ -4,6 +4,8 @@ import abc
 from typing import Any, Generic, TypeVar
 
 import equinox as eqx
+import jax
+import numpy as np
 from equinox import AbstractVar
 
 from ._custom_types import Norm
@@ -43,8 +45,9 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     residual) and the proposed next iterate. Termination, divergence detection and the result
     codes are the loop's job, so every solver gets them the same way.
 
-    Every concrete solver has the fields `rtol`, `atol` (the test is
-    `norm(G(y) / (atol + rtol * |y|)) < 1`) and `norm`.
+    Every concrete solver has the fields `rtol`, `atol` and `norm`; the loop
+    decides convergence with them by `fixpoint.converged` (see the README's
+    convergence rule), the same way for every solver.
     """
 
     rtol: AbstractVar[float]
@@ -60,14 +63,24 @@ class AbstractSolver(eqx.Module, Generic[_State]):
         """Evaluate the problem once at `y` and propose the next iterate."""
 
 
+def check_tolerance(value, what: str) -> None:
+    """A tolerance must be a static, finite, non-negative real number."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{what} must be a static Python float, got a traced value: tolerances "
+            "decide the loop's structure. Pass a number (not a JAX array under "
+            "`jit`/`vmap`), or close over it as a Python float."
+        )
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{what} must be a non-negative number, got {value!r}.")
+    if isinstance(value, np.complexfloating) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a non-negative, finite number, got {value!r}.")
+
+
 def check_tolerances(solver) -> None:
     """Shared `__check_init__` body: readable errors for bad tolerances."""
     for name in ("rtol", "atol"):
-        value = getattr(solver, name)
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(
-                f"{type(solver).__name__}: `{name}` must be a non-negative number, got {value!r}."
-            )
+        check_tolerance(getattr(solver, name), f"{type(solver).__name__}: `{name}`")
     if solver.rtol == 0 and solver.atol == 0:
         raise ValueError(f"{type(solver).__name__}: `rtol` and `atol` cannot both be zero.")
     if not callable(solver.norm):

@@ -102,9 +102,9 @@ class MonDEQ(eqx.Module):
     U: Float[Array, "hidden in"]
     bias: Float[Array, " hidden"]
     m: float = eqx.field(static=True)
-    solver: PeacemanRachford | ForwardBackward
+    solver: PeacemanRachford | ForwardBackward = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
-    adjoint: fixpoint.AbstractAdjoint
+    adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
 
     def __init__(
@@ -324,9 +324,9 @@ class ConvMonDEQ(eqx.Module):
     bias: Array
     m: float = eqx.field(static=True)
     shape: tuple[int, ...] = eqx.field(static=True)
-    solver: PeacemanRachford | ForwardBackward
+    solver: PeacemanRachford | ForwardBackward = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
-    adjoint: fixpoint.AbstractAdjoint
+    adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
 
     def __init__(

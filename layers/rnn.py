@@ -84,8 +84,9 @@ class ParallelRNN(eqx.Module):
     """
 
     cell: Callable
-    solver: fixpoint.AbstractScanSolver
-    adjoint_solver: fixpoint.AbstractScanSolver | None
+    # Settings, not weights: static, so a checkpoint never replaces them.
+    solver: fixpoint.AbstractScanSolver = eqx.field(static=True)
+    adjoint_solver: fixpoint.AbstractScanSolver | None = eqx.field(static=True)
     max_steps: int | None = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
     mesh: Mesh | None = eqx.field(static=True)

@@ -25,10 +25,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, Float
 
 import fixpoint
-
-# `fixpoint` has no public "raise SolveError for a failed Solution" yet; this is the
-# helper `fixed_point(throw=True)` uses, so both raise the same readable error.
-from fixpoint import RESULTS, raise_if_failed
+from fixpoint import RESULTS
 
 # ---- the linear part ---------------------------------------------------------
 
@@ -123,6 +120,7 @@ class _Carry(eqx.Module):
     result: RESULTS
     residual: Array
     best: Array
+    start: Array
 
 
 def _iterate(solver, operator, b, z0, u0, update, max_steps):
@@ -130,7 +128,8 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps):
 
     The residual `r = relu(W z + b) - z` is measured at the current iterate
     before each update, so the returned `value` is the iterate whose residual is
-    reported. The loop stops on convergence (`norm(r / (atol + rtol |z|)) < 1`), a
+    reported. The loop stops on convergence (`fixpoint.converged`: `norm(r / (atol +
+    rtol |z|)) < 1`, with a residual that has fallen: see `fixpoint.converged`), a
     non-finite residual (`nonfinite`), divergence (`norm(r)` above
     `divergence_ratio` times the smallest seen: `diverged`) or after `max_steps`
     updates (`max_steps_reached`). Finished samples of a `vmap` never move again.
@@ -144,10 +143,24 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps):
         wz = operator.mv(c.z)
         r = jax.nn.relu(wz + b) - c.z
         rnorm = solver.norm(r)
-        scaled = solver.norm(r / (solver.atol + solver.rtol * jnp.abs(c.z)))
+        first = c.step == 0
+        start = jnp.where(first, rnorm, c.start)
         finite = jnp.isfinite(rnorm)
-        converged = finite & (scaled < 1)
-        diverged = finite & (rnorm > solver.divergence_ratio * c.best)
+        # The same test as `fixpoint.fixed_point`'s (for the splitting methods the
+        # residual is measured directly; no separate step test).
+        converged, residual_ok = fixpoint.converged(
+            solver.norm,
+            r,
+            c.z,
+            None,
+            solver.rtol,
+            solver.atol,
+            kind="fixed_point",
+            start_norm=start,
+            y0=z0,
+        )
+        converged = finite & converged
+        diverged = finite & ~residual_ok & (rnorm > solver.divergence_ratio * c.best)
         out_of_steps = c.step >= max_steps
         result, done = fixpoint.termination(converged, finite, diverged, out_of_steps)
         z_next, u_next = update(c.z, c.u, wz)
@@ -160,6 +173,7 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps):
             result=result,
             residual=rnorm,
             best=jnp.minimum(c.best, jnp.where(finite, rnorm, c.best)),
+            start=start,
         )
 
     init = _Carry(
@@ -170,6 +184,7 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps):
         result=RESULTS.successful,
         residual=jnp.array(jnp.inf, dtype),
         best=jnp.array(jnp.inf, dtype),
+        start=jnp.array(jnp.inf, dtype),
     )
     final = jax.lax.while_loop(cond, body, init)
     stats = {"num_steps": final.step, "residual": final.residual}
@@ -226,14 +241,22 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, u_init, upd
     )
     u0, update = u_init(op_nd, b_nd, z0_nd), update(op_nd, b_nd)
     sol = _iterate(solver, op_nd, b_nd, z0_nd, u0, update, max_steps)
-    value = sol.value
+    # The derivative of a failed solve is NaN where its cotangent is nonzero:
+    # `custom_fixed_point` checks the returned point against the same tolerance.
+    solve_fn = fixpoint.custom_fixed_point(
+        _equilibrium_map, adjoint=adjoint, rtol=solver.rtol, atol=solver.atol
+    )(_already_solved)
+    value = solve_fn(sol.value, (operator, b))
+    result, stats = sol.result, sol.stats
     if throw:
-        value = raise_if_failed(
-            value, sol.result._value, sol.stats["num_steps"], sol.stats["residual"], f"`{name}`"
+        value, result, stats = fixpoint.checked(
+            (value, result, stats),
+            result._value,
+            stats["num_steps"],
+            stats["residual"],
+            f"`{name}`",
         )
-    solve_fn = fixpoint.custom_fixed_point(_equilibrium_map, adjoint=adjoint)(_already_solved)
-    value = solve_fn(value, (operator, b))
-    return fixpoint.Solution(value=value, result=sol.result, aux=None, stats=sol.stats)
+    return fixpoint.Solution(value=value, result=result, aux=None, stats=stats)
 
 
 _IMPLICIT = fixpoint.ImplicitAdjoint()

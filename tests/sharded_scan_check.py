@@ -22,35 +22,35 @@ def f(h, x):
 
 
 init = jnp.zeros(3, jnp.float64)
-for n in (64, 61, 3):  # divisible by 4, padded, and shorter than the device count
+every = (
+    solvers.Sequential(**TOL),
+    solvers.Jacobi(**TOL),
+    solvers.GaussSeidel(block=5, **TOL),
+    solvers.DEER(**TOL),
+    solvers.QuasiDEER(**TOL),
+    solvers.ELK(**TOL),
+)
+# Padding is independent of the solver: a sweeping one and DEER suffice there.
+# (The unsharded call is checked against `lax.scan` in test_scan.py; here every
+# sharded result, value and gradient in one compiled call, is checked against it.)
+cases = [(64, every, (False, True)), (61, every[::3], (False, True)), (3, every[:2], (False,))]
+for n, chosen, directions in cases:  # divisible by 4, padded, shorter than the devices
     xs = jax.random.normal(jax.random.key(n), (n, 3), jnp.float64)
-    for reverse in (False, True):
+    for reverse in directions:
         ref = jax.lax.scan(f, init, xs, reverse=reverse)
         grad_ref = jax.grad(
             lambda xs, r=reverse: jnp.sum(jax.lax.scan(f, init, xs, reverse=r)[1]["h"] ** 2)
         )(xs)
-        every = (
-            solvers.Sequential(**TOL),
-            solvers.Jacobi(**TOL),
-            solvers.GaussSeidel(block=5, **TOL),
-            solvers.DEER(**TOL),
-            solvers.QuasiDEER(**TOL),
-            solvers.ELK(**TOL),
-        )
-        # Padding is independent of the solver: the sweeping ones and DEER suffice there.
-        for solver in every if n == 64 else every[:4]:
+        for solver in chosen:
             name = f"{type(solver).__name__} n={n} reverse={reverse}"
 
-            def run(xs, mesh, solver=solver, reverse=reverse):
-                return fixpoint.scan(f, init, xs, solver=solver, reverse=reverse, mesh=mesh)
+            def loss(xs, solver=solver, reverse=reverse):
+                out = fixpoint.scan(f, init, xs, solver=solver, reverse=reverse, mesh=mesh)
+                return jnp.sum(out[1]["h"] ** 2), out
 
-            sharded = jax.jit(lambda xs: run(xs, mesh))(xs)
-            plain = jax.jit(lambda xs: run(xs, None))(xs)
-            leaves = (jax.tree.leaves(sharded), jax.tree.leaves(plain), jax.tree.leaves(ref))
-            for a, b, c in zip(*leaves, strict=True):
-                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10, err_msg=name)
+            (_, sharded), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(xs)
+            for a, c in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref), strict=True):
                 np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-10, err_msg=name)
-            g = jax.jit(jax.grad(lambda xs: jnp.sum(run(xs, mesh)[1]["h"] ** 2)))(xs)
             np.testing.assert_allclose(g, grad_ref, rtol=1e-8, atol=1e-10, err_msg=name)
             if n == 64:
                 ys = sharded[1]["h"]

@@ -1,0 +1,289 @@
+"""The convergence contract: what `successful` guarantees, and no silent wrong answers.
+
+One regression test per report of issue #9, in float32 where the report was
+float32 and in float64.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+from helpers import SOLVERS
+
+import fixpoint
+import layers
+import solvers
+
+OK = fixpoint.RESULTS.successful
+DTYPES = [jnp.float32, jnp.float64]
+SCAN_SOLVERS = {
+    "sequential": solvers.Sequential,
+    "jacobi": solvers.Jacobi,
+    "gauss_seidel": lambda: solvers.GaussSeidel(block=16),
+    "deer": solvers.DEER,
+    "quasi_deer": solvers.QuasiDEER,
+    "elk": solvers.ELK,
+}
+
+
+# ---- 1. scans: small per-step residuals are not a small error -----------------
+
+
+def _integrator(h, x):
+    return h + x, None
+
+
+@pytest.mark.parametrize("name", SCAN_SOLVERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_integrator_accumulated_error(name, dtype):
+    # Every step's residual (5e-7) is within atol = 1e-6 from the start, but
+    # the error adds up to 5e-3 along the sequence.
+    xs = jnp.full((10_000, 2), 5e-7, dtype)
+    final, _, sol = fixpoint.scan(
+        _integrator, jnp.zeros(2, dtype), xs, solver=SCAN_SOLVERS[name](), return_solution=True
+    )
+    assert bool(sol.result == OK)
+    exact = jax.lax.scan(lambda h, x: (h + x, h + x), jnp.zeros(2, dtype), xs)[1]
+    tol = 1e-6 + 1e-6 * jnp.abs(exact)
+    assert bool(jnp.all(jnp.abs(sol.value - exact) <= 2 * tol)), name
+    np.testing.assert_allclose(final, 5e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scan_warm_start_is_certified(dtype):
+    xs = jnp.full((10_000, 2), 1e-3, dtype)
+    guess = jnp.cumsum(xs * 1.0005, axis=0)  # each step's residual is 5e-7
+    final, _, sol = fixpoint.scan(
+        _integrator,
+        jnp.zeros(2, dtype),
+        xs,
+        solver=solvers.Jacobi(),
+        guess=guess,
+        return_solution=True,
+    )
+    assert bool(sol.result == OK)
+    want, _ = jax.lax.scan(_integrator, jnp.zeros(2, dtype), xs)  # 10.0004 in float32
+    np.testing.assert_allclose(final, want, rtol=2e-6)
+
+
+def _gru(d, scale, dtype, key):
+    cell = eqx.nn.GRUCell(4, d, key=key, dtype=dtype)
+    return eqx.tree_at(lambda c: c.weight_hh, cell, cell.weight_hh * scale)
+
+
+@pytest.mark.parametrize("name", ["jacobi", "gauss_seidel", "quasi_deer", "elk", "deer"])
+def test_scan_long_memory_gru_within_tolerance(name, getkey):
+    # QuasiDEER and ELK used to stop with errors ~10x the tolerance here.
+    cell = _gru(16, 3.0, jnp.float64, getkey())
+    xs = jax.random.normal(getkey(), (600, 4))
+    f = lambda h, x: (cell(x, h), cell(x, h))  # noqa: E731
+    _, want = jax.lax.scan(f, jnp.zeros(16), xs)
+    _, ys, sol = fixpoint.scan(
+        f, jnp.zeros(16), xs, solver=SCAN_SOLVERS[name](), return_solution=True
+    )
+    assert bool(sol.result == OK)
+    tol = 1e-6 + 1e-6 * jnp.abs(want)
+    assert float(jnp.max(jnp.abs(ys - want) / tol)) <= 2.0
+
+
+# ---- 2. no fixed point or root: never successful ------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", SOLVERS)
+def test_no_root_is_not_successful(name, dtype):
+    sol = fixpoint.root_find(
+        lambda y, a: jnp.tanh(y) + 2.0,
+        jnp.zeros(1, dtype),
+        solver=SOLVERS[name](1e-4, 1e-4),
+        throw=False,
+    )
+    assert not bool(sol.result == OK)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", SOLVERS)
+def test_runaway_fixed_point_is_not_successful(name, dtype):
+    # Under the old rule y = 100 "converged": |1| < 0.01 + 0.01 * 100.
+    sol = fixpoint.fixed_point(
+        lambda y, a: y + 1.0,
+        jnp.zeros(1, dtype),
+        solver=SOLVERS[name](1e-2, 1e-2),
+        throw=False,
+        max_steps=500,
+    )
+    assert not bool(sol.result == OK)
+
+
+def test_splitting_loop_shares_the_rule():
+    # A monotone problem converges; the residual test is the shared one.
+    w = solvers.MonotoneMatrix(0.5 * jnp.eye(3), 0.5)
+    sol = solvers.PeacemanRachford(1e-8, 0.0).solve(w, jnp.array([1.0, -1.0, 0.0]))
+    assert bool(sol.result == OK)
+    np.testing.assert_allclose(sol.value, [2.0, 0.0, 0.0], atol=1e-7)
+
+
+# ---- 3. the gradient of a failed solve is NaN, and a masked one poisons nothing --
+
+ADJOINTS = {
+    "implicit": fixpoint.ImplicitAdjoint(),
+    "implicit_lu": fixpoint.ImplicitAdjoint(linear_solver=lx.LU()),
+    "phantom": fixpoint.PhantomAdjoint(),
+    "neumann": fixpoint.NeumannAdjoint(),
+    "unrolled": fixpoint.UnrolledAdjoint(),
+}
+
+
+def _cos_solve(a, adjoint, dtype):
+    # Every root of y = cos(5 y) repels Picard: the solve ends at max_steps.
+    return fixpoint.fixed_point(
+        lambda y, a: jnp.cos(a * y),
+        jnp.ones(1, dtype),
+        a,
+        solver=solvers.Picard(1e-6, 1e-6),
+        throw=False,
+        adjoint=adjoint,
+        max_steps=64,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_failed_solve_has_nan_gradient(adjoint, dtype):
+    a = jnp.asarray(5.0, dtype)
+    sol = _cos_solve(a, ADJOINTS[adjoint], dtype)
+    assert not bool(sol.result == OK)
+    g = jax.grad(lambda a: _cos_solve(a, ADJOINTS[adjoint], dtype).value.sum())(a)
+    assert bool(jnp.isnan(g))
+    if adjoint != "unrolled":  # forward mode too
+        t = jax.jvp(lambda a: _cos_solve(a, ADJOINTS[adjoint], dtype).value, (a,), (1.0 * a,))[1]
+        assert bool(jnp.all(jnp.isnan(t)))
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_masked_failed_sample_does_not_poison_the_batch(adjoint):
+    # One shared parameter `w`; sample 1 fails (a = 5), sample 0 converges.
+    adj = ADJOINTS[adjoint]
+
+    def solve(w, a):
+        return fixpoint.fixed_point(
+            lambda y, args: w * jnp.cos(args * y),
+            jnp.ones(1),
+            a,
+            solver=solvers.Picard(1e-8, 1e-8),
+            throw=False,
+            adjoint=adj,
+            max_steps=200,
+        )
+
+    def loss(w, a):
+        sol = jax.vmap(lambda a: solve(w, a))(a)
+        ok = sol.result == OK
+        return jnp.sum(jnp.where(ok[:, None], sol.value, 0.0))
+
+    a = jnp.array([0.5, 5.0])
+    sol = jax.vmap(lambda a: solve(1.0, a))(a)
+    assert np.asarray(sol.result == OK).tolist() == [True, False]
+    g = jax.grad(loss)(1.0, a)
+    g_alone = jax.grad(lambda w: solve(w, a[0]).value.sum())(1.0)
+    np.testing.assert_allclose(g, g_alone, rtol=1e-6)
+
+
+def test_custom_fixed_point_checks_the_returned_point():
+    fn = lambda y, a: jnp.cos(a * y)  # noqa: E731
+
+    @fixpoint.custom_fixed_point(fn)
+    def sloppy(y0, a):
+        return y0  # never iterates: cos(y0) != y0
+
+    @fixpoint.custom_fixed_point(fn, rtol=1e-10, atol=1e-10)
+    def good(y0, a):
+        y = y0
+        for _ in range(200):
+            y = fn(y, a)
+        return y
+
+    assert bool(jnp.isnan(jax.grad(lambda a: sloppy(jnp.ones(1), a).sum())(1.0)))
+    g = jax.grad(lambda a: good(jnp.ones(1), a).sum())(1.0)
+    y = good(jnp.ones(1), 1.0)[0]
+    # y = cos(a y): dy/da = -sin(a y) y / (1 + a sin(a y)) at a = 1.
+    np.testing.assert_allclose(g, -jnp.sin(y) * y / (1 + jnp.sin(y)), rtol=1e-8)
+
+
+# ---- 4. loading a checkpoint keeps the settings ------------------------------
+
+
+def test_checkpoint_keeps_solver_settings(tmp_path, getkey):
+    key = getkey()
+    saved = layers.MonDEQ(3, 4, key=key, solver=solvers.PeacemanRachford(1e-5, 1e-5))
+    eqx.tree_serialise_leaves(tmp_path / "m.eqx", saved)
+    like = layers.MonDEQ(
+        3,
+        4,
+        key=key,
+        solver=solvers.PeacemanRachford(rtol=1e-2, atol=1e-3),
+        adjoint=fixpoint.PhantomAdjoint(),
+    )
+    loaded = eqx.tree_deserialise_leaves(tmp_path / "m.eqx", like)
+    assert loaded.solver.rtol == 1e-2 and isinstance(loaded.adjoint, fixpoint.PhantomAdjoint)
+
+    rnn = layers.ParallelRNN(eqx.nn.GRUCell(2, 3, key=key), solver=solvers.DEER(1e-5, 1e-5))
+    eqx.tree_serialise_leaves(tmp_path / "r.eqx", rnn)
+    like = layers.ParallelRNN(
+        eqx.nn.GRUCell(2, 3, key=key),
+        solver=solvers.ELK(rtol=1e-3),
+        adjoint_solver=solvers.Jacobi(),
+    )
+    loaded = eqx.tree_deserialise_leaves(tmp_path / "r.eqx", like)
+    assert isinstance(loaded.solver, solvers.ELK) and loaded.solver.rtol == 1e-3
+    assert isinstance(loaded.adjoint_solver, solvers.Jacobi)
+
+
+# ---- 5. throw=True under jit, whichever output is used ------------------------
+
+
+def test_throw_under_jit_when_only_stats_are_used():
+    @jax.jit
+    def steps(a):
+        sol = fixpoint.fixed_point(
+            lambda y, a: jnp.cos(a * y), jnp.ones(1), a, solver=solvers.Picard(1e-6, 1e-6)
+        )
+        return sol.stats["num_steps"], sol.result == OK
+
+    with pytest.raises(Exception, match="max_steps_reached"):
+        jax.block_until_ready(steps(5.0))
+
+    @jax.jit
+    def mondeq_steps(b):
+        w = solvers.MonotoneMatrix(0.5 * jnp.eye(2), 0.5)
+        return solvers.PeacemanRachford(1e-12, 1e-12).solve(w, b, max_steps=2).stats["num_steps"]
+
+    with pytest.raises(Exception, match="max_steps_reached"):
+        jax.block_until_ready(mondeq_steps(jnp.array([1.0, 2.0])))
+
+
+# ---- 6. atol = 0 and exact solutions -----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["picard", "anderson", "broyden"])
+def test_exact_solution_with_zero_atol(name, dtype):
+    sol = fixpoint.fixed_point(
+        lambda y, a: jax.nn.relu(y - 1.0),
+        jnp.full(2, 0.5, dtype),
+        solver=SOLVERS[name](1e-4, 0.0),
+        throw=False,
+    )
+    assert bool(sol.result == OK)
+    assert int(sol.stats["num_steps"]) <= 3
+    np.testing.assert_array_equal(sol.value, 0.0)
+
+
+def test_scaled_size_zero_over_zero():
+    norm = fixpoint.max_norm
+    assert float(fixpoint.scaled_size(norm, jnp.zeros(2), jnp.zeros(2), 1e-4, 0.0)) == 0.0
+    assert float(fixpoint.scaled_size(norm, jnp.array([0.0, 1e-30]), jnp.zeros(2), 1e-4, 0.0)) == (
+        np.inf
+    )
