@@ -161,3 +161,14 @@ class UnrolledAdjoint(AbstractAdjoint):
         if failed is not None:
             y = poison_cotangent(y, jax.lax.stop_gradient(failed(y, rest, inputs)))
         return y, rest
+
+
+def explain_forward_mode(adjoint: AbstractAdjoint, error: TypeError):
+    """A readable error for forward mode through `UnrolledAdjoint` (else re-raise)."""
+    if isinstance(adjoint, UnrolledAdjoint) and "forward-mode" in str(error):
+        raise TypeError(
+            "`UnrolledAdjoint` backpropagates through the iterations and supports "
+            "reverse mode only (`jax.grad`, `jax.vjp`); for forward mode (`jax.jvp`, "
+            "`jax.jacfwd`) use `fixpoint.ImplicitAdjoint()`."
+        ) from None
+    raise error

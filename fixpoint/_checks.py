@@ -29,6 +29,24 @@ def as_float_pytree(y0, name: str = "y0"):
     return jax.tree.unflatten(treedef, out)
 
 
+def outputs_as_arrays(out, what: str = "fn(y, args)"):
+    """`out` with Python numbers turned into arrays; anything else that is not an
+    array (a string, an object) is an error naming where it sits in `out`."""
+
+    def convert(path, leaf):
+        if eqx.is_array(leaf):
+            return leaf
+        if eqx.is_array_like(leaf):
+            return jnp.asarray(leaf)
+        raise TypeError(
+            f"`{what}` must return arrays (or Python numbers); at "
+            f"`{what}{jax.tree_util.keystr(path)}` it returned {type(leaf).__name__} "
+            f"{leaf!r:.60}."
+        )
+
+    return jax.tree_util.tree_map_with_path(convert, out)
+
+
 def check_output(out_struct, y0, has_aux: bool, name: str):
     """Check that `fn(y0, args)` has the structure, shapes and dtypes of `y0`."""
     if has_aux:
@@ -72,6 +90,11 @@ def check_int(value, name: str, minimum: int):
         raise TypeError(f"`{name}` must be an int, got {value!r}.")
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def check_bool(value, name: str):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
 
 
 def check_instance(value, cls, name: str):

@@ -12,7 +12,13 @@ from ._solution import RESULTS
 
 
 class SolveError(RuntimeError):
-    """Raised (from inside `jit`) when a solve with `throw=True` fails."""
+    """Raised when a solve with `throw=True` fails.
+
+    Eager calls (also under eager `jax.vmap` and `jax.grad`) raise `SolveError`
+    itself. Inside `jax.jit` the check runs as a host callback when the compiled
+    code executes, and JAX re-raises it as `jax.errors.JaxRuntimeError` whose
+    message contains this one (catch `JaxRuntimeError`, or `Exception`, there).
+    """
 
 
 _SOLVE_HINT = "Pass `throw=False` to get the result code instead of an error."
@@ -40,12 +46,31 @@ def _describe(what, codes, steps, residual, hint=_SOLVE_HINT) -> str:
     )
 
 
-def _concrete(x) -> bool:
-    try:
-        np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return False
-    return True
+def _concrete(x):
+    """`x` as a NumPy array if its value is known now, else `None`.
+
+    Known now: a concrete array, or a tracer of an *eager* transformation whose
+    value is concrete underneath (`vmap` keeps it in `.val`, `jvp`/`grad` in
+    `.primal`). Inside `jit` the value is abstract, and the check must run as a
+    callback instead.
+    """
+    for _ in range(16):
+        if not isinstance(x, jax.core.Tracer):
+            return np.asarray(x)
+        if isinstance(x, _BatchTracer):
+            x = x.val
+        elif isinstance(x, _JVPTracer):
+            x = x.primal
+        else:
+            return None
+    return None
+
+
+try:  # the eager transformations' tracers (JAX internals; without them, callbacks)
+    from jax._src.interpreters.ad import JVPTracer as _JVPTracer
+    from jax._src.interpreters.batching import BatchTracer as _BatchTracer
+except ImportError:  # pragma: no cover
+    _JVPTracer = _BatchTracer = ()
 
 
 @ft.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
@@ -57,10 +82,12 @@ def raise_if_failed(value, codes, num_steps, residual, what: str, hint: str = _S
     is a `lax.cond` around a host callback whose output `value` depends on, so it
     cannot be optimised away.
     """
-    if not any(isinstance(x, jax.Array) and not _concrete(x) for x in (codes, num_steps, residual)):
-        # Eager call: check in Python and raise the plain exception.
-        if np.any(np.asarray(codes) != RESULTS.successful._value):
-            raise SolveError(_describe(what, codes, num_steps, residual, hint))
+    known = [_concrete(x) for x in (codes, num_steps, residual)]
+    if all(k is not None for k in known):
+        # Eager call (also under eager `vmap`/`grad`): check in Python and raise
+        # the plain exception.
+        if np.any(known[0] != RESULTS.successful._value):
+            raise SolveError(_describe(what, *known, hint))
         return value
     failed = eqxi.unvmap_any(codes != RESULTS.successful._value)
     leaves, treedef = jax.tree.flatten(value)

@@ -21,6 +21,8 @@ def gmres(matvec, b, *, rtol: float, atol: float, restart: int = 20, max_restart
     the residual is recomputed from `b - A x` at the end.
     """
     n = b.shape[0]
+    if n == 0:  # nothing to solve (a zero-size state)
+        return jnp.zeros_like(b), jnp.zeros((), b.dtype), jnp.array(0)
     m = min(restart, n)
     dtype = b.dtype
     tiny = jnp.finfo(dtype).tiny

@@ -133,7 +133,10 @@ def iterate(
             & (rnorm > options.divergence_ratio * carry.best)
         )
         out_of_steps = carry.step >= options.max_steps
-        result, done = termination(converged, finite, diverged, out_of_steps, solver_result)
+        # A non-finite residual at a trial point the solver is already backing off
+        # from (a line search) is not the end of the solve.
+        trial = jnp.asarray(step.trial)
+        result, done = termination(converged, finite | trial, diverged, out_of_steps, solver_result)
         history = carry.history
         if history is not None:
             history = history.at[carry.step].set(rnorm)

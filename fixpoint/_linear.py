@@ -97,6 +97,14 @@ def lineax_solve(solver: lx.AbstractLinearSolver, rtol: float, atol: float, thro
     return solve
 
 
+_SERIES_HINT = (
+    "The truncated series (`PhantomAdjoint` / `NeumannAdjoint`) produced a NaN or Inf: "
+    "the map's Jacobian at the solution is not contractive enough for it (try fewer "
+    "`steps`/`terms`, a smaller `damping`, or `ImplicitAdjoint()`), or pass "
+    "`throw=False` to the adjoint to get NaN gradients instead of an error."
+)
+
+
 def series_solve(steps: int, damping: float, throw: bool):
     """`x_k = damping * sum_{i<k} (I - damping*A)^i b`: damped Richardson from zero.
 
@@ -114,6 +122,6 @@ def series_solve(steps: int, damping: float, throw: bool):
 
         x = jax.lax.fori_loop(0, steps, body, jnp.zeros_like(b))
         failed = ~jnp.all(jnp.isfinite(x))
-        return flag_failure(x, failed, jnp.array(steps), max_norm(x), throw)
+        return flag_failure(x, failed, jnp.array(steps), max_norm(x), throw, _SERIES_HINT)
 
     return solve

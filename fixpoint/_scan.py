@@ -115,24 +115,47 @@ def scan(
     h0, unravel = ravel_pytree(init)
     _check_carry(f, init, x0, h0.dtype)
     h_guess = _guess(guess, init, steps, h0)
-    cell = _Cell.convert(_Flat(f, unravel), h0, x0)
-    inputs = jax.tree.map(_strong, (cell, xs, h0))
     devices = 1 if mesh is None else mesh.devices.size
-    pad = -steps % devices
     if max_steps is None:
-        max_steps = steps + pad + EXTRA_STEPS  # the padded steps must converge too
-    if pad:
-        # Padding goes after the last step in scan order: it cannot change the others.
-        inputs, h_guess = _pad(inputs, h_guess, pad, reverse)
-    run = ft.partial(
-        _solve,
+        max_steps = steps + (-steps % devices) + EXTRA_STEPS  # padded steps converge too
+    # Compiled once per (f, solver, options, shapes) and cached across eager calls.
+    h, ys, result, stats = _compiled(
+        f,
+        init,
+        xs,
+        h_guess,
+        steps=steps,
         solver=solver,
         adjoint_solver=adjoint_solver,
         max_steps=max_steps,
         throw=throw,
         reverse=reverse,
         record_residuals=record_residuals,
+        mesh=mesh,
     )
+    if throw:
+        h, ys, result, stats = checked(
+            (h, ys, result, stats), result._value, stats["num_steps"], stats["residual"], "`scan`"
+        )
+    final = unravel(h[0] if reverse else h[-1])
+    if not return_solution:
+        return final, ys
+    trajectory = jax.vmap(unravel)(h)
+    return final, ys, Solution(value=trajectory, result=result, aux=None, stats=stats)
+
+
+@eqx.filter_jit
+def _compiled(f, init, xs, h_guess, *, steps, mesh, reverse, **options):
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    h0, unravel = ravel_pytree(init)
+    cell = _Cell.convert(_Flat(f, unravel), h0, x0)
+    inputs = jax.tree.map(_strong, (cell, xs, h0))
+    devices = 1 if mesh is None else mesh.devices.size
+    pad = -steps % devices
+    if pad:
+        # Padding goes after the last step in scan order: it cannot change the others.
+        inputs, h_guess = _pad(inputs, h_guess, pad, reverse)
+    run = ft.partial(_solve, reverse=reverse, **options)
     if mesh is None:
         h, ys, result, stats = run(inputs, h_guess, time=Time())
     else:
@@ -143,15 +166,7 @@ def scan(
             # A sharded axis cannot be cut to a length the devices do not divide.
             h, ys = jax.tree.map(lambda a: _place(a, mesh, PartitionSpec()), (h, ys))
         h, ys = jax.tree.map(lambda a: a[cut], (h, ys))
-    if throw:
-        h, ys, result, stats = checked(
-            (h, ys, result, stats), result._value, stats["num_steps"], stats["residual"], "`scan`"
-        )
-    final = unravel(h[0] if reverse else h[-1])
-    if not return_solution:
-        return final, ys
-    trajectory = jax.vmap(unravel)(h)
-    return final, ys, Solution(value=trajectory, result=result, aux=None, stats=stats)
+    return h, ys, result, stats
 
 
 def _solve(
@@ -245,7 +260,8 @@ class _Cell(eqx.Module):
 
     @classmethod
     def convert(cls, fn, h, x):
-        converted, consts = jax.closure_convert(fn, h, x)
+        # A plain function: `closure_convert` hashes it, and `fn` may hold tracers.
+        converted, consts = jax.closure_convert(lambda h, x: fn(h, x), h, x)
         return cls(converted, tuple(consts))
 
     def __call__(self, h, x):

@@ -7,8 +7,15 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._adjoint import AbstractAdjoint
-from ._checks import as_float_pytree, check_instance, check_int, check_output
+from ._adjoint import AbstractAdjoint, explain_forward_mode
+from ._checks import (
+    as_float_pytree,
+    check_bool,
+    check_instance,
+    check_int,
+    check_output,
+    outputs_as_arrays,
+)
 from ._errors import checked
 from ._iterate import LoopOptions, iterate
 from ._problem import Problem
@@ -24,7 +31,7 @@ class _Flat(eqx.Module):
     has_aux: bool = eqx.field(static=True)
 
     def __call__(self, y, args):
-        out = self.fn(self.unravel(y), args)
+        out = outputs_as_arrays(self.fn(self.unravel(y), args))
         out, aux = out if self.has_aux else (out, None)
         return ravel_pytree(out)[0], aux
 
@@ -47,10 +54,34 @@ def solve(
     check_instance(solver, AbstractSolver, "solver")
     check_instance(adjoint, AbstractAdjoint, "adjoint")
     check_int(max_steps, "max_steps", 1)
+    for label, value in (
+        ("throw", throw),
+        ("has_aux", has_aux),
+        ("record_residuals", record_residuals),
+    ):
+        check_bool(value, label)
     if not isinstance(divergence_ratio, (int, float)) or not divergence_ratio > 1:
         raise ValueError(f"`divergence_ratio` must be a number > 1, got {divergence_ratio!r}.")
-    y0_flat, unravel, inputs, aux_struct = setup(name, fn, y0, args, has_aux)
     options = LoopOptions(max_steps, divergence_ratio, record_residuals)
+    # Compiled once per (fn, solver, options, shapes) and cached across eager
+    # calls; under an outer `jit`/`vmap`/`grad` it is simply inlined.
+    y0 = as_float_pytree(y0)
+    try:
+        sol = _compiled(name, kind, fn, y0, args, solver, adjoint, options, has_aux)
+    except TypeError as e:
+        explain_forward_mode(adjoint, e)
+    if throw:
+        # Every output depends on the check, so it runs whichever one is used;
+        # on concrete results (an eager call) it raises `SolveError` right here.
+        sol = checked(
+            sol, sol.result._value, sol.stats["num_steps"], sol.stats["residual"], f"`{name}`"
+        )
+    return sol
+
+
+@eqx.filter_jit
+def _compiled(name, kind, fn, y0, args, solver, adjoint, options, has_aux) -> Solution:
+    y0_flat, unravel, inputs, aux_struct = setup(name, fn, y0, args, has_aux)
 
     def primal(inputs, y, loop, checkpoints):
         f, a = inputs
@@ -65,15 +96,6 @@ def solve(
         # Evaluated again at the (differentiable) solution so that gradients flow
         # through `aux` under every adjoint.
         aux = inputs[0](y_flat, inputs[1])[1]
-    if throw:
-        # Every output depends on the check, so it runs whichever one is used.
-        y_flat, result, stats, aux = checked(
-            (y_flat, result, stats, aux),
-            result._value,
-            stats["num_steps"],
-            stats["residual"],
-            f"`{name}`",
-        )
     return Solution(value=unravel(y_flat), result=result, aux=aux, stats=stats)
 
 
@@ -87,7 +109,7 @@ def setup(name, fn, y0, args, has_aux):
     if not callable(fn):
         raise TypeError(f"`fn` must be callable, got {fn!r}.")
     y0 = as_float_pytree(y0)
-    out_struct = eqx.filter_eval_shape(fn, y0, args)
+    out_struct = eqx.filter_eval_shape(lambda y, a: outputs_as_arrays(fn(y, a)), y0, args)
     check_output(out_struct, y0, has_aux, name)
     aux_struct = out_struct[1] if has_aux else None
     y0_flat, unravel = ravel_pytree(y0)

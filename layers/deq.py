@@ -5,6 +5,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 import fixpoint
@@ -15,6 +16,18 @@ def _apply(z, args):
     f, x, mask = args
     out = f(z, x)
     return out if mask is None else out * mask
+
+
+def _shape(z_shape):
+    if z_shape is None:
+        return None
+    if isinstance(z_shape, (int, np.integer)) and not isinstance(z_shape, bool):
+        z_shape = (z_shape,)
+    if not isinstance(z_shape, (tuple, list)) or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in z_shape
+    ):
+        raise TypeError(f"DEQ: `z_shape` must be a tuple of ints (or an int), got {z_shape!r}.")
+    return tuple(int(d) for d in z_shape)
 
 
 class DEQ(eqx.Module):
@@ -73,9 +86,15 @@ class DEQ(eqx.Module):
         self.f = f
         self.solver = solvers.Anderson(1e-4, 1e-4) if solver is None else solver
         self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
+        if not isinstance(self.solver, fixpoint.AbstractSolver):
+            raise TypeError(f"DEQ: `solver` must be a `fixpoint.AbstractSolver`, got {solver!r}.")
+        if not isinstance(self.adjoint, fixpoint.AbstractAdjoint):
+            raise TypeError(
+                f"DEQ: `adjoint` must be a `fixpoint.AbstractAdjoint`, got {adjoint!r}."
+            )
         self.max_steps = max_steps
         self.throw = throw
-        self.z_shape = None if z_shape is None else tuple(z_shape)
+        self.z_shape = _shape(z_shape)
         self.dropout = dropout
         self.normalise = normalise
 
@@ -94,8 +113,34 @@ class DEQ(eqx.Module):
     def initial(self, x, z0):
         if z0 is not None:
             return z0
+        x_dtype = getattr(x, "dtype", None)
+        if x_dtype is None or not jnp.issubdtype(x_dtype, jnp.floating):
+            raise TypeError(
+                f"DEQ: `x` must be a floating-point array (the state `z` takes its dtype), "
+                f"got {type(x).__name__} with dtype {x_dtype}. Cast it, e.g. "
+                "`x.astype(jnp.float32)`, or pass a float `z0`."
+            )
         shape = x.shape if self.z_shape is None else self.z_shape
         return jnp.zeros(shape, x.dtype)
+
+    def check(self, f, x, z0):
+        """Trace-time check that `f(z, x)` accepts `z0` and returns its shape and dtype."""
+        where = "`z_shape`" if self.z_shape is not None else "`x`'s shape (no `z_shape` given)"
+        try:
+            out = eqx.filter_eval_shape(f, z0, x)
+        except Exception as e:
+            raise ValueError(
+                f"DEQ: calling `f(z, x)` with `z` of shape {tuple(z0.shape)} (from {where}) "
+                f"and `x` of shape {tuple(jnp.shape(x))} failed. If the state has another "
+                "shape than the input, pass `z_shape=` (or `z0=`)."
+            ) from e
+        if getattr(out, "shape", None) != z0.shape or getattr(out, "dtype", None) != z0.dtype:
+            raise ValueError(
+                f"DEQ: `f(z, x)` must return the shape and dtype of `z`: `z` is "
+                f"{z0.dtype}{list(z0.shape)} (from {where}), `f` returned "
+                f"{getattr(out, 'dtype', type(out).__name__)}{list(getattr(out, 'shape', []))}. "
+                "Pass `z_shape=` with the shape `f` returns."
+            )
 
     def solve(
         self,
@@ -108,7 +153,9 @@ class DEQ(eqx.Module):
     ) -> fixpoint.Solution:
         """Solve for the equilibrium of one input; returns the `fixpoint.Solution`."""
         z0 = self.initial(x, z0)
-        args = (self.prepared(), x, self.mask(z0, key, inference))
+        f = self.prepared()
+        self.check(f, x, z0)
+        args = (f, x, self.mask(z0, key, inference))
         return fixpoint.fixed_point(
             _apply,
             z0,

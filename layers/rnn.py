@@ -57,6 +57,15 @@ class DiagonalGRUCell(eqx.Module):
         return (1 - z) * n + z * h
 
 
+class _Step(eqx.Module):
+    """`cell(x, h)` as a scan step `(h, x) -> (h_next, None)`."""
+
+    cell: Callable
+
+    def __call__(self, h, x):
+        return self.cell(x, h), None
+
+
 class ParallelRNN(eqx.Module):
     """Run `cell(x, h) -> h` over a whole sequence, solved in parallel over time.
 
@@ -144,7 +153,7 @@ class ParallelRNN(eqx.Module):
         if h0 is None:
             h0 = self.initial_state()
         out = fixpoint.scan(
-            lambda h, x: (self.cell(x, h), None),
+            _Step(self.cell),  # a pytree, so compiled work is reused across calls
             h0,
             xs,
             solver=self.solver,

@@ -15,6 +15,8 @@ class _AndersonState(eqx.Module):
     valid: Bool[Array, " m"]
     slot: Int[Array, ""]
     restarts: Int[Array, ""]
+    y_good: Float[Array, " n"]  # the last iterate with a finite residual
+    has_good: Bool[Array, ""]
 
 
 class Anderson(fixpoint.AbstractSolver):
@@ -29,6 +31,9 @@ class Anderson(fixpoint.AbstractSolver):
 
     - the Tikhonov ridge is *relative*: `ridge · trace(RRᵀ)/m`, so it scales with
       the residuals and never swamps them near convergence;
+    - a back-off: a point whose evaluation is not finite (an extrapolation out
+      of `f`'s domain) is not stored, and the next point is halfway back to the
+      last good iterate;
     - a safeguard: if the weights are non-finite or `Σ|α_i|` exceeds
       `max_weight` (an ill-conditioned least-squares problem), the step falls
       back to a (damped) Picard step and the history restarts from the newest pair.
@@ -64,28 +69,39 @@ class Anderson(fixpoint.AbstractSolver):
             valid=jnp.zeros(m, bool),
             slot=jnp.array(0),
             restarts=jnp.array(0),
+            y_good=y,
+            has_good=jnp.array(False),
         )
 
     def step(self, problem, y, args, state):
         ev = problem.evaluate(y, args)
         r = ev.fy - y
-        fys = state.fys.at[state.slot].set(ev.fy)
-        res = state.res.at[state.slot].set(r)
-        newest = jnp.arange(self.history) == state.slot
+        # A non-finite evaluation (e.g. an extrapolation out of the domain) is not
+        # stored; the next point backs off halfway towards the last good iterate.
+        good = jnp.all(jnp.isfinite(r))
+        newest = (jnp.arange(self.history) == state.slot) & good
+        fys = jnp.where(newest[:, None], ev.fy, state.fys)
+        res = jnp.where(newest[:, None], r, state.res)
         valid = state.valid | newest
 
-        alpha = self._weights(res, valid)
+        # The small least-squares system is solved in at least float32 (LAPACK
+        # has no bfloat16/float16 kernels, and the Gram matrix needs the range).
+        work = y.dtype if jnp.finfo(y.dtype).bits >= 32 else jnp.dtype(jnp.float32)
+        alpha = self._weights(res.astype(work), valid).astype(y.dtype)
         ok = jnp.all(jnp.isfinite(alpha)) & (jnp.sum(jnp.abs(alpha)) <= self.max_weight)
         alpha = jnp.where(ok, alpha, newest.astype(y.dtype))
         y_next = alpha @ fys - (1 - self.damping) * (alpha @ res)
+        y_next = jnp.where(good, y_next, 0.5 * (state.y_good + y))
         state = _AndersonState(
             fys=fys,
             res=res,
             valid=jnp.where(ok, valid, newest),
-            slot=(state.slot + 1) % self.history,
+            slot=jnp.where(good, (state.slot + 1) % self.history, state.slot),
             restarts=state.restarts + jnp.where(ok, 0, 1),
+            y_good=jnp.where(good, y, state.y_good),
+            has_good=state.has_good | good,
         )
-        return fixpoint.Step(y_next, state, ev)
+        return fixpoint.Step(y_next, state, ev, trial=~good & state.has_good)
 
     def _weights(self, res, valid):
         """Solve `min |Σ α_i r_i|² + λ|α|²` s.t. `Σ α_i = 1` over the valid rows."""

@@ -8,7 +8,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 import fixpoint
 
-from ._backtracking import Backtracking, advance, init_backtracking, judge
+from ._backtracking import Backtracking, advance, base_point, init_backtracking, judge
 
 
 class _BroydenState(eqx.Module):
@@ -18,21 +18,27 @@ class _BroydenState(eqx.Module):
     slot: Int[Array, ""]
     search: Backtracking
     restarts: Int[Array, ""]
+    gamma: Float[Array, ""]  # the initial inverse Jacobian is gamma * I
 
 
 class Broyden(fixpoint.AbstractSolver):
     """Broyden's "good" method with a limited-memory inverse Jacobian.
 
-    Works on the root form `G(y) = 0` with `H ≈ J_G⁻¹ = I + Σ u_i v_iᵀ`, starting
-    from `H = I` (so the first step of a fixed-point problem is a Picard step).
+    Works on the root form `G(y) = 0` with `H ≈ J_G⁻¹ = γ I + Σ u_i v_iᵀ`,
+    starting from `H = I` (so the first step of a fixed-point problem is a
+    Picard step).
     The rank-one updates live in a ring buffer of size `memory`; the oldest is
     overwritten. Each step costs one evaluation and O(memory · n) work.
 
-    Safeguards: a backtracking line search on `|G|₂` (a trial point without
-    sufficient decrease is rejected; its secant information is still used, and
-    the next trial goes half as far along the same direction, down to
-    `min_step`, after which the point is accepted and the memory cleared); an
-    update whose denominator is tiny or non-finite is skipped.
+    Safeguards: initial scaling (the first secant pair sets `H0 = γ I`,
+    `γ = sᵀΔg / ΔgᵀΔg`, so a Jacobian near `-I` or far from unit scale is
+    handled); a backtracking line search on `|G|₂` (a trial point without
+    sufficient decrease, or with a non-finite residual, is rejected; its secant
+    information is still used, and the next trial goes half as far along the
+    direction of the *updated* model from the last accepted point, down to
+    `min_step`, after which the point is accepted and the rank-one memory
+    cleared, `γ` kept); an update whose denominator is tiny or non-finite is
+    skipped.
 
     **Arguments:** `rtol`, `atol`, `memory` (≥ 1), `min_step` in (0, 1), `norm`.
     """
@@ -59,6 +65,7 @@ class Broyden(fixpoint.AbstractSolver):
             slot=jnp.array(0),
             search=init_backtracking(y),
             restarts=jnp.array(0),
+            gamma=jnp.array(1.0, y.dtype),
         )
 
     def step(self, problem, y, args, state):
@@ -73,8 +80,22 @@ class Broyden(fixpoint.AbstractSolver):
         us, vs = state.us, state.vs
         s = y - search.y_acc
         dg = g - search.g_acc
-        h_dg = dg + us.T @ (vs @ dg)
-        v = s + vs.T @ (us @ s)  # Hᵀ s
+        # Initial scaling: with an empty memory, the first secant pair sets
+        # `H0 = gamma I` with `gamma = s·dg / dg·dg` (Barzilai–Borwein), which
+        # has the sign and scale of the Jacobian's inverse (-1 for `g = 2 - y`),
+        # so the method works whether `J_G` is near +I or -I.
+        dgdg = dg @ dg
+        bb = (s @ dg) / jnp.where(dgdg > 0, dgdg, 1)
+        scalable = (
+            ~jnp.any(state.valid)
+            & search.has_prev
+            & jnp.isfinite(gnorm)
+            & jnp.isfinite(bb)
+            & (jnp.abs(bb) > jnp.finfo(y.dtype).eps)
+        )
+        gamma = jnp.where(scalable, bb, state.gamma)
+        h_dg = gamma * dg + us.T @ (vs @ dg)
+        v = gamma * s + vs.T @ (us @ s)  # Hᵀ s
         denom = v @ dg
         scale = jnp.linalg.norm(s) * jnp.linalg.norm(dg)
         update = (
@@ -88,13 +109,18 @@ class Broyden(fixpoint.AbstractSolver):
         write = update & (jnp.arange(self.memory) == state.slot)
         us = jnp.where(write[:, None], u, us)
         vs = jnp.where(write[:, None], v, vs)
+        # After an exhausted line search the rank-one memory is stale and is
+        # cleared; the scaling `gamma` learned so far is kept.
         valid = (state.valid | write) & ~exhausted
         us = jnp.where(valid[:, None], us, 0)
         vs = jnp.where(valid[:, None], vs, 0)
 
-        # A new quasi-Newton direction where the trial is accepted; otherwise
-        # backtrack along the previous direction.
-        direction = jnp.where(accept, -(g + us.T @ (vs @ g)), search.direction)
+        # The direction always comes from the *updated* model at the base point:
+        # after a rejected trial that is the last accepted point, so a trial that
+        # taught the model the Jacobian's sign is followed by a better direction
+        # (not the same uphill one, halved).
+        _, g_base = base_point(search, accept, y, g)
+        direction = -(gamma * g_base + us.T @ (vs @ g_base))
         y_next, search = advance(search, accept, y, g, gnorm, direction)
         state = _BroydenState(
             us=us,
@@ -103,5 +129,6 @@ class Broyden(fixpoint.AbstractSolver):
             slot=jnp.where(update, (state.slot + 1) % self.memory, state.slot),
             search=search,
             restarts=state.restarts + jnp.where(exhausted, 1, 0),
+            gamma=gamma,
         )
         return fixpoint.Step(y_next, state, ev, trial=~accept)

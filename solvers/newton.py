@@ -11,6 +11,8 @@ from fixpoint import RESULTS
 
 from ._backtracking import advance, init_backtracking, judge
 
+_DENSE = (lx.LU, lx.QR)
+
 
 class Newton(fixpoint.AbstractSolver):
     """Newton's method on the root form `G(y) = 0` (for `fixed_point`: `y - f(y)`).
@@ -24,6 +26,8 @@ class Newton(fixpoint.AbstractSolver):
 
     - `linear_solver=lineax.LU()` (default): the exact dense Jacobian, built from
       `n` JVPs. Right for small problems (`n` up to a few hundred per sample).
+      Where LU (or QR) fails on a singular Jacobian, the step falls back to the
+      minimum-norm least-squares direction (an SVD).
     - `linear_solver=lineax.GMRES(rtol, atol)`: matrix-free Newton–Krylov, one JVP
       per Krylov iteration; no `n × n` matrix is ever formed.
 
@@ -61,9 +65,28 @@ class Newton(fixpoint.AbstractSolver):
     def step(self, problem, y, args, state):
         residual, jvp, aux = jax.linearize(lambda z: problem.residual(z, args), y, has_aux=True)
         ev = fixpoint.Evaluation(fy=y - residual, residual=residual, aux=aux)
-        operator = lx.FunctionLinearOperator(jvp, jax.ShapeDtypeStruct(y.shape, y.dtype))
-        sol = lx.linear_solve(operator, -residual, self.linear_solver, throw=False)
-        p = sol.value
+        # The linear algebra runs in at least float32: lineax/LAPACK have no
+        # bfloat16/float16 kernels. The direction is cast back to `y`'s dtype.
+        work = y.dtype if jnp.finfo(y.dtype).bits >= 32 else jnp.dtype(jnp.float32)
+        jvp_work = lambda v: jvp(v.astype(y.dtype)).astype(work)  # noqa: E731
+        operator = lx.FunctionLinearOperator(jvp_work, jax.ShapeDtypeStruct(y.shape, work))
+        rhs = -residual.astype(work)
+        sol = lx.linear_solve(operator, rhs, self.linear_solver, throw=False)
+        p, solved = sol.value, sol.result == lx.RESULTS.successful
+        if isinstance(self.linear_solver, _DENSE):
+            # A singular Jacobian (a component `f` passes through unchanged, a
+            # double root) defeats LU; the least-squares (minimum-norm) direction
+            # from an SVD is then the Newton direction on the solvable part.
+            def least_squares(_):
+                # Not "solved": it is used only if it passes the inexact-Newton
+                # test below (which an inconsistent system, `y² + 1` at 0, fails).
+                lsq = lx.linear_solve(operator, rhs, lx.SVD(), throw=False)
+                return lsq.value, jnp.array(False)
+
+            bad = ~solved | ~jnp.all(jnp.isfinite(p))
+            p, solved = jax.lax.cond(bad, least_squares, lambda _: (p, solved), None)
+        # At an exact root there is nothing to solve.
+        p = jnp.where(jnp.all(residual == 0), jnp.zeros_like(p), p).astype(y.dtype)
         gnorm = jnp.linalg.norm(residual)
         accept, _ = judge(state, gnorm, self.min_step)
         # On rejection, keep the direction computed at the last accepted point.
@@ -75,7 +98,7 @@ class Newton(fixpoint.AbstractSolver):
         # false "stagnation") while its direction is a fine inexact-Newton step:
         # check `|J p + G| <= 0.1 |G|` ourselves (one more JVP) and use it then.
         forcing = jnp.linalg.norm(jvp(p) + residual) <= 0.1 * gnorm
-        ok = ((sol.result == lx.RESULTS.successful) | forcing) & jnp.all(jnp.isfinite(p))
+        ok = (solved | forcing) & jnp.all(jnp.isfinite(p))
         failed = accept & ~ok & jnp.isfinite(gnorm)
         result = RESULTS.where(failed, RESULTS.linear_solve_failed, RESULTS.successful)
         return fixpoint.Step(y_next, state, ev, result, trial=~accept)

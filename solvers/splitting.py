@@ -204,7 +204,14 @@ def _already_solved(z, args):
     return z
 
 
-def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, u_init, update):
+@eqx.filter_jit
+def _run(solver, operator, b, z0, max_steps):
+    """The splitting loop, compiled once per (solver, operator structure, shapes)."""
+    u0 = solver.u_init(operator, b, z0)
+    return _iterate(solver, operator, b, z0, u0, solver.update(operator, b), max_steps)
+
+
+def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint):
     """Checks, the splitting loop on stop-gradient inputs, then the implicit gradient."""
     if not isinstance(operator, AbstractMonotoneLinear):
         raise TypeError(
@@ -239,8 +246,7 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, u_init, upd
     op_nd, b_nd, z0_nd = jax.tree.map(
         lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, (operator, b, z0)
     )
-    u0, update = u_init(op_nd, b_nd, z0_nd), update(op_nd, b_nd)
-    sol = _iterate(solver, op_nd, b_nd, z0_nd, u0, update, max_steps)
+    sol = _run(solver, op_nd, b_nd, z0_nd, max_steps)
     # The derivative of a failed solve is NaN where its cotangent is nonzero:
     # `custom_fixed_point` checks the returned point against the same tolerance.
     solve_fn = fixpoint.custom_fixed_point(
@@ -328,8 +334,6 @@ class _AbstractSplitting(eqx.Module):
             max_steps,
             throw,
             adjoint,
-            self.u_init,
-            self.update,
         )
 
 

@@ -287,3 +287,34 @@ def test_scaled_size_zero_over_zero():
     assert float(fixpoint.scaled_size(norm, jnp.array([0.0, 1e-30]), jnp.zeros(2), 1e-4, 0.0)) == (
         np.inf
     )
+
+
+def test_scan_failed_solve_has_nan_gradient_and_masks_cleanly(getkey):
+    w = 0.5 * jax.random.normal(getkey(), (3, 3))
+    xs = jax.random.normal(getkey(), (2, 40, 3))
+
+    def run(w, xs, max_steps):
+        f = lambda h, x: (jnp.tanh(w @ h + x), None)  # noqa: E731
+        _, _, sol = fixpoint.scan(
+            f,
+            jnp.zeros(3),
+            xs,
+            solver=solvers.Jacobi(),
+            max_steps=max_steps,
+            throw=False,
+            return_solution=True,
+        )
+        return sol
+
+    assert not bool(run(w, xs[0], 2).result == OK)
+    g = jax.grad(lambda w: run(w, xs[0], 2).value.sum())(w)
+    assert bool(jnp.all(jnp.isnan(g)))
+
+    def masked(w):
+        # Sample 0 gets the full budget, sample 1 fails; the loss masks it out.
+        sol0, sol1 = run(w, xs[0], 60), run(w, xs[1], 2)
+        return sol0.value.sum() + jnp.where(sol1.result == OK, sol1.value.sum(), 0.0)
+
+    g = jax.grad(masked)(w)
+    g0 = jax.grad(lambda w: run(w, xs[0], 60).value.sum())(w)
+    np.testing.assert_allclose(g, g0, rtol=1e-9)
