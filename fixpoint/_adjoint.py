@@ -159,7 +159,8 @@ class UnrolledAdjoint(AbstractAdjoint):
         del residual, tolerances
         y, rest = primal(inputs, y0, "checkpointed", self.checkpoints)
         if failed is not None:
-            y = poison_cotangent(y, jax.lax.stop_gradient(failed(y, rest, inputs)))
+            bad = jax.lax.stop_gradient(failed(y, rest, inputs))
+            y = poison_cotangent(y, bad)
         return y, rest
 
 

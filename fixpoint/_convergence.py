@@ -14,7 +14,9 @@ The fixed-point / root-finding loop (`_iterate.py`), the scan loop
   never accepted. Besides meeting the tolerance relative to `|y|`, the
   residual must either meet it relative to the starting point `|y0|` as well
   (a warm start near the answer), or have fallen to at most half its starting
-  norm. Rounding alone (`(y + 1) - y` at large `y`) never halves a residual.
+  norm. (No residual test can tell a residual that itself decays along a
+  runaway, `y ↦ y + 1/(1+|y|)`, from convergence, nor a point where rounding
+  makes `f(y) == y` exactly.)
 - **A root-finding residual is measured in its own units**: `|g(y)|` against
   `atol + rtol·‖g(y0)‖` (the problem's own scale), never against `|y|`.
 - **The solver's next step must be as small** (in `y`'s units, relative to

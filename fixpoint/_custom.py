@@ -44,9 +44,10 @@ def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol):
                 del loop, checkpoints
                 _, args, solver = inputs
                 start = max_norm(residual(y, inputs))
-                return ravel_pytree(solver(unravel(y), args))[0], start
+                return ravel_pytree(solver(unravel(y), args))[0], (start, y)
 
-            def failed(y, start, inputs):
+            def failed(y, rest, inputs):
+                start, y_start = rest
                 # The same test as the loops', on the point the user's solver returned.
                 ok, _ = converged(
                     max_norm,
@@ -56,7 +57,7 @@ def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol):
                     *check,
                     kind=kind,
                     start_norm=start,
-                    y0=y,
+                    y0=y_start,
                 )
                 return ~ok
 
@@ -97,7 +98,8 @@ def custom_fixed_point(
     its own.
 
     The returned point is checked as the loops check theirs: if
-    `max_norm((y - fn(y, args)) / (atol + rtol·|y|)) < 1` fails there, the
+    `max_norm((y - fn(y, args)) / (atol + rtol·|y|)) < 1` (with a residual that
+    has fallen from the start's, `fixpoint.converged`) fails there, the
     solve counts as failed and its derivative is NaN wherever the cotangent is
     nonzero (zero where it is zero, so a masked sample does not poison a
     batch). `rtol`, `atol` default to `sqrt(eps)` of the dtype (3.5e-4 in

@@ -77,6 +77,12 @@ def _implicit_jvp(primals, tangents, *, primal, residual, linear_solve, failed):
         return residual(y_lin, eqx.combine(d, nondiff))
 
     _, rhs = jax.jvp(g_theta, (diff,), (t_inputs,))
+    # For a failed solve the right-hand side at `y0` may vanish although the
+    # input tangents do not (forward mode would then report a plausible 0): add
+    # a linear probe of the tangents there, so the answer is NaN exactly when
+    # some tangent is nonzero. (In reverse mode its cotangent is the solve's,
+    # zero for a masked sample.)
+    rhs = rhs + _probe(t_inputs, rhs.dtype) * bad.astype(rhs.dtype) * jnp.ones_like(rhs)
 
     def matvec(v):
         return jax.jvp(lambda z: residual(z, inputs), (y_lin,), (v,))[1]
@@ -89,6 +95,16 @@ def _implicit_jvp(primals, tangents, *, primal, residual, linear_solve, failed):
     t_y = -jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
     t_rest = jax.tree.map(_zero_tangent, rest)
     return (y, rest), (t_y, t_rest)
+
+
+def _probe(tangents, dtype):
+    """A fixed linear functional of the tangents, nonzero for (almost) any nonzero one."""
+    total = jnp.zeros((), dtype)
+    for t in jax.tree.leaves(tangents):
+        if eqx.is_array(t) and jnp.issubdtype(t.dtype, jnp.inexact):
+            weights = 1 + (jnp.arange(t.size, dtype=dtype) % 7) / 7
+            total = total + jnp.sum(t.reshape(-1).astype(dtype) * weights)
+    return total
 
 
 def _guarded(solve, bad):

@@ -16,7 +16,7 @@ from ._implicit import implicit_solve
 from ._scan_loop import EXTRA_STEPS, iterate_scan, scan_linear_solve
 from ._scan_solver import AbstractScanSolver, ScanProblem
 from ._solution import RESULTS, Solution
-from ._solve import _strong
+from ._solve import _strong, cacheable
 from ._time import Time
 
 
@@ -118,8 +118,9 @@ def scan(
     devices = 1 if mesh is None else mesh.devices.size
     if max_steps is None:
         max_steps = steps + (-steps % devices) + EXTRA_STEPS  # padded steps converge too
-    # Compiled once per (f, solver, options, shapes) and cached across eager calls.
-    h, ys, result, stats = _compiled(
+    # Cached across eager calls only for an Equinox module `f` (see `fixed_point`).
+    run = _compiled if cacheable(f, xs) else _scan_core
+    h, ys, result, stats = run(
         f,
         init,
         xs,
@@ -144,8 +145,7 @@ def scan(
     return final, ys, Solution(value=trajectory, result=result, aux=None, stats=stats)
 
 
-@eqx.filter_jit
-def _compiled(f, init, xs, h_guess, *, steps, mesh, reverse, **options):
+def _scan_core(f, init, xs, h_guess, *, steps, mesh, reverse, **options):
     x0 = jax.tree.map(lambda a: a[0], xs)
     h0, unravel = ravel_pytree(init)
     cell = _Cell.convert(_Flat(f, unravel), h0, x0)
@@ -167,6 +167,9 @@ def _compiled(f, init, xs, h_guess, *, steps, mesh, reverse, **options):
             h, ys = jax.tree.map(lambda a: _place(a, mesh, PartitionSpec()), (h, ys))
         h, ys = jax.tree.map(lambda a: a[cut], (h, ys))
     return h, ys, result, stats
+
+
+_compiled = eqx.filter_jit(_scan_core)
 
 
 def _solve(

@@ -111,7 +111,11 @@ def iterate_scan(
         proposal_finite = jnp.all(jnp.isfinite(h_next), axis=1)
         fallback = jnp.where(fh_finite[:, None], fh, c.h)
         proposal = jnp.where(proposal_finite[:, None], h_next, fallback)
-        certified = time.all(meets(per_step, proposal - c.h, c.h, rtol, atol))
+        # A non-finite refinement certifies nothing (its fallback `F(H)` differs
+        # from `H` only by the residuals that already passed).
+        certified = time.all(meets(per_step, proposal - c.h, c.h, rtol, atol)) & time.all(
+            proposal_finite
+        )
         converged = all_ok & certified
         at = (order == p)[:, None]
         locked = jnp.where(frozen[:, None], c.h, jnp.where(at, fh, proposal))

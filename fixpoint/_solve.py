@@ -63,11 +63,13 @@ def solve(
     if not isinstance(divergence_ratio, (int, float)) or not divergence_ratio > 1:
         raise ValueError(f"`divergence_ratio` must be a number > 1, got {divergence_ratio!r}.")
     options = LoopOptions(max_steps, divergence_ratio, record_residuals)
-    # Compiled once per (fn, solver, options, shapes) and cached across eager
-    # calls; under an outer `jit`/`vmap`/`grad` it is simply inlined.
     y0 = as_float_pytree(y0)
+    # An Equinox module's arrays are inputs of the compiled loop, so its cached
+    # compilation can be reused safely; a plain function may read globals or
+    # mutable state that a cache would freeze, so it is traced on every call.
+    run = _compiled if cacheable(fn, args) else _core
     try:
-        sol = _compiled(name, kind, fn, y0, args, solver, adjoint, options, has_aux)
+        sol = run(name, kind, fn, y0, args, solver, adjoint, options, has_aux)
     except TypeError as e:
         explain_forward_mode(adjoint, e)
     if throw:
@@ -79,8 +81,28 @@ def solve(
     return sol
 
 
-@eqx.filter_jit
-def _compiled(name, kind, fn, y0, args, solver, adjoint, options, has_aux) -> Solution:
+def cacheable(fn, args=None) -> bool:
+    """Whether compiled work for `fn(y, args)` may be cached across calls.
+
+    Yes when `fn` is an Equinox module and every function inside `args` is one
+    too (or comes from JAX/Equinox itself): then every array they use is an input
+    of the compiled loop. A plain Python function may read globals or mutable
+    state that a cache would freeze, so it is traced again on every call.
+    """
+    if not isinstance(fn, eqx.Module):
+        return False
+    # Flattening goes through modules: their callable fields (an MLP's
+    # activation) are leaves too.
+    leaves = jax.tree.leaves((fn, args))
+    return all(_library_function(x) for x in leaves if callable(x) and not eqx.is_array(x))
+
+
+def _library_function(x) -> bool:
+    module = getattr(x, "__module__", None) or ""
+    return module.split(".")[0] in ("jax", "jaxlib", "equinox", "numpy")
+
+
+def _core(name, kind, fn, y0, args, solver, adjoint, options, has_aux) -> Solution:
     y0_flat, unravel, inputs, aux_struct = setup(name, fn, y0, args, has_aux)
 
     def primal(inputs, y, loop, checkpoints):
@@ -97,6 +119,9 @@ def _compiled(name, kind, fn, y0, args, solver, adjoint, options, has_aux) -> So
         # through `aux` under every adjoint.
         aux = inputs[0](y_flat, inputs[1])[1]
     return Solution(value=unravel(y_flat), result=result, aux=aux, stats=stats)
+
+
+_compiled = eqx.filter_jit(_core)
 
 
 def setup(name, fn, y0, args, has_aux):

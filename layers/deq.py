@@ -12,10 +12,17 @@ import fixpoint
 import solvers
 
 
-def _apply(z, args):
-    f, x, mask = args
-    out = f(z, x)
-    return out if mask is None else out * mask
+class _Apply(eqx.Module):
+    """`f(z, x)` (times the dropout mask) with everything it uses in `args`: an
+    Equinox module, so `fixed_point` may reuse its compiled loop across calls."""
+
+    def __call__(self, z, args):
+        f, x, mask = args
+        out = f(z, x)
+        return out if mask is None else out * mask
+
+
+_apply = _Apply()
 
 
 def _shape(z_shape):

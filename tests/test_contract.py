@@ -318,3 +318,25 @@ def test_scan_failed_solve_has_nan_gradient_and_masks_cleanly(getkey):
     g = jax.grad(masked)(w)
     g0 = jax.grad(lambda w: run(w, xs[0], 60).value.sum())(w)
     np.testing.assert_allclose(g, g0, rtol=1e-9)
+
+
+def test_forward_mode_of_failed_solve_is_nan_even_if_the_start_is_flat():
+    # At y0 = 0, d/da tanh(a y) vanishes: the derivative must still be NaN.
+    f = lambda y, a: jnp.tanh(a * y) + 0.5  # noqa: E731
+
+    def run(a):
+        return fixpoint.fixed_point(
+            f, jnp.zeros(1), a, solver=solvers.Picard(1e-10, 1e-10), throw=False, max_steps=2
+        ).value
+
+    assert bool(jnp.all(jnp.isnan(jax.jvp(run, (0.5,), (1.0,))[1])))
+    assert bool(jnp.all(jnp.isnan(jax.jacfwd(run)(0.5))))
+    xs = jnp.linspace(-1, 1, 20)[:, None]
+
+    def scan_loss(a):
+        f = lambda h, x: (jnp.tanh(a * h + x), h)  # noqa: E731
+        return fixpoint.scan(
+            f, jnp.zeros(1), xs, solver=solvers.Jacobi(1e-8, 1e-8), throw=False, max_steps=2
+        )[1].sum()
+
+    assert bool(jnp.isnan(jax.jvp(scan_loss, (1.5,), (1.0,))[1]))

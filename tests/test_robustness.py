@@ -74,27 +74,67 @@ def test_gradient_through_zero_size_state():
 # ---- 11 & 17. compiled work is cached; eager failures raise SolveError -----------
 
 
+class _Map(eqx.Module):
+    w: jax.Array
+
+    def __call__(self, y, a):
+        return jnp.cos(self.w * a * y)
+
+
 def test_eager_calls_reuse_compiled_work():
-    f = lambda y, a: jnp.cos(a * y)  # noqa: E731
+    # An Equinox module's arrays are inputs of the compiled loop: cached safely.
     p = solvers.Picard(1e-6, 1e-6)
 
-    def call():
+    def call(w):
         t = time.perf_counter()
-        jax.block_until_ready(fixpoint.fixed_point(f, jnp.ones(3), 1.0, solver=p).value)
-        return time.perf_counter() - t
+        sol = fixpoint.fixed_point(_Map(jnp.asarray(w)), jnp.ones(3), 1.0, solver=p)
+        jax.block_until_ready(sol.value)
+        return time.perf_counter() - t, sol.value
 
-    first = call()
-    again = min(call() for _ in range(3))
+    first, _ = call(1.0)
+    again = min(call(1.0)[0] for _ in range(3))
     # A retrace + compile takes tens of milliseconds; a cached call well under that.
     assert again < 0.25 * first, (first, again)
+    # New weights, same compiled loop, new answer.
+    np.testing.assert_allclose(
+        call(0.5)[1],
+        fixpoint.fixed_point(lambda y, a: jnp.cos(0.5 * a * y), jnp.ones(3), 1.0, solver=p).value,
+        rtol=1e-12,
+    )
+
+
+def test_plain_functions_are_never_served_stale():
+    # A plain function may read globals or mutable state: it is traced every call.
+    p = solvers.Picard(1e-10, 1e-10)
+    state = {"w": 0.5 * jnp.eye(2)}
+    f = lambda y, a: state["w"] @ y + a  # noqa: E731
+    np.testing.assert_allclose(
+        fixpoint.fixed_point(f, jnp.zeros(2), jnp.ones(2), solver=p).value, 2.0
+    )
+    state["w"] = 0.1 * jnp.eye(2)
+    np.testing.assert_allclose(
+        fixpoint.fixed_point(f, jnp.zeros(2), jnp.ones(2), solver=p).value, 1 / 0.9, rtol=1e-9
+    )
+    scale = {"a": 0.5}
+    cell = lambda h, x: (scale["a"] * h + x, h)  # noqa: E731
+    fixpoint.scan(cell, jnp.zeros(1), jnp.ones((3, 1)), solver=solvers.Jacobi())
+    scale["a"] = 2.0
+    got = fixpoint.scan(cell, jnp.zeros(1), jnp.ones((3, 1)), solver=solvers.Jacobi())[0]
+    np.testing.assert_allclose(got, 7.0)
+
+
+class _Cell(eqx.Module):
+    lin: eqx.nn.Linear
+
+    def __call__(self, z, x):
+        return jnp.tanh(0.5 * self.lin(z) + x)
 
 
 def test_layers_do_not_retrace(getkey):
     cell = eqx.nn.GRUCell(2, 3, key=getkey())
     rnn = layers.ParallelRNN(cell, solver=solvers.DEER())
     xs = jax.random.normal(getkey(), (20, 2))
-    f = eqx.nn.Linear(3, 3, key=getkey())
-    deq = layers.DEQ(lambda z, x: jnp.tanh(0.5 * f(z) + x), z_shape=(3,))
+    deq = layers.DEQ(_Cell(eqx.nn.Linear(3, 3, key=getkey())), z_shape=(3,))
     for model, x in ((rnn, xs), (deq, jnp.ones(3))):
         model(x)
         t = time.perf_counter()
