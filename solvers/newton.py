@@ -26,8 +26,10 @@ class Newton(fixpoint.AbstractSolver):
 
     - `linear_solver=lineax.LU()` (default): the exact dense Jacobian, built from
       `n` JVPs. Right for small problems (`n` up to a few hundred per sample).
-      Where LU (or QR) fails on a singular Jacobian, the step falls back to the
-      minimum-norm least-squares direction (an SVD).
+      The dense system is `J + μI` with `μ = sqrt(eps)·max|J 1|`, so a singular
+      Jacobian (a pass-through component) gets a zero step in its null
+      directions; every step must pass the inexact-Newton test
+      `|J p + G| <= 0.1 |G|` on the unshifted `J`.
     - `linear_solver=lineax.GMRES(rtol, atol)`: matrix-free Newton–Krylov, one JVP
       per Krylov iteration; no `n × n` matrix is ever formed.
 
@@ -69,22 +71,22 @@ class Newton(fixpoint.AbstractSolver):
         # bfloat16/float16 kernels. The direction is cast back to `y`'s dtype.
         work = y.dtype if jnp.finfo(y.dtype).bits >= 32 else jnp.dtype(jnp.float32)
         jvp_work = lambda v: jvp(v.astype(y.dtype)).astype(work)  # noqa: E731
-        operator = lx.FunctionLinearOperator(jvp_work, jax.ShapeDtypeStruct(y.shape, work))
+        if isinstance(self.linear_solver, _DENSE):
+            # A tiny Tikhonov shift `J + μI` (`μ = sqrt(eps)` times the scale of
+            # `J`) keeps a singular Jacobian (a component `f` passes through
+            # unchanged, a double root) from defeating LU: the singular
+            # directions get a zero step, the rest stays Newton's. The step is
+            # checked against the unshifted `J` by the inexact-Newton test below,
+            # which an inconsistent system (`y² + 1` at 0) fails.
+            scale = jnp.max(jnp.abs(jvp_work(jnp.ones(y.shape, work))))
+            mu = jnp.sqrt(jnp.finfo(work).eps) * jnp.where(scale > 0, scale, 1)
+            matvec = lambda v: jvp_work(v) + mu * v  # noqa: E731
+        else:
+            matvec = jvp_work
+        operator = lx.FunctionLinearOperator(matvec, jax.ShapeDtypeStruct(y.shape, work))
         rhs = -residual.astype(work)
         sol = lx.linear_solve(operator, rhs, self.linear_solver, throw=False)
         p, solved = sol.value, sol.result == lx.RESULTS.successful
-        if isinstance(self.linear_solver, _DENSE):
-            # A singular Jacobian (a component `f` passes through unchanged, a
-            # double root) defeats LU; the least-squares (minimum-norm) direction
-            # from an SVD is then the Newton direction on the solvable part.
-            def least_squares(_):
-                # Not "solved": it is used only if it passes the inexact-Newton
-                # test below (which an inconsistent system, `y² + 1` at 0, fails).
-                lsq = lx.linear_solve(operator, rhs, lx.SVD(), throw=False)
-                return lsq.value, jnp.array(False)
-
-            bad = ~solved | ~jnp.all(jnp.isfinite(p))
-            p, solved = jax.lax.cond(bad, least_squares, lambda _: (p, solved), None)
         # At an exact root there is nothing to solve.
         p = jnp.where(jnp.all(residual == 0), jnp.zeros_like(p), p).astype(y.dtype)
         gnorm = jnp.linalg.norm(residual)
@@ -98,6 +100,8 @@ class Newton(fixpoint.AbstractSolver):
         # false "stagnation") while its direction is a fine inexact-Newton step:
         # check `|J p + G| <= 0.1 |G|` ourselves (one more JVP) and use it then.
         forcing = jnp.linalg.norm(jvp(p) + residual) <= 0.1 * gnorm
+        if isinstance(self.linear_solver, _DENSE):
+            solved = jnp.array(False)  # shifted: only the forcing test counts
         ok = (solved | forcing) & jnp.all(jnp.isfinite(p))
         failed = accept & ~ok & jnp.isfinite(gnorm)
         result = RESULTS.where(failed, RESULTS.linear_solve_failed, RESULTS.successful)
