@@ -126,16 +126,12 @@ def iterate(
             y0=y0,
         )
         converged = finite & converged
+        trial = jnp.asarray(step.trial)
         # A residual within tolerance is never "diverging" (e.g. after a best of 0).
-        diverged = (
-            ~jnp.asarray(step.trial)
-            & ~residual_ok
-            & (rnorm > options.divergence_ratio * carry.best)
-        )
+        diverged = ~trial & ~residual_ok & (rnorm > options.divergence_ratio * carry.best)
         out_of_steps = carry.step >= options.max_steps
         # A non-finite residual at a trial point the solver is already backing off
         # from (a line search) is not the end of the solve.
-        trial = jnp.asarray(step.trial)
         result, done = termination(converged, finite | trial, diverged, out_of_steps, solver_result)
         history = carry.history
         if history is not None:

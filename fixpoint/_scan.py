@@ -15,8 +15,8 @@ from ._errors import checked
 from ._implicit import implicit_solve
 from ._scan_loop import EXTRA_STEPS, iterate_scan, scan_linear_solve
 from ._scan_solver import AbstractScanSolver, ScanProblem
-from ._solution import RESULTS, Solution
-from ._solve import _strong, cacheable
+from ._solution import Solution
+from ._solve import _strong, cacheable, failed_at
 from ._time import Time
 
 
@@ -205,9 +205,7 @@ def _solve(
     return h, ys, result, stats
 
 
-def _failed(h, rest, inputs):
-    del h, inputs
-    return rest[0] != RESULTS.successful
+_failed = failed_at(0)  # the result code is `rest[0]`
 
 
 def _sharded(run, mesh, inputs, h_guess):

@@ -154,9 +154,17 @@ def residual_fn(kind):
     return residual
 
 
-def _failed(y, rest, inputs):
-    del y, inputs
-    return rest[1] != RESULTS.successful
+def failed_at(index):
+    """`failed(y, rest, inputs)` for an adjoint: the result code is `rest[index]`."""
+
+    def failed(y, rest, inputs):
+        del y, inputs
+        return rest[index] != RESULTS.successful
+
+    return failed
+
+
+_failed = failed_at(1)
 
 
 def _split(out):
