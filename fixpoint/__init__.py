@@ -10,8 +10,11 @@ from ._convergence import meets as meets
 from ._convergence import scaled_size as scaled_size
 from ._custom import custom_fixed_point as custom_fixed_point
 from ._custom import custom_root as custom_root
+from ._decode import AbstractCachedModel as AbstractCachedModel
 from ._decode import AbstractDecodingSolver as AbstractDecodingSolver
+from ._decode import Divergence as Divergence
 from ._decode import decode as decode
+from ._decode import first_divergence as first_divergence
 from ._errors import SolveError as SolveError
 from ._errors import checked as checked
 from ._errors import raise_if_failed as raise_if_failed

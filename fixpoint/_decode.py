@@ -2,39 +2,94 @@
 
 The new tokens `t_1 … t_N` of greedy decoding are the fixed point of
 `T ↦ (argmax model(prompt ⧺ T)[P + n - 1])_n`: each position's token is the
-model's choice given the tokens before it. A decoding solver guesses a window
-of positions at once; one model call re-predicts all of them. As in the scan
-loop, the leading positions whose context is exact are accepted ("frozen"),
-so each call fixes at least one more token and `N` calls always suffice. Unlike
-the scan loop, convergence here is exact equality of tokens and the window
-slides, so decoding has its own small loop rather than `iterate_scan`.
+model's choice given the tokens before it. With a `key`, the choice is
+`argmax(logits / temperature + g)` with Gumbel noise `g` keyed by the absolute
+position, so the map stays deterministic and its fixed point is the sequential
+sample drawn with that key (Song et al. 2021).
+
+A decoding solver proposes a window of positions at once; one model call
+re-predicts all of them. As in the scan loop, the leading positions whose
+context is exact are accepted ("frozen"), so each call fixes at least one more
+token and `N` calls always suffice. Decoding has its own small loop rather
+than `iterate_scan`: convergence is exact equality of integers (no tolerance,
+no residual norm, no certification step), the window slides with the accepted
+prefix and, on the cached path, each call sees only the window's tokens.
 """
 
 import abc
+import functools
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 from ._solution import RESULTS, Solution
 
 
 class AbstractDecodingSolver(eqx.Module):
-    """A parallel decoding method: how many positions one model call proposes.
+    """A parallel decoding method: which positions one model call proposes.
 
-    The loop (`fixpoint.decode`) calls the model on the whole buffer, accepts the
-    longest prefix of the window whose context was exact (at least one token),
-    and takes the model's predictions as the next guesses for the rest of the
-    window. A solver decides the window through `max_window` (static: it sizes
-    the compiled loop).
+    Each iteration the loop (`fixpoint.decode`) scores the window of positions
+    `k … k + w - 1` after the `k` accepted new tokens, accepts the longest prefix
+    of it whose context was exact (always at least position `k`), and takes the
+    model's choices as the guesses for the rest. A solver says how wide the
+    window is:
+
+    - `max_window` (static): the widest window; it sizes the model call on the
+      cached path (`min(max_window, max_new_tokens)` tokens per call).
+    - `window_at(accepted)`: the window for this iteration given the number of
+      accepted new tokens (a traced int32 scalar, per row in a batch); an int32
+      in `1 … max_window`. The default is `max_window` every time.
     """
 
     @property
     @abc.abstractmethod
     def max_window(self) -> int:
-        """The largest window this solver proposes (static)."""
+        """The widest window this solver proposes (static)."""
+
+    def window_at(self, accepted):
+        """The window width at this iteration, given `accepted` new tokens."""
+        del accepted
+        return jnp.array(self.max_window, jnp.int32)
+
+
+class AbstractCachedModel(eqx.Module):
+    """The cached decoding protocol: a model with a fixed-capacity key/value cache.
+
+    A model that implements it is still a plain model (`__call__(tokens)`,
+    the simple protocol); `fixpoint.decode` then calls `extend` on one window of
+    tokens per iteration instead of the whole sequence. Rolling back rejected
+    guesses is a pointer move: the loop simply writes the next window over the
+    stale entries, and a causal model never reads entries past the row it scores.
+
+    **Methods a model implements:**
+
+    - `__call__(tokens: int32[L]) -> float[L, V]`: row `t` depends only on
+      `tokens[:t+1]` and scores the token at `t + 1`.
+    - `init_cache(capacity: int) -> cache`: an empty cache (a pytree of arrays)
+      with room for positions `0 … capacity-1`.
+    - `extend(tokens: int32[W], start: int32[], cache) -> (float[W, V], cache)`:
+      `tokens[i]` sits at position `start + i`. Row `i` of the logits must equal
+      row `start + i` of `__call__` on any sequence that agrees with the cache at
+      positions `< start` and with `tokens` at `start … start+i`. The returned
+      cache holds the entries of these `W` positions (those past `start + W - 1`
+      may hold anything). `start` is traced; `W` is static.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, tokens):
+        """Logits `float[L, V]` for `int32[L]` tokens (causal)."""
+
+    @abc.abstractmethod
+    def init_cache(self, capacity: int):
+        """An empty cache for positions `0 … capacity-1`."""
+
+    @abc.abstractmethod
+    def extend(self, tokens, start, cache):
+        """Logits of `tokens` placed at `start …`, and the cache with their entries."""
 
 
 def decode(
@@ -44,77 +99,209 @@ def decode(
     *,
     solver: AbstractDecodingSolver,
     eos_id: int | None = None,
+    key=None,
+    temperature=1.0,
+    prompt_lengths=None,
     fill_id: int = 0,
+    cached: bool | None = None,
     return_solution: bool = False,
 ):
-    """Greedy decoding of `max_new_tokens` tokens after `prompt`, in parallel.
+    """Decode `max_new_tokens` tokens after `prompt` in parallel; the output is
+    the sequential (autoregressive) one.
 
     **Arguments:**
 
     - `model`: `model(tokens) -> logits`, mapping `int32[L]` to `float[L, V]`
       causally (row `t` depends only on `tokens[:t+1]` and scores the token at
-      `t + 1`), with `L = len(prompt) + max_new_tokens` (static; positions not
-      yet decoded hold guesses).
-    - `prompt`: `int[P]`, `P ≥ 1`. For a batch, `jax.vmap` over prompts: each row
-      stops on its own.
+      `t + 1`), with `L = P + max_new_tokens` (static; positions not yet decoded
+      hold guesses). A model that also implements `fixpoint.AbstractCachedModel`
+      is called one window at a time through its key/value cache.
+    - `prompt`: `int[P]`, `P ≥ 1`; or `int[B, P]` for a batch decoded in one
+      compiled loop, each row accepting its own tokens (`jax.vmap` over `int[P]`
+      prompts does the same).
     - `max_new_tokens`: `N ≥ 1`.
-    - `solver`: `solvers.SequentialDecoding()` or `solvers.JacobiDecoding(window)`.
-    - `eos_id`: once an accepted token is `eos_id`, decoding stops and every
+    - `solver`: `solvers.SequentialDecoding()`, `solvers.JacobiDecoding(window)`,
+      `solvers.GSJacobiDecoding(block_size)` or `solvers.HybridDecoding(...)`.
+    - `eos_id`: once an accepted token is `eos_id`, that row stops and every
       later position is `eos_id`.
+    - `key`: `None` for greedy decoding; a PRNG key to sample. The token at
+      absolute position `t` is `argmax(logits / temperature + g_t)` with Gumbel
+      noise `g_t` drawn from `jax.random.fold_in(key, t)`: the same key gives the
+      same sample whatever the solver or window. With a batched `prompt`, `key`
+      is one key per row (`[B]`) or a single key, folded with the row index.
+    - `temperature`: `> 0`; used only with a `key`.
+    - `prompt_lengths`: `int[B]` with a batched `prompt`: row `b`'s prompt is
+      `prompt[b, :prompt_lengths[b]]` (the rest is padding) and its new tokens
+      follow it. Values are clipped to `1 … P`.
     - `fill_id`: the initial guess at every undecoded position.
+    - `cached`: use the model's cache (`True`), its plain call (`False`), or the
+      cache when the model has one (`None`, the default).
     - `return_solution`: also return a `fixpoint.Solution`.
 
-    **Returns:** `int32[N]`, the new tokens; with `return_solution=True`,
-    `(tokens, solution)` where `solution.value` is the tokens, `solution.result`
-    is `successful` (or `nonfinite` if the model produced a NaN/Inf logit where
-    a token was chosen), and `solution.stats` has `model_calls`, `iterations`
-    (the same here: one call per iteration), `tokens_per_call` (tokens decoded,
-    up to and including EOS, per call) and `fixed_at` (`int32[N]`: the iteration
-    at which each position was accepted, -1 after EOS).
+    **Returns:** `int32[N]` (`int32[B, N]` for a batch), the new tokens; with
+    `return_solution=True`, `(tokens, solution)` where `solution.value` is the
+    tokens, `solution.result` is `successful` (or `nonfinite` if the model gave
+    a NaN/Inf logit where a token was chosen), and `solution.stats` (per row)
+    has `model_calls`, `iterations` (the same: one call per iteration),
+    `tokens_per_call` (tokens decoded, up to and including EOS, per call),
+    `rows_per_call` (positions the model scored per call: `L` on the plain path,
+    the window on the cached path) and `fixed_at` (`int32[N]`: the iteration at
+    which each position was accepted, -1 after EOS).
     """
     if not callable(model):
         raise TypeError(f"`model` must be callable as model(tokens) -> logits, got {model!r}.")
     if not isinstance(solver, AbstractDecodingSolver):
         raise TypeError(
             "`solver` must be a decoding solver (`solvers.SequentialDecoding()`, "
-            f"`solvers.JacobiDecoding(window)`), got {solver!r}."
+            f"`solvers.JacobiDecoding(window)`, ...), got {solver!r}."
         )
     check_int(max_new_tokens, "max_new_tokens", 1)
-    if not isinstance(return_solution, (bool, np.bool_)):
-        raise TypeError(f"`return_solution` must be a bool, got {return_solution!r}.")
+    check_bool(return_solution, "return_solution")
+    if cached is None:
+        cached = isinstance(model, AbstractCachedModel)
+    check_bool(cached, "cached")
+    if cached and not isinstance(model, AbstractCachedModel):
+        raise TypeError(
+            "`cached=True` needs a model implementing `fixpoint.AbstractCachedModel` "
+            f"(`init_cache` and `extend`); got {type(model).__name__}."
+        )
     prompt = jnp.asarray(prompt)
     if not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise TypeError(f"`prompt` must hold integer token ids, got dtype {prompt.dtype}.")
-    if prompt.ndim != 1 or prompt.shape[0] < 1:
+    if prompt.ndim not in (1, 2) or prompt.shape[-1] < 1 or prompt.shape[0] < 1:
         raise ValueError(
-            f"`prompt` must have shape (P,) with P >= 1, got {prompt.shape}; for a batch "
-            "of prompts use `jax.vmap`."
+            f"`prompt` must have shape (P,) or (B, P) with P >= 1, got {prompt.shape}."
         )
+    batched = prompt.ndim == 2
     prompt = prompt.astype(jnp.int32)
-    length = prompt.shape[0] + max_new_tokens
-    out = jax.eval_shape(model, jax.ShapeDtypeStruct((length,), jnp.int32))
-    if not (
-        isinstance(out, jax.ShapeDtypeStruct)
-        and len(out.shape) == 2
-        and out.shape[0] == length
-        and jnp.issubdtype(out.dtype, jnp.floating)
-    ):
-        raise ValueError(
-            f"`model` must map int32[{length}] (the prompt plus `max_new_tokens`) to float "
-            f"logits of shape ({length}, V); it returned {out}."
-        )
-    vocab = out.shape[1]
+    p_max = prompt.shape[-1]
+    length = p_max + max_new_tokens
+    window = min(solver.max_window, max_new_tokens)
+    vocab = _check_model(model, length, window, cached)
     for name, value in (("eos_id", eos_id), ("fill_id", fill_id)):
         if value is not None:
             check_int(value, name, 0)
             if value >= vocab:
                 raise ValueError(f"`{name}={value}` is outside the vocabulary of size {vocab}.")
-    tokens, stats, result = _decode(
-        model, prompt, max_new_tokens, solver.max_window, eos_id, fill_id
+    lengths = _lengths(prompt_lengths, prompt)
+    if key is not None:
+        key = _check_key(key, prompt)
+        temperature = _check_temperature(temperature)
+    run = functools.partial(
+        _decode,
+        model,
+        n=max_new_tokens,
+        solver=solver,
+        window=window,
+        eos_id=eos_id,
+        fill_id=fill_id,
+        temperature=temperature,
+        cached=cached,
     )
+    if batched:
+        tokens, stats, result = jax.vmap(run)(prompt, lengths, key)
+    else:
+        tokens, stats, result = run(prompt, lengths, key)
     if not return_solution:
         return tokens
     return tokens, Solution(value=tokens, result=result, aux=None, stats=stats)
+
+
+def _check_model(model, length, window, cached):
+    """The vocabulary size, after checking the model's shapes at trace time."""
+    tokens = jax.ShapeDtypeStruct((length,), jnp.int32)
+    out = jax.eval_shape(model, tokens)
+    if not _is_logits(out, length):
+        raise ValueError(
+            f"`model` must map int32[{length}] (the prompt plus `max_new_tokens`) to float "
+            f"logits of shape ({length}, V); it returned {out}."
+        )
+    if cached:
+        cache = jax.eval_shape(lambda: model.init_cache(length))
+        block = jax.ShapeDtypeStruct((window,), jnp.int32)
+        start = jax.ShapeDtypeStruct((), jnp.int32)
+        res = jax.eval_shape(model.extend, block, start, cache)
+        if not (
+            isinstance(res, tuple)
+            and len(res) == 2
+            and _is_logits(res[0], window)
+            and res[0].shape[1] == out.shape[1]
+        ):
+            raise ValueError(
+                f"`model.extend(tokens: int32[{window}], start, cache)` must return "
+                f"`(logits[{window}, {out.shape[1]}], cache)`; it returned {res}."
+            )
+        if jax.tree.structure(res[1]) != jax.tree.structure(cache) or any(
+            (a.shape, a.dtype) != (b.shape, b.dtype)
+            for a, b in zip(jax.tree.leaves(res[1]), jax.tree.leaves(cache), strict=True)
+        ):
+            raise ValueError(
+                "`model.extend` must return a cache with the structure, shapes and dtypes "
+                f"of `model.init_cache({length})`: got {res[1]}, expected {cache}."
+            )
+    return out.shape[1]
+
+
+def _is_logits(out, rows):
+    return (
+        isinstance(out, jax.ShapeDtypeStruct)
+        and len(out.shape) == 2
+        and out.shape[0] == rows
+        and jnp.issubdtype(out.dtype, jnp.floating)
+    )
+
+
+def _lengths(prompt_lengths, prompt):
+    p_max = prompt.shape[-1]
+    if prompt_lengths is None:
+        shape = prompt.shape[:1] if prompt.ndim == 2 else ()
+        return jnp.full(shape, p_max, jnp.int32)
+    if prompt.ndim != 2:
+        raise ValueError("`prompt_lengths` needs a batched `prompt` of shape (B, P).")
+    lengths = jnp.asarray(prompt_lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer) or lengths.shape != prompt.shape[:1]:
+        raise ValueError(
+            f"`prompt_lengths` must be integers of shape ({prompt.shape[0]},) (one per row of "
+            f"`prompt`), got {lengths.dtype}{list(lengths.shape)}."
+        )
+    if not isinstance(lengths, jax.core.Tracer):
+        bad = np.flatnonzero((np.asarray(lengths) < 1) | (np.asarray(lengths) > p_max))
+        if bad.size:
+            raise ValueError(
+                f"`prompt_lengths[{bad[0]}] = {int(lengths[bad[0]])}` is outside 1 … {p_max} "
+                "(the prompt's width)."
+            )
+    return jnp.clip(lengths.astype(jnp.int32), 1, p_max)
+
+
+def _check_key(key, prompt):
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
+            key = jax.random.wrap_key_data(key)
+        else:
+            raise TypeError(f"`key` must be a PRNG key (`jax.random.key(0)`), got {key.dtype}.")
+    if prompt.ndim == 1:
+        if key.shape != ():
+            raise ValueError(f"`key` must be a single key for a 1-D `prompt`, got {key.shape}.")
+        return key
+    rows = prompt.shape[0]
+    if key.shape == ():
+        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(rows))
+    if key.shape != (rows,):
+        raise ValueError(
+            f"`key` must be one key or one per row of `prompt` ({rows},), got {key.shape}."
+        )
+    return key
+
+
+def _check_temperature(temperature):
+    if isinstance(temperature, jax.core.Tracer):
+        return temperature
+    t = np.asarray(temperature)
+    if t.shape != () or not np.issubdtype(t.dtype, np.number) or not t > 0:
+        raise ValueError(f"`temperature` must be a number > 0 when sampling, got {temperature!r}.")
+    return float(t)
 
 
 class _Carry(eqx.Module):
@@ -124,66 +311,104 @@ class _Carry(eqx.Module):
     fixed_at: jax.Array  # int32[N]
     done: jax.Array
     finite: jax.Array
+    cache: object
 
 
-def _decode(model, prompt, n, window, eos_id, fill_id):
-    p = prompt.shape[0]
-    positions = jnp.arange(n)
+def _choose(logits, positions, key, temperature):
+    """The token at each absolute `position` from its scoring row of `logits`."""
+    if key is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    noise = jax.vmap(
+        lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (vocab,), logits.dtype)
+    )(positions)
+    return jnp.argmax(logits / temperature + noise, axis=-1).astype(jnp.int32)
+
+
+def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temperature, cached):
+    """One row. `prompt` is `int32[P]` of which the first `p` (traced) are the prompt."""
+    p_max = prompt.shape[0]
+    length = p_max + n
+    i32 = jnp.int32
+    positions = jnp.arange(n, dtype=i32)
     buf = jnp.concatenate([prompt, jnp.full(n, fill_id, jnp.int32)])
-    init = _Carry(
-        buf=buf,
-        accepted=jnp.array(0),
-        calls=jnp.array(0),
-        fixed_at=jnp.full(n, -1, jnp.int32),
-        done=jnp.array(False),
-        finite=jnp.array(True),
-    )
+    # The new tokens of this row live at buf[p : p + n].
+    buf = jnp.where(jnp.arange(length, dtype=i32) < p, buf, fill_id)
 
-    def body(c):
-        logits = model(c.buf)
-        # The prediction for new position `i` is the choice after `buf[:p + i]`.
-        scores = jax.lax.dynamic_slice_in_dim(logits, p - 1, n)
-        pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-        guess = c.buf[p:]
+    def step(c, logits, start, cache):
+        # Row i of `logits` sits at absolute position start + i and scores start + i + 1,
+        # which is new position start + i + 1 - p.
+        rows = logits.shape[0]
+        scored = start + 1 + jnp.arange(rows, dtype=i32)
+        chosen = _choose(logits, scored, key, temperature)
+        index = scored - p
+        index = jnp.where((index >= 0) & (index < n), index, i32(n))
+        guess = jax.lax.dynamic_slice_in_dim(c.buf, p, n)
+        pred = guess.at[index].set(chosen, mode="drop")
+        row_finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        finite_at = jnp.ones(n, bool).at[index].set(row_finite, mode="drop")
         k = c.accepted
-        in_window = (positions >= k) & (positions < k + window)
-        # Position k is exact; k + j is exact when the guesses at k..k+j-1 were right.
-        confirmed = jnp.where(in_window, guess == pred, False)
-        # Leading run of confirmations from k: count positions j >= k with all
-        # confirmed in [k, j).
-        wrong_before = jnp.cumsum(jnp.where(in_window & ~confirmed, 1, 0)) - jnp.where(
-            in_window & ~confirmed, 1, 0
-        )
+        w = jnp.clip(solver.window_at(k), 1, window)
+        in_window = (positions >= k) & (positions < k + w)
+        # Position k is exact; k + j is exact when the guesses at k … k+j-1 were right.
+        wrong = in_window & (guess != pred)
+        wrong_before = jnp.cumsum(wrong, dtype=i32) - wrong.astype(i32)
         accept = in_window & (wrong_before == 0)
-        finite = jnp.all(jnp.where(accept[:, None], jnp.isfinite(scores), True))
+        finite = jnp.all(jnp.where(accept, finite_at, True))
         new = jnp.where(in_window, pred, guess)
         if eos_id is not None:
             # Accepted positions after the first accepted EOS are EOS too, and done.
-            is_eos = accept & (new == eos_id)
-            first_eos = jnp.min(jnp.where(is_eos, positions, n))
+            first_eos = jnp.min(jnp.where(accept & (new == eos_id), positions, i32(n)))
             accept = accept & (positions <= first_eos)
-            after = positions > first_eos
-            new = jnp.where(after & (first_eos < n), eos_id, new)
+            new = jnp.where(positions > first_eos, eos_id, new)
             hit = first_eos < n
         else:
             hit = jnp.array(False)
-        count = jnp.sum(accept)
-        accepted = k + count
-        done = (accepted >= n) | hit | ~finite
-        step = c.calls
-        fixed_at = jnp.where(accept, step, c.fixed_at)
+        accepted = k + jnp.sum(accept, dtype=i32)
         keep = c.done
         return _Carry(
-            buf=jnp.where(keep, c.buf, jnp.concatenate([c.buf[:p], new])),
-            accepted=jnp.where(keep, c.accepted, accepted),
-            calls=c.calls + jnp.where(keep, 0, 1),
-            fixed_at=jnp.where(keep, c.fixed_at, fixed_at),
-            done=c.done | done,
+            buf=jnp.where(keep, c.buf, jax.lax.dynamic_update_slice_in_dim(c.buf, new, p, 0)),
+            accepted=jnp.where(keep, k, accepted),
+            calls=c.calls + (~keep).astype(i32),
+            fixed_at=jnp.where(keep | ~accept, c.fixed_at, c.calls),
+            done=keep | (accepted >= n) | hit | ~finite,
             finite=c.finite & (keep | finite),
+            cache=cache,
         )
 
+    init = _Carry(
+        buf=buf,
+        accepted=jnp.array(0, i32),
+        calls=jnp.array(0, i32),
+        fixed_at=jnp.full(n, -1, jnp.int32),
+        done=jnp.array(False),
+        finite=jnp.array(True),
+        cache=None,
+    )
+    if cached:
+        # The first call also fills the cache with the prompt: every row scores the
+        # window after its own prompt, from the same static block.
+        first = p_max + window - 1
+        logits, cache = model.extend(buf[:first], jnp.array(0, jnp.int32), model.init_cache(length))
+        init = step(init, logits, jnp.array(0, i32), cache)
+
+        def body(c):
+            # The window's block starts at the last accepted token; the entries before it
+            # are exact, and those after it are stale but never read (causality).
+            start = jnp.minimum(p - 1 + c.accepted, i32(length - window))
+            block = jax.lax.dynamic_slice_in_dim(c.buf, start, window)
+            logits, cache = model.extend(block, start, c.cache)
+            return step(c, logits, start, cache)
+
+        rows = jnp.array(window, jnp.int32)
+    else:
+
+        def body(c):
+            return step(c, model(c.buf), jnp.array(0, i32), None)
+
+        rows = jnp.array(length, jnp.int32)
     final = jax.lax.while_loop(lambda c: ~c.done, body, init)
-    tokens = final.buf[p:]
+    tokens = jax.lax.dynamic_slice_in_dim(final.buf, p, n)
     decoded = final.accepted
     if eos_id is not None:
         tokens = jnp.where(positions < decoded, tokens, eos_id)
@@ -192,7 +417,58 @@ def _decode(model, prompt, n, window, eos_id, fill_id):
         "model_calls": calls,
         "iterations": calls,
         "tokens_per_call": decoded.astype(jnp.float32) / jnp.maximum(calls, 1).astype(jnp.float32),
+        "rows_per_call": rows,
         "fixed_at": final.fixed_at,
     }
     result = RESULTS.where(final.finite, RESULTS.successful, RESULTS.nonfinite)
     return tokens, stats, result
+
+
+class Divergence(NamedTuple):
+    """Where two decodings first differ (see `fixpoint.first_divergence`)."""
+
+    index: int  # first differing new position, -1 if none
+    token: int  # the token of `tokens` there
+    reference_token: int  # the token of `reference` there
+    margin: float  # score(reference_token) - score(token) at that position
+    scale: float  # max |score| at that position: the margin's yardstick
+
+
+def first_divergence(model, prompt, tokens, reference, *, key=None, temperature=1.0):
+    """Where `tokens` first differs from `reference` (two decodings of `prompt`),
+    and by how much the model preferred one there.
+
+    Both decodings share the context `prompt ⧺ reference[:i]` up to the first
+    differing position `i`; the model's plain call (`model(tokens)`) on
+    `prompt ⧺ reference` scores that position once more. The `margin` is the
+    score of the reference's token minus the other's (scores are
+    `logits / temperature + noise` when sampled with `key`, as in `decode`). A
+    margin at the level of rounding (`margin ≲ 1e-6 · scale` in float32) means
+    the two decodings differ only by a near-tie that the two call shapes broke
+    differently; a large margin means one of them is wrong.
+
+    **Arguments:** `model`, `prompt` (`int[P]`) as in `fixpoint.decode`;
+    `tokens`, `reference`: `int[N]`; `key`/`temperature` as in `decode`.
+
+    **Returns:** a `fixpoint.Divergence` (`index == -1` when they agree).
+    """
+    prompt = np.asarray(prompt)
+    tokens, reference = np.asarray(tokens), np.asarray(reference)
+    if tokens.shape != reference.shape or tokens.ndim != 1 or prompt.ndim != 1:
+        raise ValueError(
+            "`first_divergence` compares two int[N] decodings of one int[P] prompt; got "
+            f"prompt {prompt.shape}, tokens {tokens.shape}, reference {reference.shape}."
+        )
+    differ = np.flatnonzero(tokens != reference)
+    if differ.size == 0:
+        return Divergence(-1, -1, -1, float("nan"), float("nan"))
+    i = int(differ[0])
+    p = prompt.shape[0]
+    seq = jnp.asarray(np.concatenate([prompt, reference]).astype(np.int32))
+    row = model(seq)[p + i - 1]
+    if key is not None:
+        noise = jax.random.gumbel(jax.random.fold_in(key, p + i), row.shape, row.dtype)
+        row = row / temperature + noise
+    row = np.asarray(row, np.float64)
+    a, b = int(tokens[i]), int(reference[i])
+    return Divergence(i, a, b, float(row[b] - row[a]), float(np.max(np.abs(row))))

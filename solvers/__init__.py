@@ -2,6 +2,8 @@
 
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
+from .decoding import GSJacobiDecoding as GSJacobiDecoding
+from .decoding import HybridDecoding as HybridDecoding
 from .decoding import JacobiDecoding as JacobiDecoding
 from .decoding import SequentialDecoding as SequentialDecoding
 from .deer import DEER as DEER

@@ -11,18 +11,34 @@ import solvers
 V, D = 11, 8
 
 
+class Toy(fixpoint.AbstractCachedModel):
+    """A small causal model with both protocols: logits_t = (E[x_t] + mean(E[x_{<=t}])) W.
+    Its cache holds the embeddings of the positions seen."""
+
+    emb: jax.Array
+    w: jax.Array
+
+    def __call__(self, tokens):
+        e = self.emb[tokens]
+        count = jnp.arange(1, tokens.shape[0] + 1).astype(e.dtype)
+        return (e + jnp.cumsum(e, axis=0) / count[:, None]) @ self.w
+
+    def init_cache(self, capacity):
+        return jnp.zeros((capacity, D), self.emb.dtype)
+
+    def extend(self, tokens, start, cache):
+        e = self.emb[tokens]
+        cache = jax.lax.dynamic_update_slice_in_dim(cache, e, start, 0)
+        pos = start + jnp.arange(tokens.shape[0], dtype=start.dtype)
+        mask = (jnp.arange(cache.shape[0], dtype=start.dtype)[None, :] <= pos[:, None]).astype(
+            e.dtype
+        )
+        return (e + (mask @ cache) / (pos + 1).astype(e.dtype)[:, None]) @ self.w, cache
+
+
 def _model(key, scale=3.0):
-    """A small causal model: logits_t = (E[x_t] + mean(E[x_{<=t}])) W."""
     k1, k2 = jax.random.split(key)
-    emb = jax.random.normal(k1, (V, D))
-    w = scale * jax.random.normal(k2, (D, V))
-
-    def model(tokens):
-        e = emb[tokens]
-        mean = jnp.cumsum(e, axis=0) / jnp.arange(1.0, tokens.shape[0] + 1)[:, None]
-        return (e + mean) @ w
-
-    return model
+    return Toy(jax.random.normal(k1, (V, D)), scale * jax.random.normal(k2, (D, V)))
 
 
 @pytest.fixture(scope="module")
@@ -33,34 +49,62 @@ def model():
 _COMPILED = {}
 
 
-def _run(model, prompt, n, solver, eos_id=None):
-    # Compiled once per (model, n, solver, eos): the tests share them.
-    key = (id(model), n, solver, eos_id)
+def _run(model, prompt, n, solver, eos_id=None, cached=True, **kw):
+    # Compiled once per (model, n, solver, eos, protocol, options): the tests share them.
+    key = (id(model), n, solver, eos_id, cached, tuple(sorted(kw)))
     if key not in _COMPILED:
         _COMPILED[key] = jax.jit(
-            lambda p: fixpoint.decode(
-                model, p, n, solver=solver, eos_id=eos_id, return_solution=True
+            lambda p, **kw: fixpoint.decode(
+                model, p, n, solver=solver, eos_id=eos_id, cached=cached, return_solution=True, **kw
             )
         )
-    return _COMPILED[key](prompt)
+    return _COMPILED[key](prompt, **kw)
 
 
-@pytest.mark.parametrize("window", [1, 2, 5, 16, 40])
-def test_jacobi_equals_sequential(model, window):
-    # One shape per window (one compile each) and several prompts; one other
-    # shape (a one-token prompt, a window longer than the output) for window 40.
-    shapes = [(3, 24)] * 4 + ([(1, 7)] if window == 40 else [])
-    seq = solvers.SequentialDecoding()
+SEQ = solvers.SequentialDecoding()
+SOLVERS = [
+    solvers.JacobiDecoding(1),
+    solvers.JacobiDecoding(2),
+    solvers.JacobiDecoding(5),
+    solvers.JacobiDecoding(16),
+    solvers.JacobiDecoding(40),
+    solvers.GSJacobiDecoding(3),
+    solvers.HybridDecoding(4, parallel_tokens=10),
+]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("solver", SOLVERS, ids=repr)
+def test_parallel_equals_sequential(model, solver, cached):
+    # One shape per solver (one compile each) and several prompts; one other shape
+    # (a one-token prompt, a window longer than the output) for the widest window.
+    shapes = [(3, 24)] * 4 + ([(1, 7)] if solver.max_window == 40 else [])
     for seed, (p, n) in enumerate(shapes):
         prompt = jax.random.randint(jax.random.key(seed), (p,), 0, V)
-        want, ref = _run(model, prompt, n, seq)
-        got, sol = _run(model, prompt, n, solvers.JacobiDecoding(window))
+        want, ref = _run(model, prompt, n, SEQ, cached=False)
+        got, sol = _run(model, prompt, n, solver, cached=cached)
         np.testing.assert_array_equal(got, want)
         assert int(ref.stats["model_calls"]) == n
         assert 1 <= int(sol.stats["model_calls"]) <= n
         assert bool(sol.result == fixpoint.RESULTS.successful)
         fixed = np.asarray(sol.stats["fixed_at"])
         assert np.all(np.diff(fixed) >= 0) and fixed.max() == int(sol.stats["model_calls"]) - 1
+        rows = min(solver.max_window, n) if cached else p + n
+        assert int(sol.stats["rows_per_call"]) == rows
+
+
+def test_jacobi_saves_calls(model):
+    # Not a speed claim (the model is a toy), but the method must do something:
+    # across prompts, a wide window needs fewer calls than sequential decoding.
+    calls = [
+        int(
+            _run(model, jax.random.randint(jax.random.key(s), (3,), 0, V), 24, SOLVERS[3])[1].stats[
+                "model_calls"
+            ]
+        )
+        for s in range(4)
+    ]
+    assert sum(calls) < 4 * 24
 
 
 def test_greedy_reference_by_hand(model):
@@ -69,20 +113,38 @@ def test_greedy_reference_by_hand(model):
     for _ in range(9):
         logits = model(jnp.array(tokens + [0] * (12 - len(tokens)), jnp.int32))
         tokens.append(int(jnp.argmax(logits[len(tokens) - 1])))
-    got = fixpoint.decode(model, prompt, 9, solver=solvers.JacobiDecoding(4))
-    np.testing.assert_array_equal(got, tokens[3:])
+    for cached in (False, True):
+        got = fixpoint.decode(model, prompt, 9, solver=solvers.JacobiDecoding(4), cached=cached)
+        np.testing.assert_array_equal(got, tokens[3:])
 
 
 def test_eos_inside_a_window(model):
     prompt = jnp.array([2, 5], jnp.int32)
-    plain = np.asarray(_run(model, prompt, 30, solvers.SequentialDecoding())[0])
+    plain = np.asarray(_run(model, prompt, 30, SEQ, cached=False)[0])
     eos = int(plain[4])  # a token that appears early: decoding must stop there
     first = int(np.flatnonzero(plain == eos)[0])
-    for solver in (solvers.SequentialDecoding(), solvers.JacobiDecoding(8)):
-        got, sol = _run(model, prompt, 30, solver, eos_id=eos)
+    for solver, cached in ((SEQ, False), (solvers.JacobiDecoding(8), False), (SOLVERS[2], True)):
+        got, sol = _run(model, prompt, 30, solver, eos_id=eos, cached=cached)
         want = np.where(np.arange(30) <= first, plain, eos)
         np.testing.assert_array_equal(got, want)
         assert int(sol.stats["model_calls"]) <= first + 1
+        fixed = np.asarray(sol.stats["fixed_at"])
+        assert np.all(fixed[first + 1 :] == -1) and np.all(fixed[: first + 1] >= 0)
+
+
+def test_batched_rows_of_different_lengths(model):
+    # One compiled loop for the batch; each row equals its own unbatched decoding.
+    prompts = jax.random.randint(jax.random.key(9), (5, 6), 0, V)
+    lengths = jnp.array([1, 6, 3, 2, 6], jnp.int32)
+    for cached in (False, True):
+        tokens, sol = _run(model, prompts, 12, SOLVERS[2], cached=cached, prompt_lengths=lengths)
+        assert tokens.shape == (5, 12)
+        for b in range(5):
+            one = fixpoint.decode(
+                model, prompts[b, : int(lengths[b])], 12, solver=SEQ, cached=False
+            )
+            np.testing.assert_array_equal(tokens[b], one)
+            assert 1 <= int(sol.stats["model_calls"][b]) <= 12
 
 
 def test_vmap_rows_stop_on_their_own(model):
@@ -96,6 +158,59 @@ def test_vmap_rows_stop_on_their_own(model):
         assert int(sol.stats["model_calls"][i]) == int(s1.stats["model_calls"])
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_sampling_is_the_sequential_sample(model, temperature):
+    # With a key, Jacobi decoding draws exactly the sample sequential decoding draws.
+    prompt = jnp.array([4, 2, 7], jnp.int32)
+    for seed in range(4):
+        key = jax.random.key(seed)
+        kw = dict(key=key, temperature=jnp.asarray(temperature))
+        want, _ = _run(model, prompt, 20, SEQ, cached=False, **kw)
+        for solver, cached in ((SOLVERS[2], False), (SOLVERS[3], True)):
+            got, _ = _run(model, prompt, 20, solver, cached=cached, **kw)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_first_sampled_token_follows_softmax(model):
+    prompt = jnp.array([1, 3], jnp.int32)
+    temperature = 2.0
+    keys = jax.random.split(jax.random.key(11), 4000)
+    first = jax.jit(
+        jax.vmap(
+            lambda k: fixpoint.decode(
+                model, prompt, 1, solver=SEQ, key=k, temperature=temperature, cached=False
+            )[0]
+        )
+    )(keys)
+    counts = np.bincount(np.asarray(first), minlength=V) / keys.shape[0]
+    probs = np.asarray(jax.nn.softmax(model(jnp.array([1, 3, 0], jnp.int32))[1] / temperature))
+    # Binomial standard error at n = 4000 is at most 0.008; allow 4.5 of them.
+    np.testing.assert_allclose(counts, probs, atol=0.036)
+
+
+def test_one_key_per_row(model):
+    prompts = jax.random.randint(jax.random.key(2), (3, 4), 0, V)
+    keys = jax.random.split(jax.random.key(5), 3)
+    tokens = fixpoint.decode(model, prompts, 10, solver=SOLVERS[2], key=keys)
+    for b in range(3):
+        one = fixpoint.decode(model, prompts[b], 10, solver=SEQ, key=keys[b], cached=False)
+        np.testing.assert_array_equal(tokens[b], one)
+
+
+def test_first_divergence(model):
+    prompt = jnp.array([2, 2, 9], jnp.int32)
+    ref = np.asarray(fixpoint.decode(model, prompt, 12, solver=SEQ))
+    assert fixpoint.first_divergence(model, prompt, ref, ref).index == -1
+    other = ref.copy()
+    other[6:] = (ref[6:] + 1) % V
+    d = fixpoint.first_divergence(model, prompt, other, ref)
+    row = np.asarray(model(jnp.asarray(np.concatenate([prompt, ref]), jnp.int32))[3 + 5])
+    assert (d.index, d.token, d.reference_token) == (6, other[6], ref[6])
+    np.testing.assert_allclose(d.margin, row[ref[6]] - row[other[6]])
+    assert d.margin > 0  # the reference is the greedy choice: it wins by a real margin
+    np.testing.assert_allclose(d.scale, np.abs(row).max())
+
+
 def test_nonfinite_logits_are_reported():
     bad = lambda t: jnp.full((t.shape[0], V), jnp.nan)  # noqa: E731
     _, sol = fixpoint.decode(
@@ -104,17 +219,40 @@ def test_nonfinite_logits_are_reported():
     assert bool(sol.result == fixpoint.RESULTS.nonfinite)
 
 
+class _BadCache(Toy):
+    def extend(self, tokens, start, cache):
+        logits, cache = super().extend(tokens, start, cache)
+        return logits, cache[:-1]
+
+
 def test_bad_inputs(model):
     j = solvers.JacobiDecoding(4)
+    z = jnp.zeros(3, jnp.int32)
     with pytest.raises(TypeError, match="`prompt` must hold integer"):
         fixpoint.decode(model, jnp.zeros(3), 4, solver=j)
     with pytest.raises(ValueError, match="`max_new_tokens` must be >= 1"):
-        fixpoint.decode(model, jnp.zeros(3, jnp.int32), 0, solver=j)
+        fixpoint.decode(model, z, 0, solver=j)
     with pytest.raises(ValueError, match="`window` must be an int >= 1"):
         solvers.JacobiDecoding(0)
+    with pytest.raises(ValueError, match="`block_size` must be an int >= 1"):
+        solvers.GSJacobiDecoding(0)
     with pytest.raises(ValueError, match="must map int32\\[7\\]"):
-        fixpoint.decode(lambda t: jnp.zeros((t.shape[0],)), jnp.zeros(3, jnp.int32), 4, solver=j)
+        fixpoint.decode(lambda t: jnp.zeros((t.shape[0],)), z, 4, solver=j)
+    with pytest.raises(ValueError, match="must map int32\\[7\\]"):
+        fixpoint.decode(lambda t: jnp.zeros((t.shape[0], V), jnp.int32), z, 4, solver=j)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        fixpoint.decode(model, jnp.zeros(3, jnp.int32), 4, solver=j, eos_id=V)
+        fixpoint.decode(model, z, 4, solver=j, eos_id=V)
     with pytest.raises(TypeError, match="decoding solver"):
-        fixpoint.decode(model, jnp.zeros(3, jnp.int32), 4, solver=solvers.Jacobi())
+        fixpoint.decode(model, z, 4, solver=solvers.Jacobi())
+    with pytest.raises(ValueError, match="`temperature` must be a number > 0"):
+        fixpoint.decode(model, z, 4, solver=j, key=jax.random.key(0), temperature=0.0)
+    with pytest.raises(TypeError, match="`key` must be a PRNG key"):
+        fixpoint.decode(model, z, 4, solver=j, key=jnp.zeros(3))
+    with pytest.raises(ValueError, match="`prompt_lengths\\[1\\] = 4` is outside"):
+        fixpoint.decode(model, jnp.zeros((2, 3), jnp.int32), 4, solver=j, prompt_lengths=[1, 4])
+    with pytest.raises(ValueError, match="`prompt_lengths` needs a batched"):
+        fixpoint.decode(model, z, 4, solver=j, prompt_lengths=[3])
+    with pytest.raises(TypeError, match="`cached=True` needs a model"):
+        fixpoint.decode(lambda t: model(t), z, 4, solver=j, cached=True)
+    with pytest.raises(ValueError, match="`model.extend` must return a cache"):
+        fixpoint.decode(_BadCache(model.emb, model.w), z, 4, solver=j)
