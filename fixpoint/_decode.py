@@ -322,7 +322,8 @@ def _choose(logits, positions, key, temperature):
     noise = jax.vmap(
         lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (vocab,), logits.dtype)
     )(positions)
-    return jnp.argmax(logits / temperature + noise, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.asarray(temperature).astype(logits.dtype)
+    return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
 
 def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temperature, cached):

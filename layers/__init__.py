@@ -1,6 +1,32 @@
 """Equinox layers built on `fixpoint` and `solvers`."""
 
 from .deq import DEQ as DEQ
+from .graph import Graph as Graph
+from .graph import batch_graphs as batch_graphs
+from .graph import pad_graph as pad_graph
+from .graph_solvers import CGS as CGS
+from .graph_solvers import IGNN as IGNN
+from .graph_solvers import normalised_adjacency as normalised_adjacency
+from .graph_solvers import perron_root as perron_root
+from .graph_tasks import GCN as GCN
+from .graph_tasks import GIN as GIN
+from .graph_tasks import GRAPH_FAMILIES as GRAPH_FAMILIES
+from .graph_tasks import ChainsDataset as ChainsDataset
+from .graph_tasks import ClassificationExample as ClassificationExample
+from .graph_tasks import FlowExample as FlowExample
+from .graph_tasks import GVIExample as GVIExample
+from .graph_tasks import batch_gvi as batch_gvi
+from .graph_tasks import chains_dataset as chains_dataset
+from .graph_tasks import count_params as count_params
+from .graph_tasks import flow_dataset as flow_dataset
+from .graph_tasks import flow_mse as flow_mse
+from .graph_tasks import gcn_aggregate as gcn_aggregate
+from .graph_tasks import graph_classification_dataset as graph_classification_dataset
+from .graph_tasks import graph_readout as graph_readout
+from .graph_tasks import gvi_backup as gvi_backup
+from .graph_tasks import gvi_dataset as gvi_dataset
+from .graph_tasks import gvi_metrics as gvi_metrics
+from .graph_tasks import node_accuracy as node_accuracy
 from .mondeq import CircularConvMonotone as CircularConvMonotone
 from .mondeq import ConvMonDEQ as ConvMonDEQ
 from .mondeq import MonDEQ as MonDEQ

@@ -1,5 +1,6 @@
 """`fixpoint.decode`: Jacobi decoding equals sequential greedy decoding."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,3 +257,50 @@ def test_bad_inputs(model):
         fixpoint.decode(lambda t: model(t), z, 4, solver=j, cached=True)
     with pytest.raises(ValueError, match="`model.extend` must return a cache"):
         fixpoint.decode(_BadCache(model.emb, model.w), z, 4, solver=j)
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    import layers
+
+    m = layers.CausalTransformer(
+        V, max_len=40, d_model=32, num_heads=2, num_layers=2, key=jax.random.key(3)
+    )
+    # Sharpen the random model's logits so greedy choices are not near-uniform.
+    return eqx.tree_at(lambda t: t.head, m, (40 * m.head[0], m.head[1]))
+
+
+def _as(model, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
+
+
+def test_transformer_cached_equals_plain_float64(transformer):
+    # Same tokens from one-window cached calls and whole-sequence plain calls.
+    model = _as(transformer, jnp.float64)
+    prompts = jax.random.randint(jax.random.key(4), (6, 5), 0, V)
+    lengths = jnp.array([5, 1, 3, 5, 2, 4], jnp.int32)
+    kw = dict(prompt_lengths=lengths, return_solution=True)
+    want, _ = fixpoint.decode(model, prompts, 24, solver=SEQ, cached=False, **kw)
+    for solver in (SEQ, solvers.JacobiDecoding(6), solvers.GSJacobiDecoding(4)):
+        got, sol = fixpoint.decode(model, prompts, 24, solver=solver, cached=True, **kw)
+        np.testing.assert_array_equal(got, want)
+        assert np.all(np.asarray(sol.stats["model_calls"]) <= 24)
+
+
+def test_float32_divergences_are_ties(transformer):
+    # Between call shapes float32 sums differ in the last bits; any divergence
+    # must be a near-tie, which the float64 model (exact to ~1e-15) confirms.
+    # Token 1's logit is made token 10's times (1 + 3e-7), a tie at float32
+    # rounding level, so that divergences can occur (on this CPU none did).
+    w = transformer.head[0]
+    tied = eqx.tree_at(
+        lambda t: t.head, transformer, (w.at[:, 1].set(w[:, 10] * (1 + 3e-7)), transformer.head[1])
+    )
+    model32, model64 = _as(tied, jnp.float32), _as(tied, jnp.float64)
+    prompts = jax.random.randint(jax.random.key(8), (16, 5), 0, V)
+    plain = fixpoint.decode(model32, prompts, 30, solver=SEQ, cached=False)
+    cached = fixpoint.decode(model32, prompts, 30, solver=solvers.JacobiDecoding(8), cached=True)
+    for i in range(16):
+        d = fixpoint.first_divergence(model64, prompts[i], cached[i], plain[i])
+        if d.index >= 0:
+            assert abs(d.margin) <= 1e-5 * d.scale, d

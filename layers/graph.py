@@ -1,0 +1,185 @@
+"""`Graph`: a sparse graph (or a batch of disjoint graphs) as a pytree, and helpers.
+
+Edges are directed `senders[e] → receivers[e]`; a message along an edge is
+aggregated at its receiver. Several graphs concatenated into one `Graph`
+(`batch_graphs`) are one disconnected graph: `n_node[g]` nodes of graph `g`
+follow those of graph `g - 1`, and no edge crosses between them. `pad_graph`
+appends one padding graph so that batches have static shapes.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+
+class Graph(eqx.Module):
+    """A directed graph with node and edge features (a pytree; works under `jit`/`vmap`).
+
+    **Arguments:**
+
+    - `nodes`: `float[N, F]` node features.
+    - `edges`: `float[E, G]` edge features (`G` may be 0).
+    - `senders`, `receivers`: `int[E]`, the edge `e` goes `senders[e] → receivers[e]`.
+    - `n_node`: `int[num_graphs]`, the number of nodes of each graph when several
+      are concatenated (their sum is `N`); `None` for a single graph.
+
+    Shapes are checked when the graph is built; index ranges too when the indices
+    are concrete (`Graph.check_indices` under `jit`). Errors name the field.
+    """
+
+    nodes: Float[Array, "N F"]
+    edges: Float[Array, "E G"]
+    senders: Int[Array, " E"]
+    receivers: Int[Array, " E"]
+    n_node: Int[Array, " graphs"] | None = None
+
+    def __check_init__(self):
+        for name in ("nodes", "edges"):
+            x = getattr(self, name)
+            if jnp.ndim(x) != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+                shape = "(N, F)" if name == "nodes" else "(E, G)"
+                raise ValueError(
+                    f"Graph: `{name}` must be a float array of shape {shape}, "
+                    f"got {jnp.result_type(x)}{list(jnp.shape(x))}."
+                )
+        for name in ("senders", "receivers"):
+            x = getattr(self, name)
+            if jnp.ndim(x) != 1 or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+                raise ValueError(
+                    f"Graph: `{name}` must be an int array of shape (E,), "
+                    f"got {jnp.result_type(x)}{list(jnp.shape(x))}."
+                )
+        e_s, e_r, e_f = len(self.senders), len(self.receivers), jnp.shape(self.edges)[0]
+        if e_s != e_r:
+            raise ValueError(
+                f"Graph: `senders` has {e_s} entries but `receivers` has {e_r}; each edge "
+                "needs one of each."
+            )
+        if e_f != e_s:
+            raise ValueError(
+                f"Graph: `edges` has {e_f} rows but there are {e_s} edges (`senders`); give "
+                "one feature row per edge (shape (E, 0) for none)."
+            )
+        if self.n_node is not None and jnp.ndim(self.n_node) != 1:
+            raise ValueError(
+                f"Graph: `n_node` must be int[num_graphs], got {jnp.shape(self.n_node)}."
+            )
+        self.check_indices()
+
+    @property
+    def num_nodes(self) -> int:
+        return jnp.shape(self.nodes)[0]
+
+    @property
+    def num_edges(self) -> int:
+        return jnp.shape(self.senders)[0]
+
+    @property
+    def num_graphs(self) -> int:
+        return 1 if self.n_node is None else jnp.shape(self.n_node)[0]
+
+    def check_indices(self):
+        """Raise if an index is out of range or `n_node` does not add up (when concrete)."""
+        n = self.num_nodes
+        for name in ("senders", "receivers"):
+            x = getattr(self, name)
+            if isinstance(x, jax.core.Tracer):
+                continue
+            x = np.asarray(x)
+            bad = np.flatnonzero((x < 0) | (x >= n))
+            if bad.size:
+                raise ValueError(
+                    f"Graph: `{name}[{bad[0]}] = {x[bad[0]]}` is out of range for {n} nodes."
+                )
+        if self.n_node is not None and not isinstance(self.n_node, jax.core.Tracer):
+            total = int(np.sum(np.asarray(self.n_node)))
+            if total != n or np.any(np.asarray(self.n_node) < 0):
+                raise ValueError(
+                    f"Graph: `n_node` {np.asarray(self.n_node).tolist()} must be non-negative "
+                    f"and sum to the number of nodes {n}."
+                )
+        if self.n_node is not None and not any(
+            isinstance(x, jax.core.Tracer) for x in (self.n_node, self.senders, self.receivers)
+        ):
+            g = np.asarray(self.node_graph())
+            s, r = np.asarray(self.senders), np.asarray(self.receivers)
+            cross = np.flatnonzero(g[s] != g[r])
+            if cross.size:
+                e = cross[0]
+                raise ValueError(
+                    f"Graph: edge {e} ({s[e]} → {r[e]}) joins graph {g[s[e]]} to graph "
+                    f"{g[r[e]]}; edges of a batch must stay inside their graph."
+                )
+
+    def node_graph(self) -> Int[Array, " N"]:
+        """The graph index of every node (all zeros for a single graph)."""
+        if self.n_node is None:
+            return jnp.zeros(self.num_nodes, jnp.int32)
+        ids = jnp.arange(self.num_graphs, dtype=jnp.int32)
+        return jnp.repeat(ids, self.n_node, total_repeat_length=self.num_nodes)
+
+    def in_degree(self, weights=None) -> Array:
+        """Per node, the number (or total `weights`) of edges it receives."""
+        w = jnp.ones(self.num_edges, self.nodes.dtype) if weights is None else weights
+        return jax.ops.segment_sum(w, self.receivers, self.num_nodes)
+
+
+def batch_graphs(graphs) -> Graph:
+    """Concatenate graphs into one disconnected `Graph` with `n_node` set (NumPy, eager)."""
+    graphs = list(graphs)
+    if not graphs:
+        raise ValueError("batch_graphs: `graphs` is empty.")
+    offsets = np.cumsum([0] + [g.num_nodes for g in graphs[:-1]])
+    n_node = []
+    for g in graphs:
+        n_node.extend([g.num_nodes] if g.n_node is None else np.asarray(g.n_node).tolist())
+    return Graph(
+        nodes=jnp.concatenate([g.nodes for g in graphs]),
+        edges=jnp.concatenate([g.edges for g in graphs]),
+        senders=jnp.concatenate(
+            [
+                jnp.asarray(g.senders, jnp.int32) + jnp.int32(o)
+                for g, o in zip(graphs, offsets, strict=True)
+            ]
+        ),
+        receivers=jnp.concatenate(
+            [
+                jnp.asarray(g.receivers, jnp.int32) + jnp.int32(o)
+                for g, o in zip(graphs, offsets, strict=True)
+            ]
+        ),
+        n_node=jnp.asarray(n_node, jnp.int32),
+    )
+
+
+def pad_graph(graph: Graph, num_nodes: int, num_edges: int) -> Graph:
+    """`graph` padded to exactly `num_nodes` nodes and `num_edges` edges.
+
+    The padding is one extra graph (an extra entry in `n_node`) of zero-feature
+    nodes whose padding edges are self-loops on its first node; it never touches
+    the real graphs. Needs `num_nodes > graph.num_nodes` (room for at least one
+    padding node) and `num_edges >= graph.num_edges`. Drop the padding graph's
+    outputs with `graph.n_node` (the last entry) or a mask of the first
+    `graph.num_nodes` nodes.
+    """
+    n, e = graph.num_nodes, graph.num_edges
+    if num_nodes <= n or num_edges < e:
+        raise ValueError(
+            f"pad_graph: need `num_nodes` > {n} (at least one padding node) and "
+            f"`num_edges` >= {e}; got num_nodes={num_nodes}, num_edges={num_edges}."
+        )
+    n_node = jnp.array([n], jnp.int32) if graph.n_node is None else graph.n_node
+    pad_index = jnp.full(num_edges - e, n, graph.senders.dtype)
+    return Graph(
+        nodes=jnp.concatenate(
+            [graph.nodes, jnp.zeros((num_nodes - n, graph.nodes.shape[1]), graph.nodes.dtype)]
+        ),
+        edges=jnp.concatenate(
+            [graph.edges, jnp.zeros((num_edges - e, graph.edges.shape[1]), graph.edges.dtype)]
+        ),
+        senders=jnp.concatenate([graph.senders, pad_index]),
+        receivers=jnp.concatenate([graph.receivers, pad_index]),
+        n_node=jnp.concatenate([n_node.astype(jnp.int32), jnp.array([num_nodes - n], jnp.int32)]),
+    )

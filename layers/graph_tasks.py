@@ -1,0 +1,663 @@
+"""Offline graph tasks (NumPy generators with exact targets) and finite-depth GNN baselines.
+
+Tasks (all deterministic given `seed`; graphs carry float32 features and int32
+indices, targets are NumPy arrays):
+
+- `gvi_dataset`: graph value iteration on random MDPs (Convergent Graph Solvers,
+  Park et al. 2022), scored by `gvi_metrics`.
+- `flow_dataset`: steady-state Kirchhoff flow on random Delaunay pore networks,
+  scored by `flow_mse`.
+- `chains_dataset`: long-range chains whose class sits in the first node only
+  (IGNN, Gu et al. 2020), scored by `node_accuracy`.
+- `graph_classification_dataset`: four families of random graphs matched in node
+  and (roughly) edge count.
+
+Baselines: `GCN`, `GIN` (node outputs), `graph_readout` (graph outputs) and
+`count_params`. None of them builds a dense `N × N` matrix.
+"""
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .graph import Graph, batch_graphs
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _rng(seed) -> np.random.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"`seed` must be an int, got {seed!r}.")
+    return np.random.default_rng(int(seed))
+
+
+def _range(name, r) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in r)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a pair (low, high) of ints, got {r!r}.") from None
+    if lo > hi or lo < 1:
+        raise ValueError(f"`{name}` must satisfy 1 <= low <= high, got {r!r}.")
+    return lo, hi
+
+
+def _graph(nodes, edges, senders, receivers) -> Graph:
+    return Graph(
+        nodes=jnp.asarray(np.asarray(nodes, np.float32)),
+        edges=jnp.asarray(np.asarray(edges, np.float32)),
+        senders=jnp.asarray(np.asarray(senders, np.int32)),
+        receivers=jnp.asarray(np.asarray(receivers, np.int32)),
+    )
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
+
+
+# ---------------------------------------------------------------------------
+# 1. graph value iteration
+
+
+class GVIExample(NamedTuple):
+    """One MDP of `gvi_dataset` (or several, from `batch_gvi`).
+
+    - `graph`: nodes `[1, na / 10]` (a constant and the in-degree), edges
+      `[reward, discount]`; the edge `j → i` is the action "move from `j` to `i`".
+    - `value`: `float64[N]`, the optimal values `V*`.
+    - `policy`: `int[N]`, per state `i` the *edge index* `e` (with `receivers[e] == i`)
+      that maximises `r_e + discount · V*[senders[e]]`.
+    """
+
+    graph: Graph
+    value: np.ndarray
+    policy: np.ndarray
+
+
+def _segment_max_np(values, segments, n):
+    out = np.full(n, -np.inf)
+    np.maximum.at(out, segments, values)
+    return out
+
+
+def _segment_argmax_np(values, segments, n):
+    """Per segment, the smallest index attaining the maximum (`-1` for an empty one)."""
+    best = _segment_max_np(values, segments, n)
+    hit = np.flatnonzero(values == best[segments])
+    idx = np.full(n, len(values))
+    np.minimum.at(idx, segments[hit], hit)
+    return np.where(idx == len(values), -1, idx)
+
+
+def gvi_backup(value, rewards, discount, senders, receivers, num_nodes) -> np.ndarray:
+    """The Bellman backup `(T V)(i) = max_{e: j → i} [r_e + discount · V(j)]` (NumPy, float64).
+
+    **Arguments:**
+
+    - `value`: `float[N]`, the values `V`.
+    - `rewards`, `discount`: `float[E]` (or a scalar discount), the edge rewards and discounts.
+    - `senders`, `receivers`: `int[E]`, the edges.
+    - `num_nodes`: `N`.
+    """
+    q = _f64(rewards) + _f64(discount) * _f64(value)[np.asarray(senders)]
+    return _segment_max_np(q, np.asarray(receivers), num_nodes)
+
+
+def gvi_dataset(
+    num_graphs: int,
+    *,
+    states: tuple[int, int] = (20, 50),
+    actions: tuple[int, int] = (5, 10),
+    discount: float = 0.9,
+    seed: int,
+) -> list[GVIExample]:
+    """Random deterministic MDPs on graphs with their optimal values and policies.
+
+    Each MDP has `ns ~ U{states}` states and `na ~ U{actions}` (bounds inclusive);
+    every state `i` receives `na` edges `j → i` from distinct states `j ≠ i`, with
+    rewards `r ~ U(-1, 1)`. `V*` solves `V(i) = max_{j → i} [r_ji + discount · V(j)]`
+    and is found by value iteration until the largest change is below `1e-8` (so
+    the Bellman residual of `value` is below `1e-8` too). Edges are sorted by
+    receiver.
+
+    The MDP is exactly what the float32 graph says: rewards and discount are
+    rounded to float32 *before* solving, so `V*` recomputed from `graph.edges` (in
+    float64) agrees to the solver tolerance.
+
+    Node features: `[1, na / 10]`; edge features: `[reward, discount]`.
+
+    **Arguments:**
+
+    - `num_graphs`: the number of MDPs.
+    - `states`, `actions`: inclusive ranges of `ns` and `na` (needs `na < ns`).
+    - `discount`: the discount factor, in `[0, 1)`.
+    - `seed`: the NumPy seed.
+    """
+    s_lo, s_hi = _range("states", states)
+    a_lo, a_hi = _range("actions", actions)
+    if a_hi >= s_lo:
+        raise ValueError(
+            f"gvi_dataset: every state needs `na` distinct other states as senders, so the "
+            f"largest `actions` ({a_hi}) must be below the smallest `states` ({s_lo})."
+        )
+    if not 0 <= discount < 1:
+        raise ValueError(f"gvi_dataset: `discount` must lie in [0, 1), got {discount!r}.")
+    rng = _rng(seed)
+    gamma = float(np.float32(discount))
+    out = []
+    for _ in range(num_graphs):
+        ns = int(rng.integers(s_lo, s_hi + 1))
+        na = int(rng.integers(a_lo, a_hi + 1))
+        scores = rng.random((ns, ns))
+        np.fill_diagonal(scores, np.inf)  # never a self-loop
+        senders = np.argsort(scores, axis=1)[:, :na].reshape(-1)  # na distinct j ≠ i per row
+        receivers = np.repeat(np.arange(ns), na)
+        rewards = rng.uniform(-1.0, 1.0, ns * na).astype(np.float32).astype(np.float64)
+        v = np.zeros(ns)
+        while True:
+            v_new = gvi_backup(v, rewards, gamma, senders, receivers, ns)
+            change = np.max(np.abs(v_new - v))
+            v = v_new
+            if change < 1e-8:
+                break
+        q = rewards + gamma * v[senders]
+        policy = _segment_argmax_np(q, receivers, ns)
+        nodes = np.stack([np.ones(ns), np.full(ns, na / 10)], axis=1)
+        edges = np.stack([rewards, np.full(ns * na, gamma)], axis=1)
+        out.append(GVIExample(_graph(nodes, edges, senders, receivers), v, policy))
+    return out
+
+
+def batch_gvi(examples) -> GVIExample:
+    """Several `GVIExample`s as one: the graphs batched (`batch_graphs`), `value`
+    concatenated, `policy` shifted to the batched edge indices."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError("batch_gvi: `examples` is empty.")
+    offsets = np.cumsum([0] + [ex.graph.num_edges for ex in examples[:-1]])
+    return GVIExample(
+        batch_graphs([ex.graph for ex in examples]),
+        np.concatenate([_f64(ex.value) for ex in examples]),
+        np.concatenate(
+            [np.asarray(ex.policy) + o for ex, o in zip(examples, offsets, strict=True)]
+        ),
+    )
+
+
+def gvi_metrics(value_pred, example) -> dict[str, float]:
+    """Score predicted values against `V*` (NumPy, float64).
+
+    - `mape`: `mean |V* − V̂| / |V*|` (a fraction, not per cent), divided by the
+      *true* value; states with `|V*| < 1e-8` are left out (`nan` if all are).
+    - `mae`: `mean |V* − V̂|`.
+    - `policy_accuracy`: the fraction of states where the greedy backup on `V̂`
+      (the first edge `e → i` maximising `r_e + discount · V̂[senders[e]]`) is
+      optimal, i.e. `r_e + discount · V*[senders[e]] >= V*(i) − 1e-6` (so ties
+      between optimal edges count as correct).
+
+    **Arguments:**
+
+    - `value_pred`: `float[N]` (or `[N, 1]`), the predicted values.
+    - `example`: a `GVIExample` (one, or a batch from `batch_gvi`) or a list of them.
+    """
+    if not isinstance(example, GVIExample):
+        example = batch_gvi(example)
+    graph, v_true = example.graph, _f64(example.value)
+    v_pred = _f64(value_pred).reshape(-1)
+    if v_pred.shape != v_true.shape:
+        raise ValueError(
+            f"gvi_metrics: `value_pred` has {v_pred.size} values for {v_true.size} states."
+        )
+    edges = _f64(graph.edges)
+    rewards, gamma = edges[:, 0], edges[:, 1]
+    s, r, n = np.asarray(graph.senders), np.asarray(graph.receivers), graph.num_nodes
+    err = np.abs(v_true - v_pred)
+    ok = np.abs(v_true) >= 1e-8
+    mape = float(np.mean(err[ok] / np.abs(v_true[ok]))) if ok.any() else float("nan")
+    chosen = _segment_argmax_np(rewards + gamma * v_pred[s], r, n)
+    q_true = rewards + gamma * v_true[s]
+    best = _segment_max_np(q_true, r, n)
+    has = chosen >= 0
+    correct = has & (q_true[np.maximum(chosen, 0)] >= best - 1e-6)
+    return {
+        "mape": mape,
+        "mae": float(np.mean(err)),
+        "policy_accuracy": float(np.mean(correct[has])) if has.any() else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------
+# 2. steady-state flow
+
+
+class FlowExample(NamedTuple):
+    """One network of `flow_dataset`.
+
+    - `graph`: nodes `[x, y, is_inlet, is_outlet, boundary_value]`, edges
+      `[conductance / max conductance, length]`, both directions of every throat.
+    - `pressure`: `float64[N]`, the exact steady-state pressure.
+    """
+
+    graph: Graph
+    pressure: np.ndarray
+
+
+def flow_dataset(
+    num_graphs: int, *, nodes: tuple[int, int] = (30, 60), seed: int
+) -> list[FlowExample]:
+    """Steady-state pressure on random pore networks (Kirchhoff's law, solved exactly).
+
+    Each network has `n ~ U{nodes}` (inclusive) pores at uniform random points of
+    the unit square, joined by the Delaunay triangulation; each throat has a radius
+    `ρ ~ U(0.05, 0.15)`, a length `ℓ` (the Euclidean distance) and the conductance
+    `g = ρ⁴ / ℓ` (Hagen–Poiseuille, constants dropped), stored as `g / max g`.
+    Pressure is fixed to `1` on inlets (`x < 0.1`) and `0` on outlets (`x > 0.9`);
+    an empty face gets the node of smallest (largest) `x`. Interior pressures solve
+    `Σ_j g_ij (p_i − p_j) = 0` (`scipy.sparse.linalg.spsolve`), using the stored
+    float32 conductances so that the law holds for the graph as given.
+
+    **Arguments:**
+
+    - `num_graphs`: the number of networks.
+    - `nodes`: inclusive range of the number of pores (at least 4).
+    - `seed`: the NumPy seed.
+    """
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spla
+    from scipy.spatial import Delaunay
+
+    lo, hi = _range("nodes", nodes)
+    if lo < 4:
+        raise ValueError(f"flow_dataset: need at least 4 nodes, got `nodes={nodes!r}`.")
+    rng = _rng(seed)
+    out = []
+    for _ in range(num_graphs):
+        n = int(rng.integers(lo, hi + 1))
+        xy = rng.random((n, 2))
+        tri = Delaunay(xy)
+        simplices = tri.simplices
+        pairs = np.concatenate([simplices[:, [0, 1]], simplices[:, [1, 2]], simplices[:, [0, 2]]])
+        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+        length = np.linalg.norm(xy[pairs[:, 0]] - xy[pairs[:, 1]], axis=1)
+        radius = rng.uniform(0.05, 0.15, len(pairs))
+        g = radius**4 / length
+        g = (g / g.max()).astype(np.float32).astype(np.float64)
+        inlet, outlet = xy[:, 0] < 0.1, xy[:, 0] > 0.9
+        if not inlet.any():
+            inlet[np.argmin(xy[:, 0])] = True
+        if not outlet.any():
+            outlet[np.argmax(xy[:, 0])] = True
+        fixed = inlet | outlet
+        p = np.where(inlet, 1.0, 0.0)
+        senders = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        receivers = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        g2 = np.concatenate([g, g])
+        lap = sp.coo_matrix((-g2, (receivers, senders)), shape=(n, n)).tocsr()
+        lap = lap + sp.diags(np.bincount(receivers, g2, n))
+        free = np.flatnonzero(~fixed)
+        if free.size:
+            rhs = -lap[free][:, np.flatnonzero(fixed)] @ p[fixed]
+            p[free] = spla.spsolve(lap[free][:, free].tocsc(), rhs)
+        node_feats = np.stack([xy[:, 0], xy[:, 1], inlet, outlet, np.where(inlet, 1.0, 0.0)], 1)
+        edge_feats = np.stack([g2, np.concatenate([length, length])], axis=1)
+        out.append(FlowExample(_graph(node_feats, edge_feats, senders, receivers), p))
+    return out
+
+
+def flow_mse(pred, target, mask=None) -> float:
+    """Mean squared error between predicted and true pressures (over `mask` if given).
+
+    **Arguments:**
+
+    - `pred`, `target`: `float[N]` (or `[N, 1]`).
+    - `mask`: optional `bool[N]`, e.g. the interior nodes (`~(is_inlet | is_outlet)`).
+    """
+    pred, target = _f64(pred).reshape(-1), _f64(target).reshape(-1)
+    sq = (pred - target) ** 2
+    return float(np.mean(sq if mask is None else sq[np.asarray(mask, bool).reshape(-1)]))
+
+
+# ---------------------------------------------------------------------------
+# 3. long-range chains
+
+
+class ChainsDataset(NamedTuple):
+    """The chains of `chains_dataset`, all in one batched `Graph` (one graph per chain).
+
+    - `graph`: nodes `float[N, feature_size]`, edges `float[E, 1]` (ones).
+    - `labels`: `int[N]`, the class of each node's chain.
+    - `train_mask`, `test_mask`: `bool[N]`, disjoint, whole chains each.
+    """
+
+    graph: Graph
+    labels: np.ndarray
+    train_mask: np.ndarray
+    test_mask: np.ndarray
+
+
+def chains_dataset(
+    length: int, *, num_chains_per_class: int = 20, seed: int, feature_size: int = 2
+) -> ChainsDataset:
+    """Two classes of chains whose class is visible only at one end (IGNN's chains task).
+
+    `2 · num_chains_per_class` chains of `length` nodes, in random order, batched
+    into one `Graph` with `n_node = [length, length, ...]`. Each chain is
+    undirected, as in IGNN: edges `k → k+1` and `k+1 → k`. The first node of a
+    chain of class `c` has feature `1` in column `c` (a one-hot of the class in
+    columns 0–1); every other feature is zero. Every node is labelled with its
+    chain's class. Per class, a random half of the chains (rounded down) is for
+    training and the rest for testing: the split is by chain, never by node.
+
+    **Arguments:**
+
+    - `length`: nodes per chain (`>= 1`); information must travel `length − 1` hops.
+    - `num_chains_per_class`: chains per class (`>= 2`, so both splits hold both classes).
+    - `seed`: the NumPy seed.
+    - `feature_size`: node feature width (`>= 2`; columns past 1 are zero).
+    """
+    if length < 1 or num_chains_per_class < 2 or feature_size < 2:
+        raise ValueError(
+            "chains_dataset: need `length >= 1`, `num_chains_per_class >= 2` and "
+            f"`feature_size >= 2`; got {length}, {num_chains_per_class}, {feature_size}."
+        )
+    rng = _rng(seed)
+    num_chains = 2 * num_chains_per_class
+    classes = rng.permutation(np.repeat(np.arange(2), num_chains_per_class))
+    train_chain = np.zeros(num_chains, bool)
+    for c in range(2):
+        members = rng.permutation(np.flatnonzero(classes == c))
+        train_chain[members[: num_chains_per_class // 2]] = True
+    n = num_chains * length
+    nodes = np.zeros((n, feature_size))
+    starts = np.arange(num_chains) * length
+    nodes[starts, classes] = 1.0
+    k = np.arange(length - 1)
+    fwd_s = (starts[:, None] + k[None, :]).reshape(-1)
+    senders = np.concatenate([fwd_s, fwd_s + 1])
+    receivers = np.concatenate([fwd_s + 1, fwd_s])
+    g = _graph(nodes, np.ones((len(senders), 1)), senders, receivers)
+    g = Graph(g.nodes, g.edges, g.senders, g.receivers, jnp.full(num_chains, length, jnp.int32))
+    labels = np.repeat(classes, length).astype(np.int32)
+    train = np.repeat(train_chain, length)
+    return ChainsDataset(g, labels, train, ~train)
+
+
+def node_accuracy(pred, labels, mask=None) -> float:
+    """Accuracy of node predictions (over `mask` if given, e.g. `test_mask`).
+
+    **Arguments:**
+
+    - `pred`: `float[N, C]` logits (argmax taken) or `int[N]` predicted classes.
+    - `labels`: `int[N]`.
+    - `mask`: optional `bool[N]`.
+    """
+    pred = np.asarray(pred)
+    if pred.ndim == 2:
+        pred = np.argmax(pred, axis=1)
+    hit = pred.reshape(-1) == np.asarray(labels).reshape(-1)
+    return float(np.mean(hit if mask is None else hit[np.asarray(mask, bool).reshape(-1)]))
+
+
+# ---------------------------------------------------------------------------
+# 4. graph classification
+
+
+class ClassificationExample(NamedTuple):
+    """One graph of `graph_classification_dataset`: nodes `[1, degree / 10]`, edges
+    `[1]` (both directions of every undirected edge), and its family `label`."""
+
+    graph: Graph
+    label: int
+
+
+GRAPH_FAMILIES = ("erdos_renyi", "barabasi_albert", "watts_strogatz", "random_geometric")
+
+
+def _family_graph(label: int, n: int, seed: int):
+    import networkx as nx
+
+    if label == 0:  # expected 2n edges
+        return nx.erdos_renyi_graph(n, 4 / (n - 1), seed=seed)
+    if label == 1:  # 2(n - 2) edges
+        return nx.barabasi_albert_graph(n, 2, seed=seed)
+    if label == 2:  # 2n edges
+        return nx.watts_strogatz_graph(n, 4, 0.2, seed=seed)
+    # about 2n edges: mean degree π r² (n − 1) ≈ 4, inflated for the square's border
+    radius = 1.1 * np.sqrt(4 / (np.pi * (n - 1)))
+    return nx.random_geometric_graph(n, radius, seed=seed)
+
+
+def graph_classification_dataset(
+    num_graphs: int, *, nodes: tuple[int, int] = (20, 40), seed: int
+) -> list[ClassificationExample]:
+    """Random graphs of four families (networkx generators), to be told apart.
+
+    Labels (see `GRAPH_FAMILIES`): 0 Erdős–Rényi (`p = 4 / (n − 1)`), 1
+    Barabási–Albert (`m = 2`), 2 Watts–Strogatz (`k = 4`, rewiring `0.2`), 3
+    random geometric (radius for mean degree ≈ 4). All have `n ~ U{nodes}` nodes
+    and mean degree about 4 (about `2n` undirected edges), so neither size nor edge
+    count gives the class away. Classes are balanced (`i mod 4`, shuffled), so all
+    four appear once `num_graphs >= 4`. Node features: `[1, degree / 10]`; edge
+    features: `[1]`; each undirected edge appears in both directions.
+
+    **Arguments:**
+
+    - `num_graphs`: the number of graphs.
+    - `nodes`: inclusive range of the number of nodes (at least 5).
+    - `seed`: the NumPy seed.
+    """
+    lo, hi = _range("nodes", nodes)
+    if lo < 5:
+        raise ValueError(f"graph_classification_dataset: need >= 5 nodes, got {nodes!r}.")
+    rng = _rng(seed)
+    labels = rng.permutation(np.arange(num_graphs) % len(GRAPH_FAMILIES))
+    out = []
+    for label in labels:
+        n = int(rng.integers(lo, hi + 1))
+        nxg = _family_graph(int(label), n, int(rng.integers(2**31 - 1)))
+        pairs = np.asarray(list(nxg.edges()), np.int64).reshape(-1, 2)
+        senders = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        receivers = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        degree = np.bincount(receivers, minlength=n)
+        node_feats = np.stack([np.ones(n), degree / 10], axis=1)
+        graph = _graph(node_feats, np.ones((len(senders), 1)), senders, receivers)
+        out.append(ClassificationExample(graph, int(label)))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# baselines
+
+
+def _mlp_dtype(dtype):
+    return jnp.float32 if dtype is None else dtype
+
+
+def _apply(linear: eqx.nn.Linear, x):
+    return x @ linear.weight.T + (0 if linear.bias is None else linear.bias)
+
+
+def gcn_aggregate(
+    h: Float[Array, "N K"], graph: Graph, edge_weight: Float[Array, " E"] | None = None
+) -> Float[Array, "N K"]:
+    """`D^-1/2 (A + I) D^-1/2 h` by segment sums, with `A[r, s] = w_e` for each edge `s → r`.
+
+    `D = diag(1 + in-weight)` (the row sums of `A + I`); for a graph with both
+    directions of each edge this is the usual symmetric GCN normalisation. Weights
+    must be non-negative.
+
+    **Arguments:**
+
+    - `h`: `float[N, K]` node values.
+    - `graph`: the graph.
+    - `edge_weight`: optional `float[E]` edge weights (default: all ones).
+    """
+    n = graph.num_nodes
+    w = (
+        jnp.ones(graph.num_edges, h.dtype)
+        if edge_weight is None
+        else jnp.asarray(edge_weight).astype(h.dtype)
+    )
+    deg = 1 + jax.ops.segment_sum(w, graph.receivers, n)
+    inv_sqrt = jax.lax.rsqrt(deg)
+    coef = w * inv_sqrt[graph.senders] * inv_sqrt[graph.receivers]
+    msgs = coef[:, None] * h[graph.senders]
+    return jax.ops.segment_sum(msgs, graph.receivers, n) + h / deg[:, None]
+
+
+class GCN(eqx.Module):
+    """A finite-depth graph convolutional network (Kipf & Welling 2017), per node.
+
+    `depth` layers `h ← relu(Â h W + b)` with `Â = D^-1/2 (A + I) D^-1/2`
+    (`gcn_aggregate`, sparse), then a linear readout: `gcn(graph) -> float[N, out_size]`.
+    Edge features are ignored except, optionally, one column used as edge weights.
+    Inputs are cast to the parameters' dtype.
+
+    **Arguments:**
+
+    - `node_size`, `edge_size`: the graph's node and edge feature widths.
+    - `out_size`: outputs per node.
+    - `hidden`: hidden width; `depth`: the number of graph convolutions (`>= 1`).
+    - `key`: a JAX PRNG key.
+    - `edge_weight_column`: the column of `graph.edges` to use as (non-negative)
+      edge weights, e.g. `0` for the flow conductances; `None`: unit weights.
+    - `dtype`: parameter dtype (default float32).
+    """
+
+    layers: list[eqx.nn.Linear]
+    readout: eqx.nn.Linear
+    edge_weight_column: int | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        node_size: int,
+        edge_size: int,
+        out_size: int,
+        *,
+        hidden: int = 64,
+        depth: int = 3,
+        key: PRNGKeyArray,
+        edge_weight_column: int | None = None,
+        dtype=None,
+    ):
+        if depth < 1:
+            raise ValueError(f"GCN: `depth` must be >= 1, got {depth}.")
+        if edge_weight_column is not None and not 0 <= edge_weight_column < edge_size:
+            raise ValueError(
+                f"GCN: `edge_weight_column={edge_weight_column}` is not a column of "
+                f"{edge_size} edge features."
+            )
+        dtype = _mlp_dtype(dtype)
+        keys = jax.random.split(key, depth + 1)
+        sizes = [node_size] + [hidden] * depth
+        self.layers = [
+            eqx.nn.Linear(a, b, key=k, dtype=dtype)
+            for a, b, k in zip(sizes[:-1], sizes[1:], keys[:-1], strict=True)
+        ]
+        self.readout = eqx.nn.Linear(hidden, out_size, key=keys[-1], dtype=dtype)
+        self.edge_weight_column = edge_weight_column
+
+    def __call__(self, graph: Graph) -> Float[Array, "N out"]:
+        dtype = self.readout.weight.dtype
+        h = graph.nodes.astype(dtype)
+        w = None
+        if self.edge_weight_column is not None:
+            w = graph.edges[:, self.edge_weight_column].astype(dtype)
+        for layer in self.layers:
+            h = jax.nn.relu(gcn_aggregate(_apply(layer, h), graph, w))
+        return _apply(self.readout, h)
+
+
+class GIN(eqx.Module):
+    """A finite-depth graph isomorphism network with edge features (GIN/GINE), per node.
+
+    After a linear encoder, each of `depth` layers computes
+    `h_i ← relu(MLP((1 + ε) h_i + Σ_{e: j → i} relu(W [h_j, edge_e] + b)))`
+    (sum aggregation, learnt `ε` per layer, a 2-layer ReLU MLP), so edge features
+    such as the GVI rewards enter every message. A linear readout gives
+    `gin(graph) -> float[N, out_size]`. Inputs are cast to the parameters' dtype.
+
+    **Arguments:**
+
+    - `node_size`, `edge_size`: the graph's node and edge feature widths.
+    - `out_size`: outputs per node.
+    - `hidden`: hidden width; `depth`: the number of GIN layers (`>= 1`).
+    - `key`: a JAX PRNG key.
+    - `dtype`: parameter dtype (default float32).
+    """
+
+    encoder: eqx.nn.Linear
+    messages: list[eqx.nn.Linear]
+    mlps: list[tuple[eqx.nn.Linear, eqx.nn.Linear]]
+    eps: Float[Array, " depth"]
+    readout: eqx.nn.Linear
+
+    def __init__(
+        self,
+        node_size: int,
+        edge_size: int,
+        out_size: int,
+        *,
+        hidden: int = 64,
+        depth: int = 3,
+        key: PRNGKeyArray,
+        dtype=None,
+    ):
+        if depth < 1:
+            raise ValueError(f"GIN: `depth` must be >= 1, got {depth}.")
+        dtype = _mlp_dtype(dtype)
+        k_enc, k_out, *ks = jax.random.split(key, 2 + 3 * depth)
+        lin = lambda a, b, k: eqx.nn.Linear(a, b, key=k, dtype=dtype)
+        self.encoder = lin(node_size, hidden, k_enc)
+        self.messages = [lin(hidden + edge_size, hidden, k) for k in ks[:depth]]
+        self.mlps = [
+            (lin(hidden, hidden, k1), lin(hidden, hidden, k2))
+            for k1, k2 in zip(ks[depth : 2 * depth], ks[2 * depth :], strict=True)
+        ]
+        self.eps = jnp.zeros(depth, dtype)
+        self.readout = lin(hidden, out_size, k_out)
+
+    def __call__(self, graph: Graph) -> Float[Array, "N out"]:
+        dtype = self.readout.weight.dtype
+        s, r, n = graph.senders, graph.receivers, graph.num_nodes
+        e = graph.edges.astype(dtype)
+        h = _apply(self.encoder, graph.nodes.astype(dtype))
+        for i, (msg, (l1, l2)) in enumerate(zip(self.messages, self.mlps, strict=True)):
+            m = jax.nn.relu(_apply(msg, jnp.concatenate([h[s], e], axis=1)))
+            agg = jax.ops.segment_sum(m, r, n)
+            z = (1 + self.eps[i]) * h + agg
+            h = jax.nn.relu(_apply(l2, jax.nn.relu(_apply(l1, z))))
+        return _apply(self.readout, h)
+
+
+def graph_readout(
+    node_values: Float[Array, "N K"], graph: Graph, reduce: str = "mean"
+) -> Float[Array, "graphs K"]:
+    """Pool node values per graph of a batch (`[1, K]` for a single graph).
+
+    **Arguments:**
+
+    - `node_values`: `float[N, K]`.
+    - `graph`: the (batched) graph; nodes are assigned by `graph.node_graph()`.
+    - `reduce`: `"mean"`, `"sum"` or `"max"` (an empty graph gives 0, 0, `-inf`).
+    """
+    if reduce not in ("mean", "sum", "max"):
+        raise ValueError(f'graph_readout: `reduce` must be "mean", "sum" or "max", got {reduce!r}.')
+    seg, num = graph.node_graph(), graph.num_graphs
+    if reduce == "max":
+        return jax.ops.segment_max(node_values, seg, num)
+    total = jax.ops.segment_sum(node_values, seg, num)
+    if reduce == "sum":
+        return total
+    count = jax.ops.segment_sum(jnp.ones(graph.num_nodes, node_values.dtype), seg, num)
+    return total / jnp.maximum(count, 1)[:, None]
+
+
+def count_params(module) -> int:
+    """The number of scalar parameters (inexact array entries) in `module`."""
+    leaves = jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_inexact_array))
+    return int(sum(x.size for x in leaves))

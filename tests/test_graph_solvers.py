@@ -1,0 +1,231 @@
+"""`layers.CGS` and `layers.IGNN`: fixed points on sparse graphs, their gradients,
+batching, padding, permutation equivariance and bad input."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+import fixpoint
+import layers
+import solvers
+
+F, G = 3, 2
+TIGHT = solvers.Picard(1e-13, 1e-13)
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree)
+
+
+def _graph(seed, n=9, e=30):
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, n, e)
+    r = (s + rng.integers(1, n, e)) % n  # no self-loops
+    return layers.Graph(
+        jnp.asarray(rng.normal(size=(n, F))),
+        jnp.asarray(rng.uniform(0.1, 1.0, size=(e, G))),
+        jnp.asarray(s, jnp.int32),
+        jnp.asarray(r, jnp.int32),
+    )
+
+
+def _cgs(**kw):
+    return _f64(layers.CGS(F, G, 2, hidden=8, heads=3, solver=TIGHT, key=jax.random.key(0), **kw))
+
+
+def _ignn(**kw):
+    m = layers.IGNN(F, 2, hidden=6, edge_weight_column=0, solver=TIGHT, key=jax.random.key(1), **kw)
+    return _f64(m)
+
+
+@pytest.fixture(scope="module")
+def cgs():
+    return _cgs()
+
+
+@pytest.fixture(scope="module")
+def ignn():
+    return _ignn()
+
+
+_JIT = eqx.filter_jit(lambda model, graph: model(graph))
+_SOLVE = eqx.filter_jit(lambda model, graph: model.solve(graph))
+
+
+def _dense(graph, weights):
+    a = np.zeros((graph.num_nodes, graph.num_nodes))
+    np.add.at(a, (np.asarray(graph.receivers), np.asarray(graph.senders)), np.asarray(weights))
+    return a
+
+
+def test_cgs_fixed_point_equals_dense_solve(cgs):
+    graph = _graph(0)
+    _, weights, b = cgs.encode(graph)
+    sol = _SOLVE(cgs, graph)
+    assert bool(sol.result == fixpoint.RESULTS.successful)
+    for h in range(cgs.heads):
+        a = _dense(graph, weights[:, h])
+        want = np.linalg.solve(np.eye(graph.num_nodes) - cgs.gamma * a, np.asarray(b[:, h]))
+        np.testing.assert_allclose(sol.value[:, h], want, rtol=1e-10, atol=1e-12)
+
+
+def test_cgs_contraction_for_any_parameters():
+    # Wild parameters: every receiver's weights still sum to <= 1, and the solve converges.
+    graph = _graph(1, n=30, e=200)
+    for seed in range(3):
+        m = layers.CGS(
+            F, G, 2, hidden=8, heads=4, nonlinear=bool(seed % 2), key=jax.random.key(seed)
+        )
+        m = jax.tree.map(lambda a: 30.0 * a if eqx.is_inexact_array(a) else a, m)
+        _, weights, _ = m.encode(graph)
+        rows = jax.ops.segment_sum(weights, graph.receivers, graph.num_nodes)
+        assert float(rows.max()) <= 1.0 + 1e-6
+        sol = m.solve(graph)
+        assert bool(sol.result == fixpoint.RESULTS.successful)
+
+
+def test_cgs_permutation_equivariant(cgs):
+    graph = _graph(2)
+    perm = np.random.default_rng(0).permutation(graph.num_nodes)
+    inv = np.argsort(perm)
+    permuted = layers.Graph(
+        graph.nodes[perm],
+        graph.edges,
+        jnp.asarray(inv[np.asarray(graph.senders)], jnp.int32),
+        jnp.asarray(inv[np.asarray(graph.receivers)], jnp.int32),
+    )
+    np.testing.assert_allclose(_JIT(cgs, permuted), _JIT(cgs, graph)[perm], atol=1e-10)
+
+
+def test_batched_and_padded_equal_separate(cgs, ignn):
+    graphs = [_graph(3, n=7, e=20), _graph(4, n=9, e=25)]
+    batch = layers.batch_graphs(graphs)
+    padded = layers.pad_graph(batch, 20, 60)
+    for model in (cgs, ignn):
+        together = _JIT(model, batch)
+        np.testing.assert_allclose(_JIT(model, padded)[:16], together, atol=1e-10)
+        np.testing.assert_allclose(together[:7], _JIT(model, graphs[0]), atol=1e-10)
+        np.testing.assert_allclose(together[7:], _JIT(model, graphs[1]), atol=1e-10)
+
+
+def _fd_check(loss, x, eps=1e-6, picks=4):
+    g = jax.grad(loss)(x)
+    rng = np.random.default_rng(0)
+    for _ in range(picks):
+        d = jnp.asarray(rng.normal(size=x.shape))
+        fd = (loss(x + eps * d) - loss(x - eps * d)) / (2 * eps)
+        np.testing.assert_allclose(jnp.vdot(g, d), fd, rtol=1e-5, atol=1e-9)
+    return g
+
+
+@pytest.mark.parametrize("which", ["cgs", "ignn"])
+def test_gradients_finite_differences_and_unrolled(cgs, ignn, which):
+    model = cgs if which == "cgs" else ignn
+    graph = _graph(5)
+    make = _cgs if which == "cgs" else _ignn
+    unrolled = make(adjoint=fixpoint.UnrolledAdjoint())
+
+    def loss(m, nodes, edges):
+        out = m(layers.Graph(nodes, edges, graph.senders, graph.receivers))
+        return jnp.sum(jnp.sin(out))
+
+    for arg in (1, 2):  # node features, edge features (IGNN: the weight column)
+        f = lambda x, m=model, a=arg: loss(m, *((x, graph.edges) if a == 1 else (graph.nodes, x)))
+        x = graph.nodes if arg == 1 else graph.edges
+        g = _fd_check(f, x)
+        assert float(jnp.abs(g).max()) > 0
+        g_unrolled = jax.grad(
+            lambda x, a=arg: loss(unrolled, *((x, graph.edges) if a == 1 else (graph.nodes, x)))
+        )(x)
+        np.testing.assert_allclose(g, g_unrolled, rtol=1e-7, atol=1e-10)
+    grads = eqx.filter_grad(lambda m: loss(m, graph.nodes, graph.edges))(model)
+    leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+    assert all(float(jnp.abs(leaf).max()) > 0 for leaf in leaves)  # every parameter learns
+
+
+def _perron(graph):
+    ew, sw = layers.normalised_adjacency(graph)
+    return np.asarray(layers.perron_root(graph, ew, sw)), ew, sw
+
+
+def test_perron_root_per_graph():
+    # An undirected graph (λ = 1 for D^-1/2 (A+I) D^-1/2), a directed chain and a
+    # bipartite cycle; batched together, each keeps its own value.
+    undirected = _graph(6, n=8, e=20)
+    s, r = np.asarray(undirected.senders), np.asarray(undirected.receivers)
+    undirected = layers.Graph(
+        jnp.zeros((8, F)),
+        jnp.zeros((40, G)),
+        jnp.asarray(np.concatenate([s, r]), jnp.int32),
+        jnp.asarray(np.concatenate([r, s]), jnp.int32),
+    )
+    chain = layers.Graph(
+        jnp.zeros((6, F)),
+        jnp.zeros((5, G)),
+        jnp.arange(5, dtype=jnp.int32),
+        jnp.arange(1, 6, dtype=jnp.int32),
+    )
+    ring = np.arange(6)
+    cycle = layers.Graph(
+        jnp.zeros((6, F)),
+        jnp.zeros((12, G)),
+        jnp.asarray(np.concatenate([ring, (ring + 1) % 6]), jnp.int32),
+        jnp.asarray(np.concatenate([(ring + 1) % 6, ring]), jnp.int32),
+    )
+    singles = []
+    for g in (undirected, chain, cycle):
+        lam, ew, sw = _perron(g)
+        dense = _dense(g, ew) + np.diag(np.asarray(sw))
+        true = np.max(np.abs(np.linalg.eigvals(dense)))
+        assert true - 1e-9 <= lam[0] <= true + 1e-3, (lam, true)
+        singles.append(lam[0])
+    lam, _, _ = _perron(layers.batch_graphs([undirected, chain, cycle]))
+    np.testing.assert_allclose(lam, singles, rtol=1e-9)
+
+
+def test_ignn_well_posed_for_any_parameters():
+    graph = _graph(7, n=25, e=120)
+    for seed in range(3):
+        m = layers.IGNN(F, 2, hidden=6, edge_weight_column=1, key=jax.random.key(seed))
+        m = eqx.tree_at(lambda t: t.w, m, 50.0 * m.w)  # far outside the ball: projected
+        sol = m.solve(graph)
+        assert bool(sol.result == fixpoint.RESULTS.successful)
+
+
+def test_bad_input(cgs):
+    graph = _graph(8)
+    with pytest.raises(ValueError, match="`senders` has 3 entries but `receivers` has 2"):
+        layers.Graph(
+            graph.nodes, jnp.zeros((3, G)), jnp.zeros(3, jnp.int32), jnp.zeros(2, jnp.int32)
+        )
+    with pytest.raises(ValueError, match=r"`receivers\[1\] = 9` is out of range for 9 nodes"):
+        layers.Graph(
+            graph.nodes, jnp.zeros((2, G)), jnp.zeros(2, jnp.int32), jnp.array([0, 9], jnp.int32)
+        )
+    with pytest.raises(ValueError, match="`edges` has 4 rows but there are 2 edges"):
+        layers.Graph(
+            graph.nodes, jnp.zeros((4, G)), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32)
+        )
+    with pytest.raises(ValueError, match="`graph.nodes` has 4 features per row.*`node_size=3`"):
+        cgs(layers.Graph(jnp.zeros((9, 4)), graph.edges, graph.senders, graph.receivers))
+    with pytest.raises(ValueError, match="`graph.edges` has 1 features per row.*`edge_size=2`"):
+        cgs(layers.Graph(graph.nodes, graph.edges[:, :1], graph.senders, graph.receivers))
+    with pytest.raises(ValueError, match="forms the dense Jacobian"):
+        layers.CGS(F, G, 2, solver=solvers.Newton(1e-6, 1e-6), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="dense .*backward solve"):
+        layers.IGNN(
+            F, 2, adjoint=fixpoint.ImplicitAdjoint(linear_solver=lx.LU()), key=jax.random.key(0)
+        )
+    with pytest.raises(ValueError, match="`gamma` must lie in"):
+        layers.CGS(F, G, 2, gamma=1.0, key=jax.random.key(0))
+    # Newton-Krylov is matrix-free: allowed.
+    layers.CGS(
+        F,
+        G,
+        2,
+        solver=solvers.Newton(1e-6, 1e-6, linear_solver=lx.GMRES(1e-6, 1e-6)),
+        key=jax.random.key(0),
+    )
