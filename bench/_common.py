@@ -65,6 +65,33 @@ def time_jitted(
     return Timing(compile_s, first_s, times, out)
 
 
+def memory_of(compiled) -> dict:
+    """`compiled.memory_analysis()` as a dict of byte counts, with `total` = temp +
+    argument + output - alias bytes."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception as e:  # not every backend implements it
+        return {"error": short_error(e)}
+    if m is None:
+        return {}
+    out = {}
+    for name in (
+        "temp_size_in_bytes",
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+        "peak_memory_in_bytes",
+    ):
+        value = getattr(m, name, None)
+        if value is not None:
+            out[name.removesuffix("_in_bytes")] = int(value)
+    parts = ("temp_size", "argument_size", "output_size")
+    if all(p in out for p in parts):
+        out["total"] = sum(out[p] for p in parts) - out.get("alias_size", 0)
+    return out
+
+
 def short_error(e: Exception, limit: int = 300) -> str:
     """A one-line description of an exception (for errors raised inside callbacks, the
     original exception's line, not the runtime's wrapper)."""

@@ -96,6 +96,7 @@ from _common import (
     fmt_sci,
     fmt_time,
     git_state,
+    memory_of,
     print_table,
     short_error,
     versions,
@@ -293,31 +294,6 @@ def compile_fn(fn: Callable, *args):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - t0, memory_of(compiled)
-
-
-def memory_of(compiled) -> dict:
-    try:
-        m = compiled.memory_analysis()
-    except Exception as e:  # not every backend implements it
-        return {"error": short_error(e)}
-    if m is None:
-        return {}
-    out = {}
-    for name in (
-        "temp_size_in_bytes",
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "alias_size_in_bytes",
-        "generated_code_size_in_bytes",
-        "peak_memory_in_bytes",
-    ):
-        value = getattr(m, name, None)
-        if value is not None:
-            out[name.removesuffix("_in_bytes")] = int(value)
-    parts = ("temp_size", "argument_size", "output_size")
-    if all(p in out for p in parts):
-        out["total"] = sum(out[p] for p in parts) - out.get("alias_size", 0)
-    return out
 
 
 def run_timed(compiled, args, reps: int, guard_s: float, min_total_s=0.2, max_reps=50):

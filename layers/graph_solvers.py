@@ -107,6 +107,10 @@ class CGS(eqx.Module):
     - `gamma`: the contraction factor in `(0, 1)`.
     - `nonlinear`: iterate `tanh(γ A z + b)` instead (tanh is 1-Lipschitz, so the
       map is still a γ-contraction).
+    - `normalisation`: `"degree"` divides each weight by the receiver's in-degree
+      (CGS's choice); `"sum"` divides a receiver's weights by their total where it
+      exceeds 1, so one edge can carry weight up to 1 (a max over incoming edges,
+      as in value iteration, becomes representable). Rows sum to at most 1 either way.
     - `solver`: default `Picard(1e-5, 1e-5)`; any matrix-free solver. Newton with a
       dense linear solver is refused (it would form an N×N-sized Jacobian).
     - `adjoint`: default `ImplicitAdjoint()` (matrix-free GMRES); dense backward
@@ -131,6 +135,7 @@ class CGS(eqx.Module):
     heads: int = eqx.field(static=True)
     gamma: float = eqx.field(static=True)
     nonlinear: bool = eqx.field(static=True)
+    normalisation: str = eqx.field(static=True)
     solver: fixpoint.AbstractSolver = eqx.field(static=True)
     adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
@@ -146,6 +151,7 @@ class CGS(eqx.Module):
         heads: int = 16,
         gamma: float = 0.5,
         nonlinear: bool = False,
+        normalisation: str = "degree",
         solver: fixpoint.AbstractSolver | None = None,
         adjoint: fixpoint.AbstractAdjoint | None = None,
         max_steps: int | None = None,
@@ -154,6 +160,11 @@ class CGS(eqx.Module):
     ):
         if not (isinstance(gamma, (int, float)) and 0 < gamma < 1):
             raise ValueError(f"CGS: `gamma` must lie in (0, 1), got {gamma!r}.")
+        if normalisation not in ("degree", "sum"):
+            raise ValueError(
+                f"CGS: `normalisation` must be 'degree' or 'sum', got {normalisation!r}."
+            )
+        self.normalisation = normalisation
         k = jax.random.split(key, 6)
         edge_in = 2 * hidden + edge_size
         mlp = lambda i, o, depth, k: eqx.nn.MLP(i, o, hidden, depth, activation=jax.nn.gelu, key=k)
@@ -189,16 +200,23 @@ class CGS(eqx.Module):
         )
         h = h + jax.nn.gelu(msgs / degree[:, None])
         weights = jax.nn.sigmoid(jax.vmap(self.weight_head)(pair(h)))  # in [0, 1]
-        weights = weights / degree[graph.receivers][:, None]
+        if self.normalisation == "degree":
+            weights = weights / degree[graph.receivers][:, None]
+        else:  # "sum": divide by the incoming total where it exceeds 1
+            total = jax.ops.segment_sum(weights, graph.receivers, graph.num_nodes)
+            weights = weights / jnp.maximum(total, 1.0)[graph.receivers]
         b = jax.vmap(self.bias_head)(h)
         return h, weights, b
 
-    def solve(self, graph: Graph, *, z0: Array | None = None) -> fixpoint.Solution:
-        """The fixed point `z[N, heads]` as a `fixpoint.Solution`."""
+    def solve(
+        self, graph: Graph, *, z0: Array | None = None, record_residuals: bool = False
+    ) -> fixpoint.Solution:
+        """The fixed point `z[N, heads]` as a `fixpoint.Solution` (with
+        `record_residuals=True`, `stats["residual_history"]` per iteration)."""
         _, weights, b = self.encode(graph)
-        return self._solve(weights, b, graph, z0)
+        return self._solve(weights, b, graph, z0, record_residuals)
 
-    def _solve(self, weights, b, graph, z0):
+    def _solve(self, weights, b, graph, z0, record_residuals=False):
         z0 = jnp.zeros_like(b) if z0 is None else z0
         return fixpoint.fixed_point(
             _LinearMap(self.gamma, self.nonlinear),
@@ -208,6 +226,7 @@ class CGS(eqx.Module):
             adjoint=self.adjoint,
             max_steps=self.max_steps,
             throw=self.throw,
+            record_residuals=record_residuals,
         )
 
     def __call__(self, graph: Graph) -> Array:

@@ -75,10 +75,9 @@ def test_cgs_fixed_point_equals_dense_solve(cgs):
 def test_cgs_contraction_for_any_parameters():
     # Wild parameters: every receiver's weights still sum to <= 1, and the solve converges.
     graph = _graph(1, n=30, e=200)
-    for seed in range(3):
-        m = layers.CGS(
-            F, G, 2, hidden=8, heads=4, nonlinear=bool(seed % 2), key=jax.random.key(seed)
-        )
+    for seed, norm in enumerate(("degree", "sum", "sum")):
+        key = jax.random.key(seed)
+        m = layers.CGS(F, G, 2, hidden=8, heads=4, nonlinear=seed == 1, normalisation=norm, key=key)
         m = jax.tree.map(lambda a: 30.0 * a if eqx.is_inexact_array(a) else a, m)
         _, weights, _ = m.encode(graph)
         rows = jax.ops.segment_sum(weights, graph.receivers, graph.num_nodes)
@@ -111,7 +110,7 @@ def test_batched_and_padded_equal_separate(cgs, ignn):
         np.testing.assert_allclose(together[7:], _JIT(model, graphs[1]), atol=1e-10)
 
 
-def _fd_check(loss, x, eps=1e-6, picks=4):
+def _fd_check(loss, x, eps=1e-6, picks=3):
     g = jax.grad(loss)(x)
     rng = np.random.default_rng(0)
     for _ in range(picks):
@@ -132,15 +131,19 @@ def test_gradients_finite_differences_and_unrolled(cgs, ignn, which):
         out = m(layers.Graph(nodes, edges, graph.senders, graph.receivers))
         return jnp.sum(jnp.sin(out))
 
-    for arg in (1, 2):  # node features, edge features (IGNN: the weight column)
-        f = lambda x, m=model, a=arg: loss(m, *((x, graph.edges) if a == 1 else (graph.nodes, x)))
-        x = graph.nodes if arg == 1 else graph.edges
+    # Node features, then edge features (for IGNN: through the weight column).
+    for m, which_arg in ((model, 1), (model, 2)):
+        x = graph.nodes if which_arg == 1 else graph.edges
+
+        def f(x, m=m, a=which_arg):
+            return loss(m, *((x, graph.edges) if a == 1 else (graph.nodes, x)))
+
+        def f_unrolled(x, a=which_arg):
+            return loss(unrolled, *((x, graph.edges) if a == 1 else (graph.nodes, x)))
+
         g = _fd_check(f, x)
         assert float(jnp.abs(g).max()) > 0
-        g_unrolled = jax.grad(
-            lambda x, a=arg: loss(unrolled, *((x, graph.edges) if a == 1 else (graph.nodes, x)))
-        )(x)
-        np.testing.assert_allclose(g, g_unrolled, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(g, jax.grad(f_unrolled)(x), rtol=1e-7, atol=1e-10)
     grads = eqx.filter_grad(lambda m: loss(m, graph.nodes, graph.edges))(model)
     leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
     assert all(float(jnp.abs(leaf).max()) > 0 for leaf in leaves)  # every parameter learns

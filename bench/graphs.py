@@ -1,0 +1,371 @@
+"""Convergent graph solvers and implicit GNNs against finite-depth GNNs, and their scaling.
+
+Tasks (generated offline by `layers.graph_tasks`; no downloads):
+
+- `gvi`: graph value iteration on random deterministic MDPs (20–50 states, 5–10
+  actions, discount 0.9); test set from another seed and an out-of-distribution
+  set with 50–100 states. Metrics: MAPE (`|V* − V̂| / |V*|`, divided by the true
+  value), MAE, policy accuracy (greedy backup on `V̂` against the optimal policy).
+- `chains`: IGNN's long-range chains (2 classes × 20 chains of length L, the class
+  only in each chain's first node), accuracy on held-out chains for L in `--lengths`.
+- `flow`: steady-state pressure on random Delaunay pore networks, MSE.
+- `classify`: four families of random graphs, graph-level accuracy (mean readout).
+
+Models, sized to similar parameter counts (printed): `layers.CGS` (γ = `--gamma`),
+`layers.IGNN` (κ = 0.9), and the baselines `layers.GCN` / `layers.GIN` (depth 3).
+Each is trained the same way (Adam, cosine decay, `--steps` steps, batches of
+`--batch` graphs padded to static shapes with `layers.pad_graph`) for every seed in
+`--seeds`; the table reports mean ± std over seeds, the fixed-point solver's steps
+at evaluation (mean over test graphs) and the training time.
+
+Scaling (`--scaling`): forward + backward time (`jax.value_and_grad` of a sum of
+squares of the node outputs with respect to the parameters, median of steady-state
+calls with `block_until_ready`, compile apart) and compiled memory
+(`memory_analysis()`: temp + arguments + outputs − aliases) of `layers.CGS` (16
+heads) against a dense implementation of the same model (the same encoder, then the
+`[heads, N, N]` matrix and the same solver and adjoint) on random graphs with 5
+incoming edges per node, N in `--sizes`. Above `--dense-run-max` nodes the dense
+version is only compiled: its memory comes from `memory_analysis`, it is not run.
+
+Run: `python bench/graphs.py --tasks gvi chains flow classify --scaling`
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
+
+import fixpoint  # noqa: E402
+import layers  # noqa: E402
+
+# --------------------------------------------------------------------------- models
+
+
+def make_model(kind, node_size, edge_size, out_size, key, gamma):
+    if kind == "cgs":
+        return layers.CGS(node_size, edge_size, out_size, hidden=64, heads=16, gamma=gamma, key=key)
+    if kind == "ignn":
+        return layers.IGNN(node_size, out_size, hidden=96, key=key)
+    if kind == "gcn":
+        return layers.GCN(node_size, edge_size, out_size, hidden=96, depth=3, key=key)
+    if kind == "gin":
+        return layers.GIN(node_size, edge_size, out_size, hidden=64, depth=3, key=key)
+    raise ValueError(kind)
+
+
+def solver_steps(model, graph):
+    if isinstance(model, (layers.CGS, layers.IGNN)):
+        return float(eqx.filter_jit(lambda m, g: m.solve(g).stats["num_steps"])(model, graph))
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _pad(graph, nodes, edges):
+    return layers.pad_graph(graph, nodes, edges)
+
+
+class Task:
+    """A dataset, a loss and a metric; batches padded to one static shape."""
+
+    def __init__(self, name, args):
+        self.name = name
+        if name == "gvi":
+            self.train = layers.gvi_dataset(256, seed=0)
+            self.tests = {
+                "test": layers.gvi_dataset(64, seed=1),
+                "ood": layers.gvi_dataset(32, states=(50, 100), seed=2),
+            }
+            self.out, self.graph_level = 1, False
+        elif name == "flow":
+            self.train = layers.flow_dataset(256, seed=0)
+            self.tests = {"test": layers.flow_dataset(64, seed=1)}
+            self.out, self.graph_level = 1, False
+        elif name == "classify":
+            self.train = layers.graph_classification_dataset(512, seed=0)
+            self.tests = {"test": layers.graph_classification_dataset(128, seed=1)}
+            self.out, self.graph_level = len(layers.GRAPH_FAMILIES), True
+        else:
+            raise ValueError(name)
+        g0 = self.train[0].graph
+        self.node_size, self.edge_size = g0.nodes.shape[1], g0.edges.shape[1]
+        self.batch = args.batch
+        n = max(ex.graph.num_nodes for ex in self.train)
+        e = max(ex.graph.num_edges for ex in self.train)
+        self.shape = (self.batch * n + 1, self.batch * e)
+
+    def target(self, ex):
+        if self.name == "gvi":
+            return np.asarray(ex.value, np.float32)
+        if self.name == "flow":
+            return np.asarray(ex.pressure, np.float32)
+        return np.asarray(ex.label)
+
+    def batch_arrays(self, exs):
+        graph = layers.batch_graphs([ex.graph for ex in exs])
+        padded = _pad(graph, *self.shape)
+        if self.graph_level:
+            y = np.zeros(len(exs) + 1, np.int32)
+            y[: len(exs)] = [ex.label for ex in exs]
+            mask = np.zeros(len(exs) + 1, np.float32)
+            mask[: len(exs)] = 1
+        else:
+            y = np.zeros(self.shape[0], np.float32)
+            y[: graph.num_nodes] = np.concatenate([self.target(ex) for ex in exs])
+            mask = np.zeros(self.shape[0], np.float32)
+            mask[: graph.num_nodes] = 1
+        return padded, jnp.asarray(y), jnp.asarray(mask)
+
+    def loss(self, model, graph, y, mask):
+        out = model(graph)
+        if self.graph_level:
+            logits = layers.graph_readout(out, graph, reduce="mean")
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            return jnp.sum(mask * ce) / jnp.sum(mask)
+        return jnp.sum(mask * (out[:, 0] - y) ** 2) / jnp.sum(mask)
+
+    def evaluate(self, model, predict):
+        results = {}
+        for split, ds in self.tests.items():
+            if self.name == "gvi":
+                ms = [
+                    layers.gvi_metrics(np.asarray(predict(model, ex.graph))[:, 0], ex) for ex in ds
+                ]
+                for k in ms[0]:
+                    results[f"{split}_{k}"] = float(np.mean([m[k] for m in ms]))
+            elif self.name == "flow":
+                mse = [
+                    layers.flow_mse(np.asarray(predict(model, ex.graph))[:, 0], ex.pressure)
+                    for ex in ds
+                ]
+                results[f"{split}_mse"] = float(np.mean(mse))
+            else:
+                right = []
+                for ex in ds:
+                    out = predict(model, ex.graph)
+                    logits = layers.graph_readout(out, ex.graph, reduce="mean")
+                    right.append(int(np.argmax(np.asarray(logits)[0]) == ex.label))
+                results[f"{split}_accuracy"] = float(np.mean(right))
+        results["solver_steps"] = float(
+            np.mean([solver_steps(model, ex.graph) for ex in list(self.tests.values())[0][:8]])
+        )
+        return results
+
+
+def train(task, kind, seed, args):
+    model = make_model(
+        kind, task.node_size, task.edge_size, task.out, jax.random.key(seed), args.gamma
+    )
+    optim = optax.adam(optax.cosine_decay_schedule(args.lr, args.steps))
+    state = optim.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, state, graph, y, mask):
+        loss, grads = eqx.filter_value_and_grad(task.loss)(model, graph, y, mask)
+        updates, state = optim.update(grads, state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), state, loss
+
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for _ in tqdm(range(args.steps), desc=f"{task.name}/{kind}/{seed}", mininterval=5, leave=False):
+        idx = rng.choice(len(task.train), task.batch, replace=False)
+        model, state, loss = step(model, state, *task.batch_arrays([task.train[i] for i in idx]))
+    jax.block_until_ready(loss)
+    train_s = time.perf_counter() - t0
+    predict = eqx.filter_jit(lambda m, g: m(g))
+    res = task.evaluate(model, predict)
+    res.update(train_s=train_s, final_loss=float(loss), params=layers.count_params(model))
+    return res
+
+
+def chains_run(length, kind, seed, args):
+    data = layers.chains_dataset(length, seed=seed)
+    g = data.graph
+    model = make_model(
+        kind, g.nodes.shape[1], g.edges.shape[1], 2, jax.random.key(seed), args.gamma
+    )
+    optim = optax.adam(optax.cosine_decay_schedule(args.lr, args.chain_steps))
+    state = optim.init(eqx.filter(model, eqx.is_array))
+    labels = jnp.asarray(data.labels)
+    mask = jnp.asarray(data.train_mask, jnp.float32)
+
+    def loss_fn(m):
+        ce = optax.softmax_cross_entropy_with_integer_labels(m(g), labels)
+        return jnp.sum(mask * ce) / jnp.sum(mask)
+
+    @eqx.filter_jit
+    def step(m, s):
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(m)
+        updates, s = optim.update(grads, s, eqx.filter(m, eqx.is_array))
+        return eqx.apply_updates(m, updates), s, loss
+
+    t0 = time.perf_counter()
+    for _ in range(args.chain_steps):
+        model, state, loss = step(model, state)
+    jax.block_until_ready(loss)
+    train_s = time.perf_counter() - t0
+    logits = eqx.filter_jit(lambda m: m(g))(model)
+    return dict(
+        test_accuracy=layers.node_accuracy(np.asarray(logits), data.labels, data.test_mask),
+        solver_steps=solver_steps(model, g),
+        train_s=train_s,
+        params=layers.count_params(model),
+    )
+
+
+def summarise(rows, metric_keys):
+    out = {}
+    for k in metric_keys:
+        vals = np.array([r[k] for r in rows], float)
+        out[k] = (float(np.mean(vals)), float(np.std(vals)))
+    return out
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+class DenseCGS(eqx.Module):
+    """`layers.CGS` with the fixed point over a dense `[heads, N, N]` matrix."""
+
+    cgs: layers.CGS
+
+    def __call__(self, graph):
+        h, weights, b = self.cgs.encode(graph)
+        n = graph.num_nodes
+        a = jnp.zeros((self.cgs.heads, n, n), b.dtype)
+        a = a.at[:, graph.receivers, graph.senders].add(weights.T)
+        fn = lambda z, a: self.cgs.gamma * jnp.einsum("hij,jh->ih", a, z) + b
+        sol = fixpoint.fixed_point(
+            fn,
+            jnp.zeros_like(b),
+            a,
+            solver=self.cgs.solver,
+            adjoint=self.cgs.adjoint,
+            max_steps=self.cgs.max_steps,
+            throw=self.cgs.throw,
+        )
+        return jax.vmap(self.cgs.decoder)(jnp.concatenate([sol.value, h], axis=-1))
+
+
+def random_graph(n, degree, rng):
+    receivers = np.repeat(np.arange(n), degree)
+    senders = (receivers + rng.integers(1, n, receivers.size)) % n
+    return layers.Graph(
+        jnp.asarray(rng.normal(size=(n, 4)), jnp.float32),
+        jnp.asarray(rng.uniform(size=(receivers.size, 2)), jnp.float32),
+        jnp.asarray(senders, jnp.int32),
+        jnp.asarray(receivers, jnp.int32),
+    )
+
+
+def scaling(args):
+    cgs = layers.CGS(4, 2, 1, hidden=32, heads=16, key=jax.random.key(0))
+    rows = []
+
+    def fwd_bwd(m, g):
+        return eqx.filter_value_and_grad(lambda m: jnp.sum(m(g) ** 2))(m)
+
+    for n in args.sizes:
+        graph = random_graph(n, 5, np.random.default_rng(n))
+        for name, model in (("sparse", cgs), ("dense", DenseCGS(cgs))):
+            row = dict(n=n, edges=graph.num_edges, model=name)
+            params, static = eqx.partition(model, eqx.is_array)
+            fn = jax.jit(lambda p, g, static=static: fwd_bwd(eqx.combine(p, static), g))
+            t0 = time.perf_counter()
+            compiled = fn.lower(params, graph).compile()
+            row["compile_s"] = time.perf_counter() - t0
+            mem = _common.memory_of(compiled)
+            row.update(mem)
+            row["mem_bytes"] = mem.get("total", 0)
+            if name == "dense" and n > args.dense_run_max:
+                row["status"] = "compiled only (memory_analysis)"
+            else:
+                jax.block_until_ready(compiled(params, graph))  # warm-up
+                times = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(compiled(params, graph))
+                    times.append(time.perf_counter() - t0)
+                row["time_s"] = float(np.median(times))
+                row["status"] = "ran"
+            rows.append(row)
+            print(
+                f"N={n:>7} {name:6} mem {row['mem_bytes'] / 2**20:10.1f} MiB  "
+                f"time {_common.fmt_time(row.get('time_s'))}  ({row['status']})",
+                flush=True,
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="*", default=["gvi", "chains"])
+    p.add_argument("--models", nargs="+", default=["cgs", "ignn", "gcn", "gin"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--chain-steps", type=int, default=300)
+    p.add_argument("--lengths", type=int, nargs="+", default=[10, 50, 100])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--gamma", type=float, default=0.9)
+    p.add_argument("--scaling", action="store_true")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 100000])
+    p.add_argument("--dense-run-max", type=int, default=5000)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    payload = dict(
+        args=vars(args),
+        versions=_common.versions(),
+        git=_common.git_state(),
+        device=_common.device_info(),
+        tasks={},
+        scaling=None,
+    )
+    for name in args.tasks:
+        if name == "chains":
+            for length in args.lengths:
+                for kind in args.models:
+                    runs = [chains_run(length, kind, s, args) for s in args.seeds]
+                    summary = summarise(runs, ["test_accuracy", "solver_steps", "train_s"])
+                    payload["tasks"][f"chains-{length}/{kind}"] = dict(runs=runs, summary=summary)
+                    print(f"chains L={length:<4} {kind:5}", _fmt(summary), flush=True)
+            continue
+        task = Task(name, args)
+        for kind in args.models:
+            runs = [train(task, kind, s, args) for s in args.seeds]
+            keys = [k for k in runs[0] if k not in ("params",)]
+            summary = summarise(runs, keys)
+            payload["tasks"][f"{name}/{kind}"] = dict(
+                runs=runs, summary=summary, params=runs[0]["params"]
+            )
+            print(f"{name:9} {kind:5} params {runs[0]['params']:6d}", _fmt(summary), flush=True)
+        _common.write_json("graphs", payload)
+    if args.scaling:
+        payload["scaling"] = scaling(args)
+    print("wrote", _common.write_json("graphs", payload))
+
+
+def _fmt(summary):
+    return "  ".join(f"{k} {m:.4g}±{s:.2g}" for k, (m, s) in summary.items())
+
+
+if __name__ == "__main__":
+    main()
