@@ -133,7 +133,8 @@ def decode(
     - `prompt_lengths`: `int[B]` with a batched `prompt`: row `b`'s prompt is
       `prompt[b, :prompt_lengths[b]]` (the rest is padding) and its new tokens
       follow it. Values are clipped to `1 … P`.
-    - `fill_id`: the initial guess at every undecoded position.
+    - `fill_id`: the initial guess at every undecoded position (and the token
+      returned past a non-finite stop when there is no `eos_id`).
     - `cached`: use the model's cache (`True`), its plain call (`False`), or the
       cache when the model has one (`None`, the default).
     - `return_solution`: also return a `fixpoint.Solution`.
@@ -144,8 +145,9 @@ def decode(
     a NaN/Inf logit where a token was chosen), and `solution.stats` (per row)
     has `model_calls`, `iterations` (the same: one call per iteration),
     `tokens_per_call` (tokens decoded, up to and including EOS, per call),
-    `rows_per_call` (positions the model scored per call: `L` on the plain path,
-    the window on the cached path) and `fixed_at` (`int32[N]`: the iteration at
+    `rows_per_call` (positions the model scores per call: `L` on the plain path,
+    `min(max_window, N)` on the cached path, whose first call also scores the
+    prompt: `P + window - 1` rows) and `fixed_at` (`int32[N]`: the iteration at
     which each position was accepted, -1 after EOS).
     """
     if not callable(model):
@@ -156,6 +158,7 @@ def decode(
             f"`solvers.JacobiDecoding(window)`, ...), got {solver!r}."
         )
     check_int(max_new_tokens, "max_new_tokens", 1)
+    max_new_tokens = int(max_new_tokens)
     check_bool(return_solution, "return_solution")
     if cached is None:
         cached = isinstance(model, AbstractCachedModel)
@@ -179,10 +182,20 @@ def decode(
     window = min(solver.max_window, max_new_tokens)
     vocab = _check_model(model, length, window, cached)
     for name, value in (("eos_id", eos_id), ("fill_id", fill_id)):
-        if value is not None:
+        if value is not None or name == "fill_id":
             check_int(value, name, 0)
             if value >= vocab:
                 raise ValueError(f"`{name}={value}` is outside the vocabulary of size {vocab}.")
+    eos_id = None if eos_id is None else int(eos_id)
+    fill_id = int(fill_id)
+    if not isinstance(prompt, jax.core.Tracer):
+        bad = np.flatnonzero((np.asarray(prompt) < 0) | (np.asarray(prompt) >= vocab))
+        if bad.size:
+            where = np.unravel_index(bad[0], prompt.shape)
+            raise ValueError(
+                f"`prompt{list(map(int, where))} = {int(prompt[where])}` is not a token id of "
+                f"the model's vocabulary 0 … {vocab - 1}."
+            )
     lengths = _lengths(prompt_lengths, prompt)
     if key is not None:
         key = _check_key(key, prompt)
@@ -299,7 +312,8 @@ def _check_temperature(temperature):
     if isinstance(temperature, jax.core.Tracer):
         return temperature
     t = np.asarray(temperature)
-    if t.shape != () or not np.issubdtype(t.dtype, np.number) or not t > 0:
+    real = np.issubdtype(t.dtype, np.floating) or np.issubdtype(t.dtype, np.integer)
+    if t.shape != () or not real or not t > 0:
         raise ValueError(f"`temperature` must be a number > 0 when sampling, got {temperature!r}.")
     return float(t)
 
@@ -319,10 +333,12 @@ def _choose(logits, positions, key, temperature):
     if key is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     vocab = logits.shape[-1]
-    noise = jax.vmap(
-        lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (vocab,), logits.dtype)
-    )(positions)
-    scaled = logits / jnp.asarray(temperature).astype(logits.dtype)
+    # At least float32: `logits / temperature` must not overflow a half-precision type.
+    dtype = logits.dtype if jnp.finfo(logits.dtype).bits >= 32 else jnp.dtype(jnp.float32)
+    noise = jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (vocab,), dtype))(
+        positions
+    )
+    scaled = logits.astype(dtype) / jnp.asarray(temperature).astype(dtype)
     return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
 
@@ -355,16 +371,17 @@ def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temper
         wrong = in_window & (guess != pred)
         wrong_before = jnp.cumsum(wrong, dtype=i32) - wrong.astype(i32)
         accept = in_window & (wrong_before == 0)
-        finite = jnp.all(jnp.where(accept, finite_at, True))
         new = jnp.where(in_window, pred, guess)
         if eos_id is not None:
             # Accepted positions after the first accepted EOS are EOS too, and done.
             first_eos = jnp.min(jnp.where(accept & (new == eos_id), positions, i32(n)))
             accept = accept & (positions <= first_eos)
-            new = jnp.where(positions > first_eos, eos_id, new)
+            new = jnp.where(positions > first_eos, i32(eos_id), new)
             hit = first_eos < n
         else:
             hit = jnp.array(False)
+        # Only the logits that chose an accepted token must be finite.
+        finite = jnp.all(jnp.where(accept, finite_at, True))
         accepted = k + jnp.sum(accept, dtype=i32)
         keep = c.done
         return _Carry(
@@ -411,8 +428,8 @@ def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temper
     final = jax.lax.while_loop(lambda c: ~c.done, body, init)
     tokens = jax.lax.dynamic_slice_in_dim(final.buf, p, n)
     decoded = final.accepted
-    if eos_id is not None:
-        tokens = jnp.where(positions < decoded, tokens, eos_id)
+    # Past the accepted tokens (after EOS, or after a non-finite stop): EOS, else fill.
+    tokens = jnp.where(positions < decoded, tokens, i32(fill_id if eos_id is None else eos_id))
     calls = final.calls
     stats = {
         "model_calls": calls,
@@ -449,7 +466,9 @@ def first_divergence(model, prompt, tokens, reference, *, key=None, temperature=
     differently; a large margin means one of them is wrong.
 
     **Arguments:** `model`, `prompt` (`int[P]`) as in `fixpoint.decode`;
-    `tokens`, `reference`: `int[N]`; `key`/`temperature` as in `decode`.
+    `tokens`, `reference`: `int[N]`; `key`/`temperature` as in `decode` (for
+    row `b` of a batched call with a single key, pass
+    `jax.random.fold_in(key, b)`: the key that row used).
 
     **Returns:** a `fixpoint.Divergence` (`index == -1` when they agree).
     """

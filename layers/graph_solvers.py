@@ -75,14 +75,22 @@ def _aggregate(values, graph, weights):
 
 
 class _LinearMap(eqx.Module):
-    """`z ↦ φ(γ A z + b)` for CGS (an Equinox module so compiled loops are reused)."""
+    """`z ↦ φ(γ A z + b)` for CGS, or with `offsets` the max-plus map
+    `z_i ↦ φ(b_i + max_{e→i} (γ w_e z_{s_e} + c_e))` (an Equinox module, so
+    compiled loops are reused)."""
 
     gamma: float = eqx.field(static=True)
     nonlinear: bool = eqx.field(static=True)
 
     def __call__(self, z, args):
-        weights, b, graph = args
-        out = self.gamma * _aggregate(z, graph, weights) + b
+        weights, offsets, b, graph = args
+        if offsets is None:
+            out = self.gamma * _aggregate(z, graph, weights) + b
+        else:
+            cand = self.gamma * weights * z[graph.senders] + offsets
+            best = jax.ops.segment_max(cand, graph.receivers, graph.num_nodes)
+            has_in = graph.in_degree() > 0
+            out = b + jnp.where(has_in[:, None], best, 0.0)
         return jnp.tanh(out) if self.nonlinear else out
 
 
@@ -111,6 +119,11 @@ class CGS(eqx.Module):
       (CGS's choice); `"sum"` divides a receiver's weights by their total where it
       exceeds 1, so one edge can carry weight up to 1 (a max over incoming edges,
       as in value iteration, becomes representable). Rows sum to at most 1 either way.
+      `"max"` replaces the sum by a max-plus map,
+      `z_i = b_i + max_{e→i} (γ w_e z_{s_e} + c_e)` with learned edge offsets `c_e`
+      (0 for nodes without incoming edges): a max of γ-Lipschitz maps, so again a
+      γ-contraction in the ∞-norm for any parameters, and value iteration itself
+      when `w = 1`, `c = r`, `b = 0`. Not in the CGS paper.
     - `solver`: default `Picard(1e-5, 1e-5)`; any matrix-free solver. Newton with a
       dense linear solver is refused (it would form an N×N-sized Jacobian).
     - `adjoint`: default `ImplicitAdjoint()` (matrix-free GMRES); dense backward
@@ -128,6 +141,7 @@ class CGS(eqx.Module):
     message: eqx.nn.Linear
     gate: eqx.nn.Linear
     weight_head: eqx.nn.MLP
+    offset_head: eqx.nn.MLP | None
     bias_head: eqx.nn.Linear
     decoder: eqx.nn.MLP
     node_size: int = eqx.field(static=True)
@@ -160,18 +174,19 @@ class CGS(eqx.Module):
     ):
         if not (isinstance(gamma, (int, float)) and 0 < gamma < 1):
             raise ValueError(f"CGS: `gamma` must lie in (0, 1), got {gamma!r}.")
-        if normalisation not in ("degree", "sum"):
+        if normalisation not in ("degree", "sum", "max"):
             raise ValueError(
-                f"CGS: `normalisation` must be 'degree' or 'sum', got {normalisation!r}."
+                f"CGS: `normalisation` must be 'degree', 'sum' or 'max', got {normalisation!r}."
             )
         self.normalisation = normalisation
-        k = jax.random.split(key, 6)
+        k = jax.random.split(key, 7)
         edge_in = 2 * hidden + edge_size
         mlp = lambda i, o, depth, k: eqx.nn.MLP(i, o, hidden, depth, activation=jax.nn.gelu, key=k)
         self.node_encoder = mlp(node_size, hidden, 2, k[0])
         self.message = eqx.nn.Linear(edge_in, hidden, key=k[1])
         self.gate = eqx.nn.Linear(edge_in, 1, key=k[2])
         self.weight_head = mlp(edge_in, heads, 1, k[3])
+        self.offset_head = mlp(edge_in, heads, 1, k[6]) if normalisation == "max" else None
         self.bias_head = eqx.nn.Linear(hidden, heads, key=k[4])
         self.decoder = mlp(hidden + heads, out_size, 2, k[5])
         self.node_size, self.edge_size, self.heads = node_size, edge_size, heads
@@ -199,29 +214,33 @@ class CGS(eqx.Module):
             gates * jax.vmap(self.message)(e), graph.receivers, graph.num_nodes
         )
         h = h + jax.nn.gelu(msgs / degree[:, None])
-        weights = jax.nn.sigmoid(jax.vmap(self.weight_head)(pair(h)))  # in [0, 1]
+        e = pair(h)
+        weights = jax.nn.sigmoid(jax.vmap(self.weight_head)(e))  # in [0, 1]
+        offsets = None
         if self.normalisation == "degree":
             weights = weights / degree[graph.receivers][:, None]
-        else:  # "sum": divide by the incoming total where it exceeds 1
+        elif self.normalisation == "sum":  # divide by the incoming total where it exceeds 1
             total = jax.ops.segment_sum(weights, graph.receivers, graph.num_nodes)
             weights = weights / jnp.maximum(total, 1.0)[graph.receivers]
+        else:  # "max": no normalisation needed, a max of γ-contractions is one
+            offsets = jax.vmap(self.offset_head)(e)
         b = jax.vmap(self.bias_head)(h)
-        return h, weights, b
+        return h, (weights, offsets), b
 
     def solve(
         self, graph: Graph, *, z0: Array | None = None, record_residuals: bool = False
     ) -> fixpoint.Solution:
         """The fixed point `z[N, heads]` as a `fixpoint.Solution` (with
         `record_residuals=True`, `stats["residual_history"]` per iteration)."""
-        _, weights, b = self.encode(graph)
-        return self._solve(weights, b, graph, z0, record_residuals)
+        _, edge_terms, b = self.encode(graph)
+        return self._solve(edge_terms, b, graph, z0, record_residuals)
 
-    def _solve(self, weights, b, graph, z0, record_residuals=False):
+    def _solve(self, edge_terms, b, graph, z0, record_residuals=False):
         z0 = jnp.zeros_like(b) if z0 is None else z0
         return fixpoint.fixed_point(
             _LinearMap(self.gamma, self.nonlinear),
             z0,
-            (weights, b, graph),
+            (*edge_terms, b, graph),
             solver=self.solver,
             adjoint=self.adjoint,
             max_steps=self.max_steps,
@@ -230,8 +249,8 @@ class CGS(eqx.Module):
         )
 
     def __call__(self, graph: Graph) -> Array:
-        h, weights, b = self.encode(graph)
-        z = self._solve(weights, b, graph, None).value
+        h, edge_terms, b = self.encode(graph)
+        z = self._solve(edge_terms, b, graph, None).value
         return jax.vmap(self.decoder)(jnp.concatenate([z, h], axis=-1))
 
 

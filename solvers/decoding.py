@@ -8,9 +8,15 @@ differ only in the window each iteration proposes (`window_at`); the loop,
 the acceptance rule and therefore the output are the same for all.
 """
 
+import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 import fixpoint
+
+
+def _as_int(value):
+    return int(value) if isinstance(value, np.integer) else value
 
 
 def _positive(cls, name, value):
@@ -38,7 +44,7 @@ class JacobiDecoding(fixpoint.AbstractDecodingSolver):
     **Arguments:** `window` (≥ 1), the number of positions proposed per call.
     """
 
-    window: int = 16
+    window: int = eqx.field(default=16, converter=_as_int)
 
     def __check_init__(self):
         _positive("JacobiDecoding", "window", self.window)
@@ -60,7 +66,7 @@ class GSJacobiDecoding(fixpoint.AbstractDecodingSolver):
     **Arguments:** `block_size` (≥ 1).
     """
 
-    block_size: int = 4
+    block_size: int = eqx.field(default=4, converter=_as_int)
 
     def __check_init__(self):
         _positive("GSJacobiDecoding", "block_size", self.block_size)
@@ -84,8 +90,8 @@ class HybridDecoding(fixpoint.AbstractDecodingSolver):
     leading positions decoded in blocks.
     """
 
-    block_size: int = 4
-    parallel_tokens: int = 32
+    block_size: int = eqx.field(default=4, converter=_as_int)
+    parallel_tokens: int = eqx.field(default=32, converter=_as_int)
 
     def __check_init__(self):
         _positive("HybridDecoding", "block_size", self.block_size)
