@@ -94,7 +94,35 @@ class _LinearMap(eqx.Module):
         return jnp.tanh(out) if self.nonlinear else out
 
 
-class CGS(eqx.Module):
+class _GraphEquilibrium(eqx.Module):
+    """What CGS and IGNN share: a matrix-free solver configuration and the solve."""
+
+    solver: fixpoint.AbstractSolver = eqx.field(static=True)
+    adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+
+    def _configure(self, name, solver, adjoint, max_steps, rate, throw):
+        self.solver = solvers.Picard(1e-5, 1e-5) if solver is None else solver
+        self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
+        _check_sparse(name, self.solver, self.adjoint)
+        self.max_steps = _default_steps(rate) if max_steps is None else max_steps
+        self.throw = throw
+
+    def _fixed_point(self, fn, y0, args, record_residuals=False):
+        return fixpoint.fixed_point(
+            fn,
+            y0,
+            args,
+            solver=self.solver,
+            adjoint=self.adjoint,
+            max_steps=self.max_steps,
+            throw=self.throw,
+            record_residuals=record_residuals,
+        )
+
+
+class CGS(_GraphEquilibrium):
     """A convergent graph solver (Park, Choo & Park, ICLR 2022) on sparse graphs.
 
     An attention message-passing encoder turns the graph into, per head `h`,
@@ -150,10 +178,6 @@ class CGS(eqx.Module):
     gamma: float = eqx.field(static=True)
     nonlinear: bool = eqx.field(static=True)
     normalisation: str = eqx.field(static=True)
-    solver: fixpoint.AbstractSolver = eqx.field(static=True)
-    adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
-    throw: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -191,11 +215,7 @@ class CGS(eqx.Module):
         self.decoder = mlp(hidden + heads, out_size, 2, k[5])
         self.node_size, self.edge_size, self.heads = node_size, edge_size, heads
         self.gamma, self.nonlinear = float(gamma), bool(nonlinear)
-        self.solver = solvers.Picard(1e-5, 1e-5) if solver is None else solver
-        self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
-        _check_sparse("CGS", self.solver, self.adjoint)
-        self.max_steps = _default_steps(gamma) if max_steps is None else max_steps
-        self.throw = throw
+        self._configure("CGS", solver, adjoint, max_steps, gamma, throw)
 
     def _dtype(self):
         return self.bias_head.weight.dtype
@@ -237,16 +257,8 @@ class CGS(eqx.Module):
 
     def _solve(self, edge_terms, b, graph, z0, record_residuals=False):
         z0 = jnp.zeros_like(b) if z0 is None else z0
-        return fixpoint.fixed_point(
-            _LinearMap(self.gamma, self.nonlinear),
-            z0,
-            (*edge_terms, b, graph),
-            solver=self.solver,
-            adjoint=self.adjoint,
-            max_steps=self.max_steps,
-            throw=self.throw,
-            record_residuals=record_residuals,
-        )
+        fn = _LinearMap(self.gamma, self.nonlinear)
+        return self._fixed_point(fn, z0, (*edge_terms, b, graph), record_residuals)
 
     def __call__(self, graph: Graph) -> Array:
         h, edge_terms, b = self.encode(graph)
@@ -334,7 +346,7 @@ class _IGNNMap(eqx.Module):
         return jax.nn.relu((ax @ w.T) * scale + injected)
 
 
-class IGNN(eqx.Module):
+class IGNN(_GraphEquilibrium):
     """An implicit graph neural network (Gu et al. 2020) on sparse graphs.
 
     The node states `X[N, hidden]` solve `X = relu(Â X Wᵀ + Â U Ωᵀ)` (node-major
@@ -364,10 +376,6 @@ class IGNN(eqx.Module):
     node_size: int = eqx.field(static=True)
     kappa: float = eqx.field(static=True)
     edge_weight_column: int | None = eqx.field(static=True)
-    solver: fixpoint.AbstractSolver = eqx.field(static=True)
-    adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
-    throw: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -391,11 +399,7 @@ class IGNN(eqx.Module):
         self.readout = eqx.nn.Linear(hidden + node_size, out_size, key=k3)
         self.node_size, self.kappa = node_size, float(kappa)
         self.edge_weight_column = edge_weight_column
-        self.solver = solvers.Picard(1e-5, 1e-5) if solver is None else solver
-        self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
-        _check_sparse("IGNN", self.solver, self.adjoint)
-        self.max_steps = _default_steps(kappa) if max_steps is None else max_steps
-        self.throw = throw
+        self._configure("IGNN", solver, adjoint, max_steps, kappa, throw)
 
     def _args(self, graph):
         dtype = self.w.dtype
@@ -422,15 +426,7 @@ class IGNN(eqx.Module):
 
     def _solve(self, args, x0):
         x0 = jnp.zeros_like(args[4]) if x0 is None else x0
-        return fixpoint.fixed_point(
-            _IGNNMap(),
-            x0,
-            args,
-            solver=self.solver,
-            adjoint=self.adjoint,
-            max_steps=self.max_steps,
-            throw=self.throw,
-        )
+        return self._fixed_point(_IGNNMap(), x0, args)
 
     def __call__(self, graph: Graph) -> Array:
         nodes, args = self._args(graph)
