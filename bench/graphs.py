@@ -256,7 +256,7 @@ class DenseCGS(eqx.Module):
     cgs: layers.CGS
 
     def __call__(self, graph):
-        h, weights, b = self.cgs.encode(graph)
+        h, (weights, _), b = self.cgs.encode(graph)
         n = graph.num_nodes
         a = jnp.zeros((self.cgs.heads, n, n), b.dtype)
         a = a.at[:, graph.receivers, graph.senders].add(weights.T)
