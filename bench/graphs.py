@@ -341,6 +341,7 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 100000])
     p.add_argument("--dense-run-max", type=int, default=5000)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--name", default="graphs", help="results/<name>_<platform>.json")
     args = p.parse_args()
     payload = dict(
         args=vars(args),
@@ -368,10 +369,10 @@ def main():
                 runs=runs, summary=summary, params=runs[0]["params"]
             )
             print(f"{name:9} {kind:5} params {runs[0]['params']:6d}", _fmt(summary), flush=True)
-        _common.write_json("graphs", payload)
+        _common.write_json(args.name, payload)
     if args.scaling:
         payload["scaling"] = scaling(args)
-    print("wrote", _common.write_json("graphs", payload))
+    print("wrote", _common.write_json(args.name, payload))
 
 
 def _fmt(summary):
