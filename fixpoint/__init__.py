@@ -5,6 +5,9 @@ from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint import NeumannAdjoint as NeumannAdjoint
 from ._adjoint import PhantomAdjoint as PhantomAdjoint
 from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
+from ._compact import Compaction as Compaction
+from ._compact import check_compaction as check_compaction
+from ._compact import compacted_while_loop as compacted_while_loop
 from ._convergence import converged as converged
 from ._convergence import meets as meets
 from ._convergence import scaled_size as scaled_size

@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import lineax as lx
 
+from ._compact import Compaction, check_compaction
 from ._implicit import implicit_solve, poison_cotangent
 from ._linear import gmres_solve, lineax_solve, series_solve
 
@@ -60,6 +61,9 @@ class ImplicitAdjoint(_AbstractImplicit):
     - `throw`: on a failed backward solve (true residual above ten times the
       tolerance, or non-finite), `True` raises `fixpoint.SolveError`; `False` returns a NaN
       gradient (the documented failure signal, never a plausible wrong number).
+    - `compaction`: under `jax.vmap`, GMRES gathers the right-hand sides that
+      are still unsolved into smaller batches between restart cycles
+      (`fixpoint.Compaction`; `None`: off). Not used with a lineax solver.
     """
 
     linear_solver: lx.AbstractLinearSolver | None = None
@@ -68,6 +72,7 @@ class ImplicitAdjoint(_AbstractImplicit):
     restart: int = 20
     max_restarts: int = 50
     throw: bool = True
+    compaction: Compaction | None = Compaction()
 
     def __check_init__(self):
         for name in ("rtol", "atol"):
@@ -78,6 +83,7 @@ class ImplicitAdjoint(_AbstractImplicit):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ImplicitAdjoint: `{name}` must be an int >= 1, got {value!r}.")
+        check_compaction(self.compaction, "ImplicitAdjoint: `compaction`")
         if self.linear_solver is not None and not isinstance(
             self.linear_solver, lx.AbstractLinearSolver
         ):
@@ -90,7 +96,9 @@ class ImplicitAdjoint(_AbstractImplicit):
         rtol = max(tolerances) if self.rtol is None else self.rtol
         atol = 0.0 if self.atol is None else self.atol
         if self.linear_solver is None:
-            return gmres_solve(rtol, atol, self.restart, self.max_restarts, self.throw)
+            return gmres_solve(
+                rtol, atol, self.restart, self.max_restarts, self.throw, self.compaction
+            )
         return lineax_solve(self.linear_solver, rtol, atol, self.throw)
 
 

@@ -23,21 +23,75 @@ The fixed-point / root-finding loop (`_iterate.py`), the scan loop
   `|y|`): for Newton-type solvers it estimates the distance to the solution.
 """
 
+from typing import NamedTuple, cast
+
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 
-def scaled_size(norm, v, ref, rtol, atol) -> Float[Array, "..."]:
-    """`norm(v / (atol + rtol·|ref|))`, with `0/0 = 0` and `v/0 = inf` for `v ≠ 0`."""
+def _ratio(v, ref, rtol, atol):
+    """`v / (atol + rtol·|ref|)` entrywise, with `0/0 = 0` and `v/0 = inf` for `v ≠ 0`."""
     scale = atol + rtol * jnp.abs(ref)
     positive = scale > 0
     ratio = jnp.where(positive, v / jnp.where(positive, scale, 1), jnp.inf)
-    return norm(jnp.where(v == 0, jnp.zeros_like(v), ratio))
+    return jnp.where(v == 0, jnp.zeros_like(v), ratio)
+
+
+def scaled_size(norm, v, ref, rtol, atol) -> Float[Array, "..."]:
+    """`norm(v / (atol + rtol·|ref|))`, with `0/0 = 0` and `v/0 = inf` for `v ≠ 0`."""
+    return norm(_ratio(v, ref, rtol, atol))
 
 
 def meets(norm, v, ref, rtol, atol) -> Bool[Array, "..."]:
     """Whether `v` meets the tolerance relative to `ref` (False for NaN)."""
     return scaled_size(norm, v, ref, rtol, atol) < 1
+
+
+def norms(norm, vectors) -> Float[Array, " k"]:
+    """`[norm(v) for v in vectors]` as one reduction (the vectors share a shape).
+
+    One pass over a stacked `[k, n]` array instead of `k` passes: in a loop
+    whose map is cheap, every separate reduction is a kernel of its own.
+    """
+    if len(vectors) == 1:
+        return norm(vectors[0])[None]
+    return jax.vmap(norm)(jnp.stack(vectors))
+
+
+class Sizes(NamedTuple):
+    """The norms one convergence test needs, from one reduction (`measure`)."""
+
+    residual: Float[Array, ""]  # norm(G(y))
+    vs_y: Float[Array, ""] | None  # scaled residual against |y| (fixed-point form)
+    vs_y0: Float[Array, ""] | None  # scaled residual against |y0| (fixed-point form)
+    step: Float[Array, ""] | None  # scaled step against |y| (None: no step test)
+
+
+def measure(norm, residual, y, step, rtol, atol, *, kind: str, y0) -> Sizes:
+    """Every norm of the convergence test at `y`, taken in one reduction."""
+    rows = [residual]
+    if kind != "root":
+        rows += [_ratio(residual, y, rtol, atol), _ratio(residual, y0, rtol, atol)]
+    if step is not None:
+        rows.append(_ratio(step, y, rtol, atol))
+    sizes = list(norms(norm, rows))
+    rnorm = sizes.pop(0)
+    vs_y, vs_y0 = (sizes.pop(0), sizes.pop(0)) if kind != "root" else (None, None)
+    return Sizes(rnorm, vs_y, vs_y0, sizes.pop(0) if step is not None else None)
+
+
+def decide(sizes: Sizes, rtol, atol, *, kind: str, start_norm):
+    """`(converged, residual_ok)` from `measure`'s sizes (see `converged`)."""
+    if kind == "root":
+        # `norm(g / (atol + rtol·start))` for a scalar scale is `norm(g) / scale`.
+        residual_ok = _ratio(sizes.residual, start_norm, rtol, atol) < 1
+    else:
+        fallen = sizes.residual <= 0.5 * start_norm
+        vs_y, vs_y0 = cast(Array, sizes.vs_y), cast(Array, sizes.vs_y0)  # set by `measure`
+        residual_ok = (vs_y < 1) & (fallen | (vs_y0 < 1))
+    ok = residual_ok if sizes.step is None else residual_ok & (sizes.step < 1)
+    return ok, residual_ok
 
 
 def converged(
@@ -56,7 +110,7 @@ def converged(
 
     **Arguments:**
 
-    - `norm`: the solver's norm.
+    - `norm`: the solver's norm (absolutely homogeneous, as every norm is).
     - `residual`: `G(y)`: `y - f(y)` (`kind="fixed_point"`) or `g(y)` (`"root"`).
     - `y`: the current iterate.
     - `step`: the solver's proposed update `y_next - y` (or `None` to skip that test).
@@ -64,16 +118,9 @@ def converged(
     - `y0`: the starting point.
 
     `residual_ok` is the residual test alone (used to tell a residual within
-    tolerance from a diverging one).
+    tolerance from a diverging one). All the norms are taken in one reduction;
+    a loop that needs `norm(residual)` first (to set `start_norm`) calls
+    `measure` and `decide` itself.
     """
-    if kind == "root":
-        residual_ok = meets(norm, residual, start_norm, rtol, atol)
-    else:
-        fallen = norm(residual) <= 0.5 * start_norm
-        residual_ok = meets(norm, residual, y, rtol, atol) & (
-            fallen | meets(norm, residual, y0, rtol, atol)
-        )
-    ok = residual_ok
-    if step is not None:
-        ok = ok & meets(norm, step, y, rtol, atol)
-    return ok, residual_ok
+    sizes = measure(norm, residual, y, step, rtol, atol, kind=kind, y0=y0)
+    return decide(sizes, rtol, atol, kind=kind, start_norm=start_norm)

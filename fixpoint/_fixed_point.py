@@ -1,6 +1,7 @@
 """`fixed_point`: find `y` with `fn(y, args) = y`."""
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._compact import Compaction
 from ._custom_types import Args, Fn, Y
 from ._solution import Solution
 from ._solve import solve
@@ -19,6 +20,7 @@ def fixed_point(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     record_residuals: bool = False,
     divergence_ratio: float = 1e4,
+    compaction: Compaction | None = Compaction(),
 ) -> Solution:
     """Find a fixed point `y = fn(y, args)`.
 
@@ -40,6 +42,11 @@ def fixed_point(
       norm at each step (length `max_steps + 1`, NaN-padded).
     - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
       exceeds this multiple of the smallest residual norm seen.
+    - `compaction`: under `jax.vmap`, gather the samples that are still running
+      into smaller batches as the others finish, so that a finished sample stops
+      costing (`fixpoint.Compaction`; `None`: off, the whole batch runs until
+      its slowest sample is done). The answer, result codes and step counts do
+      not change. Not used by `UnrolledAdjoint`, which differentiates the loop.
 
     **Returns:** a `fixpoint.Solution`.
     """
@@ -56,4 +63,5 @@ def fixed_point(
         adjoint=adjoint,
         record_residuals=record_residuals,
         divergence_ratio=divergence_ratio,
+        compaction=compaction,
     )

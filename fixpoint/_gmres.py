@@ -10,15 +10,28 @@ entry of `b` that happens to be zero.
 import jax
 import jax.numpy as jnp
 
+from ._compact import compacted_while_loop
 
-def gmres(matvec, b, *, rtol: float, atol: float, restart: int = 20, max_restarts: int = 50):
+
+def gmres(
+    matvec,
+    b,
+    *,
+    rtol: float,
+    atol: float,
+    restart: int = 20,
+    max_restarts: int = 50,
+    compaction=None,
+):
     """Solve `A x = b` for a flat `b` with `matvec(v) = A v`.
 
     Arnoldi with classical Gram–Schmidt applied twice (CGS2, two matrix products
     per step instead of a loop), Givens rotations for the small least-squares
     problem, and an early exit inside each cycle as soon as the residual
     estimate meets the target. Returns `(x, residual_norm, iterations)`, where
-    the residual is recomputed from `b - A x` at the end.
+    the residual is recomputed from `b - A x` at the end. With `compaction`
+    (a `fixpoint.Compaction`), a `vmap` over right-hand sides gathers the
+    unfinished ones into smaller buckets between restart cycles.
     """
     n = b.shape[0]
     if n == 0:  # nothing to solve (a zero-size state)
@@ -95,5 +108,5 @@ def gmres(matvec, b, *, rtol: float, atol: float, restart: int = 20, max_restart
 
     x0 = jnp.zeros_like(b)
     init = (x0, jnp.linalg.norm(b), jnp.array(0), jnp.array(0), jnp.array(True))
-    x, res, _, its, _ = jax.lax.while_loop(outer_cond, outer_body, init)
+    x, res, _, its, _ = compacted_while_loop(outer_cond, outer_body, init, compaction)
     return x, res, its

@@ -7,7 +7,8 @@ import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 
-from ._convergence import converged as convergence_test
+from ._compact import Compaction, compacted_while_loop
+from ._convergence import decide, measure
 from ._problem import Problem
 from ._solution import RESULTS
 from ._solver import AbstractSolver
@@ -74,6 +75,7 @@ def iterate(
     options: LoopOptions,
     kind: Literal["lax", "checkpointed"] = "lax",
     checkpoints: int | None = None,
+    compaction: Compaction | None = None,
 ):
     """Run `solver` on `problem` from the flat `y0`.
 
@@ -82,39 +84,44 @@ def iterate(
     convergence, a non-finite residual, divergence (residual norm above
     `divergence_ratio` times the smallest seen), a solver failure, or after
     `max_steps` updates. Finished samples of a `vmap` never move again, so every
-    sample gets its own `num_steps` and `result`.
+    sample gets its own `num_steps` and `result`; with `compaction`, a `vmap`
+    gathers the unfinished samples into smaller buckets as the others finish
+    (`_compact.py`), which changes the cost, not the answer.
     """
     dtype = y0.dtype
-    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
-    history = jnp.full(options.max_steps + 1, jnp.nan, dtype) if options.record_residuals else None
-    init = _Carry(
-        y=y0,
-        state=solver.init(problem, y0, args),
-        aux=aux0,
-        step=jnp.array(0),
-        done=jnp.array(False),
-        result=RESULTS.successful,
-        residual=jnp.array(jnp.inf, dtype),
-        best=jnp.array(jnp.inf, dtype),
-        start=jnp.array(jnp.inf, dtype),
-        history=history,
-    )
+
+    def init(ops):
+        problem, y0, args = ops
+        aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
+        history = (
+            jnp.full(options.max_steps + 1, jnp.nan, dtype) if options.record_residuals else None
+        )
+        return _Carry(
+            y=y0,
+            state=solver.init(problem, y0, args),
+            aux=aux0,
+            step=jnp.array(0),
+            done=jnp.array(False),
+            result=RESULTS.successful,
+            residual=jnp.array(jnp.inf, dtype),
+            best=jnp.array(jnp.inf, dtype),
+            start=jnp.array(jnp.inf, dtype),
+            history=history,
+        )
 
     def cond(carry):
         return ~carry.done
 
-    def body(carry):
+    def body(carry, ops):
+        problem, y0, args = ops
         step = solver.step(problem, carry.y, args, carry.state)
         ev, solver_result = step.evaluation, step.result
-        rnorm = solver.norm(ev.residual)
-        first = carry.step == 0
-        start = jnp.where(first, rnorm, carry.start)
-        finite = jnp.isfinite(rnorm)
-        # The proposed step is the solver's estimate of the distance to the
+        # Every norm of the test in one reduction (`_convergence.py`). The
+        # proposed step is the solver's estimate of the distance to the
         # solution (for Newton exactly so); requiring it to be small as well stops
         # an iterate that runs off to where the residual merely saturates. For
-        # Picard the step *is* the residual. See `_convergence.py` for the rule.
-        converged, residual_ok = convergence_test(
+        # Picard the step *is* the residual.
+        sizes = measure(
             solver.norm,
             ev.residual,
             carry.y,
@@ -122,8 +129,14 @@ def iterate(
             solver.rtol,
             solver.atol,
             kind=problem.kind,
-            start_norm=start,
             y0=y0,
+        )
+        rnorm = sizes.residual
+        first = carry.step == 0
+        start = jnp.where(first, rnorm, carry.start)
+        finite = jnp.isfinite(rnorm)
+        converged, residual_ok = decide(
+            sizes, solver.rtol, solver.atol, kind=problem.kind, start_norm=start
         )
         converged = finite & converged
         trial = jnp.asarray(step.trial)
@@ -149,14 +162,16 @@ def iterate(
             history=history,
         )
 
+    operands = (problem, y0, args)
     if kind == "lax":
-        final = eqxi.while_loop(cond, body, init, kind="lax")
+        final = compacted_while_loop(cond, lambda c: body(c, operands), init(operands), compaction)
     else:
+        # Differentiated through (`UnrolledAdjoint`): never compacted.
         buffers = (lambda c: c.history) if options.record_residuals else None
         final = eqxi.while_loop(
             cond,
-            body,
-            init,
+            lambda c: body(c, operands),
+            init(operands),
             max_steps=options.max_steps + 1,
             buffers=buffers,
             kind="checkpointed",

@@ -34,7 +34,9 @@ def _target(b, rtol, atol):
     return jnp.maximum(atol, rtol * jnp.linalg.norm(b))
 
 
-def gmres_solve(rtol: float, atol: float, restart: int, max_restarts: int, throw: bool):
+def gmres_solve(
+    rtol: float, atol: float, restart: int, max_restarts: int, throw: bool, compaction=None
+):
     """`solve(matvec, b)` by our restarted GMRES (`_gmres.py`): matrix-free.
 
     GMRES aims at `|A x - b|₂ <= max(atol, rtol |b|₂)`; the solve counts as
@@ -45,7 +47,13 @@ def gmres_solve(rtol: float, atol: float, restart: int, max_restarts: int, throw
     def solve(matvec, b, transpose_of=None):
         del transpose_of
         x, res, its = gmres(
-            matvec, b, rtol=rtol, atol=atol, restart=restart, max_restarts=max_restarts
+            matvec,
+            b,
+            rtol=rtol,
+            atol=atol,
+            restart=restart,
+            max_restarts=max_restarts,
+            compaction=compaction,
         )
         failed = ~(res <= 10 * _target(b, rtol, atol)) | ~jnp.all(jnp.isfinite(x))
         return flag_failure(x, failed, its, res, throw)

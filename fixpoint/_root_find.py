@@ -1,6 +1,7 @@
 """`root_find`: find `y` with `fn(y, args) = 0`."""
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._compact import Compaction
 from ._custom_types import Args, Fn, Y
 from ._solution import Solution
 from ._solve import solve
@@ -19,6 +20,7 @@ def root_find(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     record_residuals: bool = False,
     divergence_ratio: float = 1e4,
+    compaction: Compaction | None = Compaction(),
 ) -> Solution:
     """Find a root `fn(y, args) = 0`.
 
@@ -42,4 +44,5 @@ def root_find(
         adjoint=adjoint,
         record_residuals=record_residuals,
         divergence_ratio=divergence_ratio,
+        compaction=compaction,
     )

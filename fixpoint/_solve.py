@@ -16,6 +16,7 @@ from ._checks import (
     check_output,
     outputs_as_arrays,
 )
+from ._compact import check_compaction
 from ._errors import checked
 from ._iterate import LoopOptions, iterate
 from ._problem import Problem
@@ -50,8 +51,10 @@ def solve(
     adjoint,
     record_residuals,
     divergence_ratio,
+    compaction,
 ) -> Solution:
     check_instance(solver, AbstractSolver, "solver")
+    check_compaction(compaction)
     check_instance(adjoint, AbstractAdjoint, "adjoint")
     check_int(max_steps, "max_steps", 1)
     for label, value in (
@@ -69,7 +72,7 @@ def solve(
     # mutable state that a cache would freeze, so it is traced on every call.
     run = _compiled if cacheable(fn, args) else _core
     try:
-        sol = run(name, kind, fn, y0, args, solver, adjoint, options, has_aux)
+        sol = run(name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction)
     except TypeError as e:
         explain_forward_mode(adjoint, e)
     if throw:
@@ -102,13 +105,15 @@ def _library_function(x) -> bool:
     return module.split(".")[0] in ("jax", "jaxlib", "equinox", "numpy")
 
 
-def _core(name, kind, fn, y0, args, solver, adjoint, options, has_aux) -> Solution:
+def _core(name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction) -> Solution:
     y0_flat, unravel, inputs, aux_struct = setup(name, fn, y0, args, has_aux)
 
     def primal(inputs, y, loop, checkpoints):
         f, a = inputs
         return _split(
-            iterate(solver, Problem(f, kind), y, a, aux_struct, options, loop, checkpoints)
+            iterate(
+                solver, Problem(f, kind), y, a, aux_struct, options, loop, checkpoints, compaction
+            )
         )
 
     y_flat, (aux, result, stats) = adjoint.apply(

@@ -61,6 +61,8 @@ class DEQ(eqx.Module):
       it off.
     - `normalise`: a function applied to `f` once per forward pass before the
       solve, e.g. `layers.spectral_norm` (gradients flow through it).
+    - `compaction`: as for `fixpoint.fixed_point`: under `jax.vmap`, samples
+      that have converged stop costing (`None`: off).
     """
 
     f: Callable
@@ -71,6 +73,7 @@ class DEQ(eqx.Module):
     z_shape: tuple[int, ...] | None = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     normalise: Callable | None = eqx.field(static=True)
+    compaction: fixpoint.Compaction | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -83,6 +86,7 @@ class DEQ(eqx.Module):
         z_shape: tuple[int, ...] | None = None,
         dropout: float = 0.0,
         normalise: Callable | None = None,
+        compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
     ):
         if not callable(f):
             raise TypeError(f"DEQ: `f` must be callable as f(z, x), got {f!r}.")
@@ -104,6 +108,8 @@ class DEQ(eqx.Module):
         self.z_shape = _shape(z_shape)
         self.dropout = dropout
         self.normalise = normalise
+        fixpoint.check_compaction(compaction)
+        self.compaction = compaction
 
     def prepared(self) -> Callable:
         """`f` after `normalise` (what one forward pass iterates)."""
@@ -172,6 +178,7 @@ class DEQ(eqx.Module):
             max_steps=self.max_steps,
             throw=self.throw,
             record_residuals=record_residuals,
+            compaction=self.compaction,
         )
 
     def __call__(self, x, z0=None, *, key=None, inference=False):

@@ -92,6 +92,8 @@ class MonDEQ(eqx.Module):
       `NeumannAdjoint`.
     - `throw`: raise `fixpoint.SolveError` if a solve fails (default `True`); with
       `False`, `__call__` returns the last iterate and `solve(x).result` says why.
+    - `compaction`: under `jax.vmap`, samples that have converged stop costing
+      (`fixpoint.Compaction`; `None`: off). See `fixpoint.fixed_point`.
     - `dtype`: the parameters' dtype (default: JAX's default float).
     - `key`: a `jax.random` key. Parameters are initialised like `torch.nn.Linear`
       (uniform in `±1/sqrt(fan_in)`), as in the paper's code.
@@ -106,6 +108,7 @@ class MonDEQ(eqx.Module):
     max_steps: int = eqx.field(static=True)
     adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
+    compaction: fixpoint.Compaction | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class MonDEQ(eqx.Module):
         max_steps: int = 100,
         adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
         throw: bool = True,
+        compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
         dtype=None,
         key: PRNGKeyArray,
     ):
@@ -136,6 +140,8 @@ class MonDEQ(eqx.Module):
         self.max_steps = max_steps
         self.adjoint = adjoint
         self.throw = throw
+        fixpoint.check_compaction(compaction)
+        self.compaction = compaction
 
     def W(self) -> Float[Array, "hidden hidden"]:
         """The matrix `W = (1 - m) I - AᵀA + B - Bᵀ`."""
@@ -174,6 +180,7 @@ class MonDEQ(eqx.Module):
             max_steps=self.max_steps,
             throw=self.throw,
             adjoint=self.adjoint,
+            compaction=self.compaction,
         )
 
     def __call__(self, x: Float[Array, " in"], z0: Array | None = None) -> Float[Array, " hidden"]:
@@ -314,7 +321,7 @@ class ConvMonDEQ(eqx.Module):
       of one or two ints.
     - `kernel_size`: an int or a tuple (one per spatial axis); any size works
       (padding `(k-1)//2` before and `k//2` after, wrapping around).
-    - `m`, `solver`, `max_steps`, `adjoint`, `throw`, `dtype`, `key`: as for
+    - `m`, `solver`, `max_steps`, `adjoint`, `throw`, `compaction`, `dtype`, `key`: as for
       `MonDEQ`.
     """
 
@@ -328,6 +335,7 @@ class ConvMonDEQ(eqx.Module):
     max_steps: int = eqx.field(static=True)
     adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
+    compaction: fixpoint.Compaction | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -341,6 +349,7 @@ class ConvMonDEQ(eqx.Module):
         max_steps: int = 100,
         adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
         throw: bool = True,
+        compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
         dtype=None,
         key: PRNGKeyArray,
     ):
@@ -373,6 +382,8 @@ class ConvMonDEQ(eqx.Module):
         self.max_steps = max_steps
         self.adjoint = adjoint
         self.throw = throw
+        fixpoint.check_compaction(compaction)
+        self.compaction = compaction
 
     def operator(self) -> CircularConvMonotone:
         """`W` as the matrix-free `CircularConvMonotone` the splitting solvers take."""
@@ -401,6 +412,7 @@ class ConvMonDEQ(eqx.Module):
             max_steps=self.max_steps,
             throw=self.throw,
             adjoint=self.adjoint,
+            compaction=self.compaction,
         )
 
     def __call__(self, x: Array, z0: Array | None = None) -> Array:

@@ -123,7 +123,7 @@ class _Carry(eqx.Module):
     start: Array
 
 
-def _iterate(solver, operator, b, z0, u0, update, max_steps):
+def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
     """Run `update(z, u, wz) -> (z, u)` until `relu(W z + b) ≈ z`; return a Solution.
 
     The residual `r = relu(W z + b) - z` is measured at the current iterate
@@ -186,7 +186,7 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps):
         best=jnp.array(jnp.inf, dtype),
         start=jnp.array(jnp.inf, dtype),
     )
-    final = jax.lax.while_loop(cond, body, init)
+    final = fixpoint.compacted_while_loop(cond, body, init, compaction)
     stats = {"num_steps": final.step, "residual": final.residual}
     return fixpoint.Solution(value=final.z, result=final.result, aux=None, stats=stats)
 
@@ -205,13 +205,14 @@ def _already_solved(z, args):
 
 
 @eqx.filter_jit
-def _run(solver, operator, b, z0, max_steps):
+def _run(solver, operator, b, z0, max_steps, compaction):
     """The splitting loop, compiled once per (solver, operator structure, shapes)."""
     u0 = solver.u_init(operator, b, z0)
-    return _iterate(solver, operator, b, z0, u0, solver.update(operator, b), max_steps)
+    update = solver.update(operator, b)
+    return _iterate(solver, operator, b, z0, u0, update, max_steps, compaction)
 
 
-def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint):
+def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction):
     """Checks, the splitting loop on stop-gradient inputs, then the implicit gradient."""
     if not isinstance(operator, AbstractMonotoneLinear):
         raise TypeError(
@@ -227,6 +228,7 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint):
             f"{name}.solve: `UnrolledAdjoint` is not supported (the splitting loop is "
             "not differentiated); use `ImplicitAdjoint`, `PhantomAdjoint` or `NeumannAdjoint`."
         )
+    fixpoint.check_compaction(compaction, f"{name}.solve: `compaction`")
     b = jnp.asarray(b)
     if not jnp.issubdtype(b.dtype, jnp.floating):
         raise TypeError(f"{name}.solve: `b` must be floating point, got dtype {b.dtype}.")
@@ -246,7 +248,7 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint):
     op_nd, b_nd, z0_nd = jax.tree.map(
         lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, (operator, b, z0)
     )
-    sol = _run(solver, op_nd, b_nd, z0_nd, max_steps)
+    sol = _run(solver, op_nd, b_nd, z0_nd, max_steps, compaction)
     # The derivative of a failed solve is NaN where its cotangent is nonzero:
     # `custom_fixed_point` checks the returned point against the same tolerance.
     solve_fn = fixpoint.custom_fixed_point(
@@ -306,6 +308,7 @@ class _AbstractSplitting(eqx.Module):
         max_steps: int = 256,
         throw: bool = True,
         adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
+        compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
     ) -> fixpoint.Solution:
         """Solve `z = relu(W z + b)` where `W` is `operator`.
 
@@ -321,6 +324,9 @@ class _AbstractSplitting(eqx.Module):
           `z = relu(W z + b)` (`fixpoint.ImplicitAdjoint()`, default), or
           `PhantomAdjoint` / `NeumannAdjoint`. Gradients flow to the arrays in
           `operator` and to `b`, never to `z0`.
+        - `compaction`: under `jax.vmap`, gather the unfinished samples into
+          smaller batches as the others finish (`fixpoint.Compaction`; `None`:
+          off). The answers, result codes and step counts do not change.
 
         **Returns:** a `fixpoint.Solution` with `stats["num_steps"]` and
         `stats["residual"]`, the norm of `relu(W z + b) - z` at `value`.
@@ -334,6 +340,7 @@ class _AbstractSplitting(eqx.Module):
             max_steps,
             throw,
             adjoint,
+            compaction,
         )
 
 

@@ -112,7 +112,8 @@ def test_batched_and_padded_equal_separate(cgs, ignn):
 
 
 def _fd_check(loss, x, eps=1e-6, picks=3):
-    g = jax.grad(loss)(x)
+    loss = jax.jit(loss)
+    g = jax.jit(jax.grad(loss))(x)
     rng = np.random.default_rng(0)
     for _ in range(picks):
         d = jnp.asarray(rng.normal(size=x.shape))
@@ -148,8 +149,9 @@ def test_gradients_finite_differences_and_unrolled(cgs, ignn, which):
 
         g = _fd_check(f, x)
         assert float(jnp.abs(g).max()) > 0
-        np.testing.assert_allclose(g, jax.grad(f_unrolled)(x), rtol=1e-7, atol=1e-10)
-    grads = eqx.filter_grad(lambda m: loss(m, graph.nodes, graph.edges))(model)
+        g_unrolled = jax.jit(jax.grad(f_unrolled))(x)
+        np.testing.assert_allclose(g, g_unrolled, rtol=1e-7, atol=1e-10)
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: loss(m, graph.nodes, graph.edges)))(model)
     leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
     assert all(float(jnp.abs(leaf).max()) > 0 for leaf in leaves)  # every parameter learns
 

@@ -1,0 +1,169 @@
+"""Batch compaction: a `vmap`ped while loop whose finished samples stop costing.
+
+Under `jax.vmap`, `lax.while_loop` runs the body on the whole batch until the
+slowest sample is done (finished samples are carried along by a select). Here,
+`compacted_while_loop(cond, body, init_val, compaction)` is a `custom_vmap`: under
+`vmap` it runs the batch in stages of static, shrinking bucket sizes
+`B, B/f, B/f², …`. Once no more than the next bucket's size of samples is still
+running, the unfinished ones are gathered (with their batched operands) into
+that bucket, the loop continues on them alone, and they are scattered back at
+the end. A finished sample is never touched again, so its values, step count and
+result code are those of the plain loop (up to the last bits of a matmul whose
+batch size changed).
+
+Each bucket size is one more compiled copy of the loop body: `factor` trades
+compile time against the work saved.
+"""
+
+import functools as ft
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+class Compaction(eqx.Module):
+    """How a `vmap`ped solve gathers its unfinished samples into smaller buckets.
+
+    **Arguments:**
+
+    - `factor`: each bucket is `1/factor` the size of the previous one (an int
+      >= 2). Larger factors compile fewer copies of the loop body.
+    - `min_bucket`: the smallest bucket (an int >= 1).
+    - `min_batch`: batches smaller than this are not compacted (the plain loop).
+
+    Pass `compaction=None` to an entry point to turn compaction off.
+    """
+
+    factor: int = eqx.field(default=4, static=True)
+    min_bucket: int = eqx.field(default=2, static=True)
+    min_batch: int = eqx.field(default=8, static=True)
+
+    def __check_init__(self):
+        for name, low in (("factor", 2), ("min_bucket", 1), ("min_batch", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Compaction: `{name}` must be an int >= {low}, got {value!r}.")
+
+    def sizes(self, batch: int) -> list[int]:
+        """The bucket sizes for a batch of `batch` samples, largest first."""
+        sizes = [batch]
+        if batch < self.min_batch:
+            return sizes
+        while True:
+            nxt = max(self.min_bucket, math.ceil(sizes[-1] / self.factor))
+            if nxt >= sizes[-1]:
+                return sizes
+            sizes.append(nxt)
+
+
+def check_compaction(value, what: str = "compaction") -> None:
+    if value is not None and not isinstance(value, Compaction):
+        raise TypeError(
+            f"`{what}` must be a `fixpoint.Compaction(...)` or None (off), got {value!r}."
+        )
+
+
+def compacted_while_loop(cond: Callable, body: Callable, init_val, compaction: Compaction | None):
+    """`lax.while_loop(cond, body, init_val)`, compacted under `jax.vmap`.
+
+    `cond(carry)` is one boolean per sample. `cond` and `body` may close over
+    arrays, batched or not: they are hoisted (`eqx.filter_closure_convert`) so
+    that the batched ones can be gathered with the carry. Without `vmap`, or
+    with `compaction=None`, this is `lax.while_loop`.
+    """
+    if compaction is None:
+        return jax.lax.while_loop(cond, body, init_val)
+    cond = eqx.filter_closure_convert(cond, init_val)
+    body = eqx.filter_closure_convert(body, init_val)
+    dynamic, static = eqx.partition((init_val, cond, body), eqx.is_array)
+
+    def plain(dynamic):
+        init_val, cond, body = eqx.combine(dynamic, static)
+        return jax.lax.while_loop(lambda c: cond(c), lambda c: body(c), init_val)
+
+    run = jax.custom_batching.custom_vmap(plain)
+
+    @run.def_vmap
+    def rule(axis_size, in_batched, dynamic):
+        (in_batched,) = in_batched
+        sizes = compaction.sizes(axis_size)
+        if len(sizes) == 1:
+            axes = jax.tree.map(lambda b: 0 if b else None, in_batched)
+            out = jax.vmap(plain, in_axes=(axes,))(dynamic)
+            return out, jax.tree.map(lambda _: True, out)
+        carry, dyn_cond, dyn_body = dynamic
+        carry = jax.tree.map(
+            lambda x, b: x if b else _broadcast(x, axis_size),
+            carry,
+            in_batched[0],
+        )
+        vcond = _batched(static[1], in_batched[1])
+        vbody = _batched(static[2], in_batched[2])
+        carry = _stage(carry, vcond, vbody, dyn_cond, dyn_body, sizes[1])
+        for size, following in zip(sizes[1:], sizes[2:] + [0], strict=True):
+            # A stage with nothing to do is skipped, gather and all.
+            carry = jax.lax.cond(
+                jnp.sum(vcond(carry, dyn_cond)) > following,
+                ft.partial(_compacted_stage, size, following, vcond, vbody, in_batched),
+                lambda carry, dyn_cond, dyn_body: carry,
+                carry,
+                dyn_cond,
+                dyn_body,
+            )
+        return carry, jax.tree.map(lambda _: True, carry)
+
+    return run(dynamic)
+
+
+def _compacted_stage(size, following, vcond, vbody, in_batched, carry, dyn_cond, dyn_body):
+    """Gather the unfinished samples into a bucket of `size`, run, scatter back."""
+    active = vcond(carry, dyn_cond)
+    # The unfinished samples first, in their order; the bucket's rest are
+    # finished samples, which the stage leaves untouched.
+    index = jnp.argsort(jnp.where(active, 0, 1), stable=True)[:size]
+
+    def take(tree, batched):
+        return jax.tree.map(lambda x, b: x[index] if b else x, tree, batched)
+
+    bucket = _stage(
+        jax.tree.map(lambda x: x[index], carry),
+        vcond,
+        vbody,
+        take(dyn_cond, in_batched[1]),
+        take(dyn_body, in_batched[2]),
+        following,
+    )
+    return jax.tree.map(lambda x, b: x.at[index].set(b), carry, bucket)
+
+
+def _broadcast(x, size):
+    # An unbatched operand may arrive as a typed Python scalar (a literal).
+    x = jnp.asarray(x)
+    return jnp.broadcast_to(x, (size,) + x.shape)
+
+
+def _batched(static_fn, batched):
+    """`vmap` of a closure-converted function `(carry, its arrays) -> out`."""
+    axes = jax.tree.map(lambda b: 0 if b else None, batched)
+    return jax.vmap(lambda c, d: eqx.combine(d, static_fn)(c), in_axes=(0, axes))
+
+
+def _stage(carry, vcond, vbody, dyn_cond, dyn_body, following: int):
+    """Run the batched loop while more than `following` samples are unfinished."""
+
+    def stage_cond(c):
+        return jnp.sum(vcond(c, dyn_cond)) > following
+
+    def stage_body(c):
+        active = vcond(c, dyn_cond)
+        new = vbody(c, dyn_body)
+        return jax.tree.map(lambda n, o: _select(active, n, o), new, c)
+
+    return jax.lax.while_loop(stage_cond, stage_body, carry)
+
+
+def _select(mask, new, old):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
