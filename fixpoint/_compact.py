@@ -39,7 +39,7 @@ class Compaction(eqx.Module):
 
     factor: int = eqx.field(default=4, static=True)
     min_bucket: int = eqx.field(default=2, static=True)
-    min_batch: int = eqx.field(default=8, static=True)
+    min_batch: int = eqx.field(default=16, static=True)
 
     def __check_init__(self):
         for name, low in (("factor", 2), ("min_bucket", 1), ("min_batch", 2)):

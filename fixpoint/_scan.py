@@ -80,8 +80,11 @@ def scan(
 
     **Returns:** `(final_carry, ys)`, or `(final_carry, ys, solution)` with
     `return_solution=True`: `solution.value` is the trajectory of carries
-    (leading axis `T`), `solution.result` a `RESULTS` item, and `solution.stats`
-    has `num_steps` (iterations), `residual` (largest per-step residual norm),
+    (leading axis `T`; on success the certifying refinement, e.g. DEER's last
+    Newton update, which moved no step beyond the tolerance and is the more
+    accurate answer), `solution.result` a `RESULTS` item, and `solution.stats`
+    has `num_steps` (iterations), `residual` (largest per-step residual norm of
+    the trajectory measured before that refinement),
     `converged_steps` (leading steps, in scan order, within tolerance) and,
     with `record_residuals=True`, `residual_history`.
     """

@@ -66,9 +66,12 @@ def iterate_scan(
     `p` is not finite (the sequential scan itself would produce it);
     `max_steps_reached` after `max_steps` updates.
 
-    Returns `(h, result, stats)` where `stats` has `num_steps`, `residual` (the
-    largest per-step residual norm), `converged_steps` (how many leading steps
-    met the tolerance) and, if asked, `residual_history`.
+    Returns `(h, result, stats)`: `h` is the certified refinement on success
+    (the last Newton update, within tolerance of the measured trajectory), else
+    the measured trajectory; `stats` has `num_steps`, `residual` (the largest
+    per-step residual norm, measured at the trajectory before refinement),
+    `converged_steps` (how many leading steps met the tolerance) and, if asked,
+    `residual_history`.
     """
     time = problem.time
     length = h.shape[0]
@@ -127,7 +130,12 @@ def iterate_scan(
         out_of_steps = c.step >= max_steps
         result, done = termination(converged, finite, jnp.array(False), out_of_steps)
         residual = time.max(jnp.where(jnp.isfinite(rnorm), rnorm, jnp.inf))
-        h_next = jnp.where(done, c.h, h_next)
+        # Certified: the refinement (for DEER, the last Newton update) moved no
+        # step beyond the tolerance and is the better answer, so it is returned.
+        # Any other stop keeps the measured trajectory (also an exact one, whose
+        # refinement may be NaN).
+        keep_refined = converged & certified & ~exact
+        h_next = jnp.where(done & ~keep_refined, c.h, h_next)
         history = c.history
         if history is not None:
             history = history.at[c.step].set(residual)

@@ -254,9 +254,10 @@ def test_bad_options_are_named():
 
 
 def test_bucket_sizes():
-    assert fixpoint.Compaction().sizes(8) == [8, 2]
-    assert fixpoint.Compaction(factor=2).sizes(8) == [8, 4, 2]
-    assert fixpoint.Compaction(factor=2, min_bucket=1).sizes(8) == [8, 4, 2, 1]
+    assert fixpoint.Compaction().sizes(8) == [8]  # below `min_batch`
+    assert fixpoint.Compaction().sizes(64) == [64, 16, 4, 2]
+    assert fixpoint.Compaction(factor=2, min_batch=2).sizes(8) == [8, 4, 2]
+    assert fixpoint.Compaction(factor=2, min_batch=2, min_bucket=1).sizes(8) == [8, 4, 2, 1]
     assert fixpoint.Compaction(factor=4, min_bucket=2).sizes(256) == [256, 64, 16, 4, 2]
-    assert fixpoint.Compaction(factor=2).sizes(3) == [3]  # below `min_batch`
+    assert fixpoint.Compaction(factor=2, min_batch=4).sizes(3) == [3]
     assert fixpoint.Compaction(factor=2, min_batch=2).sizes(5) == [5, 3, 2]
