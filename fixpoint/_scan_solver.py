@@ -63,19 +63,32 @@ class ScanProblem(eqx.Module):
         extracted exactly with one JVP per state dimension, `batch_size` at a
         time, so memory stays `O(T · D · batch_size)`.
         """
-        fn = lambda hp: jax.vmap(self.cell)(hp, self.xs)  # noqa: E731
         hp = self.prev(h)
         if assume_diagonal:
+            fn = lambda hp: jax.vmap(self.cell)(hp, self.xs)  # noqa: E731
             return jax.jvp(fn, (hp,), (jnp.ones_like(hp),))
-        fh, lin = jax.linearize(fn, hp)
         dim = hp.shape[1]
+        chunk = min(dim, batch_size)
 
-        def column(i):
-            e = jnp.broadcast_to(jax.nn.one_hot(i, dim, dtype=hp.dtype), hp.shape)
-            return lin(e)[:, i]
+        def one_step(hp_t, x_t):
+            # `(cell, diag ∂cell/∂h)` at one step: JVPs with the unit vectors
+            # `chunk` at a time, each keeping its own coordinate (the primal is
+            # shared by the vmapped tangents, so it is computed once).
+            cell = lambda z: self.cell(z, x_t)  # noqa: E731
 
-        diag = jax.lax.map(column, jnp.arange(dim), batch_size=min(dim, batch_size))
-        return fh, diag.T
+            def block(start):
+                eye = jax.nn.one_hot(start + jnp.arange(chunk), dim, dtype=hp_t.dtype)
+                out, cols = jax.vmap(lambda e: jax.jvp(cell, (hp_t,), (e,)))(eye)
+                idx = jnp.minimum(start + jnp.arange(chunk), dim - 1)
+                return out[0], cols[jnp.arange(chunk), idx]
+
+            starts = jnp.arange(0, dim, chunk)
+            if starts.shape[0] == 1:
+                return block(starts[0])
+            outs, diags = jax.lax.map(block, starts)
+            return outs[0], diags.reshape(-1)[:dim]
+
+        return jax.vmap(one_step)(hp, self.xs)
 
     def newton_step(self, h):
         """`H - E`: one Newton step on the whole trajectory, with dense Jacobians.
