@@ -76,6 +76,11 @@ def compacted_while_loop(cond: Callable, body: Callable, init_val, compaction: C
     """
     if compaction is None:
         return jax.lax.while_loop(cond, body, init_val)
+    # Python numbers in the carry become arrays, as `lax.while_loop` makes them
+    # (closure conversion would otherwise record them as static values).
+    init_val = jax.tree.map(
+        lambda x: jnp.asarray(x) if eqx.is_array_like(x) and not eqx.is_array(x) else x, init_val
+    )
     cond = eqx.filter_closure_convert(cond, init_val)
     body = eqx.filter_closure_convert(body, init_val)
     dynamic, static = eqx.partition((init_val, cond, body), eqx.is_array)
@@ -166,4 +171,4 @@ def _stage(carry, vcond, vbody, dyn_cond, dyn_body, following: int):
 
 
 def _select(mask, new, old):
-    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+    return jnp.where(mask.reshape(mask.shape + (1,) * (jnp.ndim(new) - 1)), new, old)

@@ -240,6 +240,17 @@ def test_mondeq_splitting_loop_is_compacted_with_the_same_answers():
     _same(results[None], results[COMPACT])
 
 
+def test_python_numbers_in_the_carry():
+    # As `lax.while_loop`: a carry may hold Python numbers, and a body may return them.
+    def run(x):
+        return fixpoint.compacted_while_loop(
+            lambda c: c[1] < x, lambda c: (c[0] + 1, c[1] + 1.0), (0, 0.0), COMPACT
+        )
+
+    np.testing.assert_array_equal(run(3.0)[0], 3)
+    np.testing.assert_array_equal(jax.vmap(run)(jnp.arange(4.0))[0], [0, 1, 2, 3])
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="factor"):
         fixpoint.Compaction(factor=1)
