@@ -26,6 +26,7 @@ from ._iterate import termination as termination
 from ._norm import max_norm as max_norm
 from ._norm import rms_norm as rms_norm
 from ._norm import two_norm as two_norm
+from ._parallel import data_parallel as data_parallel
 from ._problem import Evaluation as Evaluation
 from ._problem import Problem as Problem
 from ._root_find import root_find as root_find

@@ -23,6 +23,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._manual import hoist, while_loop
+
 
 class Compaction(eqx.Module):
     """How a `vmap`ped solve gathers its unfinished samples into smaller buckets.
@@ -70,24 +72,24 @@ def compacted_while_loop(cond: Callable, body: Callable, init_val, compaction: C
     """`lax.while_loop(cond, body, init_val)`, compacted under `jax.vmap`.
 
     `cond(carry)` is one boolean per sample. `cond` and `body` may close over
-    arrays, batched or not: they are hoisted (`eqx.filter_closure_convert`) so
+    arrays, batched or not: they are hoisted (closure conversion) so
     that the batched ones can be gathered with the carry. Without `vmap`, or
     with `compaction=None`, this is `lax.while_loop`.
     """
     if compaction is None:
-        return jax.lax.while_loop(cond, body, init_val)
+        return while_loop(cond, body, init_val)
     # Python numbers in the carry become arrays, as `lax.while_loop` makes them
     # (closure conversion would otherwise record them as static values).
     init_val = jax.tree.map(
         lambda x: jnp.asarray(x) if eqx.is_array_like(x) and not eqx.is_array(x) else x, init_val
     )
-    cond = eqx.filter_closure_convert(cond, init_val)
-    body = eqx.filter_closure_convert(body, init_val)
+    cond = hoist(cond, init_val)
+    body = hoist(body, init_val)
     dynamic, static = eqx.partition((init_val, cond, body), eqx.is_array)
 
     def plain(dynamic):
         init_val, cond, body = eqx.combine(dynamic, static)
-        return jax.lax.while_loop(lambda c: cond(c), lambda c: body(c), init_val)
+        return while_loop(lambda c: cond(c), lambda c: body(c), init_val)
 
     run = jax.custom_batching.custom_vmap(plain)
 
@@ -167,7 +169,7 @@ def _stage(carry, vcond, vbody, dyn_cond, dyn_body, following: int):
         new = vbody(c, dyn_body)
         return jax.tree.map(lambda n, o: _select(active, n, o), new, c)
 
-    return jax.lax.while_loop(stage_cond, stage_body, carry)
+    return while_loop(stage_cond, stage_body, carry)
 
 
 def _select(mask, new, old):

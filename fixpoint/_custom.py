@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._checks import as_float_pytree, check_instance, check_output
 from ._convergence import converged
+from ._manual import hoist
 from ._norm import max_norm
 from ._solve import residual_fn, setup
 from ._solver import check_tolerance
@@ -32,7 +33,7 @@ def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol):
             out_struct = eqx.filter_eval_shape(solver_fn, y0, args)
             check_output(out_struct, y0, False, f"the solver decorated by `{name}`")
             # The solver may close over traced arrays too: hoist them into `inputs`.
-            solver_cc = eqx.filter_closure_convert(solver_fn, y0, args)
+            solver_cc = hoist(solver_fn, y0, args)
             inputs = (*inputs, solver_cc)
 
             residual = residual_fn(kind)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checks import check_bool, check_int
+from ._manual import while_loop
 from ._solution import RESULTS, Solution
 
 
@@ -425,7 +426,7 @@ def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temper
             return step(c, model(c.buf), jnp.array(0, i32), None)
 
         rows = jnp.array(length, jnp.int32)
-    final = jax.lax.while_loop(lambda c: ~c.done, body, init)
+    final = while_loop(lambda c: ~c.done, body, init)
     tokens = jax.lax.dynamic_slice_in_dim(final.buf, p, n)
     decoded = final.accepted
     # Past the accepted tokens (after EOS, or after a non-finite stop): EOS, else fill.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._manual import vary_like
 from ._solution import RESULTS
 
 
@@ -97,7 +98,7 @@ def raise_if_failed(value, codes, num_steps, residual, what: str, hint: str = _S
 
     def handle(leaves):
         struct = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-        return jax.pure_callback(
+        out = jax.pure_callback(
             raises,
             struct,
             codes,
@@ -106,6 +107,8 @@ def raise_if_failed(value, codes, num_steps, residual, what: str, hint: str = _S
             *leaves,
             vmap_method="expand_dims",
         )
+        # Inside `shard_map`: the callback's outputs vary as its inputs do.
+        return [vary_like(o, x) for o, x in zip(out, leaves, strict=True)]
 
     leaves = jax.lax.cond(failed, handle, lambda xs: list(xs), leaves)
     return jax.tree.unflatten(treedef, leaves)

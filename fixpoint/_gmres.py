@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ._compact import compacted_while_loop
+from ._manual import fori_loop, while_loop
 
 
 def gmres(
@@ -72,7 +73,7 @@ def gmres(
                 a, c_ = h[i], h[i + 1]
                 return h.at[i].set(cs[i] * a + sn[i] * c_).at[i + 1].set(-sn[i] * a + cs[i] * c_)
 
-            h = jax.lax.fori_loop(0, j, rotate, h)
+            h = fori_loop(0, j, rotate, h)
             r = jnp.hypot(h[j], h[j + 1])
             c_new = jnp.where(r > 0, h[j] / jnp.maximum(r, tiny), 1.0)
             s_new = jnp.where(r > 0, h[j + 1] / jnp.maximum(r, tiny), 0.0)
@@ -82,7 +83,7 @@ def gmres(
             return j + 1, basis, hess, cs.at[j].set(c_new), sn.at[j].set(s_new), g, hn
 
         init = (jnp.array(0), basis, hess, cs, sn, g, beta)
-        k, basis, hess, _, _, g, _ = jax.lax.while_loop(cond, body, init)
+        k, basis, hess, _, _, g, _ = while_loop(cond, body, init)
         # Back-substitution on the k x k upper-triangular part (unused columns
         # get a unit diagonal and a zero right-hand side, so they stay zero).
         used = jnp.arange(m) < k

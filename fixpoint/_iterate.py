@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from ._compact import Compaction, compacted_while_loop
 from ._convergence import decide, measure
+from ._manual import match_varying
 from ._problem import Problem
 from ._solution import RESULTS
 from ._solver import AbstractSolver
@@ -171,7 +172,7 @@ def iterate(
         final = eqxi.while_loop(
             cond,
             lambda c: body(c, operands),
-            init(operands),
+            match_varying(lambda c: body(c, operands), init(operands)),
             max_steps=options.max_steps + 1,
             buffers=buffers,
             kind="checkpointed",

@@ -12,6 +12,7 @@ import lineax as lx
 
 from ._errors import raise_if_failed
 from ._gmres import gmres
+from ._manual import fori_loop
 from ._norm import max_norm
 from ._solution import RESULTS
 
@@ -128,7 +129,7 @@ def series_solve(steps: int, damping: float, throw: bool):
         def body(_, x):
             return x + damping * (b - matvec(x))
 
-        x = jax.lax.fori_loop(0, steps, body, jnp.zeros_like(b))
+        x = fori_loop(0, steps, body, jnp.zeros_like(b))
         failed = ~jnp.all(jnp.isfinite(x))
         return flag_failure(x, failed, jnp.array(steps), max_norm(x), throw, _SERIES_HINT)
 

@@ -13,6 +13,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from ._checks import as_float_pytree, check_instance, check_int
 from ._errors import checked
 from ._implicit import implicit_solve
+from ._manual import hoist
 from ._scan_loop import EXTRA_STEPS, iterate_scan, scan_linear_solve
 from ._scan_solver import AbstractScanSolver, ScanProblem
 from ._solution import Solution
@@ -151,7 +152,7 @@ def scan(
 def _scan_core(f, init, xs, h_guess, *, steps, mesh, reverse, **options):
     x0 = jax.tree.map(lambda a: a[0], xs)
     h0, unravel = ravel_pytree(init)
-    cell = _Cell.convert(_Flat(f, unravel), h0, x0)
+    cell = hoist(_Flat(f, unravel), h0, x0)
     inputs = jax.tree.map(_strong, (cell, xs, h0))
     devices = 1 if mesh is None else mesh.devices.size
     pad = -steps % devices
@@ -249,27 +250,6 @@ class _Flat(eqx.Module):
     def __call__(self, h, x):
         carry, y = self.fn(self.unravel(h), x)
         return ravel_pytree(carry)[0], y
-
-
-class _Cell(eqx.Module):
-    """`f` with the floating-point arrays it closes over hoisted into `consts`.
-
-    So a gradient can flow to them through the implicit rule. (Equinox's
-    `filter_closure_convert` checks the shardings of its arguments, which differ
-    inside `shard_map`.)
-    """
-
-    fn: Callable = eqx.field(static=True)
-    consts: tuple
-
-    @classmethod
-    def convert(cls, fn, h, x):
-        # A plain function: `closure_convert` hashes it, and `fn` may hold tracers.
-        converted, consts = jax.closure_convert(lambda h, x: fn(h, x), h, x)
-        return cls(converted, tuple(consts))
-
-    def __call__(self, h, x):
-        return self.fn(h, x, *self.consts)
 
 
 def _length(xs, length) -> int:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from ._convergence import meets
 from ._iterate import termination
 from ._linear import flag_failure
+from ._manual import while_loop
 from ._scan_solver import AbstractScanSolver, ScanProblem
 from ._solution import RESULTS
 
@@ -150,7 +151,7 @@ def iterate_scan(
             history=history,
         )
 
-    final = jax.lax.while_loop(lambda c: ~c.done, body, init)
+    final = while_loop(lambda c: ~c.done, body, init)
     stats = {
         "num_steps": final.step,
         "residual": final.residual,

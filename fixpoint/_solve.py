@@ -19,6 +19,7 @@ from ._checks import (
 from ._compact import check_compaction
 from ._errors import checked
 from ._iterate import LoopOptions, iterate
+from ._manual import hoist
 from ._problem import Problem
 from ._solution import RESULTS, Solution
 from ._solver import AbstractSolver
@@ -143,7 +144,7 @@ def setup(name, fn, y0, args, has_aux):
     check_output(out_struct, y0, has_aux, name)
     aux_struct = out_struct[1] if has_aux else None
     y0_flat, unravel = ravel_pytree(y0)
-    flat_cc = eqx.filter_closure_convert(_Flat(fn, unravel, has_aux), y0_flat, args)
+    flat_cc = hoist(_Flat(fn, unravel, has_aux), y0_flat, args)
     # Weakly typed scalars (e.g. a Python float under `grad`) come back from
     # `custom_jvp` as Python-like scalars; strong-typed arrays stay arrays.
     inputs = jax.tree.map(_strong, (flat_cc, args))

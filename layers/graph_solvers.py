@@ -330,7 +330,7 @@ def perron_root(graph: Graph, edge_weights, self_weights, max_iterations: int = 
         return normalise(right(v)), normalise(left(u)), i + 1
 
     ones = jnp.ones(graph.num_nodes, ew.dtype)
-    v, u, _ = jax.lax.while_loop(cond, body, (ones, ones, jnp.array(0, jnp.int32)))
+    v, u, _ = fixpoint.compacted_while_loop(cond, body, (ones, ones, jnp.array(0, jnp.int32)), None)
     bound = jax.ops.segment_max(right(v) / v, ids, g) - 1.0
     # The same eigenvalue as a differentiable quotient of the live weights.
     mv = right(v, edge_weights, self_weights)
