@@ -25,10 +25,11 @@ epoch, and saves the model with `eqx.tree_serialise_leaves`.
 import argparse
 import os
 import sys
+from typing import Any
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--devices", type=int, default=4, help="fake CPU devices per process")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch", type=int, default=256, help="global batch size")
@@ -113,7 +114,7 @@ if args.batch % jax.device_count():
     sys.exit(f"--batch {args.batch} must be divisible by the {jax.device_count()} devices")
 log(f"{jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}")
 
-digits = load_digits()
+digits: Any = load_digits()
 x_all = (digits.data / 16.0).astype(np.float32)
 y_all = digits.target.astype(np.int32)
 order = np.random.default_rng(0).permutation(len(x_all))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from ._errors import raise_if_failed
+from ._errors import checked
 from ._gmres import gmres
 from ._manual import fori_loop
 from ._norm import max_norm
@@ -27,7 +27,8 @@ def flag_failure(x, failed, steps, residual, throw: bool, hint: str = _HINT):
     """Raise (`throw=True`) or NaN-poison `x` where the backward solve failed."""
     codes = jnp.where(failed, RESULTS.linear_solve_failed._value, RESULTS.successful._value)
     if throw:
-        x = raise_if_failed(x, codes, steps, residual, _WHAT, hint)
+        # Only a scalar token passes the check, so a sharded `x` is never gathered.
+        x = checked(x, codes, steps, residual, _WHAT, hint)
     return jnp.where(failed, jnp.nan, x)
 
 

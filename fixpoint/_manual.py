@@ -40,7 +40,7 @@ class Hoisted(eqx.Module):
                 f"it was traced with: {tree}, {avals} against {self.in_tree}, {self.in_avals}."
             )
         leaves = [_vary(x, axes) for x, axes in zip(leaves, self.in_varying, strict=True)]
-        out = jax.core.eval_jaxpr(self.jaxpr, self.consts, *leaves)
+        out = jax.core.eval_jaxpr(self.jaxpr, self.consts, *leaves)  # pyright: ignore
         static_leaves, static_tree = self.out_static
         return eqx.combine(
             jax.tree.unflatten(self.out_tree, out), jax.tree.unflatten(static_tree, static_leaves)
@@ -143,7 +143,7 @@ def _vary(x, axes):
         return x
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # older JAX
+    return jax.lax.pvary(x, missing)  # pyright: ignore  (older JAX)
 
 
 def _flat_dynamic(args):

@@ -56,7 +56,7 @@ def data_parallel(
                 f"data_parallel: `mesh` has axes {mesh.axis_names}; pass `axis=` to name the "
                 "one the batch is split over."
             )
-        axis = mesh.axis_names[0]
+        axis = str(mesh.axis_names[0])
     if axis not in mesh.axis_names:
         raise ValueError(f"data_parallel: `axis={axis!r}` is not an axis of `mesh` {mesh!r}.")
     devices = mesh.shape[axis]

@@ -63,6 +63,9 @@ class DEQ(eqx.Module):
       solve, e.g. `layers.spectral_norm` (gradients flow through it).
     - `compaction`: as for `fixpoint.fixed_point`: under `jax.vmap`, samples
       that have converged stop costing (`None`: off).
+
+    To split a batch over several devices, wrap the loss in
+    `fixpoint.data_parallel`: each device then solves (and compacts) its own share.
     """
 
     f: Callable

@@ -97,6 +97,9 @@ class MonDEQ(eqx.Module):
     - `dtype`: the parameters' dtype (default: JAX's default float).
     - `key`: a `jax.random` key. Parameters are initialised like `torch.nn.Linear`
       (uniform in `±1/sqrt(fan_in)`), as in the paper's code.
+
+    To split a batch over several devices, wrap the loss in
+    `fixpoint.data_parallel`: each device then solves (and compacts) its own share.
     """
 
     A: Float[Array, "hidden hidden"]

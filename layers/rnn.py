@@ -82,7 +82,9 @@ class ParallelRNN(eqx.Module):
       `solver`).
     - `max_steps`: iteration budget (default `T`, which always suffices).
     - `throw`: raise if a solve fails (see `fixpoint.scan`).
-    - `mesh`: shard the time axis over the devices of this mesh.
+    - `mesh`: shard the time axis over the devices of this mesh. (To split a
+      batch of sequences over devices instead, wrap the loss in
+      `fixpoint.data_parallel`.)
 
     Calling `rnn(xs, h0=None)` with `xs` of shape `(T, input_size)` returns all
     hidden states, with a leading time axis (for an LSTM the pair `(hs, cs)`).

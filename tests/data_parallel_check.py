@@ -132,9 +132,8 @@ assert calls_u >= 16 * per_device_max.sum(), (calls_u, per_device_max)
 assert calls_c < 0.6 * calls_u, (calls_c, calls_u)
 
 
-def collectives(fn, *args):
-    text = eqx.filter_jit(fn).lower(*args).compile().compiled.as_text()
-    return {op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in ("all-reduce", "all-gather")}
+def compiled_text(fn, *args):
+    return eqx.filter_jit(fn).lower(*args).compile().compiled.as_text()
 
 
 def temp_bytes(fn, *args):
@@ -148,9 +147,31 @@ parallel = eqx.filter_value_and_grad(fixpoint.data_parallel(loss, mesh), has_aux
 one, four = temp_bytes(grad, deq, xs, xs), temp_bytes(parallel, deq, xs, xs)
 print("DEQ step, batch 1024, temp bytes per device: one device", one, "data_parallel", four)
 assert four < 0.4 * one, (four, one)
-print("collectives, data_parallel:", collectives(parallel, deq, xs, xs))
-sharded_xs = jax.device_put(xs, split)
-print("collectives, plain SPMD:", collectives(grad, deq, sharded_xs, sharded_xs))
+text = compiled_text(parallel, deq, xs, xs)
+counts = {op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in ("all-reduce", "all-gather")}
+print("collectives, data_parallel:", counts)
+assert counts == {"all-reduce": 1, "all-gather": 0}, counts  # the gradient's sum only
+# Plain SPMD gathers only per-sample scalars (result codes, steps, residuals for
+# the error check), never a sample's state or cotangent.
+text = compiled_text(grad, deq, jax.device_put(xs, split), jax.device_put(xs, split))
+gathered = sorted(set(re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather(?:-start)?\(", text)))
+print("plain SPMD all-gathers:", gathered)
+assert gathered and all("," not in g for g in gathered), gathered
+
+# `throw=True` inside `shard_map`: each device checks its own samples (one
+# sample on the first device fails here).
+one_failing = jnp.where(jnp.arange(B) == 5, 0.9, 0.1)[:, None] * jnp.ones((B, 2), f64)
+starved = layers.DEQ(Counted(), solver=solvers.Picard(1e-11, 1e-11), max_steps=20)
+try:
+    out = eqx.filter_jit(fixpoint.data_parallel(lambda m, xs: jax.vmap(m)(xs), mesh))(
+        starved, one_failing
+    )
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+except (fixpoint.SolveError, jax.errors.JaxRuntimeError) as e:  # raised in a callback
+    assert "max_steps_reached" in str(e) and "1 of 16 samples" in str(e), e
+else:
+    raise AssertionError("a failed solve inside data_parallel did not raise")
 
 # Errors name the argument.
 try:
