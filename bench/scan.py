@@ -10,7 +10,7 @@ The recurrent weights `weight_hh` are multiplied by `scale` in {1, 3, 6} (1: con
 3: long memory, 6: chaotic for the dense GRU). One executable is compiled per
 (cell, solver, D, T, batch) and run at every scale (the scale only changes values).
 
-Solvers (`solvers.*`, default tolerances `rtol = atol = 1e-6` per step, max-norm):
+Solvers (`solvers.*`, default tolerances per step, max-norm: `1e-4` in float32, `1e-6` in float64):
 `DEER()` (dense Jacobians, memory `O(T·D²)`), `QuasiDEER()` (exact diagonals of the
 Jacobians, `D` JVPs per iteration), `ELK()` (adaptive Levenberg-Marquardt / Kalman
 smoother, damping 1), `Jacobi()` and `GaussSeidel(block=16)` (a small subset) on the dense

@@ -34,6 +34,7 @@ from ._scan import scan as scan
 from ._scan_loop import iterate_scan as iterate_scan
 from ._scan_solver import AbstractScanSolver as AbstractScanSolver
 from ._scan_solver import ScanProblem as ScanProblem
+from ._scan_solver import scan_tolerances as scan_tolerances
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solver import AbstractSolver as AbstractSolver

@@ -15,7 +15,7 @@ from ._errors import checked
 from ._implicit import implicit_solve
 from ._manual import hoist
 from ._scan_loop import EXTRA_STEPS, iterate_scan, scan_linear_solve
-from ._scan_solver import AbstractScanSolver, ScanProblem
+from ._scan_solver import AbstractScanSolver, ScanProblem, scan_tolerances
 from ._solution import Solution
 from ._solve import _strong, cacheable, failed_at
 from ._time import Time
@@ -186,12 +186,13 @@ def _solve(
         return ScanProblem(lambda hp, x: cell(hp, x)[0], h0, xs, time, reverse)
 
     def primal(inputs, h):
+        rtol, atol = scan_tolerances(solver, h.dtype)
         h, result, stats = iterate_scan(
             solver,
             problem(inputs),
             h,
-            rtol=solver.rtol,
-            atol=solver.atol,
+            rtol=rtol,
+            atol=atol,
             max_steps=max_steps,
             record_residuals=record_residuals,
         )

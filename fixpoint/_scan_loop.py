@@ -10,7 +10,7 @@ from ._convergence import meets
 from ._iterate import termination
 from ._linear import flag_failure
 from ._manual import while_loop
-from ._scan_solver import AbstractScanSolver, ScanProblem
+from ._scan_solver import AbstractScanSolver, ScanProblem, scan_tolerances
 from ._solution import RESULTS
 
 # Iterations allowed beyond `T` by default: the per-step phase needs at most `T`;
@@ -211,12 +211,13 @@ def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bo
 
                 inputs = (b, h, x_next, has_next)
                 problem = ScanProblem(cotangent, zero, inputs, time, not reverse)
-            scale = jnp.maximum(solver.rtol, solver.atol) * time.max(jnp.abs(b))
+            rtol, atol = scan_tolerances(solver, b.dtype)
+            scale = max(rtol, atol) * time.max(jnp.abs(b))
             x, result, stats = iterate_scan(
                 solver,
                 problem,
                 jnp.zeros_like(b),
-                rtol=solver.rtol,
+                rtol=rtol,
                 atol=scale,
                 max_steps=total + EXTRA_STEPS,
             )

@@ -77,10 +77,16 @@ def check_tolerance(value, what: str) -> None:
         raise ValueError(f"{what} must be a non-negative, finite number, got {value!r}.")
 
 
-def check_tolerances(solver) -> None:
-    """Shared `__check_init__` body: readable errors for bad tolerances."""
+def check_tolerances(solver, allow_default: bool = False) -> None:
+    """Shared `__check_init__` body: readable errors for bad tolerances.
+
+    With `allow_default=True` a tolerance may be `None` (a default resolved at
+    trace time from the dtype, as the scan solvers' `fixpoint.scan_tolerances`).
+    """
     for name in ("rtol", "atol"):
-        check_tolerance(getattr(solver, name), f"{type(solver).__name__}: `{name}`")
+        value = getattr(solver, name)
+        if not (allow_default and value is None):
+            check_tolerance(value, f"{type(solver).__name__}: `{name}`")
     if solver.rtol == 0 and solver.atol == 0:
         raise ValueError(f"{type(solver).__name__}: `rtol` and `atol` cannot both be zero.")
     if not callable(solver.norm):

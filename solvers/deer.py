@@ -15,8 +15,6 @@ import jax.numpy as jnp
 
 import fixpoint
 
-_RTOL = _ATOL = 1e-6
-
 
 class DEER(fixpoint.AbstractScanSolver):
     """Newton's method on the whole trajectory, with dense per-step Jacobians.
@@ -29,15 +27,17 @@ class DEER(fixpoint.AbstractScanSolver):
     wildly; the loop's safeguard still bounds the iterations by `T`, and `ELK`
     is the stable alternative.
 
-    **Arguments:** `rtol`, `atol`, `norm` (per step; default max-norm).
+    **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
+    `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
+    (default max-norm).
     """
 
-    rtol: float = _RTOL
-    atol: float = _ATOL
+    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    atol: float | None = None
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        fixpoint.check_tolerances(self, allow_default=True)
 
     def init(self, problem, h):
         return None
@@ -72,21 +72,23 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
 
     **Arguments:**
 
-    - `rtol`, `atol`, `norm`: per-step tolerance (default max-norm).
+    - `rtol`, `atol`, `norm`: per-step tolerance (default by the carry's dtype:
+      `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`) and norm
+      (default max-norm).
     - `assume_diagonal`: take `diag(J) = J · 1` (one JVP); right only for
       cells with diagonal Jacobians, otherwise a cruder quasi-Newton.
     - `batch_size`: how many of the `D` JVPs extracting the exact diagonal
       run at once (memory `O(T·D·batch_size)`).
     """
 
-    rtol: float = _RTOL
-    atol: float = _ATOL
+    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    atol: float | None = None
     norm: Callable = fixpoint.max_norm
     assume_diagonal: bool = False
     batch_size: int = 32
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        fixpoint.check_tolerances(self, allow_default=True)
         _check_batch(self)
 
     def init(self, problem, h):
@@ -136,14 +138,14 @@ class ELK(fixpoint.AbstractScanSolver):
     adaptive: bool = True
     decrease: float = 0.3
     increase: float = 4.0
-    rtol: float = _RTOL
-    atol: float = _ATOL
+    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    atol: float | None = None
     norm: Callable = fixpoint.max_norm
     assume_diagonal: bool = False
     batch_size: int = 32
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        fixpoint.check_tolerances(self, allow_default=True)
         _check_batch(self)
         if not isinstance(self.damping, (int, float)) or not self.damping >= 0:
             raise ValueError(f"ELK: `damping` must be a number >= 0, got {self.damping!r}.")

@@ -18,14 +18,12 @@ import jax.numpy as jnp
 
 import fixpoint
 
-_RTOL = _ATOL = 1e-6
-
 
 class _AbstractEvaluateOnly(fixpoint.AbstractScanSolver):
     """Solvers that need only `F(H)` (no derivatives) and keep no state."""
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        fixpoint.check_tolerances(self, allow_default=True)
 
     def init(self, problem, h):
         return None
@@ -41,11 +39,13 @@ class Jacobi(_AbstractEvaluateOnly):
     one more step; recurrences that forget their past quickly (contracting in
     the state) converge in far fewer than `T` iterations.
 
-    **Arguments:** `rtol`, `atol`, `norm` (per step; default max-norm).
+    **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
+    `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
+    (default max-norm).
     """
 
-    rtol: float = _RTOL
-    atol: float = _ATOL
+    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    atol: float | None = None
     norm: Callable = fixpoint.max_norm
 
     def update(self, problem, h, fh, derivatives, frozen, state):
@@ -65,12 +65,12 @@ class GaussSeidel(_AbstractEvaluateOnly):
     blocks in parallel. Each iteration fixes at least `block` more steps, so
     `ceil(T / block)` iterations always suffice; `block=1` is Jacobi.
 
-    **Arguments:** `block` (steps per block), `rtol`, `atol`, `norm`.
+    **Arguments:** `block` (steps per block), `rtol`, `atol`, `norm` (as `Jacobi`).
     """
 
     block: int = 16
-    rtol: float = _RTOL
-    atol: float = _ATOL
+    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    atol: float | None = None
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
@@ -92,8 +92,8 @@ class Sequential(_AbstractEvaluateOnly):
     previous device currently holds, so one iteration per device suffices.
     """
 
-    rtol: float = _RTOL
-    atol: float = _ATOL
+    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    atol: float | None = None
     norm: Callable = fixpoint.max_norm
 
     def update(self, problem, h, fh, derivatives, frozen, state):

@@ -161,6 +161,33 @@ def test_float32_gradients_match_lax_scan(getkey):
             assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale, type(solver).__name__
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-4), (jnp.float64, 1e-6)])
+def test_default_tolerances_follow_the_dtype(dtype, tol, getkey):
+    """`rtol = atol = None` resolves per dtype: the same solve as passing the value."""
+    assert fixpoint.scan_tolerances(solvers.QuasiDEER(), dtype) == (tol, tol)
+    assert fixpoint.scan_tolerances(solvers.QuasiDEER(atol=0.5), dtype) == (tol, 0.5)
+    cell = eqx.nn.GRUCell(2, 4, key=getkey(), dtype=dtype)
+    xs = jax.random.normal(getkey(), (100, 2), dtype)
+
+    @jax.jit
+    def run(xs):
+        out = [
+            fixpoint.scan(
+                lambda h, x: (cell(x, h),) * 2,
+                jnp.zeros(4, dtype),
+                xs,
+                solver=s,
+                return_solution=True,
+            )
+            for s in (solvers.QuasiDEER(), solvers.QuasiDEER(tol, tol))
+        ]
+        return [(o[1], o[2].stats["num_steps"]) for o in out]
+
+    (h_default, n_default), (h_given, n_given) = run(xs)
+    assert int(n_default) == int(n_given)
+    np.testing.assert_array_equal(h_default, h_given)
+
+
 def test_length_only_and_solution(getkey):
     def f(h, _):
         h = jnp.cos(h)
