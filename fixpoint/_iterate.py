@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from ._compact import Compaction, compacted_while_loop
 from ._convergence import decide, measure
-from ._manual import match_varying
+from ._manual import manual_axes, match_varying
 from ._problem import Problem
 from ._solution import RESULTS
 from ._solver import AbstractSolver
@@ -167,6 +167,13 @@ def iterate(
     if kind == "lax":
         final = compacted_while_loop(cond, lambda c: body(c, operands), init(operands), compaction)
     else:
+        if manual_axes():
+            raise TypeError(
+                "`UnrolledAdjoint` cannot run inside `shard_map` (so not inside "
+                "`fixpoint.data_parallel`): its checkpointed loop "
+                "(`equinox.internal.while_loop`) closure-converts with a check that refuses "
+                "arrays carrying a mesh sharding. Use `ImplicitAdjoint()` there."
+            )
         # Differentiated through (`UnrolledAdjoint`): never compacted.
         buffers = (lambda c: c.history) if options.record_residuals else None
         final = eqxi.while_loop(

@@ -57,7 +57,7 @@ def hoist(fn: Callable, *args) -> Hoisted:
     """
     closed, out_struct, out_static = eqx.filter_make_jaxpr(fn)(*args)
     leaves, tree, avals = _flat_dynamic(args)
-    if _manual_axes():
+    if manual_axes():
         axes = frozenset().union(*map(_varying, leaves + list(closed.consts)))
         if any(_varying(x) != axes for x in leaves):
             args = jax.tree.map(lambda x: _vary(x, axes) if eqx.is_array(x) else x, args)
@@ -92,22 +92,21 @@ def match_varying(step: Callable, init):
     Only inside `shard_map` (otherwise `init` is returned as it is). Repeats
     until nothing changes: a leaf made varying may make others vary in turn.
     """
-    if not _manual_axes():
+    if not manual_axes():
         return init
     # Python numbers become arrays, as the loop would make them.
     init = jax.tree.map(lambda x: jnp.asarray(x) if eqx.is_array_like(x) else x, init)
-    for _ in range(8):
-        out = eqx.filter_eval_shape(step, init)
+    leaves, tree = jax.tree.flatten(init)
+    for _ in range(len(leaves) + 1):  # each round makes at least one more leaf vary
+        outs = jax.tree.leaves(eqx.filter_eval_shape(step, init))
         leaves, tree = jax.tree.flatten(init)
-        outs = [x for x in jax.tree.leaves(out) if isinstance(x, jax.ShapeDtypeStruct)]
-        if len(outs) != sum(map(eqx.is_array, leaves)):
+        if len(outs) != len(leaves):
             return init  # the loop itself reports the mismatch of structure
-        outs = iter(outs)
         changed = False
         new = []
-        for x in leaves:
-            if eqx.is_array(x):
-                wanted = _varying(next(outs))
+        for x, o in zip(leaves, outs, strict=True):
+            if eqx.is_array(x) and isinstance(o, jax.ShapeDtypeStruct):
+                wanted = _varying(o)
                 if not wanted <= _varying(x):
                     x = _vary(x, wanted)
                     changed = True
@@ -128,10 +127,10 @@ def _varying(x) -> frozenset:
 
 def vary_like(x, like):
     """`x` cast to vary over the mesh axes `like` varies over (inside `shard_map`)."""
-    return _vary(x, _varying(like)) if _manual_axes() else x
+    return _vary(x, _varying(like)) if manual_axes() else x
 
 
-def _manual_axes() -> tuple:
+def manual_axes() -> tuple:
     """The mesh axes of the `shard_map` being traced (none outside one)."""
     return tuple(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
 

