@@ -87,6 +87,12 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
     assume_diagonal: bool = False
     batch_size: int = 32
 
+    @property
+    def linear_start_by_newton(self) -> bool:
+        # The adjoint's linear recurrences start from one dense Newton step
+        # (exact there), unless the cheap one-JVP diagonal is assumed.
+        return not self.assume_diagonal
+
     def __check_init__(self):
         fixpoint.check_tolerances(self, allow_default=True)
         _check_batch(self)
@@ -143,6 +149,12 @@ class ELK(fixpoint.AbstractScanSolver):
     norm: Callable = fixpoint.max_norm
     assume_diagonal: bool = False
     batch_size: int = 32
+
+    @property
+    def linear_start_by_newton(self) -> bool:
+        # The adjoint's linear recurrences start from one dense Newton step
+        # (exact there), unless the cheap one-JVP diagonal is assumed.
+        return not self.assume_diagonal
 
     def __check_init__(self):
         fixpoint.check_tolerances(self, allow_default=True)

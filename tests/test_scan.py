@@ -188,6 +188,20 @@ def test_default_tolerances_follow_the_dtype(dtype, tol, getkey):
     np.testing.assert_array_equal(h_default, h_given)
 
 
+@pytest.mark.parametrize("solver", [solvers.QuasiDEER(), solvers.ELK()], ids=["quasi_deer", "elk"])
+def test_adjoint_recurrence_starts_at_its_solution(solver, getkey):
+    """The adjoint's linear recurrences start from `refine` at zero: exact there."""
+    from fixpoint._scan_loop import _linear_start
+
+    a = 0.9 * jax.random.normal(getkey(), (T, 3, 3), jnp.float64) / jnp.sqrt(3.0)
+    b = jax.random.normal(getkey(), (T, 3), jnp.float64)
+    cell = lambda h, x: x[0] @ h + x[1]  # noqa: E731
+    problem = fixpoint.ScanProblem(cell, jnp.zeros(3, jnp.float64), (a, b), fixpoint.Time())
+    start = _linear_start(solver, problem, jnp.zeros((T, 3), jnp.float64))
+    exact = jax.lax.scan(lambda h, x: (cell(h, x),) * 2, jnp.zeros(3, jnp.float64), (a, b))[1]
+    np.testing.assert_allclose(start, exact, rtol=1e-10, atol=1e-12)
+
+
 def test_length_only_and_solution(getkey):
     def f(h, _):
         h = jnp.cos(h)
