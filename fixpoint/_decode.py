@@ -44,6 +44,26 @@ class AbstractDecodingSolver(eqx.Module):
     - `window_at(accepted)`: the window for this iteration given the number of
       accepted new tokens (a traced int32 scalar, per row in a batch); an int32
       in `1 … max_window`. The default is `max_window` every time.
+
+    **Guess branches (optional).** A solver may also propose `num_guesses`
+    alternative guesses for the positions right after the accepted prefix. They
+    are scored in the same model call as extra rows (the call's batch grows from
+    1 to `1 + num_guesses` windows); every branch is judged by the same
+    acceptance rule and the branch that accepts most wins, so the output is the
+    same whatever is guessed. A solver that guesses keeps a state (a pytree of
+    arrays, per row of a batch) and implements:
+
+    - `num_guesses` (static int, default 0).
+    - `init_state(tokens, prompt_length, vocab_size)`: the state before the first
+      call; `tokens: int32[L]` holds the prompt at `[:prompt_length]` (traced).
+    - `propose(state, last_token) -> (int32[G, m], bool[G])`: `G = num_guesses`
+      guesses of the `m` tokens that follow the last accepted token (`m` static;
+      only the first `window_at(...)` positions of a guess are used) and whether
+      each is real (an unreal guess is scored but changes nothing).
+    - `observe(state, tokens, lo, hi, count) -> state`: after each call, with the
+      updated `tokens: int32[L]` (accepted prefix, then the model's predictions):
+      positions `lo … hi-1` are the last accepted token before the call and the
+      window just scored. `count` (static) bounds `hi - lo`.
     """
 
     @property
@@ -55,6 +75,25 @@ class AbstractDecodingSolver(eqx.Module):
         """The window width at this iteration, given `accepted` new tokens."""
         del accepted
         return jnp.array(self.max_window, jnp.int32)
+
+    @property
+    def num_guesses(self) -> int:
+        """The number of guess branches scored beside the main window (static)."""
+        return 0
+
+    def init_state(self, tokens, prompt_length, vocab_size):
+        """The guessing state before the first call (`None` for no guesses)."""
+        del tokens, prompt_length, vocab_size
+        return None
+
+    def propose(self, state, last_token):
+        """`(guesses: int32[G, m], real: bool[G])` after `last_token`."""
+        raise NotImplementedError(f"{type(self).__name__} has num_guesses > 0 but no `propose`.")
+
+    def observe(self, state, tokens, lo, hi, count):
+        """The state after a call (see the class docstring)."""
+        del tokens, lo, hi, count
+        return state
 
 
 class AbstractCachedModel(eqx.Module):
@@ -122,7 +161,9 @@ def decode(
       prompts does the same).
     - `max_new_tokens`: `N ≥ 1`.
     - `solver`: `solvers.SequentialDecoding()`, `solvers.JacobiDecoding(window)`,
-      `solvers.GSJacobiDecoding(block_size)` or `solvers.HybridDecoding(...)`.
+      `solvers.GSJacobiDecoding(block_size)`, `solvers.HybridDecoding(...)` or
+      `solvers.LookaheadDecoding(window, ngram, guesses)` (Jacobi plus n-gram
+      guesses scored in the same call).
     - `eos_id`: once an accepted token is `eos_id`, that row stops and every
       later position is `eos_id`.
     - `key`: `None` for greedy decoding; a PRNG key to sample. The token at
@@ -148,8 +189,10 @@ def decode(
     `tokens_per_call` (tokens decoded, up to and including EOS, per call),
     `rows_per_call` (positions the model scores per call: `L` on the plain path,
     `min(max_window, N)` on the cached path, whose first call also scores the
-    prompt: `P + window - 1` rows) and `fixed_at` (`int32[N]`: the iteration at
-    which each position was accepted, -1 after EOS).
+    prompt: `P + window - 1` rows; times `1 + num_guesses` for a solver that
+    guesses), `guessed_tokens` (tokens accepted from guess branches beyond what
+    the main window would have accepted) and `fixed_at` (`int32[N]`: the
+    iteration at which each position was accepted, -1 after EOS).
     """
     if not callable(model):
         raise TypeError(f"`model` must be callable as model(tokens) -> logits, got {model!r}.")
@@ -207,6 +250,7 @@ def decode(
         n=max_new_tokens,
         solver=solver,
         window=window,
+        vocab=vocab,
         eos_id=eos_id,
         fill_id=fill_id,
         temperature=temperature,
@@ -326,6 +370,8 @@ class _Carry(eqx.Module):
     fixed_at: jax.Array  # int32[N]
     done: jax.Array
     finite: jax.Array
+    guessed: jax.Array  # tokens accepted beyond what the main window alone gave
+    state: object  # the solver's guessing state
     cache: object
 
 
@@ -343,7 +389,9 @@ def _choose(logits, positions, key, temperature):
     return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
 
-def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temperature, cached):
+def _decode(
+    model, prompt, p, key, *, n, solver, window, vocab, eos_id, fill_id, temperature, cached
+):
     """One row. `prompt` is `int32[P]` of which the first `p` (traced) are the prompt."""
     p_max = prompt.shape[0]
     length = p_max + n
@@ -352,8 +400,13 @@ def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temper
     buf = jnp.concatenate([prompt, jnp.full(n, fill_id, jnp.int32)])
     # The new tokens of this row live at buf[p : p + n].
     buf = jnp.where(jnp.arange(length, dtype=i32) < p, buf, fill_id)
+    guesses = solver.num_guesses
 
-    def step(c, logits, start, cache):
+    def width(k):
+        return jnp.clip(solver.window_at(k), 1, window)
+
+    def judge(guess, logits, start, k, w):
+        """One branch: which of its window's positions are accepted, and its update."""
         # Row i of `logits` sits at absolute position start + i and scores start + i + 1,
         # which is new position start + i + 1 - p.
         rows = logits.shape[0]
@@ -361,12 +414,9 @@ def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temper
         chosen = _choose(logits, scored, key, temperature)
         index = scored - p
         index = jnp.where((index >= 0) & (index < n), index, i32(n))
-        guess = jax.lax.dynamic_slice_in_dim(c.buf, p, n)
         pred = guess.at[index].set(chosen, mode="drop")
         row_finite = jnp.all(jnp.isfinite(logits), axis=-1)
         finite_at = jnp.ones(n, bool).at[index].set(row_finite, mode="drop")
-        k = c.accepted
-        w = jnp.clip(solver.window_at(k), 1, window)
         in_window = (positions >= k) & (positions < k + w)
         # Position k is exact; k + j is exact when the guesses at k … k+j-1 were right.
         wrong = in_window & (guess != pred)
@@ -383,15 +433,54 @@ def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temper
             hit = jnp.array(False)
         # Only the logits that chose an accepted token must be finite.
         finite = jnp.all(jnp.where(accept, finite_at, True))
-        accepted = k + jnp.sum(accept, dtype=i32)
+        return accept, new, hit, finite
+
+    def branches(c):
+        """`int32[1 + G, n]`: the main guesses, then each proposed guess written over
+        the positions after the accepted prefix."""
+        guess = jax.lax.dynamic_slice_in_dim(c.buf, p, n)
+        if not guesses:
+            return guess[None]
+        k = c.accepted
+        proposed, real = solver.propose(c.state, c.buf[p - 1 + k])
+        m = proposed.shape[1]
+        rel = positions - k
+        where = (rel >= 0) & (rel < jnp.minimum(m, width(k)))
+        alt = jnp.where(
+            where[None] & real[:, None], proposed[:, jnp.clip(rel, 0, m - 1)], guess[None]
+        )
+        return jnp.concatenate([guess[None], alt.astype(i32)])
+
+    def step(c, guess, logits, start, cache):
+        """Judge every branch (`guess: int32[R, n]`, `logits: [R, rows, V]`), keep the best."""
+        k = c.accepted
+        w = width(k)
+        accept, new, hit, finite = jax.vmap(lambda g, lg: judge(g, lg, start, k, w))(
+            guess, logits
+        )
+        count = jnp.sum(accept, axis=1, dtype=i32)
+        best = jnp.argmax(count)  # the first of the longest: the main window on a tie
+        accept, new, hit, finite = accept[best], new[best], hit[best], finite[best]
+        if cache is not None and guess.shape[0] > 1:
+            cache = jax.tree.map(lambda x: x[best], cache)
+        elif cache is not None:
+            cache = jax.tree.map(lambda x: x[0], cache)
+        accepted = k + count[best]
+        buf = jax.lax.dynamic_update_slice_in_dim(c.buf, new, p, 0)
+        state = c.state
+        if guesses:
+            hi = jnp.minimum(p + k + w, p + n)
+            state = solver.observe(state, buf, p - 1 + k, hi, window + 1)
         keep = c.done
         return _Carry(
-            buf=jnp.where(keep, c.buf, jax.lax.dynamic_update_slice_in_dim(c.buf, new, p, 0)),
+            buf=jnp.where(keep, c.buf, buf),
             accepted=jnp.where(keep, k, accepted),
             calls=c.calls + (~keep).astype(i32),
             fixed_at=jnp.where(keep | ~accept, c.fixed_at, c.calls),
             done=keep | (accepted >= n) | hit | ~finite,
             finite=c.finite & (keep | finite),
+            guessed=c.guessed + jnp.where(keep, 0, count[best] - count[0]),
+            state=jax.tree.map(lambda old, s: jnp.where(keep, old, s), c.state, state),
             cache=cache,
         )
 
@@ -402,30 +491,49 @@ def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temper
         fixed_at=jnp.full(n, -1, jnp.int32),
         done=jnp.array(False),
         finite=jnp.array(True),
+        guessed=jnp.array(0, i32),
+        state=solver.init_state(buf, p, vocab) if guesses else None,
         cache=None,
     )
+    one = lambda x: jax.tree.map(lambda a: a[None], x)  # noqa: E731
     if cached:
         # The first call also fills the cache with the prompt: every row scores the
-        # window after its own prompt, from the same static block.
+        # window after its own prompt, from the same static block (no guesses yet).
         first = p_max + window - 1
         logits, cache = model.extend(buf[:first], jnp.array(0, jnp.int32), model.init_cache(length))
-        init = step(init, logits, jnp.array(0, i32), cache)
+        init = step(init, branches(init)[:1], logits[None], jnp.array(0, i32), one(cache))
 
         def body(c):
             # The window's block starts at the last accepted token; the entries before it
             # are exact, and those after it are stale but never read (causality).
             start = jnp.minimum(p - 1 + c.accepted, i32(length - window))
-            block = jax.lax.dynamic_slice_in_dim(c.buf, start, window)
-            logits, cache = model.extend(block, start, c.cache)
-            return step(c, logits, start, cache)
+            guess = branches(c)
+            bufs = jax.vmap(lambda g: jax.lax.dynamic_update_slice_in_dim(c.buf, g, p, 0))(guess)
+            blocks = jax.vmap(lambda b: jax.lax.dynamic_slice_in_dim(b, start, window))(bufs)
+            if guesses:
+                logits, cache = jax.vmap(model.extend, in_axes=(0, None, None))(
+                    blocks, start, c.cache
+                )
+            else:
+                logits, cache = model.extend(blocks[0], start, c.cache)
+                logits, cache = logits[None], one(cache)
+            return step(c, guess, logits, start, cache)
 
-        rows = jnp.array(window, jnp.int32)
+        rows = jnp.array((1 + guesses) * window, jnp.int32)
     else:
 
         def body(c):
-            return step(c, model(c.buf), jnp.array(0, i32), None)
+            guess = branches(c)
+            if guesses:
+                bufs = jax.vmap(lambda g: jax.lax.dynamic_update_slice_in_dim(c.buf, g, p, 0))(
+                    guess
+                )
+                logits = jax.vmap(model)(bufs)
+            else:
+                logits = model(c.buf)[None]
+            return step(c, guess, logits, jnp.array(0, i32), None)
 
-        rows = jnp.array(length, jnp.int32)
+        rows = jnp.array((1 + guesses) * length, jnp.int32)
     final = while_loop(lambda c: ~c.done, body, init)
     tokens = jax.lax.dynamic_slice_in_dim(final.buf, p, n)
     decoded = final.accepted
@@ -437,6 +545,7 @@ def _decode(model, prompt, p, key, *, n, solver, window, eos_id, fill_id, temper
         "iterations": calls,
         "tokens_per_call": decoded.astype(jnp.float32) / jnp.maximum(calls, 1).astype(jnp.float32),
         "rows_per_call": rows,
+        "guessed_tokens": final.guessed,
         "fixed_at": final.fixed_at,
     }
     result = RESULTS.where(final.finite, RESULTS.successful, RESULTS.nonfinite)

@@ -5,6 +5,8 @@ from .broyden import Broyden as Broyden
 from .decoding import GSJacobiDecoding as GSJacobiDecoding
 from .decoding import HybridDecoding as HybridDecoding
 from .decoding import JacobiDecoding as JacobiDecoding
+from .decoding import LookaheadDecoding as LookaheadDecoding
+from .decoding import NGramPool as NGramPool
 from .decoding import SequentialDecoding as SequentialDecoding
 from .deer import DEER as DEER
 from .deer import ELK as ELK

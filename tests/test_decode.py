@@ -71,7 +71,9 @@ SOLVERS = [
     solvers.JacobiDecoding(40),
     solvers.GSJacobiDecoding(3),
     solvers.HybridDecoding(4, parallel_tokens=10),
+    solvers.LookaheadDecoding(6, ngram=3, guesses=2),
 ]
+LOOKAHEAD = SOLVERS[-1]
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -91,7 +93,8 @@ def test_parallel_equals_sequential(model, solver, cached):
         fixed = np.asarray(sol.stats["fixed_at"])
         assert np.all(np.diff(fixed) >= 0) and fixed.max() == int(sol.stats["model_calls"]) - 1
         rows = min(solver.max_window, n) if cached else p + n
-        assert int(sol.stats["rows_per_call"]) == rows
+        assert int(sol.stats["rows_per_call"]) == rows * (1 + solver.num_guesses)
+        assert 0 <= int(sol.stats["guessed_tokens"]) <= n
 
 
 def test_jacobi_saves_calls(model):
@@ -106,6 +109,46 @@ def test_jacobi_saves_calls(model):
         for s in range(4)
     ]
     assert sum(calls) < 4 * 24
+
+
+def _periodic(tokens):
+    """A plain causal model whose next token repeats the token four back (period 4)."""
+    back = jnp.concatenate([jnp.zeros(3, tokens.dtype), tokens[:-3]])
+    return jax.nn.one_hot(back, V, dtype=jnp.float64)
+
+
+def test_lookahead_guesses_from_the_prompt():
+    # Jacobi accepts 4 tokens per call on this model (each call fixes the 4 whose
+    # source is accepted). Once the pool holds the n-grams of the repeating text
+    # (from the prompt and the first calls' window), the guess for the 7 positions
+    # after the last accepted token is right, and a call accepts the whole window.
+    prompt = jnp.array([1, 2, 3, 4, 1, 2, 3, 4], jnp.int32)
+    n = 33
+    want = np.tile([1, 2, 3, 4], 9)[:n]
+    per_call = {}
+    for solver in (solvers.JacobiDecoding(8), solvers.LookaheadDecoding(8, ngram=8, guesses=1)):
+        got, sol = fixpoint.decode(_periodic, prompt, n, solver=solver, return_solution=True)
+        np.testing.assert_array_equal(got, want)
+        per_call[solver.num_guesses] = np.bincount(np.asarray(sol.stats["fixed_at"]))
+        assert (int(sol.stats["guessed_tokens"]) > 0) == bool(solver.num_guesses)
+    assert per_call[0].max() == 4 and per_call[1][2:-1].tolist() == [8, 8, 8], per_call
+
+
+def test_ngram_pool_by_hand():
+    la = solvers.LookaheadDecoding(4, ngram=3, guesses=2)
+    tokens = jnp.array([5, 1, 2, 5, 1, 2, 5, 3, 4, 5, 6, 7], jnp.int32)
+    # From the first 9 tokens: key 5 -> (1, 2) once (deduplicated), then (3, 4).
+    pool = la.init_state(tokens, jnp.int32(9), V)
+    guesses, real = la.propose(pool, jnp.int32(5))
+    assert real.tolist() == [True, True]
+    assert sorted(map(tuple, np.asarray(guesses).tolist())) == [(1, 2), (3, 4)]
+    assert not bool(la.propose(pool, jnp.int32(4))[1].any())  # "4" ends the prompt part
+    # One more continuation of 5 replaces the oldest, (1, 2).
+    pool = la.observe(pool, tokens, jnp.int32(9), jnp.int32(12), 3)
+    guesses, real = la.propose(pool, jnp.int32(5))
+    assert sorted(map(tuple, np.asarray(guesses).tolist())) == [(3, 4), (6, 7)]
+    with pytest.raises(ValueError, match="`ngram` must be an int >= 2"):
+        solvers.LookaheadDecoding(4, ngram=1)
 
 
 def test_greedy_reference_by_hand(model):
@@ -124,7 +167,8 @@ def test_eos_inside_a_window(model):
     plain = np.asarray(_run(model, prompt, 30, SEQ, cached=False)[0])
     eos = int(plain[4])  # a token that appears early: decoding must stop there
     first = int(np.flatnonzero(plain == eos)[0])
-    for solver, cached in ((SEQ, False), (solvers.JacobiDecoding(8), False), (SOLVERS[2], True)):
+    cases = [(SEQ, False), (solvers.JacobiDecoding(8), False), (SOLVERS[2], True)]
+    for solver, cached in cases + [(LOOKAHEAD, True)]:
         got, sol = _run(model, prompt, 30, solver, eos_id=eos, cached=cached)
         want = np.where(np.arange(30) <= first, plain, eos)
         np.testing.assert_array_equal(got, want)
@@ -137,8 +181,8 @@ def test_batched_rows_of_different_lengths(model):
     # One compiled loop for the batch; each row equals its own unbatched decoding.
     prompts = jax.random.randint(jax.random.key(9), (5, 6), 0, V)
     lengths = jnp.array([1, 6, 3, 2, 6], jnp.int32)
-    for cached in (False, True):
-        tokens, sol = _run(model, prompts, 12, SOLVERS[2], cached=cached, prompt_lengths=lengths)
+    for solver, cached in ((SOLVERS[2], False), (SOLVERS[2], True), (LOOKAHEAD, True)):
+        tokens, sol = _run(model, prompts, 12, solver, cached=cached, prompt_lengths=lengths)
         assert tokens.shape == (5, 12)
         for b in range(5):
             one = fixpoint.decode(
@@ -167,7 +211,7 @@ def test_sampling_is_the_sequential_sample(model, temperature):
         key = jax.random.key(seed)
         kw = dict(key=key, temperature=jnp.asarray(temperature))
         want, _ = _run(model, prompt, 20, SEQ, cached=False, **kw)
-        for solver, cached in ((SOLVERS[2], False), (SOLVERS[3], True)):
+        for solver, cached in ((SOLVERS[2], False), (SOLVERS[3], True), (LOOKAHEAD, True)):
             got, _ = _run(model, prompt, 20, solver, cached=cached, **kw)
             np.testing.assert_array_equal(got, want)
 
