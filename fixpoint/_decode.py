@@ -145,6 +145,7 @@ def decode(
     fill_id: int = 0,
     cached: bool | None = None,
     return_solution: bool = False,
+    record_trajectory: bool = False,
 ):
     """Decode `max_new_tokens` tokens after `prompt` in parallel; the output is
     the sequential (autoregressive) one.
@@ -180,6 +181,14 @@ def decode(
     - `cached`: use the model's cache (`True`), its plain call (`False`), or the
       cache when the model has one (`None`, the default).
     - `return_solution`: also return a `fixpoint.Solution`.
+    - `record_trajectory`: also record the Jacobi trajectory in
+      `solution.stats["trajectory"]` (needs `return_solution=True`): `int32[N, N]`,
+      row `i` the new tokens as call `i + 1` saw them (its guesses; for a solver
+      that guesses, those of the winning branch); rows past the last call hold
+      the output. Row 0 is all `fill_id`; the output is the trajectory's fixed
+      point. `stats["trajectory_windows"]` (`bool[N, N]`) marks the positions
+      each call judged (its window; all `False` past the last call). For
+      consistency training (`layers.jacobi_trajectories`).
 
     **Returns:** `int32[N]` (`int32[B, N]` for a batch), the new tokens; with
     `return_solution=True`, `(tokens, solution)` where `solution.value` is the
@@ -204,6 +213,9 @@ def decode(
     check_int(max_new_tokens, "max_new_tokens", 1)
     max_new_tokens = int(max_new_tokens)
     check_bool(return_solution, "return_solution")
+    check_bool(record_trajectory, "record_trajectory")
+    if record_trajectory and not return_solution:
+        raise ValueError("`record_trajectory=True` needs `return_solution=True` (it is a stat).")
     if cached is None:
         cached = isinstance(model, AbstractCachedModel)
     check_bool(cached, "cached")
@@ -255,6 +267,7 @@ def decode(
         fill_id=fill_id,
         temperature=temperature,
         cached=cached,
+        record=record_trajectory,
     )
     if batched:
         tokens, stats, result = jax.vmap(run)(prompt, lengths, key)
@@ -371,6 +384,8 @@ class _Carry(eqx.Module):
     done: jax.Array
     finite: jax.Array
     guessed: jax.Array  # tokens accepted beyond what the main window alone gave
+    trajectory: jax.Array | None  # int32[N, N]: the guesses each call saw
+    windows: jax.Array | None  # bool[N, N]: the positions each call judged
     state: object  # the solver's guessing state
     cache: object
 
@@ -390,7 +405,7 @@ def _choose(logits, positions, key, temperature):
 
 
 def _decode(
-    model, prompt, p, key, *, n, solver, window, vocab, eos_id, fill_id, temperature, cached
+    model, prompt, p, key, *, n, solver, window, vocab, eos_id, fill_id, temperature, cached, record
 ):
     """One row. `prompt` is `int32[P]` of which the first `p` (traced) are the prompt."""
     p_max = prompt.shape[0]
@@ -461,6 +476,12 @@ def _decode(
         count = jnp.sum(accept, axis=1, dtype=i32)
         best = jnp.argmax(count)  # the first of the longest: the main window on a tie
         accept, new, hit, finite = accept[best], new[best], hit[best], finite[best]
+        trajectory, windows = c.trajectory, c.windows
+        if record:
+            row = jnp.where(c.done, n, c.calls)  # out of range after the last call: dropped
+            trajectory = trajectory.at[row].set(guess[best], mode="drop")
+            in_window = (positions >= k) & (positions < k + w)
+            windows = windows.at[row].set(in_window, mode="drop")
         if cache is not None and guess.shape[0] > 1:
             cache = jax.tree.map(lambda x: x[best], cache)
         elif cache is not None:
@@ -481,6 +502,8 @@ def _decode(
             finite=c.finite & (keep | finite),
             guessed=c.guessed + jnp.where(keep, 0, count[best] - count[0]),
             state=jax.tree.map(lambda old, s: jnp.where(keep, old, s), c.state, state),
+            trajectory=trajectory,
+            windows=windows,
             cache=cache,
         )
 
@@ -492,6 +515,8 @@ def _decode(
         done=jnp.array(False),
         finite=jnp.array(True),
         guessed=jnp.array(0, i32),
+        trajectory=jnp.zeros((n, n), i32) if record else None,
+        windows=jnp.zeros((n, n), bool) if record else None,
         state=solver.init_state(buf, p, vocab) if guesses else None,
         cache=None,
     )
@@ -548,6 +573,11 @@ def _decode(
         "guessed_tokens": final.guessed,
         "fixed_at": final.fixed_at,
     }
+    if record:
+        # Rows past the last call: the output (the fixed point).
+        past = jnp.arange(n, dtype=i32)[:, None] >= calls
+        stats["trajectory"] = jnp.where(past, tokens[None], final.trajectory)
+        stats["trajectory_windows"] = final.windows
     result = RESULTS.where(final.finite, RESULTS.successful, RESULTS.nonfinite)
     return tokens, stats, result
 

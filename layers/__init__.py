@@ -1,5 +1,8 @@
 """Equinox layers built on `fixpoint` and `solvers`."""
 
+from .consistency import ar_loss as ar_loss
+from .consistency import consistency_loss as consistency_loss
+from .consistency import jacobi_trajectories as jacobi_trajectories
 from .deq import DEQ as DEQ
 from .graph import Graph as Graph
 from .graph import batch_graphs as batch_graphs

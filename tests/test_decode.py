@@ -409,3 +409,43 @@ def test_reviewed_edge_cases(model):
             model, jnp.array([1], jnp.int32), 4, solver=j, key=jax.random.key(0), temperature=1j
         )
     assert solvers.JacobiDecoding(np.int64(3)).window == 3
+
+
+def test_trajectory_and_consistency_losses(model):
+    import layers
+
+    prompts = jax.random.randint(jax.random.key(12), (3, 4), 0, V).astype(jnp.int32)
+    n = 10
+    fixed, states, windows, calls = layers.jacobi_trajectories(model, prompts, n)
+    want = fixpoint.decode(model, prompts, n, solver=SEQ, cached=False)
+    np.testing.assert_array_equal(fixed, want)
+    assert states.shape == (3, n, n) and windows.shape == (3, n, n)
+    for b in range(3):
+        c = int(calls[b])
+        assert np.all(np.asarray(states[b, 0]) == 0)  # fill_id
+        np.testing.assert_array_equal(states[b, c:], np.broadcast_to(want[b], (n - c, n)))
+        assert not np.asarray(windows[b, c:]).any()
+        # Each state is the Jacobi update of the one before, on the positions judged.
+        for i in range(c - 1):
+            seq = jnp.concatenate([prompts[b], states[b, i]])
+            pred = np.asarray(jnp.argmax(model(seq)[3 : 3 + n], axis=-1))
+            win = np.asarray(windows[b, i])
+            np.testing.assert_array_equal(np.asarray(states[b, i + 1])[win], pred[win])
+    # A sliding window records the window each call judged.
+    _, _, win16, _ = layers.jacobi_trajectories(
+        model, prompts, n, solver=solvers.JacobiDecoding(3), cached=True
+    )
+    assert np.asarray(win16).sum(-1).max() == 3
+    # The consistency loss is zero at the fixed point and not elsewhere.
+    at_fixed = layers.consistency_loss(model, prompts, fixed, fixed)
+    assert abs(float(at_fixed)) < 1e-12
+    away, grads = eqx.filter_value_and_grad(layers.consistency_loss)(
+        model, prompts, states[:, 0], fixed, windows[:, 0]
+    )
+    assert float(away) > 1e-3 and float(jnp.abs(grads.emb).max()) > 0
+    # The AR loss is the cross entropy of the target after the prompt.
+    logp = jax.nn.log_softmax(model(jnp.concatenate([prompts[0], fixed[0]])), axis=-1)
+    ce = -np.mean([float(logp[3 + i, fixed[0, i]]) for i in range(n)])
+    np.testing.assert_allclose(float(layers.ar_loss(model, prompts[0], fixed[0])), ce, rtol=1e-10)
+    with pytest.raises(ValueError, match="needs `return_solution=True`"):
+        fixpoint.decode(model, prompts, n, solver=SEQ, record_trajectory=True)
