@@ -21,7 +21,20 @@ For every solver:
   `block_until_ready`, compile timed apart; speedup = sequential time / time, both
   on the same path in this run.
 
-Run: `python bench/decode.py` (trains on first use: about 2-3 minutes on 2 CPU cores).
+Solvers: sequential; Jacobi, GS-Jacobi and lookahead (`solvers.LookaheadDecoding`:
+Jacobi plus `--guesses` n-gram guesses of `--ngram - 1` tokens, capped at the window,
+scored in the same call) at every window in `--windows`.
+
+Models: the AR model above, and the same model fine-tuned by consistency training
+(CLLM, Kou et al. 2024; `layers.jacobi_trajectories`, `layers.consistency_loss`,
+`layers.ar_loss`): Jacobi trajectories (window `CLLM["window"]`, sliding) of the AR
+model after `CLLM["examples"]` prompts of 32 training characters, then
+`CLLM["steps"]` AdamW steps on the consistency loss (masked to each call's window,
+one random call per example) plus `CLLM["ar_weight"]` times the AR loss on fresh
+random 160-character windows of the training text (every position scored). Cached
+in `bench/models/` as well. Every row carries its model's validation loss.
+
+Run: `python bench/decode.py` (trains on first use: about 6 + 6 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -51,6 +64,17 @@ import solvers  # noqa: E402
 MODELS = Path(__file__).resolve().parent / "models"
 CONFIG = dict(max_len=256, d_model=128, num_heads=4, num_layers=2)
 TRAIN = dict(steps=1500, batch=32, seq_len=128, lr=1e-3, seed=0)
+CLLM = dict(
+    examples=2048,
+    prompt_len=32,
+    new_tokens=128,
+    window=16,
+    steps=600,
+    batch=32,
+    lr=3e-4,
+    ar_weight=2.0,
+    seed=1,
+)
 
 
 def val_loss(model, val_ids, batches=16, batch=32, seq_len=128):
@@ -111,9 +135,90 @@ def load_or_train(retrain=False):
     return model, meta, val_ids
 
 
+def consistency_tune(
+    model, train_ids, examples, prompt_len, new_tokens, window, steps, batch, lr, ar_weight, seed
+):
+    """CLLM fine-tuning of `model` (see the module docstring); returns the model and stats."""
+    rng = np.random.default_rng(seed)
+    span = prompt_len + new_tokens
+    prompts = jnp.asarray(layers.random_batches(train_ids, examples, prompt_len - 1, rng))
+    collect = jax.jit(
+        lambda p: layers.jacobi_trajectories(
+            model, p, new_tokens, solver=solvers.JacobiDecoding(window)
+        )
+    )
+    t0 = time.perf_counter()
+    chunks = [collect(prompts[i : i + 128]) for i in range(0, examples, 128)]
+    fixed, states, windows, calls = (jnp.concatenate(x) for x in zip(*chunks, strict=True))
+    collect_s = time.perf_counter() - t0
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, 50, steps, lr / 10)
+    optim = optax.adamw(schedule, weight_decay=0.01)
+    opt_state = optim.init(eqx.filter(model, eqx.is_array))
+
+    def loss_fn(m, p, st, fp, win, text):
+        gc = layers.consistency_loss(m, p, st, fp, win)
+        ar = layers.ar_loss(m, text[:, :1], text[:, 1:])  # every position of a real window
+        return gc + ar_weight * ar, (gc, ar)
+
+    @eqx.filter_jit
+    def step(m, opt_state, p, st, fp, win, text):
+        (_, aux), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(m, p, st, fp, win, text)
+        updates, opt_state = optim.update(grads, opt_state, eqx.filter(m, eqx.is_array))
+        return eqx.apply_updates(m, updates), opt_state, aux
+
+    calls_np = np.asarray(calls)
+    bar = tqdm(range(steps), desc="consistency", mininterval=2.0)
+    for i in bar:
+        idx = rng.integers(0, examples, batch)
+        j = rng.integers(0, calls_np[idx])  # one real state of each example's trajectory
+        # Fresh text for the AR loss every step: a fixed set of windows is memorised.
+        text = jnp.asarray(layers.random_batches(train_ids, batch, span - 1, rng))
+        model, opt_state, (gc, ar) = step(
+            model, opt_state, prompts[idx], states[idx, j], fixed[idx], windows[idx, j], text
+        )
+        if i % 50 == 0:
+            bar.set_postfix(gc=f"{float(gc):.3f}", ar=f"{float(ar):.3f}")
+    stats = dict(
+        collect_s=collect_s,
+        tune_s=time.perf_counter() - t0 - collect_s,
+        teacher_calls_mean=float(calls_np.mean()),
+        final_consistency=float(gc),
+        final_ar=float(ar),
+    )
+    return model, stats
+
+
+def load_or_tune(model, meta, val_ids, retrain=False):
+    """The consistency-tuned model and its metadata (tuned and cached on first use)."""
+    weights, meta_path = MODELS / "char_transformer_cllm.eqx", MODELS / "char_transformer_cllm.json"
+    if weights.exists() and meta_path.exists() and not retrain:
+        tuned_meta = json.loads(meta_path.read_text())
+        if tuned_meta["base"] == dict(config=CONFIG, train=TRAIN) and tuned_meta["cllm"] == CLLM:
+            return eqx.tree_deserialise_leaves(weights, model), tuned_meta
+    train_ids = layers.encode(layers.stdlib_text()[0])
+    tuned, stats = consistency_tune(model, train_ids, **CLLM)
+    tuned_meta = dict(
+        base=dict(config=CONFIG, train=TRAIN),
+        cllm=CLLM,
+        **stats,
+        val_loss=val_loss(tuned, val_ids),
+        base_val_loss=meta["val_loss"],
+    )
+    eqx.tree_serialise_leaves(weights, tuned)
+    meta_path.write_text(json.dumps(tuned_meta, indent=1))
+    return tuned, tuned_meta
+
+
 def run(args):
     model, meta, val_ids = load_or_train(args.retrain)
     print(f"model: {CONFIG}; validation loss {meta['val_loss']:.3f} nats/char")
+    tuned, tuned_meta = load_or_tune(model, meta, val_ids, args.retrain)
+    print(
+        f"consistency-tuned: validation loss {tuned_meta['val_loss']:.3f} nats/char "
+        f"({tuned_meta['val_loss'] / meta['val_loss'] - 1:+.1%} against the AR model)"
+    )
+    models = [("ar", model, meta["val_loss"]), ("cllm", tuned, tuned_meta["val_loss"])]
+    models = [m for m in models if m[0] in args.models]
     rng = np.random.default_rng(7)
     starts = rng.integers(0, len(val_ids) - args.prompt_len, args.prompts)
     prompts = jnp.asarray(np.stack([val_ids[s : s + args.prompt_len] for s in starts]))
@@ -123,6 +228,27 @@ def run(args):
         configs.append((f"jacobi-{w}", solvers.JacobiDecoding(w)))
     for w in args.windows:
         configs.append((f"gs-jacobi-{w}", solvers.GSJacobiDecoding(w)))
+    for w in args.windows:
+        la = solvers.LookaheadDecoding(w, ngram=min(args.ngram, w + 1), guesses=args.guesses)
+        configs.append((f"lookahead-{w}", la))
+    rows = []
+    for model_name, model, loss in models:
+        rows += _rows(model, model_name, loss, configs, prompts, n, args)
+    payload = dict(
+        model=meta,
+        tuned=tuned_meta,
+        prompts=args.prompts,
+        prompt_len=args.prompt_len,
+        new_tokens=n,
+        rows=rows,
+        versions=_common.versions(),
+        git=_common.git_state(),
+        device=_common.device_info(),
+    )
+    print("wrote", _common.write_json(args.name, payload))
+
+
+def _rows(model, model_name, loss, configs, prompts, n, args):
     rows, reference = [], {}
     for cached in (True, False):
         path = "cached" if cached else "plain"
@@ -145,6 +271,8 @@ def run(args):
                     reference[key] = (tokens, timing.median)
                 ref_tokens, ref_time = reference[key]
                 row = dict(
+                    model=model_name,
+                    val_loss=loss,
                     path=path,
                     solver=name,
                     batch=batch,
@@ -169,21 +297,13 @@ def run(args):
                     )
                 rows.append(row)
                 print(
-                    f"{path:6} {name:13} B={batch}  tok/call {row['tokens_per_call']:5.2f}  "
-                    f"rows/call {row['rows_per_call']:3d}  same={row['same']}  "
-                    f"{_common.fmt_time(row['time_s'])}  speedup {row['speedup']:.2f}x"
+                    f"{model_name:4} (val {loss:.3f}) {path:6} {name:13} B={batch}  "
+                    f"tok/call {row['tokens_per_call']:5.2f}  "
+                    f"rows/call {row['rows_per_call']:4d}  same={row['same']}  "
+                    f"{_common.fmt_time(row['time_s'])}  speedup {row['speedup']:.2f}x",
+                    flush=True,
                 )
-    payload = dict(
-        model=meta,
-        prompts=args.prompts,
-        prompt_len=args.prompt_len,
-        new_tokens=n,
-        rows=rows,
-        versions=_common.versions(),
-        git=_common.git_state(),
-        device=_common.device_info(),
-    )
-    print("wrote", _common.write_json("decode", payload))
+    return rows
 
 
 def main():
@@ -195,6 +315,10 @@ def main():
     parser.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--ngram", type=int, default=5)
+    parser.add_argument("--guesses", type=int, default=4)
+    parser.add_argument("--models", nargs="+", default=["ar", "cllm"])
+    parser.add_argument("--name", default="decode", help="results/<name>_<platform>.json")
     run(parser.parse_args())
 
 

@@ -470,9 +470,7 @@ def _decode(
         """Judge every branch (`guess: int32[R, n]`, `logits: [R, rows, V]`), keep the best."""
         k = c.accepted
         w = width(k)
-        accept, new, hit, finite = jax.vmap(lambda g, lg: judge(g, lg, start, k, w))(
-            guess, logits
-        )
+        accept, new, hit, finite = jax.vmap(lambda g, lg: judge(g, lg, start, k, w))(guess, logits)
         count = jnp.sum(accept, axis=1, dtype=i32)
         best = jnp.argmax(count)  # the first of the longest: the main window on a tie
         accept, new, hit, finite = accept[best], new[best], hit[best], finite[best]

@@ -103,9 +103,7 @@ def consistency_loss(
     return _per_example(one, prompt, state, fixed_point, mask)
 
 
-def ar_loss(
-    model, prompt: Int[Array, "*B P"], target: Int[Array, "*B N"]
-) -> Float[Array, ""]:
+def ar_loss(model, prompt: Int[Array, "*B P"], target: Int[Array, "*B N"]) -> Float[Array, ""]:
     """CLLM's AR loss: the mean next-token cross entropy of `target` after
     `prompt` (teacher forcing; the prompt's own tokens are not scored). Batched
     inputs give the mean over the batch."""
