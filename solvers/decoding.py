@@ -113,11 +113,12 @@ class HybridDecoding(fixpoint.AbstractDecodingSolver):
 
 class NGramPool(NamedTuple):
     """The n-gram table of `LookaheadDecoding`: for every key token, up to
-    `guesses` continuations of `ngram - 1` tokens, replaced oldest first."""
+    `guesses` distinct continuations of `ngram - 1` tokens; when a key's entries
+    are full, a new continuation replaces the one seen least recently."""
 
     table: jax.Array  # int32[V, G, ngram - 1]
-    filled: jax.Array  # bool[V, G]
-    slot: jax.Array  # int32[V]: where the next continuation of each key goes
+    seen_at: jax.Array  # int32[V, G]: when each entry was last seen (-1: empty)
+    clock: jax.Array  # int32[]: n-grams observed so far
 
 
 class LookaheadDecoding(fixpoint.AbstractDecodingSolver):
@@ -133,15 +134,18 @@ class LookaheadDecoding(fixpoint.AbstractDecodingSolver):
     The continuations come from a fixed-size pool (`NGramPool`, kept in the
     compiled loop, one per row): every n-gram of the prompt, and after each call
     every n-gram of the accepted tokens and the model's predictions in the window
-    just scored, i.e. of the Jacobi trajectory. A key token keeps its `guesses`
-    most recent distinct continuations. (Fu et al. also run a two-dimensional
-    lookahead window over several past iterations; here the trajectory's
-    n-grams are read from the current window only.)
+    just scored, i.e. of the Jacobi trajectory. A key token keeps the `guesses`
+    distinct continuations it saw most recently (least recently seen out first).
+    (Fu et al. also run a two-dimensional lookahead window over several past
+    iterations; here the trajectory's n-grams are read from the current window
+    only.) An n-gram longer than the window plus one (`ngram > min(window,
+    max_new_tokens) + 1`) never fits in a window: then only the prompt's
+    n-grams are remembered.
 
     Cost: a call scores `(1 + guesses)` windows (`rows_per_call` says so), and
     on the cached path it returns `1 + guesses` candidate caches of which one is
-    kept. The pool holds `V · guesses · (ngram - 1)` int32 per row (`V` the
-    vocabulary size): 16 KiB for 128 characters at the defaults, 3.2 MiB for a
+    kept. The pool holds `V · guesses · ngram` int32 per row (`V` the
+    vocabulary size): 10 KiB for 128 characters at the defaults, 4 MB for a
     50k-token vocabulary.
 
     **Arguments:** `window` (≥ 1), `ngram` (≥ 2, the key token plus `ngram - 1`
@@ -167,34 +171,35 @@ class LookaheadDecoding(fixpoint.AbstractDecodingSolver):
         return self.guesses
 
     def init_state(self, tokens, prompt_length, vocab_size):
-        m = self.ngram - 1
         pool = NGramPool(
-            table=jnp.zeros((vocab_size, self.guesses, m), jnp.int32),
-            filled=jnp.zeros((vocab_size, self.guesses), bool),
-            slot=jnp.zeros(vocab_size, jnp.int32),
+            table=jnp.zeros((vocab_size, self.guesses, self.ngram - 1), jnp.int32),
+            seen_at=jnp.full((vocab_size, self.guesses), -1, jnp.int32),
+            clock=jnp.zeros((), jnp.int32),
         )
         return self.observe(pool, tokens, jnp.int32(0), prompt_length, tokens.shape[0])
 
     def propose(self, state, last_token):
-        return state.table[last_token], state.filled[last_token]
+        return state.table[last_token], state.seen_at[last_token] >= 0
 
     def observe(self, state, tokens, lo, hi, count):
         n = self.ngram
         starts = max(count - n + 1, 0)
-        if not starts:
+        if not starts:  # n-grams longer than the window: only the prompt's are kept
             return state
 
         def insert(i, pool):
             start = lo + i
             gram = jax.lax.dynamic_slice_in_dim(tokens, start, n)
             key, cont = gram[0], gram[1:]
-            seen = jnp.any(pool.filled[key] & jnp.all(pool.table[key] == cont, axis=-1))
-            do = (start + n <= hi) & ~seen
-            slot = pool.slot[key]
+            seen_at = pool.seen_at[key]
+            match = (seen_at >= 0) & jnp.all(pool.table[key] == cont, axis=-1)
+            # Refresh the entry it matches, else replace the empty or least recent one.
+            slot = jnp.where(jnp.any(match), jnp.argmax(match), jnp.argmin(seen_at))
+            valid = start + n <= hi
             return NGramPool(
-                table=pool.table.at[key, slot].set(jnp.where(do, cont, pool.table[key, slot])),
-                filled=pool.filled.at[key, slot].set(pool.filled[key, slot] | do),
-                slot=pool.slot.at[key].set(jnp.where(do, (slot + 1) % self.guesses, slot)),
+                table=pool.table.at[key, slot].set(jnp.where(valid, cont, pool.table[key, slot])),
+                seen_at=pool.seen_at.at[key, slot].set(jnp.where(valid, pool.clock, seen_at[slot])),
+                clock=pool.clock + valid.astype(jnp.int32),
             )
 
         return fori_loop(0, starts, insert, state)

@@ -143,10 +143,14 @@ def test_ngram_pool_by_hand():
     assert real.tolist() == [True, True]
     assert sorted(map(tuple, np.asarray(guesses).tolist())) == [(1, 2), (3, 4)]
     assert not bool(la.propose(pool, jnp.int32(4))[1].any())  # "4" ends the prompt part
-    # One more continuation of 5 replaces the oldest, (1, 2).
+    # One more continuation of 5 replaces the one seen least recently, (1, 2).
     pool = la.observe(pool, tokens, jnp.int32(9), jnp.int32(12), 3)
     guesses, real = la.propose(pool, jnp.int32(5))
     assert sorted(map(tuple, np.asarray(guesses).tolist())) == [(3, 4), (6, 7)]
+    # A continuation seen again is refreshed: after 2, 3, 2, 4 the key 1 keeps {2, 4}.
+    la2 = solvers.LookaheadDecoding(4, ngram=2, guesses=2)
+    pool = la2.init_state(jnp.array([1, 2, 1, 3, 1, 2, 1, 4], jnp.int32), jnp.int32(8), V)
+    assert sorted(np.asarray(la2.propose(pool, jnp.int32(1))[0])[:, 0].tolist()) == [2, 4]
     with pytest.raises(ValueError, match="`ngram` must be an int >= 2"):
         solvers.LookaheadDecoding(4, ngram=1)
 
