@@ -12,7 +12,8 @@ Tasks (generated offline by `layers.graph_tasks`; no downloads):
 - `classify`: four families of random graphs, graph-level accuracy (mean readout).
 
 Models, sized to similar parameter counts (printed): `layers.CGS` (γ = `--gamma`;
-`cgs` with CGS's degree normalisation, `cgs-max` with the max-plus map),
+`cgs` with CGS's degree normalisation, `cgs-max` with the max-plus map, `cgs-soft`
+with its smooth (logsumexp, τ = 0.1) version),
 `layers.IGNN` (κ = 0.9), and the baselines `layers.GCN` / `layers.GIN` (depth 3).
 Each is trained the same way (Adam, cosine decay, `--steps` steps, batches of
 `--batch` graphs padded to static shapes with `layers.pad_graph`) for every seed in
@@ -57,8 +58,8 @@ import layers  # noqa: E402
 
 
 def make_model(kind, node_size, edge_size, out_size, key, gamma):
-    if kind in ("cgs", "cgs-max"):
-        norm = "max" if kind == "cgs-max" else "degree"
+    if kind in ("cgs", "cgs-max", "cgs-soft"):
+        norm = {"cgs": "degree", "cgs-max": "max", "cgs-soft": "softmax"}[kind]
         return layers.CGS(
             node_size,
             edge_size,
@@ -329,7 +330,9 @@ def scaling(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="*", default=["gvi", "chains"])
-    p.add_argument("--models", nargs="+", default=["cgs", "cgs-max", "ignn", "gcn", "gin"])
+    p.add_argument(
+        "--models", nargs="+", default=["cgs", "cgs-max", "cgs-soft", "ignn", "gcn", "gin"]
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--chain-steps", type=int, default=300)

@@ -76,11 +76,13 @@ def _aggregate(values, graph, weights):
 
 class _LinearMap(eqx.Module):
     """`z ↦ φ(γ A z + b)` for CGS, or with `offsets` the max-plus map
-    `z_i ↦ φ(b_i + max_{e→i} (γ w_e z_{s_e} + c_e))` (an Equinox module, so
-    compiled loops are reused)."""
+    `z_i ↦ φ(b_i + max_{e→i} (γ w_e z_{s_e} + c_e))`, with `temperature > 0` its
+    smooth version (the max replaced by `τ·logsumexp(·/τ)`) (an Equinox module,
+    so compiled loops are reused)."""
 
     gamma: float = eqx.field(static=True)
     nonlinear: bool = eqx.field(static=True)
+    temperature: float = eqx.field(static=True, default=0.0)
 
     def __call__(self, z, args):
         weights, offsets, b, graph = args
@@ -89,8 +91,19 @@ class _LinearMap(eqx.Module):
         else:
             cand = self.gamma * weights * z[graph.senders] + offsets
             best = jax.ops.segment_max(cand, graph.receivers, graph.num_nodes)
-            has_in = graph.in_degree() > 0
-            out = b + jnp.where(has_in[:, None], best, 0.0)
+            has_in = (graph.in_degree() > 0)[:, None]
+            best = jnp.where(has_in, best, 0.0)
+            if self.temperature > 0:
+                # τ·log Σ exp(cand/τ), shifted by the (constant) max for stability.
+                tau = self.temperature
+                shift = jax.lax.stop_gradient(best)
+                mass = jax.ops.segment_sum(
+                    jnp.exp((cand - shift[graph.receivers]) / tau),
+                    graph.receivers,
+                    graph.num_nodes,
+                )
+                best = jnp.where(has_in, shift + tau * jnp.log(jnp.where(has_in, mass, 1.0)), 0.0)
+            out = b + best
         return jnp.tanh(out) if self.nonlinear else out
 
 
@@ -151,7 +164,12 @@ class CGS(_GraphEquilibrium):
       `z_i = b_i + max_{e→i} (γ w_e z_{s_e} + c_e)` with learned edge offsets `c_e`
       (0 for nodes without incoming edges): a max of γ-Lipschitz maps, so again a
       γ-contraction in the ∞-norm for any parameters, and value iteration itself
-      when `w = 1`, `c = r`, `b = 0`. Not in the CGS paper.
+      when `w = 1`, `c = r`, `b = 0`. Not in the CGS paper. `"softmax"` is its
+      smooth version, `z_i = b_i + τ log Σ_{e→i} exp((γ w_e z_{s_e} + c_e)/τ)`
+      (`τ = temperature`): logsumexp is monotone and shifts with its arguments,
+      so this is a γ-contraction as well; it lies within `τ log(in-degree)` of
+      the max, and unlike the max it passes gradient to every incoming edge.
+    - `temperature`: `τ > 0` of `"softmax"` (default 0.1).
     - `solver`: default `Picard(1e-5, 1e-5)`; any matrix-free solver. Newton with a
       dense linear solver is refused (it would form an N×N-sized Jacobian).
     - `adjoint`: default `ImplicitAdjoint()` (matrix-free GMRES); dense backward
@@ -178,6 +196,7 @@ class CGS(_GraphEquilibrium):
     gamma: float = eqx.field(static=True)
     nonlinear: bool = eqx.field(static=True)
     normalisation: str = eqx.field(static=True)
+    temperature: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -190,6 +209,7 @@ class CGS(_GraphEquilibrium):
         gamma: float = 0.5,
         nonlinear: bool = False,
         normalisation: str = "degree",
+        temperature: float = 0.1,
         solver: fixpoint.AbstractSolver | None = None,
         adjoint: fixpoint.AbstractAdjoint | None = None,
         max_steps: int | None = None,
@@ -198,11 +218,17 @@ class CGS(_GraphEquilibrium):
     ):
         if not (isinstance(gamma, (int, float)) and 0 < gamma < 1):
             raise ValueError(f"CGS: `gamma` must lie in (0, 1), got {gamma!r}.")
-        if normalisation not in ("degree", "sum", "max"):
+        if normalisation not in ("degree", "sum", "max", "softmax"):
             raise ValueError(
-                f"CGS: `normalisation` must be 'degree', 'sum' or 'max', got {normalisation!r}."
+                "CGS: `normalisation` must be 'degree', 'sum', 'max' or 'softmax', got "
+                f"{normalisation!r}."
             )
+        if isinstance(temperature, bool) or not (
+            isinstance(temperature, (int, float)) and temperature > 0
+        ):
+            raise ValueError(f"CGS: `temperature` must be a number > 0, got {temperature!r}.")
         self.normalisation = normalisation
+        self.temperature = float(temperature)
         k = jax.random.split(key, 7)
         edge_in = 2 * hidden + edge_size
         mlp = lambda i, o, depth, k: eqx.nn.MLP(i, o, hidden, depth, activation=jax.nn.gelu, key=k)
@@ -210,7 +236,8 @@ class CGS(_GraphEquilibrium):
         self.message = eqx.nn.Linear(edge_in, hidden, key=k[1])
         self.gate = eqx.nn.Linear(edge_in, 1, key=k[2])
         self.weight_head = mlp(edge_in, heads, 1, k[3])
-        self.offset_head = mlp(edge_in, heads, 1, k[6]) if normalisation == "max" else None
+        plus = normalisation in ("max", "softmax")
+        self.offset_head = mlp(edge_in, heads, 1, k[6]) if plus else None
         self.bias_head = eqx.nn.Linear(hidden, heads, key=k[4])
         self.decoder = mlp(hidden + heads, out_size, 2, k[5])
         self.node_size, self.edge_size, self.heads = node_size, edge_size, heads
@@ -242,7 +269,7 @@ class CGS(_GraphEquilibrium):
         elif self.normalisation == "sum":  # divide by the incoming total where it exceeds 1
             total = jax.ops.segment_sum(weights, graph.receivers, graph.num_nodes)
             weights = weights / jnp.maximum(total, 1.0)[graph.receivers]
-        else:  # "max": no normalisation needed, a max of γ-contractions is one
+        else:  # "max"/"softmax": no normalisation needed, a max of γ-contractions is one
             offsets = jax.vmap(self.offset_head)(e)
         b = jax.vmap(self.bias_head)(h)
         return h, (weights, offsets), b
@@ -257,7 +284,8 @@ class CGS(_GraphEquilibrium):
 
     def _solve(self, edge_terms, b, graph, z0, record_residuals=False):
         z0 = jnp.zeros_like(b) if z0 is None else z0
-        fn = _LinearMap(self.gamma, self.nonlinear)
+        tau = self.temperature if self.normalisation == "softmax" else 0.0
+        fn = _LinearMap(self.gamma, self.nonlinear, tau)
         return self._fixed_point(fn, z0, (*edge_terms, b, graph), record_residuals)
 
     def __call__(self, graph: Graph) -> Array:

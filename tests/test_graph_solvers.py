@@ -75,12 +75,12 @@ def test_cgs_fixed_point_equals_dense_solve(cgs):
 def test_cgs_contraction_for_any_parameters():
     # Wild parameters: every receiver's weights still sum to <= 1, and the solve converges.
     graph = _graph(1, n=30, e=200)
-    for seed, norm in enumerate(("degree", "sum", "max")):
+    for seed, norm in enumerate(("degree", "sum", "max", "softmax")):
         key = jax.random.key(seed)
         m = layers.CGS(F, G, 2, hidden=8, heads=4, nonlinear=seed == 1, normalisation=norm, key=key)
         m = jax.tree.map(lambda a: 30.0 * a if eqx.is_inexact_array(a) else a, m)
         _, (weights, _), _ = m.encode(graph)
-        if norm != "max":
+        if norm in ("degree", "sum"):
             rows = jax.ops.segment_sum(weights, graph.receivers, graph.num_nodes)
             assert float(rows.max()) <= 1.0 + 1e-6
         sol = m.solve(graph)
@@ -122,12 +122,13 @@ def _fd_check(loss, x, eps=1e-6, picks=3):
     return g
 
 
-@pytest.mark.parametrize("which", ["cgs", "cgs-max", "ignn"])
+@pytest.mark.parametrize("which", ["cgs", "cgs-max", "cgs-softmax", "ignn"])
 def test_gradients_finite_differences_and_unrolled(cgs, ignn, which):
     graph = _graph(5)
     make = {
         "cgs": _cgs,
         "cgs-max": lambda **kw: _cgs(normalisation="max", **kw),
+        "cgs-softmax": lambda **kw: _cgs(normalisation="softmax", **kw),
         "ignn": _ignn,
     }[which]
     model = {"cgs": cgs, "ignn": ignn}.get(which) or make()
@@ -239,3 +240,24 @@ def test_bad_input(cgs):
         solver=solvers.Newton(1e-6, 1e-6, linear_solver=lx.GMRES(1e-6, 1e-6)),
         key=jax.random.key(0),
     )
+
+
+def test_softmax_plus_is_within_tau_log_degree_of_max_plus():
+    # Same parameters (same key); the smooth map's fixed point lies above the max-plus
+    # one by at most τ·log(max in-degree) / (1 - γ), so it approaches it as τ → 0.
+    graph = _graph(1, n=30, e=200)
+
+    def make(**kw):
+        m = layers.CGS(F, G, 2, hidden=8, heads=4, solver=TIGHT, key=jax.random.key(3), **kw)
+        return _f64(m)
+
+    hard = make(normalisation="max")
+    z_hard = np.asarray(hard.solve(graph).value)
+    degree = float(np.asarray(graph.in_degree()).max())
+    for tau in (0.1, 1e-3):
+        soft = make(normalisation="softmax", temperature=tau)
+        gap = np.asarray(soft.solve(graph).value) - z_hard
+        bound = tau * np.log(degree) / (1 - hard.gamma)
+        assert gap.min() >= -1e-9 and gap.max() <= bound + 1e-9, (tau, gap.min(), gap.max())
+    with pytest.raises(ValueError, match="`temperature` must be a number > 0"):
+        layers.CGS(F, G, 2, normalisation="softmax", temperature=0.0, key=jax.random.key(0))
