@@ -466,6 +466,10 @@ def _decode(
         )
         return jnp.concatenate([guess[None], alt.astype(i32)])
 
+    def spliced(c, guess):
+        """The buffer with each branch's guesses at the new positions: `int32[R, L]`."""
+        return jax.vmap(lambda g: jax.lax.dynamic_update_slice_in_dim(c.buf, g, p, 0))(guess)
+
     def step(c, guess, logits, start, cache):
         """Judge every branch (`guess: int32[R, n]`, `logits: [R, rows, V]`), keep the best."""
         k = c.accepted
@@ -480,10 +484,8 @@ def _decode(
             trajectory = trajectory.at[row].set(guess[best], mode="drop")
             in_window = (positions >= k) & (positions < k + w)
             windows = windows.at[row].set(in_window, mode="drop")
-        if cache is not None and guess.shape[0] > 1:
+        if cache is not None:
             cache = jax.tree.map(lambda x: x[best], cache)
-        elif cache is not None:
-            cache = jax.tree.map(lambda x: x[0], cache)
         accepted = k + count[best]
         buf = jax.lax.dynamic_update_slice_in_dim(c.buf, new, p, 0)
         state = c.state
@@ -531,8 +533,9 @@ def _decode(
             # are exact, and those after it are stale but never read (causality).
             start = jnp.minimum(p - 1 + c.accepted, i32(length - window))
             guess = branches(c)
-            bufs = jax.vmap(lambda g: jax.lax.dynamic_update_slice_in_dim(c.buf, g, p, 0))(guess)
-            blocks = jax.vmap(lambda b: jax.lax.dynamic_slice_in_dim(b, start, window))(bufs)
+            blocks = jax.vmap(lambda b: jax.lax.dynamic_slice_in_dim(b, start, window))(
+                spliced(c, guess)
+            )
             if guesses:
                 logits, cache = jax.vmap(model.extend, in_axes=(0, None, None))(
                     blocks, start, c.cache
@@ -548,10 +551,7 @@ def _decode(
         def body(c):
             guess = branches(c)
             if guesses:
-                bufs = jax.vmap(lambda g: jax.lax.dynamic_update_slice_in_dim(c.buf, g, p, 0))(
-                    guess
-                )
-                logits = jax.vmap(model)(bufs)
+                logits = jax.vmap(model)(spliced(c, guess))
             else:
                 logits = model(c.buf)[None]
             return step(c, guess, logits, jnp.array(0, i32), None)
