@@ -103,7 +103,8 @@ class Graph(eqx.Module):
         if self.n_node is not None and not any(
             isinstance(x, jax.core.Tracer) for x in (self.n_node, self.senders, self.receivers)
         ):
-            g = np.asarray(self.node_graph())
+            n_node = np.asarray(self.n_node)
+            g = np.repeat(np.arange(n_node.size), n_node)  # NumPy: no compile per shape
             s, r = np.asarray(self.senders), np.asarray(self.receivers)
             cross = np.flatnonzero(g[s] != g[r])
             if cross.size:
@@ -126,6 +127,12 @@ class Graph(eqx.Module):
         return jax.ops.segment_sum(w, self.receivers, self.num_nodes)
 
 
+def _concat(arrays, dtype=None):
+    """Concatenated on the host (NumPy), then one device array: eager JAX ops would
+    compile anew for every new shape, and batches of random graphs have many."""
+    return jnp.asarray(np.concatenate([np.asarray(a, dtype) for a in arrays]))
+
+
 def batch_graphs(graphs) -> Graph:
     """Concatenate graphs into one disconnected `Graph` with `n_node` set (NumPy, eager)."""
     graphs = list(graphs)
@@ -135,21 +142,15 @@ def batch_graphs(graphs) -> Graph:
     n_node = []
     for g in graphs:
         n_node.extend([g.num_nodes] if g.n_node is None else np.asarray(g.n_node).tolist())
+    shift = lambda field: [  # noqa: E731
+        np.asarray(getattr(g, field), np.int32) + np.int32(o)
+        for g, o in zip(graphs, offsets, strict=True)
+    ]
     return Graph(
-        nodes=jnp.concatenate([g.nodes for g in graphs]),
-        edges=jnp.concatenate([g.edges for g in graphs]),
-        senders=jnp.concatenate(
-            [
-                jnp.asarray(g.senders, jnp.int32) + jnp.int32(o)
-                for g, o in zip(graphs, offsets, strict=True)
-            ]
-        ),
-        receivers=jnp.concatenate(
-            [
-                jnp.asarray(g.receivers, jnp.int32) + jnp.int32(o)
-                for g, o in zip(graphs, offsets, strict=True)
-            ]
-        ),
+        nodes=_concat([g.nodes for g in graphs]),
+        edges=_concat([g.edges for g in graphs]),
+        senders=_concat(shift("senders")),
+        receivers=_concat(shift("receivers")),
         n_node=jnp.asarray(n_node, jnp.int32),
     )
 
@@ -171,15 +172,18 @@ def pad_graph(graph: Graph, num_nodes: int, num_edges: int) -> Graph:
             f"`num_edges` >= {e}; got num_nodes={num_nodes}, num_edges={num_edges}."
         )
     n_node = jnp.array([n], jnp.int32) if graph.n_node is None else graph.n_node
-    pad_index = jnp.full(num_edges - e, n, graph.senders.dtype)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(graph))
+    # On the host when concrete (see `_concat`); as JAX ops under a trace.
+    xp, cat = (jnp, jnp.concatenate) if traced else (np, _concat)
+    pad_index = xp.full(num_edges - e, n, graph.senders.dtype)
     return Graph(
-        nodes=jnp.concatenate(
-            [graph.nodes, jnp.zeros((num_nodes - n, graph.nodes.shape[1]), graph.nodes.dtype)]
+        nodes=cat(
+            [graph.nodes, xp.zeros((num_nodes - n, graph.nodes.shape[1]), graph.nodes.dtype)]
         ),
-        edges=jnp.concatenate(
-            [graph.edges, jnp.zeros((num_edges - e, graph.edges.shape[1]), graph.edges.dtype)]
+        edges=cat(
+            [graph.edges, xp.zeros((num_edges - e, graph.edges.shape[1]), graph.edges.dtype)]
         ),
-        senders=jnp.concatenate([graph.senders, pad_index]),
-        receivers=jnp.concatenate([graph.receivers, pad_index]),
-        n_node=jnp.concatenate([n_node.astype(jnp.int32), jnp.array([num_nodes - n], jnp.int32)]),
+        senders=cat([graph.senders, pad_index]),
+        receivers=cat([graph.receivers, pad_index]),
+        n_node=cat([xp.asarray(n_node).astype(np.int32), xp.array([num_nodes - n], np.int32)]),
     )

@@ -90,11 +90,13 @@ for name, model in models.items():
     for leaf in jax.tree.leaves(eqx.filter(g2, eqx.is_array)):
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4, name
     # Plain SPMD: `jit` with the batch sharded, no `shard_map`.
-    (l3, out3), g3 = eqx.filter_jit(grad)(
-        model, jax.device_put(xs, split), jax.device_put(ys, split)
-    )
+    sharded = (model, jax.device_put(xs, split), jax.device_put(ys, split))
+    spmd = eqx.filter_jit(grad).lower(*sharded).compile()
+    (l3, out3), g3 = spmd(*sharded)
     np.testing.assert_allclose(l3, l1, rtol=1e-10, err_msg=name)
     assert_tree_close(g3, g1, name)
+    if name == "DEQ":
+        spmd_text = spmd.compiled.as_text()
     print("ok", name, "loss", float(l1), flush=True)
 
 # Each device compacts its own samples: count the sample-evaluations of `f`.
@@ -132,32 +134,33 @@ assert calls_u >= 16 * per_device_max.sum(), (calls_u, per_device_max)
 assert calls_c < 0.6 * calls_u, (calls_c, calls_u)
 
 
-def compiled_text(fn, *args):
-    return eqx.filter_jit(fn).lower(*args).compile().compiled.as_text()
+def compiled(fn, *args):
+    return eqx.filter_jit(fn).lower(*args).compile()
 
 
-def temp_bytes(fn, *args):
-    return eqx.filter_jit(fn).lower(*args).compile().compiled.memory_analysis().temp_size_in_bytes
+def temp_bytes(c):
+    return c.compiled.memory_analysis().temp_size_in_bytes
 
 
 # Per-device working memory of a DEQ training step, batch 1024.
-deq = layers.DEQ(tanh_map(keys[0], 64, 0.9), solver=solvers.Anderson(1e-6, 1e-6))
+deq = layers.DEQ(tanh_map(keys[0], 64, 0.9), solver=solvers.Picard(1e-6, 1e-6))
 xs = jnp.zeros((1024, 64), f64)
 parallel = eqx.filter_value_and_grad(fixpoint.data_parallel(loss, mesh), has_aux=True)
-one, four = temp_bytes(grad, deq, xs, xs), temp_bytes(parallel, deq, xs, xs)
+on_four = compiled(parallel, deq, xs, xs)
+one, four = temp_bytes(compiled(grad, deq, xs, xs)), temp_bytes(on_four)
 print("DEQ step, batch 1024, temp bytes per device: one device", one, "data_parallel", four)
 assert four < 0.4 * one, (four, one)
-text = compiled_text(parallel, deq, xs, xs)
+text = on_four.compiled.as_text()
 counts = {op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in ("all-reduce", "all-gather")}
 print("collectives, data_parallel:", counts)
 reduced = re.findall(r"= (\(.*?\)|\w+\[[\d,]*\])[^=]*? all-reduce(?:-start)?\(", text)
 print("all-reduced:", reduced)
 # The loss's mean and the gradient's sum (one tuple); nothing is gathered.
 assert counts["all-reduce"] <= 2 and counts["all-gather"] == 0, counts
-# Plain SPMD gathers only per-sample scalars (result codes, steps, residuals for
-# the error check), never a sample's state or cotangent.
-text = compiled_text(grad, deq, jax.device_put(xs, split), jax.device_put(xs, split))
-gathered = sorted(set(re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather(?:-start)?\(", text)))
+# Plain SPMD (the DEQ's training step above) gathers only per-sample scalars
+# (result codes, steps, residuals for the error check), never a sample's state
+# or cotangent.
+gathered = sorted(set(re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather(?:-start)?\(", spmd_text)))
 print("plain SPMD all-gathers:", gathered)
 assert gathered and all("," not in g for g in gathered), gathered
 

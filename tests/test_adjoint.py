@@ -214,7 +214,7 @@ def test_phantom_and_neumann_errors_shrink():
         )(x)
 
     exact = grad(fixpoint.ImplicitAdjoint())
-    ks = [1, 2, 5, 10, 20, 40, 80]
+    ks = [1, 5, 20, 80]  # each k is a compile of its own
     rel = lambda g: float(jnp.linalg.norm(g - exact) / jnp.linalg.norm(exact))  # noqa: E731
     neumann = [rel(grad(fixpoint.NeumannAdjoint(terms=k))) for k in ks]
     phantom = [rel(grad(fixpoint.PhantomAdjoint(steps=k, damping=0.5))) for k in ks]
