@@ -595,3 +595,47 @@ def test_deer_returns_its_last_newton_update():
     # The residual reported is the measured trajectory's, far above the error
     # of the returned one: the two differ.
     assert float(sol.stats["residual"]) > 1e-9
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_newton_step_sequential_equals_parallel(reverse):
+    # The two ways to one Newton step on the whole trajectory: the associative
+    # scan of dense Jacobians, and the JVP sweep over time (the CPU default for
+    # D >= 16). Same answer to rounding, in either direction.
+    cell = _gru(jax.random.key(5), d=16, n_in=3)
+    xs = _xs(jax.random.key(6), n=50)
+    h0 = jnp.zeros(16, jnp.float64)
+    problem = fixpoint.ScanProblem(lambda h, x: cell(x, h), h0, xs, fixpoint.Time(), reverse)
+    h = jax.random.normal(jax.random.key(7), (50, 16), jnp.float64)
+    par = problem.newton_step(h, method="parallel")
+    seq = problem.newton_step(h, method="sequential")
+    np.testing.assert_allclose(seq, par, rtol=1e-12, atol=1e-12)
+    # On the CPU at D = 16 the default is the sequential sweep.
+    np.testing.assert_array_equal(problem.newton_step(h), seq)
+    with pytest.raises(ValueError, match="unknown method"):
+        problem.newton_step(h, method="dense")
+
+
+@pytest.mark.parametrize("name", ["quasi_deer", "elk", "jacobi"])
+def test_sequential_certification_matches_lax_scan(name):
+    # D = 16: on the CPU these solvers certify (and the adjoint starts) with the
+    # sequential Newton sweep. Values and gradients still equal `lax.scan`.
+    cell = _gru(jax.random.key(8), d=16, n_in=3)
+    xs = _xs(jax.random.key(9), n=40)
+    h0 = jnp.zeros(16, jnp.float64)
+    f = lambda c, h, x: (c(x, h), h)  # noqa: E731
+    solver = SCAN_SOLVERS[name]
+
+    def loss(c, xs):
+        out = fixpoint.scan(lambda h, x: f(c, h, x), h0, xs, solver=solver)
+        return _weighted(out), out
+
+    (_, out), grad = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(cell, xs)
+    ref = jax.lax.scan(lambda h, x: f(cell, h, x), h0, xs)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9)
+    grad_ref = eqx.filter_grad(lambda c: _weighted(jax.lax.scan(lambda h, x: f(c, h, x), h0, xs)))(
+        cell
+    )
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(b))))
