@@ -213,10 +213,11 @@ def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bo
                 problem = ScanProblem(cotangent, zero, inputs, time, not reverse)
             rtol, atol = scan_tolerances(solver, b.dtype)
             scale = max(rtol, atol) * time.max(jnp.abs(b))
+            active = solver.linear_solver(problem)
             x, result, stats = iterate_scan(
-                solver,
+                active,
                 problem,
-                _linear_start(solver, problem, jnp.zeros_like(b)),
+                _linear_start(active, problem, jnp.zeros_like(b)),
                 rtol=rtol,
                 atol=scale,
                 max_steps=total + EXTRA_STEPS,

@@ -90,6 +90,16 @@ class ScanProblem(eqx.Module):
 
         return jax.vmap(one_step)(hp, self.xs)
 
+    def newton_method(self, method: str = "auto") -> str:
+        """`"parallel"` or `"sequential"`: how `newton_step(h, method)` runs here."""
+        if method not in ("auto", "parallel", "sequential"):
+            raise ValueError(f"newton_step: unknown method {method!r}.")
+        if method != "auto":
+            return method
+        cpu = jax.default_backend() == "cpu"
+        unsharded = self.time.axis_name is None
+        return "sequential" if cpu and unsharded and self.h0.shape[-1] >= 16 else "parallel"
+
     def newton_step(self, h, method: str = "auto"):
         """`H - E`: one Newton step on the whole trajectory.
 
@@ -109,14 +119,7 @@ class ScanProblem(eqx.Module):
           depth and its `D³` matrix products cost more (GRU, T = 1e4, D = 32:
           8 ms against 50 ms; at D = 8: 5.8 against 1.8 ms); parallel otherwise.
         """
-        if method not in ("auto", "parallel", "sequential"):
-            raise ValueError(f"newton_step: unknown method {method!r}.")
-        dim = h.shape[1]
-        if method == "auto":
-            cpu = jax.default_backend() == "cpu"
-            method = (
-                "sequential" if cpu and dim >= 16 and self.time.axis_name is None else "parallel"
-            )
+        method = self.newton_method(method)
         if method == "parallel":
             fh, jac = self.jacobians(h)
             return h + linear_recurrence(self.time, jac, fh - h, self.reverse)
@@ -174,6 +177,16 @@ class AbstractScanSolver(eqx.Module):
     @abc.abstractmethod
     def update(self, problem: ScanProblem, h, fh, derivatives, frozen, state) -> tuple[Any, Any]:
         """`(h_next, state)`: the proposed trajectory, given `F(h)` and the frozen mask."""
+
+    def linear_solver(self, problem: ScanProblem) -> "AbstractScanSolver":
+        """The solver of the adjoint's linear recurrences on `problem` (default: itself).
+
+        `fixpoint.scan`'s backward pass solves `v_t = A_t v_{t-1} + b_t` (or its
+        transpose) through the same loop, with `adjoint_solver` (default: the
+        forward solver). A solver may hand that linear problem to another one
+        that is cheaper on it.
+        """
+        return self
 
     @abc.abstractmethod
     def refine(self, problem: ScanProblem, h, fh, derivatives, state) -> tuple[Any, Any]:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 import fixpoint
 
+from .jacobi import Sequential
+
 
 class DEER(fixpoint.AbstractScanSolver):
     """Newton's method on the whole trajectory, with dense per-step Jacobians.
@@ -115,6 +117,9 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
             return self.update(problem, h, fh, diag, jnp.zeros(h.shape[0], bool), state)
         return problem.newton_step(h), state
 
+    def linear_solver(self, problem):
+        return _linear_solver(self, problem)
+
 
 class ELK(fixpoint.AbstractScanSolver):
     """Levenberg–Marquardt over time as a Kalman smoother (quasi-ELK).
@@ -199,6 +204,9 @@ class ELK(fixpoint.AbstractScanSolver):
             return h + fixpoint.linear_recurrence(problem.time, a, fh - h, problem.reverse), state
         return problem.newton_step(h), state
 
+    def linear_solver(self, problem):
+        return _linear_solver(self, problem)
+
 
 def kalman_smoother(time, a, r, damping, reverse=False, frozen=None):
     """Posterior means of `Δ_t = a_t Δ_{t-1} + r_t + w_t`, `0 = Δ_t + v_t` (elementwise).
@@ -229,6 +237,16 @@ def kalman_smoother(time, a, r, damping, reverse=False, frozen=None):
     g = jnp.where(p_pred_next > 0, p * a_next / jnp.where(p_pred_next > 0, p_pred_next, 1), 0)
     e = m - g * (a_next * m + r_next)
     return fixpoint.linear_recurrence(time, g, e, back)
+
+
+def _linear_solver(solver, problem):
+    """The adjoint's linear recurrences: where `newton_step` is the sequential
+    sweep (the CPU at `D >= 16`), `Sequential`, which solves them in that one
+    sweep and certifies with one more, instead of the exact diagonals (`D` JVPs
+    of the linear map per step) and the same sweep to certify."""
+    if solver.assume_diagonal or problem.newton_method() != "sequential":
+        return solver
+    return Sequential(solver.rtol, solver.atol, solver.norm)
 
 
 def _residual(h, fh, frozen):
