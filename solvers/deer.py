@@ -68,8 +68,9 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
 
     Certification (once every step meets the tolerance) needs the error
     accumulated along the sequence, which the diagonal does not give: it takes
-    one Newton step with dense Jacobians (`D` JVPs per step, memory `O(T·D²)`
-    for that iteration). With `assume_diagonal=True` the diagonal step itself
+    one Newton step (`ScanProblem.newton_step`): on the CPU at `D >= 16` a
+    sequential JVP sweep over time (memory `O(T·D)`), otherwise dense Jacobians
+    (`D` JVPs per step, memory `O(T·D²)` for that iteration). With `assume_diagonal=True` the diagonal step itself
     is used, exact if (and only if) the Jacobian really is diagonal.
 
     **Arguments:**
@@ -91,8 +92,8 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
 
     @property
     def linear_start_by_newton(self) -> bool:
-        # The adjoint's linear recurrences start from one dense Newton step
-        # (exact there), unless the cheap one-JVP diagonal is assumed.
+        # The adjoint's linear recurrences start from one Newton step (exact
+        # there), unless the cheap one-JVP diagonal is assumed.
         return not self.assume_diagonal
 
     def __check_init__(self):
@@ -157,8 +158,8 @@ class ELK(fixpoint.AbstractScanSolver):
 
     @property
     def linear_start_by_newton(self) -> bool:
-        # The adjoint's linear recurrences start from one dense Newton step
-        # (exact there), unless the cheap one-JVP diagonal is assumed.
+        # The adjoint's linear recurrences start from one Newton step (exact
+        # there), unless the cheap one-JVP diagonal is assumed.
         return not self.assume_diagonal
 
     def __check_init__(self):

@@ -7,8 +7,9 @@ and hybrids do Gauss–Seidel inside blocks with Jacobi across blocks. All bring
 every step within tolerance in at most `T` iterations.
 
 Certification (once every step meets the tolerance, see `fixpoint.iterate_scan`)
-takes one Newton step with dense Jacobians (`ScanProblem.newton_step`: `D` JVPs
-per step, memory `O(T·D²)`), except unsharded `Sequential`, whose sweep is exact.
+takes one Newton step (`ScanProblem.newton_step`: on the CPU at `D >= 16` a
+sequential JVP sweep, memory `O(T·D)`; otherwise dense Jacobians, `D` JVPs per
+step, memory `O(T·D²)`), except unsharded `Sequential`, whose sweep is exact.
 """
 
 from collections.abc import Callable
