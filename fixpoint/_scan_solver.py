@@ -114,7 +114,9 @@ class ScanProblem(eqx.Module):
         - `"sequential"`: `E` by a `lax.scan` over time, one JVP per step with
           `E_{t-1}` as the tangent: depth `T`, work `O(T)` JVPs, memory `O(T·D)`.
           Not available when time is sharded over devices.
-        - `"auto"` (default): sequential on a CPU backend for `D >= 16`
+        - `"auto"` (default): sequential when the default backend
+          (`jax.default_backend()`, not the device of a placed array) is the CPU,
+          for `D >= 16`
           (unsharded), where one core gains nothing from the parallel scan's
           depth and its `D³` matrix products cost more (GRU, T = 1e4, D = 32:
           8 ms against 50 ms; at D = 8: 5.8 against 1.8 ms); parallel otherwise.

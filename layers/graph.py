@@ -62,9 +62,13 @@ class Graph(eqx.Module):
                 f"Graph: `edges` has {e_f} rows but there are {e_s} edges (`senders`); give "
                 "one feature row per edge (shape (E, 0) for none)."
             )
-        if self.n_node is not None and jnp.ndim(self.n_node) != 1:
+        if self.n_node is not None and (
+            jnp.ndim(self.n_node) != 1
+            or not jnp.issubdtype(jnp.asarray(self.n_node).dtype, jnp.integer)
+        ):
             raise ValueError(
-                f"Graph: `n_node` must be int[num_graphs], got {jnp.shape(self.n_node)}."
+                "Graph: `n_node` must be int[num_graphs], got "
+                f"{jnp.asarray(self.n_node).dtype}{list(jnp.shape(self.n_node))}."
             )
         self.check_indices()
 
@@ -127,10 +131,26 @@ class Graph(eqx.Module):
         return jax.ops.segment_sum(w, self.receivers, self.num_nodes)
 
 
-def _concat(arrays, dtype=None):
-    """Concatenated on the host (NumPy), then one device array: eager JAX ops would
-    compile anew for every new shape, and batches of random graphs have many."""
-    return jnp.asarray(np.concatenate([np.asarray(a, dtype) for a in arrays]))
+def _on_host(arrays) -> bool:
+    """Whether `arrays` may be joined on the host: no tracers, nothing sharded."""
+    for a in arrays:
+        if isinstance(a, jax.core.Tracer):
+            return False
+        if isinstance(a, jax.Array) and len(a.devices()) > 1:
+            return False
+    return True
+
+
+def _concat(arrays, like):
+    """`jnp.concatenate(arrays)`, on the host (NumPy) when the arrays are concrete:
+    eager JAX ops would compile anew for every new shape, and batches of random
+    graphs have many. The result goes to the device of `like` (if a JAX array)."""
+    if not _on_host([*arrays, like]):
+        return jnp.concatenate([jnp.asarray(a) for a in arrays])
+    out = np.concatenate([np.asarray(a) for a in arrays])
+    if isinstance(like, jax.Array):
+        return jax.device_put(out, next(iter(like.devices())))
+    return jnp.asarray(out)
 
 
 def batch_graphs(graphs) -> Graph:
@@ -142,16 +162,18 @@ def batch_graphs(graphs) -> Graph:
     n_node = []
     for g in graphs:
         n_node.extend([g.num_nodes] if g.n_node is None else np.asarray(g.n_node).tolist())
+    xp = np if _on_host([x for g in graphs for x in jax.tree.leaves(g)]) else jnp
     shift = lambda field: [  # noqa: E731
-        np.asarray(getattr(g, field), np.int32) + np.int32(o)
+        xp.asarray(getattr(g, field)).astype(np.int32) + np.int32(o)
         for g, o in zip(graphs, offsets, strict=True)
     ]
+    like = graphs[0].nodes
     return Graph(
-        nodes=_concat([g.nodes for g in graphs]),
-        edges=_concat([g.edges for g in graphs]),
-        senders=_concat(shift("senders")),
-        receivers=_concat(shift("receivers")),
-        n_node=jnp.asarray(n_node, jnp.int32),
+        nodes=_concat([g.nodes for g in graphs], like),
+        edges=_concat([g.edges for g in graphs], like),
+        senders=_concat(shift("senders"), like),
+        receivers=_concat(shift("receivers"), like),
+        n_node=_concat([np.asarray(n_node, np.int32)], like),
     )
 
 
@@ -172,18 +194,20 @@ def pad_graph(graph: Graph, num_nodes: int, num_edges: int) -> Graph:
             f"`num_edges` >= {e}; got num_nodes={num_nodes}, num_edges={num_edges}."
         )
     n_node = jnp.array([n], jnp.int32) if graph.n_node is None else graph.n_node
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(graph))
     # On the host when concrete (see `_concat`); as JAX ops under a trace.
-    xp, cat = (jnp, jnp.concatenate) if traced else (np, _concat)
+    xp = np if _on_host(jax.tree.leaves(graph)) else jnp
     pad_index = xp.full(num_edges - e, n, graph.senders.dtype)
+    like = graph.nodes
     return Graph(
-        nodes=cat(
-            [graph.nodes, xp.zeros((num_nodes - n, graph.nodes.shape[1]), graph.nodes.dtype)]
+        nodes=_concat(
+            [graph.nodes, xp.zeros((num_nodes - n, graph.nodes.shape[1]), graph.nodes.dtype)], like
         ),
-        edges=cat(
-            [graph.edges, xp.zeros((num_edges - e, graph.edges.shape[1]), graph.edges.dtype)]
+        edges=_concat(
+            [graph.edges, xp.zeros((num_edges - e, graph.edges.shape[1]), graph.edges.dtype)], like
         ),
-        senders=cat([graph.senders, pad_index]),
-        receivers=cat([graph.receivers, pad_index]),
-        n_node=cat([xp.asarray(n_node).astype(np.int32), xp.array([num_nodes - n], np.int32)]),
+        senders=_concat([graph.senders, pad_index], like),
+        receivers=_concat([graph.receivers, pad_index], like),
+        n_node=_concat(
+            [xp.asarray(n_node).astype(np.int32), xp.array([num_nodes - n], np.int32)], like
+        ),
     )

@@ -109,6 +109,11 @@ def test_batched_and_padded_equal_separate(cgs, ignn):
         np.testing.assert_allclose(_JIT(model, padded)[:16], together, atol=1e-10)
         np.testing.assert_allclose(together[:7], _JIT(model, graphs[0]), atol=1e-10)
         np.testing.assert_allclose(together[7:], _JIT(model, graphs[1]), atol=1e-10)
+    # Concrete graphs are joined on the host; traced ones by JAX ops: the same graph.
+    traced = jax.jit(lambda a, b: layers.pad_graph(layers.batch_graphs([a, b]), 20, 60))(*graphs)
+    for a, b in zip(jax.tree.leaves(traced), jax.tree.leaves(padded), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
 
 
 def _fd_check(loss, x, eps=1e-6, picks=3):
@@ -220,6 +225,8 @@ def test_bad_input(cgs):
         layers.Graph(
             graph.nodes, jnp.zeros((4, G)), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32)
         )
+    with pytest.raises(ValueError, match="`n_node` must be int"):
+        layers.Graph(graph.nodes, graph.edges, graph.senders, graph.receivers, n_node=jnp.ones(1))
     with pytest.raises(ValueError, match="`graph.nodes` has 4 features per row.*`node_size=3`"):
         cgs(layers.Graph(jnp.zeros((9, 4)), graph.edges, graph.senders, graph.receivers))
     with pytest.raises(ValueError, match="`graph.edges` has 1 features per row.*`edge_size=2`"):
