@@ -115,11 +115,11 @@ class ScanProblem(eqx.Module):
           `E_{t-1}` as the tangent: depth `T`, work `O(T)` JVPs, memory `O(T·D)`.
           Not available when time is sharded over devices.
         - `"auto"` (default): sequential when the default backend
-          (`jax.default_backend()`, not the device of a placed array) is the CPU,
-          for `D >= 16`
-          (unsharded), where one core gains nothing from the parallel scan's
-          depth and its `D³` matrix products cost more (GRU, T = 1e4, D = 32:
-          8 ms against 50 ms; at D = 8: 5.8 against 1.8 ms); parallel otherwise.
+          (`jax.default_backend()`, not the device of a placed array) is the
+          CPU, `D >= 16` and time is unsharded: a CPU gains little from the
+          parallel scan's depth, and its `D³` matrix products cost more (GRU,
+          T = 1e4, D = 32: 8 ms against 50 ms; at D = 8: 5.8 against 1.8 ms);
+          parallel otherwise.
         """
         method = self.newton_method(method)
         if method == "parallel":
