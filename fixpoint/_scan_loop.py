@@ -97,10 +97,25 @@ def iterate_scan(
         r = c.h - fh
         rnorm = per_step(r)
         ok = meets(per_step, r, c.h, rtol, atol)
-        p = time.min(jnp.where(ok, total, order))
-        all_ok = p >= total
         fh_finite = jnp.all(jnp.isfinite(fh), axis=1)
-        finite = time.all(jnp.where(order == p, fh_finite, True))
+        # Three scalars from one reduction over time: `p`, the first step (in
+        # scan order) that misses the tolerance; `q`, the first that misses it
+        # *and* has a non-finite `F(H)` (so `q >= p`, and `F(H)_p` is finite
+        # exactly when `q != p`); and whether every residual is exactly zero.
+        firsts = time.min(
+            jnp.stack(
+                [
+                    jnp.where(ok, total, order),
+                    jnp.where(ok | fh_finite, total, order),
+                    jnp.all(r == 0, axis=1).astype(order.dtype),
+                ],
+                axis=1,
+            ),
+            axis=0,
+        )
+        p, q = firsts[0], firsts[1]
+        all_ok = p >= total
+        finite = all_ok | (q != p)
         frozen = order < p
 
         def advance(state):
@@ -117,13 +132,11 @@ def iterate_scan(
         proposal = jnp.where(proposal_finite[:, None], h_next, fallback)
         # A non-finite refinement certifies nothing (its fallback `F(H)` differs
         # from `H` only by the residuals that already passed).
-        certified = time.all(meets(per_step, proposal - c.h, c.h, rtol, atol)) & time.all(
-            proposal_finite
-        )
+        certified = time.all(meets(per_step, proposal - c.h, c.h, rtol, atol) & proposal_finite)
         # Zero residuals everywhere: every step is exactly the cell of its
         # predecessor, i.e. the sequential answer itself (whatever the
         # refinement says; e.g. an infinite Jacobian times a zero error is NaN).
-        exact = time.all(r == 0)
+        exact = firsts[2] == 1
         converged = all_ok & (certified | exact)
         at = (order == p)[:, None]
         locked = jnp.where(frozen[:, None], c.h, jnp.where(at, fh, proposal))

@@ -100,8 +100,9 @@ class Time(eqx.Module):
             return out
         return lax.psum(out, self.axis_name)
 
-    def min(self, x):
-        out = jnp.min(x)
+    def min(self, x, axis=None):
+        """The minimum over time (and, with `axis=None`, every other axis too)."""
+        out = jnp.min(x, axis=axis)
         if self.axis_name is None:
             return out
         return lax.pmin(out, self.axis_name)
