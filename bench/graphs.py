@@ -61,11 +61,7 @@ import layers  # noqa: E402
 
 def _abstract_params(build):
     """`layers.count_params(build())` without building (shapes only)."""
-    shapes = eqx.filter_eval_shape(build)
-    leaves = jax.tree_util.tree_leaves(shapes)
-    return int(
-        sum(x.size for x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact))
-    )
+    return layers.count_params(eqx.filter_eval_shape(build))
 
 
 _FIXED_HIDDEN = {"ignn": 96, "gcn": 96, "gin": 64}
@@ -114,6 +110,14 @@ def solver_steps(model, graph):
 
 
 # --------------------------------------------------------------------------- tasks
+
+
+def _padded_shape(examples):
+    """`(nodes, edges)` that every graph of `examples` pads to (one padding node)."""
+    return (
+        max(ex.graph.num_nodes for ex in examples) + 1,
+        max(ex.graph.num_edges for ex in examples),
+    )
 
 
 def _pad(graph, nodes, edges):
@@ -191,10 +195,7 @@ class Task:
         for split, ds in self.tests.items():
             # Every graph of a split is padded to one static shape: one compile per
             # split (padding changes no real node's output; tested).
-            shape = (
-                max(ex.graph.num_nodes for ex in ds) + 1,
-                max(ex.graph.num_edges for ex in ds),
-            )
+            shape = _padded_shape(ds)
 
             def predict(m, g, shape=shape):
                 out = np.asarray(raw(m, _pad(g, *shape)))[: g.num_nodes]
@@ -220,10 +221,7 @@ class Task:
                     right.append(int(np.argmax(np.asarray(logits)[0]) == ex.label))
                 results[f"{split}_accuracy"] = float(np.mean(right))
         first = list(self.tests.values())[0][:8]
-        shape = (
-            max(ex.graph.num_nodes for ex in first) + 1,
-            max(ex.graph.num_edges for ex in first),
-        )
+        shape = _padded_shape(first)
         results["solver_steps"] = float(
             np.mean([solver_steps(model, _pad(ex.graph, *shape)) for ex in first])
         )

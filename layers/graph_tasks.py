@@ -658,6 +658,8 @@ def graph_readout(
 
 
 def count_params(module) -> int:
-    """The number of scalar parameters (inexact array entries) in `module`."""
-    leaves = jax.tree_util.tree_leaves(eqx.filter(module, eqx.is_inexact_array))
-    return int(sum(x.size for x in leaves))
+    """The number of scalar parameters (inexact array entries) in `module`; also
+    for an abstract module (`eqx.filter_eval_shape`), whose leaves are shapes."""
+    leaves = jax.tree_util.tree_leaves(module)
+    inexact = (x for x in leaves if hasattr(x, "dtype") and hasattr(x, "shape"))
+    return int(sum(x.size for x in inexact if jnp.issubdtype(x.dtype, jnp.inexact)))

@@ -70,8 +70,9 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
     accumulated along the sequence, which the diagonal does not give: it takes
     one Newton step (`ScanProblem.newton_step`): on the CPU at `D >= 16` a
     sequential JVP sweep over time (memory `O(T·D)`), otherwise dense Jacobians
-    (`D` JVPs per step, memory `O(T·D²)` for that iteration). With `assume_diagonal=True` the diagonal step itself
-    is used, exact if (and only if) the Jacobian really is diagonal.
+    (`D` JVPs per step, memory `O(T·D²)` for that iteration). With
+    `assume_diagonal=True` the diagonal step itself is used, exact if (and only
+    if) the Jacobian really is diagonal.
 
     **Arguments:**
 
