@@ -83,16 +83,21 @@ def _loss(scanner, f, p, init, xs, reverse=False):
 
 # Every solver forwards; `reverse=True` for the solvers with direction-dependent code
 # (block sweeps, the associative scans, the Kalman smoother's backward pass).
-CASES = [(name, False) for name in SCAN_SOLVERS] + [
-    (name, True) for name in ("gauss_seidel", "deer", "quasi_deer", "elk")
+# Each case runs one of the three cells, in rotation (compiling dominates, and the
+# pytree handling is the solvers' common front end): every cell meets Newton-type,
+# fixed-point-type and reverse solvers, and every solver with a reverse case sees
+# two different cells.
+_FORWARD = {name: i % 3 for i, name in enumerate(SCAN_SOLVERS)}
+CASES = [(name, False, cell) for name, cell in _FORWARD.items()] + [
+    (name, True, (_FORWARD[name] + 1) % 3) for name in ("gauss_seidel", "deer", "quasi_deer", "elk")
 ]
 
 
-@pytest.mark.parametrize(("name", "reverse"), CASES)
-def test_matches_lax_scan(name, reverse, getkey):
+@pytest.mark.parametrize(("name", "reverse", "cell"), CASES)
+def test_matches_lax_scan(name, reverse, cell, getkey):
     solver = SCAN_SOLVERS[name]
     xs = _xs(getkey())
-    for cell_name, f, p, init in _cells(getkey()):
+    for cell_name, f, p, init in _cells(getkey())[cell : cell + 1]:
         g = lambda h, x, f=f, p=p: f(p, h, x)  # noqa: E731
         ref = jax.lax.scan(g, init, xs, reverse=reverse)
 
@@ -335,7 +340,7 @@ def test_elk_iterates_stay_bounded(getkey):
     biggest = {}
     for name, solver in (("elk", solvers.ELK(**TOL)), ("deer", solvers.DEER(**TOL))):
         values = []
-        for k in (2, 5, 20):
+        for k in (2, 20):
             _, _, sol = jax.jit(
                 lambda xs, solver=solver, k=k: fixpoint.scan(
                     f, init, xs, solver=solver, max_steps=k, throw=False, return_solution=True
