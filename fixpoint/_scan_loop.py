@@ -124,9 +124,15 @@ def iterate_scan(
         def refine(state):
             return solver.refine(problem, c.h, fh, derivatives, state)
 
-        # `all_ok` is the same on every device, so this is a real branch (except
-        # under `vmap`, where both sides run).
-        h_next, state = jax.lax.cond(all_ok, refine, advance, c.state)
+        if solver.refine_by_update:
+            # `refine` is `update` with nothing frozen: no branch. (Measured, DEER,
+            # GRU D = 32, T = 1e4, CPU: a `lax.cond` here cost 23 ms of 55 per
+            # iteration; XLA cannot fuse the Jacobians into a branch's scan.)
+            h_next, state = solver.update(problem, c.h, fh, derivatives, frozen & ~all_ok, c.state)
+        else:
+            # `all_ok` is the same on every device, so this is a real branch
+            # (except under `vmap`, where both sides run).
+            h_next, state = jax.lax.cond(all_ok, refine, advance, c.state)
         proposal_finite = jnp.all(jnp.isfinite(h_next), axis=1)
         fallback = jnp.where(fh_finite[:, None], fh, c.h)
         proposal = jnp.where(proposal_finite[:, None], h_next, fallback)

@@ -7,9 +7,10 @@ and hybrids do Gauss–Seidel inside blocks with Jacobi across blocks. All bring
 every step within tolerance in at most `T` iterations.
 
 Certification (once every step meets the tolerance, see `fixpoint.iterate_scan`)
-takes one Newton step (`ScanProblem.newton_step`: on the CPU at `D >= 16` a
-sequential JVP sweep, memory `O(T·D)`; otherwise dense Jacobians, `D` JVPs per
-step, memory `O(T·D²)`), except unsharded `Sequential`, whose sweep is exact.
+compares the trajectory with `ScanProblem.refinement`: on the CPU at `D >= 16`
+(time unsharded) the sequential answer itself, one `lax.scan` of the cell (memory
+`O(T·D)`); otherwise one parallel Newton step (dense Jacobians, `D` JVPs per
+step, memory `O(T·D²)`). Unsharded `Sequential` always certifies by its sweep.
 """
 
 from collections.abc import Callable
@@ -55,7 +56,7 @@ class Jacobi(_AbstractEvaluateOnly):
     def refine(self, problem, h, fh, derivatives, state):
         # Jacobi's own update moves each step by its residual only, which says
         # nothing of the error accumulated along the sequence: certify by Newton.
-        return problem.newton_step(h), state
+        return problem.refinement(h), state
 
 
 class GaussSeidel(_AbstractEvaluateOnly):
@@ -82,7 +83,7 @@ class GaussSeidel(_AbstractEvaluateOnly):
         return block_sweep(problem, h, self.block), state
 
     def refine(self, problem, h, fh, derivatives, state):
-        return problem.newton_step(h), state
+        return problem.refinement(h), state
 
 
 class Sequential(_AbstractEvaluateOnly):
@@ -103,10 +104,10 @@ class Sequential(_AbstractEvaluateOnly):
     def refine(self, problem, h, fh, derivatives, state):
         if problem.time.size == 1:
             # One sweep is the sequential answer itself: its distance is the error.
-            return block_sweep(problem, h, h.shape[0]), state
+            return problem.sweep(h.shape[0]), state
         # Sharded, a sweep starts each chunk from the state the previous device
         # holds, so errors at chunk boundaries would go unseen.
-        return problem.newton_step(h), state
+        return problem.refinement(h), state
 
 
 def block_sweep(problem: fixpoint.ScanProblem, h, block: int):

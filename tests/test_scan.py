@@ -583,6 +583,40 @@ def test_sharded_equals_unsharded():
     assert "all sharded checks passed" in out.stdout
 
 
+class _BranchedDEER(solvers.DEER):
+    """DEER through the loop's `lax.cond` between `update` and `refine`."""
+
+    @property
+    def refine_by_update(self) -> bool:
+        return False
+
+
+def test_refine_by_update_equals_the_branch():
+    # DEER skips the loop's branch (`refine_by_update`): the same iterates, step
+    # counts, in both directions.
+    cell = _gru(jax.random.key(5), d=4, n_in=2, scale=2.0)
+    xs = jax.random.normal(jax.random.key(6), (300, 2), jnp.float64)
+    f = lambda h, x: (cell(x, h), None)  # noqa: E731
+    init = jnp.zeros(4, jnp.float64)
+
+    @jax.jit
+    def run(xs):
+        out = []
+        for solver in (solvers.DEER(), _BranchedDEER()):
+            for reverse in (False, True):
+                _, _, sol = fixpoint.scan(
+                    f, init, xs, solver=solver, reverse=reverse, return_solution=True
+                )
+                out.append((sol.value, sol.stats["num_steps"]))
+        return out
+
+    out = run(xs)
+    fast, branched = out[:2], out[2:]
+    for (a, n), (b, m) in zip(fast, branched, strict=True):
+        assert int(n) == int(m) and int(n) > 2
+        np.testing.assert_array_equal(a, b)
+
+
 def test_deer_returns_its_last_newton_update():
     # At its default tolerance (1e-6) DEER's measured trajectory is only ~1e-7
     # from the sequential answer, but the certifying Newton step (which moved no
@@ -619,17 +653,37 @@ def test_newton_step_sequential_equals_parallel(reverse):
     np.testing.assert_array_equal(problem.newton_step(h), seq)
     with pytest.raises(ValueError, match="unknown method"):
         problem.newton_step(h, method="dense")
+    # The certificate: where the Newton step is the sweep (here), the sequential
+    # answer itself; otherwise (D < 16, or off the CPU) the Newton step.
+    ref = jax.lax.scan(lambda c, x: (cell(x, c),) * 2, h0, xs, reverse=reverse)[1]
+    np.testing.assert_array_equal(problem.sweep(50), ref)
+    np.testing.assert_array_equal(problem.refinement(h), ref)
+    np.testing.assert_array_equal(problem.refinement(h, "newton"), seq)
+    with pytest.raises(ValueError, match="unknown method"):
+        problem.refinement(h, method="exact")
+    small = fixpoint.ScanProblem(lambda h, x: h[:3] * x, h0[:3], xs, fixpoint.Time(), reverse)
+    np.testing.assert_array_equal(small.refinement(h[:, :3]), small.newton_step(h[:, :3]))
+    assert small.refinement_method() == "newton" and small.newton_method() == "parallel"
 
 
-@pytest.mark.parametrize("name", ["quasi_deer", "elk", "jacobi"])
+class _NewtonCertifiedQuasiDEER(solvers.QuasiDEER):
+    """QuasiDEER certified by the parallel Newton step (the default off the CPU)."""
+
+    def refine(self, problem, h, fh, diag, state):
+        return problem.newton_step(h, "parallel"), state
+
+
+@pytest.mark.parametrize("name", ["quasi_deer", "elk", "jacobi", "quasi_deer_newton"])
 def test_sequential_certification_matches_lax_scan(name):
-    # D = 16: on the CPU these solvers certify (and the adjoint starts) with the
-    # sequential Newton sweep. Values and gradients still equal `lax.scan`.
+    # D = 16: on the CPU these solvers certify with the sequential answer (and
+    # QuasiDEER and ELK hand the adjoint's recurrences to `Sequential`); the last
+    # case certifies by the parallel Newton step instead (the accelerators'
+    # default). Values and gradients still equal `lax.scan`.
     cell = _gru(jax.random.key(8), d=16, n_in=3)
     xs = _xs(jax.random.key(9), n=40)
     h0 = jnp.zeros(16, jnp.float64)
     f = lambda c, h, x: (c(x, h), h)  # noqa: E731
-    solver = SCAN_SOLVERS[name]
+    solver = SCAN_SOLVERS.get(name) or _NewtonCertifiedQuasiDEER(**TOL)
 
     def loss(c, xs):
         out = fixpoint.scan(lambda h, x: f(c, h, x), h0, xs, solver=solver)
