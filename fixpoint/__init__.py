@@ -22,6 +22,7 @@ from ._errors import SolveError as SolveError
 from ._errors import checked as checked
 from ._errors import raise_if_failed as raise_if_failed
 from ._fixed_point import fixed_point as fixed_point
+from ._iterate import LoopScalars as LoopScalars
 from ._iterate import termination as termination
 from ._norm import max_norm as max_norm
 from ._norm import rms_norm as rms_norm

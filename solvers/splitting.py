@@ -25,7 +25,6 @@ from equinox import AbstractVar
 from jaxtyping import Array, Float
 
 import fixpoint
-from fixpoint import RESULTS
 
 # ---- the linear part ---------------------------------------------------------
 
@@ -115,12 +114,7 @@ class MonotoneMatrix(AbstractMonotoneLinear):
 class _Carry(eqx.Module):
     z: Array
     u: Array | None
-    step: Array
-    done: Array
-    result: RESULTS
-    residual: Array
-    best: Array
-    start: Array
+    scalars: Array  # `fixpoint.LoopScalars`, packed
 
 
 def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
@@ -134,17 +128,18 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
     `divergence_ratio` times the smallest seen: `diverged`) or after `max_steps`
     updates (`max_steps_reached`). Finished samples of a `vmap` never move again.
     """
-    dtype = z0.dtype
+    dtype = jnp.finfo(z0.dtype).dtype
+    Scalars = fixpoint.LoopScalars
 
     def cond(c):
-        return ~c.done
+        return Scalars.read(c.scalars, dtype).running
 
     def body(c):
+        prev = Scalars.read(c.scalars, dtype)
         wz = operator.mv(c.z)
         r = jax.nn.relu(wz + b) - c.z
         rnorm = solver.norm(r)
-        first = c.step == 0
-        start = jnp.where(first, rnorm, c.start)
+        start = prev.first_norm(rnorm)
         finite = jnp.isfinite(rnorm)
         # The same test as `fixpoint.fixed_point`'s (for the splitting methods the
         # residual is measured directly; no separate step test).
@@ -160,35 +155,21 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
             y0=z0,
         )
         converged = finite & converged
-        diverged = finite & ~residual_ok & (rnorm > solver.divergence_ratio * c.best)
-        out_of_steps = c.step >= max_steps
+        diverged = finite & ~residual_ok & (rnorm > solver.divergence_ratio * prev.best)
+        out_of_steps = prev.step >= max_steps
         result, done = fixpoint.termination(converged, finite, diverged, out_of_steps)
         z_next, u_next = update(c.z, c.u, wz)
         keep = lambda old, new: jnp.where(done, old, new)
         return _Carry(
             z=keep(c.z, z_next),
             u=None if c.u is None else keep(c.u, u_next),
-            step=c.step + jnp.where(done, 0, 1),
-            done=done,
-            result=result,
-            residual=rnorm,
-            best=jnp.minimum(c.best, jnp.where(finite, rnorm, c.best)),
-            start=start,
+            scalars=prev.advance(rnorm, start, result, done, dtype),
         )
 
-    init = _Carry(
-        z=z0,
-        u=u0,
-        step=jnp.array(0),
-        done=jnp.array(False),
-        result=RESULTS.successful,
-        residual=jnp.array(jnp.inf, dtype),
-        best=jnp.array(jnp.inf, dtype),
-        start=jnp.array(jnp.inf, dtype),
-    )
+    init = _Carry(z=z0, u=u0, scalars=Scalars.initial(dtype))
     final = fixpoint.compacted_while_loop(cond, body, init, compaction)
-    stats = {"num_steps": final.step, "residual": final.residual}
-    return fixpoint.Solution(value=final.z, result=final.result, aux=None, stats=stats)
+    result, stats = Scalars.outcome(final.scalars, dtype)
+    return fixpoint.Solution(value=final.z, result=result, aux=None, stats=stats)
 
 
 def _equilibrium_map(z, args):

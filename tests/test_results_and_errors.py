@@ -245,3 +245,35 @@ def test_errors_at_trace_time_under_jit():
     traced = eqx.filter_jit(lambda y: fixpoint.fixed_point(lambda y, _: y[:1], y, solver=P))
     with pytest.raises(ValueError, match="changed the shape"):
         traced(jnp.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+def test_loop_scalars_round_trip_exactly(dtype):
+    # The loop carries its counters as the bits of floats: any count, any
+    # result code and every residual norm must come back exactly, also through
+    # the selects of a `vmap`ped loop and a gather.
+    S = fixpoint.LoopScalars
+    big = 2**31 - 5 if jnp.finfo(dtype).bits <= 32 else 2**40 + 3
+    residual = jnp.asarray(np.finfo(np.float16).tiny / 3, dtype)  # a subnormal in float16
+    packed = jnp.stack(
+        [
+            S(
+                residual, jnp.asarray(np.inf, dtype), jnp.asarray(np.nan, dtype), step, res, run
+            ).pack(dtype)
+            for step, res, run in [(0, 0, True), (big, 3, False), (1, 4, True)]
+        ]
+    )
+    packed = jax.jit(lambda p: jnp.where(jnp.array([True, False, True])[:, None], p, p[::-1]))(
+        packed
+    )[jnp.array([2, 1, 0])]
+    out = jax.vmap(lambda p: S.read(p, dtype))(packed)
+    assert out.residual.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out.step), [1, big, 0])
+    np.testing.assert_array_equal(np.asarray(out.result), [4, 3, 0])
+    np.testing.assert_array_equal(np.asarray(out.running), [True, False, True])
+    np.testing.assert_array_equal(np.asarray(out.residual, np.float64), float(residual))
+    assert np.all(np.isinf(np.asarray(out.best, np.float64)))
+    assert np.all(np.isnan(np.asarray(out.start, np.float64)))
+    result, stats = S.outcome(packed[1], dtype)
+    assert bool(result == fixpoint.RESULTS.nonfinite)
+    assert int(stats["num_steps"]) == big
