@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from ._norm import max_norm
+
 
 def _ratio(v, ref, rtol, atol):
     """`v / (atol + rtol·|ref|)` entrywise, with `0/0 = 0` and `v/0 = inf` for `v ≠ 0`."""
@@ -46,6 +48,35 @@ def scaled_size(norm, v, ref, rtol, atol) -> Float[Array, "..."]:
 def meets(norm, v, ref, rtol, atol) -> Bool[Array, "..."]:
     """Whether `v` meets the tolerance relative to `ref` (False for NaN)."""
     return scaled_size(norm, v, ref, rtol, atol) < 1
+
+
+def rows_meet(norm, v, ref, rtol, atol) -> Bool[Array, " T"]:
+    """`meets` for each row of `(T, D)` arrays: `vmap(norm)` of the scaled rows `< 1`.
+
+    For the max-norm (the scan solvers' default) this is the same test entry by
+    entry, `v == 0 or |v| < atol + rtol·|ref|`, and then "all" along the row: no
+    division and no float reduction. Exactly equal, since for a positive scale
+    `s`, `|v| < s` exactly when the rounded `|v| / s` is below 1. (XLA:CPU hands a
+    `(T, 8)` float max-reduction to a library call, which dominated the scan
+    loop's test: GRU, T = 1e4, D = 8, float32, 173 µs against 34 per test.)
+    """
+    if norm is max_norm:
+        scale = atol + rtol * jnp.abs(ref)
+        return jnp.all((v == 0) | (jnp.abs(v) < scale), axis=-1)
+    return jax.vmap(norm)(_ratio(v, ref, rtol, atol)) < 1
+
+
+def row_sizes(norm, v) -> Float[Array, "..."]:
+    """An array whose maximum is the largest `norm` of the rows of `v` (`inf` where
+    a row's norm is not finite).
+
+    For the max-norm, the entries themselves (non-finite ones as `inf`), so the
+    caller's one maximum replaces a reduction per row.
+    """
+    if norm is max_norm:
+        return jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
+    rnorm = jax.vmap(norm)(v)
+    return jnp.where(jnp.isfinite(rnorm), rnorm, jnp.inf)
 
 
 def norms(norm, vectors) -> Float[Array, " k"]:

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._convergence import meets
+from ._convergence import row_sizes, rows_meet
 from ._iterate import termination
 from ._linear import flag_failure
 from ._manual import while_loop
@@ -62,14 +62,18 @@ def iterate_scan(
       step by more than the tolerance, i.e. when the estimated accumulated
       error meets the same per-step test; otherwise the loop continues from the
       refined trajectory.
+    - **Exact proposals** (`solver.exact(problem)`, static). A refinement or an
+      update that is the sequential answer itself (a sweep of the whole
+      sequence from `h0`) needs no certificate: once finite, it is returned
+      and the solve stops `successful` (an exact update counts as a step).
 
     Stops with `successful` as above; `nonfinite` when the exact value at step
     `p` is not finite (the sequential scan itself would produce it);
     `max_steps_reached` after `max_steps` updates.
 
     Returns `(h, result, stats)`: `h` is the certified refinement on success
-    (the last Newton update, within tolerance of the measured trajectory), else
-    the measured trajectory; `stats` has `num_steps`, `residual` (the largest
+    (the last Newton update, within tolerance of the measured trajectory) or the
+    exact proposal, else the measured trajectory; `stats` has `num_steps`, `residual` (the largest
     per-step residual norm, measured at the trajectory before refinement),
     `converged_steps` (how many leading steps met the tolerance) and, if asked,
     `residual_history`.
@@ -78,8 +82,8 @@ def iterate_scan(
     length = h.shape[0]
     total = length * time.size
     order = time.order(length, problem.reverse)
-    per_step = jax.vmap(solver.norm)
     dtype = h.dtype
+    update_exact, refine_exact = solver.exact(problem)
     history = jnp.full(max_steps + 1, jnp.nan, dtype) if record_residuals else None
     init = _Carry(
         h=h,
@@ -95,8 +99,7 @@ def iterate_scan(
     def body(c):
         fh, derivatives = solver.linearise(problem, c.h, c.state)
         r = c.h - fh
-        rnorm = per_step(r)
-        ok = meets(per_step, r, c.h, rtol, atol)
+        ok = rows_meet(solver.norm, r, c.h, rtol, atol)
         fh_finite = jnp.all(jnp.isfinite(fh), axis=1)
         # Three scalars from one reduction over time: `p`, the first step (in
         # scan order) that misses the tolerance; `q`, the first that misses it
@@ -136,33 +139,44 @@ def iterate_scan(
         proposal_finite = jnp.all(jnp.isfinite(h_next), axis=1)
         fallback = jnp.where(fh_finite[:, None], fh, c.h)
         proposal = jnp.where(proposal_finite[:, None], h_next, fallback)
-        # A non-finite refinement certifies nothing (its fallback `F(H)` differs
-        # from `H` only by the residuals that already passed).
-        certified = time.all(meets(per_step, proposal - c.h, c.h, rtol, atol) & proposal_finite)
+        all_finite = time.all(proposal_finite)
+        if refine_exact:
+            # The refinement is the sequential answer itself: finite, it is the
+            # answer, whatever its distance from `H` (no second round).
+            certified = all_finite
+        else:
+            # A non-finite refinement certifies nothing (its fallback `F(H)` differs
+            # from `H` only by the residuals that already passed).
+            certified = time.all(
+                rows_meet(solver.norm, proposal - c.h, c.h, rtol, atol) & proposal_finite
+            )
         # Zero residuals everywhere: every step is exactly the cell of its
         # predecessor, i.e. the sequential answer itself (whatever the
         # refinement says; e.g. an infinite Jacobian times a zero error is NaN).
         exact = firsts[2] == 1
+        out_of_steps = c.step >= max_steps
         converged = all_ok & (certified | exact)
+        # An update that is the sequential answer itself (unsharded `Sequential`)
+        # ends the solve as soon as it is finite: it counts as a step.
+        exact_update = ~all_ok & all_finite & ~out_of_steps if update_exact else jnp.array(False)
         at = (order == p)[:, None]
         locked = jnp.where(frozen[:, None], c.h, jnp.where(at, fh, proposal))
-        h_next = jnp.where(all_ok, proposal, locked)
-        out_of_steps = c.step >= max_steps
-        result, done = termination(converged, finite, jnp.array(False), out_of_steps)
-        residual = time.max(jnp.where(jnp.isfinite(rnorm), rnorm, jnp.inf))
+        h_next = jnp.where(all_ok | exact_update, proposal, locked)
+        result, done = termination(converged | exact_update, finite, jnp.array(False), out_of_steps)
+        residual = time.max(row_sizes(solver.norm, r))
         # Certified: the refinement (for DEER, the last Newton update) moved no
-        # step beyond the tolerance and is the better answer, so it is returned.
-        # Any other stop keeps the measured trajectory (also an exact one, whose
-        # refinement may be NaN).
-        keep_refined = converged & certified & ~exact
-        h_next = jnp.where(done & ~keep_refined, c.h, h_next)
+        # step beyond the tolerance and is the better answer, so it is returned;
+        # so is an exact update. Any other stop keeps the measured trajectory
+        # (also an exact one, whose refinement may be NaN).
+        keep_proposal = (converged & certified & ~exact) | exact_update
+        h_next = jnp.where(done & ~keep_proposal, c.h, h_next)
         history = c.history
         if history is not None:
             history = history.at[c.step].set(residual)
         return _Carry(
             h=h_next,
             state=state,
-            step=c.step + jnp.where(done, 0, 1),
+            step=c.step + jnp.where(done & ~exact_update, 0, 1),
             done=done,
             result=result,
             residual=residual,
@@ -217,7 +231,7 @@ def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bo
                     b_t, hp_t, x_t = inp
                     return jax.jvp(lambda z: cell(z, x_t), (hp_t,), (v,))[1] + b_t
 
-                problem = ScanProblem(tangent, zero, (b, hp, xs), time, reverse)
+                problem = ScanProblem(tangent, zero, (b, hp, xs), time, reverse, linear=True)
             else:
                 x_next = jax.tree.map(lambda a: time.shift(a, a[0], not reverse), xs)
                 order = time.order(h.shape[0], reverse)
@@ -229,14 +243,14 @@ def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bo
                     return jnp.where(m, g, 0) + b_t
 
                 inputs = (b, h, x_next, has_next)
-                problem = ScanProblem(cotangent, zero, inputs, time, not reverse)
+                problem = ScanProblem(cotangent, zero, inputs, time, not reverse, linear=True)
             rtol, atol = scan_tolerances(solver, b.dtype)
             scale = max(rtol, atol) * time.max(jnp.abs(b))
             active = solver.linear_solver(problem)
             x, result, stats = iterate_scan(
                 active,
                 problem,
-                _linear_start(active, problem, jnp.zeros_like(b)),
+                jnp.zeros_like(b),
                 rtol=rtol,
                 atol=scale,
                 max_steps=total + EXTRA_STEPS,
@@ -248,20 +262,3 @@ def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bo
         return solve
 
     return solve_at
-
-
-def _linear_start(solver, problem, zero):
-    """The initial trajectory of an adjoint recurrence (a linear problem).
-
-    Zero, or, for solvers with `linear_start_by_newton = True`, one Newton step
-    with dense Jacobians from zero (`problem.newton_step`): on a linear
-    recurrence that is the answer up to round-off, and the loop only has to
-    certify it. Worth it where the iterations it saves each cost `D` JVPs per
-    step anyway (QuasiDEER and ELK with exact diagonals); the memory is that of
-    their certifying iteration, `O(T·D²)`.
-    """
-    if not getattr(solver, "linear_start_by_newton", False):
-        return zero
-    start = problem.newton_step(zero)
-    # The loop would discard non-finite proposals; so does its start.
-    return jnp.where(jnp.isfinite(start), start, 0)

@@ -35,6 +35,9 @@ class ScanProblem(eqx.Module):
     xs: Any
     time: Time
     reverse: bool = eqx.field(static=True, default=False)
+    # An adjoint's recurrence (`cell` affine in `h`, a JVP or VJP of the forward
+    # cell): it changes only how `refinement` runs by default.
+    linear: bool = eqx.field(static=True, default=False)
 
     def prev(self, h):
         """Each step's previous state in scan order (`h0` for the first step)."""
@@ -110,25 +113,35 @@ class ScanProblem(eqx.Module):
             raise ValueError(f"refinement: unknown method {method!r}.")
         if method != "auto":
             return method
-        return "sweep" if self.newton_method() == "sequential" else "newton"
+        cpu = jax.default_backend() == "cpu"
+        unsharded = self.time.axis_name is None
+        sweep = cpu and unsharded and (not self.linear or self.newton_method() == "sequential")
+        return "sweep" if sweep else "newton"
+
+    def refinement_is_exact(self, method: str = "auto") -> bool:
+        """Whether `refinement(h, method)` is the sequential answer itself (a sweep)."""
+        return self.refinement_method(method) == "sweep"
 
     def refinement(self, h, method: str = "auto"):
         """A trajectory accurate to (at least) first order in the residuals of `h`.
 
         What the `refine` of solvers without dense Jacobians returns, and so the
-        certificate of their answer (the loop certifies `h` when this moves no
-        step beyond the tolerance):
+        certificate of their answer:
 
-        - `"newton"`: one Newton step on the whole trajectory, `newton_step(h)`.
-        - `"sweep"`: the sequential answer itself (`sweep(T)`): exact, which is
-          more than first order. Unsharded only.
-        - `"auto"` (default): `"sweep"` where `newton_step` would be a
-          sequential sweep anyway (`newton_method()`: the CPU at `D >= 16`,
-          time unsharded), since the cell's own sweep is cheaper still (GRU,
-          T = 1e4, float32, D = 32: 3.6 ms, against 10.4 for the sequential
-          Newton step and 47 for the parallel one); `"newton"` otherwise (at
-          D = 8: 1.9 ms for the sweep against 2.3 for the parallel Newton step,
-          but a sweep of an adjoint's linear recurrence costs a VJP per step).
+        - `"newton"`: one Newton step on the whole trajectory, `newton_step(h)`;
+          the loop certifies `h` when it moves no step beyond the tolerance.
+        - `"sweep"`: the sequential answer itself (`sweep(T)`), exact, so the
+          loop returns it as the answer (`AbstractScanSolver.exact`). Unsharded
+          only.
+        - `"auto"` (default): `"sweep"` on the CPU with time unsharded, except
+          for an adjoint's linear recurrence (`linear=True`) at `D < 16`;
+          `"newton"` otherwise. Measured on the CPU (GRU, T = 1e4, float32,
+          `QuasiDEER` forward): D = 4 / 8 / 12: 5.8 / 10.1 / 17.5 ms with the
+          sweep, 17.0 / 14.1 / 28.3 ms with the parallel Newton step, which
+          also often needed a second round; at D = 32 the sweep takes 3.6 ms,
+          the sequential Newton step 10.4 and the parallel one 47. An adjoint's
+          sweep costs a VJP per step, and below `D = 16` its recurrences go to
+          `DEER`, whose Newton step solves them exactly.
         """
         if self.refinement_method(method) == "sweep":
             return self.sweep(h.shape[0])
@@ -221,6 +234,17 @@ class AbstractScanSolver(eqx.Module):
         `refine` by a `lax.cond` (cheaper: XLA fuses across no branch).
         """
         return False
+
+    def exact(self, problem: ScanProblem) -> tuple[bool, bool]:
+        """`(update_exact, refine_exact)`: whether `update` / `refine` return the
+        sequential answer itself on `problem` (static; default `(False, False)`).
+
+        A finite exact proposal needs no certificate: the loop returns it and
+        stops `successful` (a refinement that is `problem.sweep(T)`, an update
+        that sweeps the whole sequence from `h0`). Otherwise the loop measures
+        the next trajectory, or certifies against the refinement.
+        """
+        return False, False
 
     @abc.abstractmethod
     def init(self, problem: ScanProblem, h) -> Any:

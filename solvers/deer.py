@@ -77,12 +77,14 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
 
     Certification (once every step meets the tolerance) needs the error
     accumulated along the sequence, which the diagonal does not give: it takes
-    `ScanProblem.refinement`: on the CPU at `D >= 16` (time unsharded) the
-    sequential answer itself, one `lax.scan` of the cell (memory `O(T·D)`;
-    cheaper there than any Newton step); otherwise one Newton step with dense
-    Jacobians (`D` JVPs per step, memory `O(T·D²)` for that iteration). With
-    `assume_diagonal=True` the diagonal step itself is used, exact if (and only
-    if) the Jacobian really is diagonal.
+    `ScanProblem.refinement`: on the CPU (time unsharded) the sequential answer
+    itself, one `lax.scan` of the cell, which is then returned (memory
+    `O(T·D)`; cheaper there than any Newton step); otherwise one Newton step
+    with dense Jacobians (`D` JVPs per step, memory `O(T·D²)` for that
+    iteration). With `assume_diagonal=True` the diagonal step itself is used,
+    exact if (and only if) the Jacobian really is diagonal. The adjoint's
+    linear recurrences go to `DEER` (memory `O(T·D²)`), or to `Sequential` on
+    the CPU at `D >= 16`; with `assume_diagonal=True` they stay with this solver.
 
     **Arguments:**
 
@@ -101,12 +103,6 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
     assume_diagonal: bool = False
     batch_size: int = 32
 
-    @property
-    def linear_start_by_newton(self) -> bool:
-        # The adjoint's linear recurrences start from one Newton step (exact
-        # there), unless the cheap one-JVP diagonal is assumed.
-        return not self.assume_diagonal
-
     def __check_init__(self):
         fixpoint.check_tolerances(self, allow_default=True)
         _check_batch(self)
@@ -122,6 +118,9 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
             problem.time, diag, _residual(h, fh, frozen), problem.reverse
         )
         return h + delta, state
+
+    def exact(self, problem):
+        return False, not self.assume_diagonal and problem.refinement_is_exact()
 
     def refine(self, problem, h, fh, diag, state):
         if self.assume_diagonal:
@@ -154,7 +153,7 @@ class ELK(fixpoint.AbstractScanSolver):
     sum of squared residuals fell, the step is kept and `λ` shrinks
     (×`decrease`); when it rose, the step is retaken from the last accepted
     trajectory with `λ` grown (×`increase`). Memory `O(T·D)`, except for the
-    certifying iteration, which is that of `QuasiDEER`.
+    certifying iteration and the adjoint, which are those of `QuasiDEER`.
 
     **Arguments:** `damping` (the initial or fixed `λ ≥ 0`), `adaptive`,
     `decrease`, `increase`, `rtol`, `atol`, `norm`, `assume_diagonal`,
@@ -170,12 +169,6 @@ class ELK(fixpoint.AbstractScanSolver):
     norm: Callable = fixpoint.max_norm
     assume_diagonal: bool = False
     batch_size: int = 32
-
-    @property
-    def linear_start_by_newton(self) -> bool:
-        # The adjoint's linear recurrences start from one Newton step (exact
-        # there), unless the cheap one-JVP diagonal is assumed.
-        return not self.assume_diagonal
 
     def __check_init__(self):
         fixpoint.check_tolerances(self, allow_default=True)
@@ -214,6 +207,9 @@ class ELK(fixpoint.AbstractScanSolver):
         # Retaking a step from the last accepted trajectory: the steps frozen since
         # then stay frozen (the loop keeps them), so they get no residual here.
         return h_base + smooth(a, jnp.where(frozen[:, None], 0, r), lam), state
+
+    def exact(self, problem):
+        return False, not self.assume_diagonal and problem.refinement_is_exact()
 
     def refine(self, problem, h, fh, a, state):
         if self.assume_diagonal:
@@ -256,15 +252,24 @@ def kalman_smoother(time, a, r, damping, reverse=False, frozen=None):
 
 
 def _linear_solver(solver, problem):
-    """The adjoint's linear recurrences: where `newton_step` is the sequential
-    sweep (the CPU at `D >= 16`), `Sequential`, which solves them in one sweep
-    and certifies with one more, instead of `D` JVPs of the linear map per step
-    (dense Jacobians or exact diagonals) and a sweep or an associative scan of
-    `D×D` matrices (GRU, D = 32, T = 1e4, float32, DEER: forward+gradient
-    294 -> 183 ms, the forward 146 ms)."""
-    if getattr(solver, "assume_diagonal", False) or problem.newton_method() != "sequential":
+    """The adjoint's linear recurrences of DEER, QuasiDEER and ELK.
+
+    Where `newton_step` is the sequential sweep (the CPU at `D >= 16`),
+    `Sequential`: one sweep solves them, instead of `D` JVPs of the linear map
+    per step and an associative scan of `D×D` matrices (GRU, D = 32, T = 1e4,
+    float32, DEER: forward+gradient 294 -> 183 ms, the forward 146 ms).
+    Elsewhere `DEER`: on a linear recurrence its first Newton step is the
+    answer, and its second certifies it without a branch (QuasiDEER, GRU,
+    D = 8, T = 1e4, CPU: forward+gradient 24.9 -> 17.5 ms, the forward
+    11 ms). With `assume_diagonal=True` the solver itself.
+    """
+    if getattr(solver, "assume_diagonal", False):
         return solver
-    return Sequential(solver.rtol, solver.atol, solver.norm)
+    if problem.newton_method() == "sequential":
+        return Sequential(solver.rtol, solver.atol, solver.norm)
+    if isinstance(solver, DEER):
+        return solver
+    return DEER(solver.rtol, solver.atol, solver.norm)
 
 
 def _residual(h, fh, frozen):

@@ -7,10 +7,11 @@ and hybrids do Gauss–Seidel inside blocks with Jacobi across blocks. All bring
 every step within tolerance in at most `T` iterations.
 
 Certification (once every step meets the tolerance, see `fixpoint.iterate_scan`)
-compares the trajectory with `ScanProblem.refinement`: on the CPU at `D >= 16`
-(time unsharded) the sequential answer itself, one `lax.scan` of the cell (memory
-`O(T·D)`); otherwise one parallel Newton step (dense Jacobians, `D` JVPs per
-step, memory `O(T·D²)`). Unsharded `Sequential` always certifies by its sweep.
+takes `ScanProblem.refinement`: on the CPU (time unsharded) the sequential answer
+itself, one `lax.scan` of the cell (memory `O(T·D)`), which is returned; otherwise
+one parallel Newton step (dense Jacobians, `D` JVPs per step, memory `O(T·D²)`),
+against which the trajectory is certified. Unsharded `Sequential` is exact after
+its first sweep and stops there.
 """
 
 from collections.abc import Callable
@@ -32,6 +33,10 @@ class _AbstractEvaluateOnly(fixpoint.AbstractScanSolver):
 
     def linearise(self, problem, h, state):
         return problem.evaluate(h), None
+
+    def exact(self, problem):
+        # `refine` is `problem.refinement(h)` (Jacobi, GaussSeidel).
+        return False, problem.refinement_is_exact()
 
 
 class Jacobi(_AbstractEvaluateOnly):
@@ -89,7 +94,7 @@ class GaussSeidel(_AbstractEvaluateOnly):
 class Sequential(_AbstractEvaluateOnly):
     """The reference: one sequential sweep (`lax.scan`) over the whole sequence.
 
-    Exact after one iteration (a second evaluation confirms it). When the time
+    Unsharded, the first sweep is the answer and the solve stops. When the time
     axis is sharded, each device sweeps its own chunk from the state the
     previous device currently holds, so one iteration per device suffices.
     """
@@ -100,6 +105,11 @@ class Sequential(_AbstractEvaluateOnly):
 
     def update(self, problem, h, fh, derivatives, frozen, state):
         return block_sweep(problem, h, h.shape[0]), state
+
+    def exact(self, problem):
+        # Unsharded, both sweep the whole sequence from `h0`.
+        unsharded = problem.time.size == 1
+        return unsharded, unsharded
 
     def refine(self, problem, h, fh, derivatives, state):
         if problem.time.size == 1:

@@ -1,5 +1,6 @@
 """`fixpoint.scan` against `jax.lax.scan`: every solver, forward and gradients."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -194,17 +195,61 @@ def test_default_tolerances_follow_the_dtype(dtype, tol, getkey):
 
 
 @pytest.mark.parametrize("solver", [solvers.QuasiDEER(), solvers.ELK()], ids=["quasi_deer", "elk"])
-def test_adjoint_recurrence_starts_at_its_solution(solver, getkey):
-    """The adjoint's linear recurrences start from `refine` at zero: exact there."""
-    from fixpoint._scan_loop import _linear_start
-
+def test_adjoint_recurrences_go_to_deer(solver, getkey):
+    """Below D = 16 (and everywhere off the CPU) the adjoint's linear recurrences go
+    to DEER, whose first Newton step solves them exactly and whose second certifies."""
     a = 0.9 * jax.random.normal(getkey(), (T, 3, 3), jnp.float64) / jnp.sqrt(3.0)
     b = jax.random.normal(getkey(), (T, 3), jnp.float64)
     cell = lambda h, x: x[0] @ h + x[1]  # noqa: E731
-    problem = fixpoint.ScanProblem(cell, jnp.zeros(3, jnp.float64), (a, b), fixpoint.Time())
-    start = _linear_start(solver, problem, jnp.zeros((T, 3), jnp.float64))
+    problem = fixpoint.ScanProblem(
+        cell, jnp.zeros(3, jnp.float64), (a, b), fixpoint.Time(), linear=True
+    )
+    active = solver.linear_solver(problem)
+    assert isinstance(active, solvers.DEER)
+    assert type(solver)(assume_diagonal=True).linear_solver(problem) == type(solver)(
+        assume_diagonal=True
+    )
+    assert problem.refinement_method() == "newton"  # a linear recurrence at D < 16
+    out, result, stats = fixpoint.iterate_scan(
+        active, problem, jnp.zeros((T, 3), jnp.float64), rtol=1e-10, atol=1e-10, max_steps=T
+    )
     exact = jax.lax.scan(lambda h, x: (cell(h, x),) * 2, jnp.zeros(3, jnp.float64), (a, b))[1]
-    np.testing.assert_allclose(start, exact, rtol=1e-10, atol=1e-12)
+    assert result == fixpoint.RESULTS.successful and int(stats["num_steps"]) == 1
+    np.testing.assert_allclose(out, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_exact_proposals_end_the_solve(getkey):
+    """A sweep of the whole sequence is the answer: unsharded `Sequential` stops after
+    its first sweep, and a refinement by sweep (the CPU) is returned without a second
+    round, even where it moves steps far beyond the tolerance."""
+    cell = _gru(getkey(), n_in=3, scale=3.0)
+    xs = _xs(getkey())
+    h0 = jnp.zeros(3, jnp.float64)
+    f = lambda h, x: (cell(x, h),) * 2  # noqa: E731
+    ref = jax.lax.scan(f, h0, xs)[1]
+    problem = fixpoint.ScanProblem(lambda h, x: cell(x, h), h0, xs, fixpoint.Time())
+    assert problem.refinement_method() == "sweep"
+    assert solvers.Sequential().exact(problem) == (True, True)
+    assert solvers.QuasiDEER().exact(problem) == (False, True)
+    assert solvers.QuasiDEER(assume_diagonal=True).exact(problem) == (False, False)
+    assert solvers.DEER().exact(problem) == (False, False)
+    _, ys, sol = fixpoint.scan(f, h0, xs, solver=solvers.Sequential(), return_solution=True)
+    assert sol.result == fixpoint.RESULTS.successful and int(sol.stats["num_steps"]) == 1
+    np.testing.assert_allclose(ys, ref, rtol=1e-14, atol=1e-14)
+
+    # Loose per-step tolerance: the residuals pass long before the trajectory is
+    # right, so the sweep moves it by far more than the tolerance. It is returned
+    # at once; certifying against it (as against a Newton step) takes more rounds.
+    class Certifying(solvers.QuasiDEER):
+        def exact(self, problem):
+            return False, False
+
+    loose = dict(rtol=0.1, atol=0.1)
+    _, ys, sol = fixpoint.scan(f, h0, xs, solver=solvers.QuasiDEER(**loose), return_solution=True)
+    _, ys_c, sol_c = fixpoint.scan(f, h0, xs, solver=Certifying(**loose), return_solution=True)
+    assert sol.result == sol_c.result == fixpoint.RESULTS.successful
+    assert int(sol.stats["num_steps"]) < int(sol_c.stats["num_steps"])
+    np.testing.assert_allclose(ys, ref, rtol=1e-14, atol=1e-14)  # the sweep itself
 
 
 def test_length_only_and_solution(getkey):
@@ -653,8 +698,8 @@ def test_newton_step_sequential_equals_parallel(reverse):
     np.testing.assert_array_equal(problem.newton_step(h), seq)
     with pytest.raises(ValueError, match="unknown method"):
         problem.newton_step(h, method="dense")
-    # The certificate: where the Newton step is the sweep (here), the sequential
-    # answer itself; otherwise (D < 16, or off the CPU) the Newton step.
+    # The certificate on the CPU, unsharded: the sequential answer itself, except
+    # for an adjoint's linear recurrence below D = 16 (there the Newton step).
     ref = jax.lax.scan(lambda c, x: (cell(x, c),) * 2, h0, xs, reverse=reverse)[1]
     np.testing.assert_array_equal(problem.sweep(50), ref)
     np.testing.assert_array_equal(problem.refinement(h), ref)
@@ -662,8 +707,12 @@ def test_newton_step_sequential_equals_parallel(reverse):
     with pytest.raises(ValueError, match="unknown method"):
         problem.refinement(h, method="exact")
     small = fixpoint.ScanProblem(lambda h, x: h[:3] * x, h0[:3], xs, fixpoint.Time(), reverse)
-    np.testing.assert_array_equal(small.refinement(h[:, :3]), small.newton_step(h[:, :3]))
-    assert small.refinement_method() == "newton" and small.newton_method() == "parallel"
+    assert small.refinement_method() == "sweep" and small.newton_method() == "parallel"
+    np.testing.assert_array_equal(small.refinement(h[:, :3]), small.sweep(50))
+    linear = dataclasses.replace(small, linear=True)
+    assert linear.refinement_method() == "newton"
+    np.testing.assert_array_equal(linear.refinement(h[:, :3]), linear.newton_step(h[:, :3]))
+    assert dataclasses.replace(problem, linear=True).refinement_method() == "sweep"
 
 
 class _NewtonCertifiedQuasiDEER(solvers.QuasiDEER):
