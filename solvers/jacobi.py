@@ -108,11 +108,11 @@ class Sequential(_AbstractEvaluateOnly):
 
     def exact(self, problem):
         # Unsharded, both sweep the whole sequence from `h0`.
-        unsharded = problem.time.size == 1
+        unsharded = problem.time.axis_name is None
         return unsharded, unsharded
 
     def refine(self, problem, h, fh, derivatives, state):
-        if problem.time.size == 1:
+        if problem.time.axis_name is None:
             # One sweep is the sequential answer itself: its distance is the error.
             return problem.sweep(h.shape[0]), state
         # Sharded, a sweep starts each chunk from the state the previous device
