@@ -86,6 +86,43 @@ def test_nonfinite_args():
     assert bool(sol.result == fixpoint.RESULTS.nonfinite)
 
 
+def _nan_at_7(y, a):
+    # A contraction whose 8th entry turns NaN once the iterate passes 0.5 there.
+    out = 0.5 * y + a
+    return out.at[7].set(jnp.where(y[7] > 0.5, jnp.nan, out[7]))
+
+
+@pytest.mark.parametrize("n", [64, 5000, 300_000])
+def test_one_nan_among_many_entries(n):
+    # XLA:CPU's library max-reduction (4096 entries or more) drops NaNs; the norms
+    # must not: one NaN entry is `nonfinite`, never `max_steps_reached` or success.
+    y0, a = jnp.zeros(n, jnp.float32), jnp.ones(n, jnp.float32)
+    sol = fixpoint.fixed_point(_nan_at_7, y0, a, solver=solvers.Picard(1e-5, 1e-5), throw=False)
+    assert bool(sol.result == fixpoint.RESULTS.nonfinite)
+    assert not np.isfinite(float(sol.stats["residual"]))
+    x = jnp.ones(n, jnp.float32).at[n // 3].set(jnp.nan)
+    for norm in (fixpoint.max_norm, jax.jit(fixpoint.max_norm)):
+        assert np.isnan(float(norm(x)))
+    assert float(fixpoint.max_norm(x.at[n // 3].set(-3.0))) == 3.0
+
+
+def test_one_nan_in_a_large_batch():
+    # Under `vmap` the batch's norms are one reduction of batch × entries: 2048
+    # samples of 4 entries, one of them NaN from the start.
+    batch = jnp.zeros((2048, 4), jnp.float32)
+    a = jnp.ones((2048, 4), jnp.float32).at[1000, 2].set(jnp.nan)
+    solve = lambda y0, a: fixpoint.fixed_point(  # noqa: E731
+        lambda y, a: 0.5 * y + a, y0, a, solver=solvers.Picard(1e-5, 1e-5), throw=False
+    )
+    sol = jax.vmap(solve)(batch, a)
+    codes = np.asarray(sol.result._value)
+    assert codes[1000] == fixpoint.RESULTS.nonfinite._value
+    assert np.all(np.delete(codes, 1000) == fixpoint.RESULTS.successful._value)
+    rows = jnp.abs(a).at[5, 0].set(jnp.inf)
+    norms = np.asarray(jax.jit(jax.vmap(fixpoint.max_norm))(rows))
+    assert np.isnan(norms[1000]) and norms[5] == np.inf and np.all(np.delete(norms, [5, 1000]) == 1)
+
+
 def test_linear_solve_failed():
     # g(y) = y^2 + 1 at y = 0: the Jacobian is singular, the residual is not zero.
     sol = fixpoint.root_find(
