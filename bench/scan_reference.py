@@ -9,9 +9,10 @@ They are timed at the iteration count fixpoint needed on the same problem, so
 the ratio is per iteration of the same work (fixpoint's loop also certifies the
 answer, which costs QuasiDEER one more iteration with `ScanProblem.refinement`:
 on the CPU one `lax.scan` of the cell, returned as the answer; on an
-accelerator a parallel Newton step), again at the fewest iterations (up to 3x ours) at which the reference is
-as accurate as ours ("same accuracy": an error at most 10 % above ours, since at
-float32's round-off level errors differ in their last bits), and for DEER at
+accelerator a parallel Newton step), again at the fewest iterations (up to 3x
+ours) at which the reference is as accurate as ours ("same accuracy": an error
+at most 10 % above ours, since at float32's round-off level errors differ in
+their last bits), and for DEER at
 as many Jacobian evaluations as ours ("per Jacobian evaluation": our loop
 linearises `num_steps + 1` times, the last one being the certifying iteration,
 whose Newton step is the answer returned).

@@ -74,6 +74,8 @@ def row_sizes(norm, v) -> Float[Array, "..."]:
     caller's one maximum replaces a reduction per row.
     """
     if norm is max_norm:
+        if v.size == 0:  # rows of no entries: norm 0, as `max_norm` says
+            return jnp.zeros((1,), v.dtype)
         return jnp.where(jnp.isfinite(v), jnp.abs(v), jnp.inf)
     rnorm = jax.vmap(norm)(v)
     return jnp.where(jnp.isfinite(rnorm), rnorm, jnp.inf)

@@ -61,8 +61,9 @@ def scan(
     - `reverse`: run from the last step to the first, as `lax.scan`.
     - `guess`: a starting trajectory of carries (leading axis `T`), e.g. the
       answer of a previous call; default: `init` at every step.
-    - `max_steps`: the largest number of iterations; default `T` (padded to a
-      multiple of the devices with `mesh=`), which always suffices.
+    - `max_steps`: the largest number of iterations; default `T + 16` (`T`
+      padded to a multiple of the devices with `mesh=`): `T` always suffices in
+      exact arithmetic, the rest leaves room for the rounding of a last step.
     - `throw`: raise `fixpoint.SolveError` when the solve fails (any sample,
       under `vmap`; under `jit` it arrives inside JAX's runtime error, with the
       same message); with `False` read the result code (`return_solution=True`).
@@ -83,9 +84,11 @@ def scan(
     `return_solution=True`: `solution.value` is the trajectory of carries
     (leading axis `T`; on success the certifying refinement, e.g. DEER's last
     Newton update, which moved no step beyond the tolerance and is the more
-    accurate answer), `solution.result` a `RESULTS` item, and `solution.stats`
+    accurate answer, or an exact one: a sequential sweep, which ends the solve
+    once it is finite), `solution.result` a `RESULTS` item, and `solution.stats`
     has `num_steps` (iterations), `residual` (largest per-step residual norm of
-    the trajectory measured before that refinement),
+    the trajectory measured before that refinement; 0 when unsharded
+    `Sequential` returns its sweep, the sequential answer by construction),
     `converged_steps` (leading steps, in scan order, within tolerance) and,
     with `record_residuals=True`, `residual_history`.
     """

@@ -173,6 +173,11 @@ def iterate_scan(
         history = c.history
         if history is not None:
             history = history.at[c.step].set(residual)
+        if update_exact:
+            # The returned sweep is the sequential answer: every step is exactly
+            # the cell of its predecessor (residual 0, all steps converged).
+            residual = jnp.where(exact_update, 0, residual).astype(dtype)
+            p = jnp.where(exact_update, total, p)
         return _Carry(
             h=h_next,
             state=state,

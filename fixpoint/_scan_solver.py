@@ -71,6 +71,8 @@ class ScanProblem(eqx.Module):
             fn = lambda hp: jax.vmap(self.cell)(hp, self.xs)  # noqa: E731
             return jax.jvp(fn, (hp,), (jnp.ones_like(hp),))
         dim = hp.shape[1]
+        if dim == 0:  # no state: no diagonal (and no unit vectors to push)
+            return jax.vmap(self.cell)(hp, self.xs), jnp.zeros_like(hp)
         chunk = min(dim, batch_size)
 
         def one_step(hp_t, x_t):
@@ -161,9 +163,8 @@ class ScanProblem(eqx.Module):
         """`H - E`: one Newton step on the whole trajectory.
 
         `E` solves `E_t = A_t E_{t-1} + r_t` (`A_t = ∂cell/∂h`, `r = H - F(H)`),
-        the first-order error of `H` against the sequential answer. The
-        `refine` of solvers without dense Jacobians, and the start of their
-        adjoint's linear recurrences. Two ways to the same `E`:
+        the first-order error of `H` against the sequential answer (a `refine`
+        of solvers without a sweep). Two ways to the same `E`:
 
         - `"parallel"`: the dense Jacobians (`D` JVPs per step) and one
           associative scan of `D×D` matrices: depth `O(log T)`, work
@@ -212,7 +213,9 @@ class AbstractScanSolver(eqx.Module):
 
     Once every step meets the tolerance, the loop calls `refine` instead of
     `update` and certifies the trajectory only when the refinement (an estimate
-    of the accumulated error) is within the tolerance as well.
+    of the accumulated error) is within the tolerance as well. A proposal that
+    is the sequential answer itself (`exact`) needs no certificate: finite, it
+    is returned and the solve stops.
 
     `rtol`, `atol` and `norm` define both tests of step `t` (`fixpoint.meets`):
     `norm(v_t / (atol + rtol |h_t|)) < 1` for the residual
@@ -277,7 +280,9 @@ class AbstractScanSolver(eqx.Module):
         exact sequential answer, `problem.sweep(T)`; `problem.refinement(h)`
         picks the cheaper here): the loop certifies `h` only if `h_refined`
         differs from it by less than the tolerance at every step, so that the
-        error accumulated along the sequence is within the tolerance too.
+        error accumulated along the sequence is within the tolerance too, and
+        then returns `h_refined`. A refinement that `exact` declares exact is
+        returned as soon as it is finite, without that comparison.
         """
 
 

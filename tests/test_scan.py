@@ -235,6 +235,9 @@ def test_exact_proposals_end_the_solve(getkey):
     assert solvers.DEER().exact(problem) == (False, False)
     _, ys, sol = fixpoint.scan(f, h0, xs, solver=solvers.Sequential(), return_solution=True)
     assert sol.result == fixpoint.RESULTS.successful and int(sol.stats["num_steps"]) == 1
+    # The stats describe the returned sweep, not the guess it replaced.
+    assert int(sol.stats["converged_steps"]) == xs.shape[0]
+    assert float(sol.stats["residual"]) == 0.0
     np.testing.assert_allclose(ys, ref, rtol=1e-14, atol=1e-14)
 
     # Loose per-step tolerance: the residuals pass long before the trajectory is
@@ -250,6 +253,29 @@ def test_exact_proposals_end_the_solve(getkey):
     assert sol.result == sol_c.result == fixpoint.RESULTS.successful
     assert int(sol.stats["num_steps"]) < int(sol_c.stats["num_steps"])
     np.testing.assert_allclose(ys, ref, rtol=1e-14, atol=1e-14)  # the sweep itself
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        solvers.Sequential(),
+        solvers.Jacobi(),
+        solvers.GaussSeidel(2),
+        solvers.DEER(),
+        solvers.QuasiDEER(),
+        solvers.ELK(),
+        solvers.Jacobi(norm=fixpoint.rms_norm),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_empty_carry(solver):
+    """A carry with no entries: the outputs alone, as `lax.scan` gives them."""
+    xs = jnp.arange(5.0)
+    f = lambda c, x: (c, x * 2)  # noqa: E731
+    ref = jax.lax.scan(f, jnp.zeros((0,)), xs)
+    carry, ys, sol = fixpoint.scan(f, jnp.zeros((0,)), xs, solver=solver, return_solution=True)
+    assert sol.result == fixpoint.RESULTS.successful and carry.shape == (0,)
+    np.testing.assert_array_equal(ys, ref[1])
 
 
 def test_length_only_and_solution(getkey):
