@@ -204,13 +204,15 @@ def iterate(
         # Every norm of the test in one reduction (`_convergence.py`). The
         # proposed step is the solver's estimate of the distance to the
         # solution (for Newton exactly so); requiring it to be small as well stops
-        # an iterate that runs off to where the residual merely saturates. For
-        # Picard the step *is* the residual.
+        # an iterate that runs off to where the residual merely saturates. Where
+        # the step is `f(y) - y` (undamped Picard), it is exactly `-G(y)` and its
+        # test the residual's own, so it is not measured twice.
+        same = problem.kind == "fixed_point" and step.y_next is ev.fy
         sizes = measure(
             solver.norm,
             ev.residual,
             carry.y,
-            step.y_next - carry.y,
+            None if same else step.y_next - carry.y,
             solver.rtol,
             solver.atol,
             kind=problem.kind,

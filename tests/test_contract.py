@@ -289,6 +289,34 @@ def test_scaled_size_zero_over_zero():
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_division_free_max_norm_test_equals_the_scaled_norm(dtype):
+    # The loop tests `max |v / scale| < 1` for the max-norm by comparisons alone
+    # (`_convergence._misses`); it must decide exactly as the division would,
+    # also at the boundary (`|v|` one ulp either side of the scale), for NaN,
+    # inf, subnormals and zero scales.
+    from fixpoint._convergence import _misses, _ratio
+
+    rng = np.random.default_rng(0)
+    tiny = np.finfo(dtype).smallest_subnormal
+    special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, tiny, 1.0, -1.0, 1e30], dtype)
+    ref = rng.standard_normal(4000).astype(dtype)
+    ref = np.concatenate([ref, special, special[:, None].repeat(len(special), 1).ravel()])
+    v = np.concatenate([rng.standard_normal(4000).astype(dtype), special, np.tile(special, 9)])
+    cases = []
+    for rtol, atol in [(1e-3, 1e-6), (1e-3, 0.0), (0.0, 1e-6), (0.0, 0.0)]:
+        scale = (dtype(atol) + dtype(rtol) * np.abs(ref)).astype(dtype)
+        # |v| exactly at, one ulp below and one ulp above the scale.
+        at = np.concatenate([scale, np.nextafter(scale, 0), np.nextafter(scale, np.inf)])
+        for vv, rr in [(v, ref), (at, np.tile(ref, 3)), (-at, np.tile(ref, 3))]:
+            cases.append((vv, rr, rtol, atol))
+    for vv, rr, rtol, atol in cases:
+        vv, rr = jnp.asarray(vv, dtype), jnp.asarray(rr, dtype)
+        by_division = jnp.abs(_ratio(vv, rr, rtol, atol)) < 1  # `scaled_size` entrywise
+        by_comparison = _misses(vv, rr, rtol, atol) < 1
+        np.testing.assert_array_equal(by_comparison, by_division)
+
+
 def test_scan_failed_solve_has_nan_gradient_and_masks_cleanly(getkey):
     w = 0.5 * jax.random.normal(getkey(), (3, 3))
     xs = jax.random.normal(getkey(), (2, 40, 3))
