@@ -206,13 +206,15 @@ def iterate(
         # solution (for Newton exactly so); requiring it to be small as well stops
         # an iterate that runs off to where the residual merely saturates. Where
         # the step is `f(y) - y` (undamped Picard), it is exactly `-G(y)` and its
-        # test the residual's own, so it is not measured twice.
+        # test the residual's own, so it is not measured twice. A solver whose step
+        # is no error estimate (Halpern's) says so and is not tested on it.
         same = problem.kind == "fixed_point" and step.y_next is ev.fy
+        tested = solver.step_estimates_error and not same
         sizes = measure(
             solver.norm,
             ev.residual,
             carry.y,
-            None if same else step.y_next - carry.y,
+            step.y_next - carry.y if tested else None,
             solver.rtol,
             solver.atol,
             kind=problem.kind,

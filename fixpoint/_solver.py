@@ -1,7 +1,7 @@
 """The solver protocol that one generic loop drives (see `_iterate.py`)."""
 
 import abc
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -48,11 +48,17 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     Every concrete solver has the fields `rtol`, `atol` and `norm`; the loop
     decides convergence with them by `fixpoint.converged` (see the README's
     convergence rule), the same way for every solver.
+
+    `step_estimates_error` (a class attribute, default True): whether the
+    proposed step `y_next - y` estimates the distance to the solution, so that
+    the loop also requires it to meet the tolerance. Set it to False where the
+    step need not vanish at a fixed point (Halpern's pull towards its anchor).
     """
 
     rtol: AbstractVar[float]
     atol: AbstractVar[float]
     norm: AbstractVar[Norm]
+    step_estimates_error: ClassVar[bool] = True
 
     @abc.abstractmethod
     def init(self, problem: Problem, y, args) -> _State:

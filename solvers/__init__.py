@@ -11,6 +11,7 @@ from .decoding import SequentialDecoding as SequentialDecoding
 from .deer import DEER as DEER
 from .deer import ELK as ELK
 from .deer import QuasiDEER as QuasiDEER
+from .halpern import Halpern as Halpern
 from .jacobi import GaussSeidel as GaussSeidel
 from .jacobi import Jacobi as Jacobi
 from .jacobi import Sequential as Sequential
