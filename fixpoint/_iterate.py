@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from ._compact import Compaction, compacted_while_loop
 from ._convergence import decide, measure
 from ._manual import manual_axes, match_varying
+from ._norm import max_norm, rms_norm, two_norm
 from ._problem import Problem
 from ._solution import RESULTS
 from ._solver import AbstractSolver
@@ -205,10 +206,15 @@ def iterate(
         # proposed step is the solver's estimate of the distance to the
         # solution (for Newton exactly so); requiring it to be small as well stops
         # an iterate that runs off to where the residual merely saturates. Where
-        # the step is `f(y) - y` (undamped Picard), it is exactly `-G(y)` and its
-        # test the residual's own, so it is not measured twice. A solver whose step
-        # is no error estimate (Halpern's) says so and is not tested on it.
-        same = problem.kind == "fixed_point" and step.y_next is ev.fy
+        # the step is `f(y) - y` (undamped Picard), it is exactly `-G(y)` and, for
+        # the library's norms (even: `norm(-v) == norm(v)` bit for bit), its test
+        # the residual's own, so it is not measured twice. A solver whose step is
+        # no error estimate (Halpern's) says so and is not tested on it.
+        same = (
+            problem.kind == "fixed_point"
+            and step.y_next is ev.fy
+            and solver.norm in (max_norm, rms_norm, two_norm)
+        )
         tested = solver.step_estimates_error and not same
         sizes = measure(
             solver.norm,

@@ -317,6 +317,15 @@ def test_division_free_max_norm_test_equals_the_scaled_norm(dtype):
         np.testing.assert_array_equal(by_comparison, by_division)
 
 
+def test_picard_keeps_the_step_test_for_a_user_norm():
+    # Undamped Picard's step test is skipped only for the library's (even)
+    # norms; a user `norm` keeps it, even one that is not symmetric (review).
+    solver = solvers.Picard(1e-3, 1e-6, norm=lambda v: jnp.sum(v))
+    sol = fixpoint.fixed_point(lambda y, a: 0.5 * y + 1.0, jnp.zeros(3), solver=solver)
+    assert int(sol.stats["num_steps"]) > 0
+    np.testing.assert_allclose(sol.value, 2.0, rtol=1e-2)
+
+
 def test_scan_failed_solve_has_nan_gradient_and_masks_cleanly(getkey):
     w = 0.5 * jax.random.normal(getkey(), (3, 3))
     xs = jax.random.normal(getkey(), (2, 40, 3))
