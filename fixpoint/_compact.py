@@ -33,7 +33,11 @@ class Compaction(eqx.Module):
 
     - `factor`: each bucket is `1/factor` the size of the previous one (an int
       >= 2). Larger factors compile fewer copies of the loop body.
-    - `min_bucket`: the smallest bucket (an int >= 1).
+    - `min_bucket`: the smallest bucket (an int >= 1). The default 2 keeps a
+      matmul in the user's map a matrix-matrix product, bit-identical to the
+      uncompacted loop's on the CPU; 1 can be several times faster for the last
+      sample but its matrix-vector product has other last bits, so values and
+      (at the float noise floor) step counts can differ.
     - `min_batch`: batches smaller than this are not compacted (the plain loop).
 
     Pass `compaction=None` to an entry point to turn compaction off.
