@@ -14,6 +14,7 @@ from .deer import QuasiDEER as QuasiDEER
 from .halpern import Halpern as Halpern
 from .jacobi import GaussSeidel as GaussSeidel
 from .jacobi import Jacobi as Jacobi
+from .jacobi import PicardSum as PicardSum
 from .jacobi import Sequential as Sequential
 from .newton import Newton as Newton
 from .picard import Picard as Picard

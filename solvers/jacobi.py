@@ -1,4 +1,4 @@
-"""Scan solvers that only evaluate the cell: Sequential, Jacobi, block Gauss–Seidel.
+"""Scan solvers that only evaluate the cell: Sequential, Jacobi, block Gauss–Seidel, PicardSum.
 
 Song et al. 2021, "Accelerating Feedforward Computation via Parallel Nonlinear
 Equation Solving": the steps of a recurrence form a triangular nonlinear system;
@@ -88,6 +88,47 @@ class GaussSeidel(_AbstractEvaluateOnly):
         return block_sweep(problem, h, self.block), state
 
     def refine(self, problem, h, fh, derivatives, state):
+        return problem.refinement(h), state
+
+
+class PicardSum(_AbstractEvaluateOnly):
+    """Picard iteration in integral form over time: each update is one prefix sum.
+
+    `h_t <- h_0 + Σ_{s≤t} (cell(h_{s-1}, x_s) - h_{s-1})`, the Picard iteration
+    that ParaDiGMS (Shih et al. 2023) uses to sample diffusion models in
+    parallel; equivalently quasi-DEER with the identity as every step's
+    Jacobian, so an update costs one parallel evaluation of the cell (no
+    derivatives) and one cumulative sum. It is made for cells that are close to
+    the identity in the state, `h + dt·g(h, x)` (ODE and SDE integrators,
+    diffusion samplers, residual updates): there a change early in the sequence
+    moves every later step almost one for one, which `PicardSum` propagates in
+    one iteration where `Jacobi` moves it one step per iteration. On cells far
+    from the identity (a GRU, a contracting map) its proposals overshoot; the
+    loop's safeguard still brings every step within tolerance in at most `T`
+    iterations, but `QuasiDEER` or `Jacobi` are the better choice there.
+
+    Certification and the adjoint as `Jacobi` (`ScanProblem.refinement`; the
+    adjoint's recurrences, near the identity too for such cells, go through
+    this solver).
+
+    **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
+    `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
+    (default max-norm).
+    """
+
+    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    atol: float | None = None
+    norm: Callable = fixpoint.max_norm
+
+    def update(self, problem, h, fh, derivatives, frozen, state):
+        # Frozen steps are exact: no residual, so no change before the first
+        # unfrozen step, which moves to `F(H)_p` exactly.
+        r = jnp.where(frozen[:, None], 0, fh - h)
+        return h + problem.time.associative_scan(jnp.add, r, reverse=problem.reverse), state
+
+    def refine(self, problem, h, fh, derivatives, state):
+        # The identity is not the cell's Jacobian, so its prefix sum is no
+        # first-order error estimate: certify by `refinement`, as `Jacobi`.
         return problem.refinement(h), state
 
 

@@ -25,6 +25,7 @@ SCAN_SOLVERS = {
     "deer": solvers.DEER,
     "quasi_deer": solvers.QuasiDEER,
     "elk": solvers.ELK,
+    "picard_sum": solvers.PicardSum,
 }
 
 

@@ -27,6 +27,8 @@ SCAN_SOLVERS = {
     "quasi_deer_batched": solvers.QuasiDEER(batch_size=2, **TOL),
     "elk": solvers.ELK(**TOL),
     "elk_fixed": solvers.ELK(damping=0.1, adaptive=False, **TOL),
+    # Far from the identity on these cells: the loop's safeguard carries it.
+    "picard_sum": solvers.PicardSum(**TOL),
 }
 T = 60
 
@@ -90,7 +92,8 @@ def _loss(scanner, f, p, init, xs, reverse=False):
 # two different cells.
 _FORWARD = {name: i % 3 for i, name in enumerate(SCAN_SOLVERS)}
 CASES = [(name, False, cell) for name, cell in _FORWARD.items()] + [
-    (name, True, (_FORWARD[name] + 1) % 3) for name in ("gauss_seidel", "deer", "quasi_deer", "elk")
+    (name, True, (_FORWARD[name] + 1) % 3)
+    for name in ("gauss_seidel", "deer", "quasi_deer", "elk", "picard_sum")
 ]
 
 
