@@ -9,7 +9,8 @@ step is close to the identity (`x + dt·g(x)`), which is what `PicardSum`
 (ParaDiGMS's Picard iteration) is for.
 
 Per solver, float32 at the default tolerance (1e-4 per step): iterations
-(the parallel depth, the certifying iteration included), the result code,
+(`num_steps`: the parallel depth; the iteration that certifies and stops is
+not counted, as in every solve), the result code,
 derivative-free evaluations or JVPs per step (`Jacobi` and `PicardSum`
 evaluate the step once per iteration; `QuasiDEER`, `ELK` and `DEER` take `D`
 JVPs per step per iteration for exact diagonals or dense Jacobians), the

@@ -57,7 +57,9 @@ def scan(
     - `length`: the number of steps, if `xs` is `None` (checked against `xs`
       otherwise).
     - `solver`: a scan solver: `solvers.Sequential()`, `Jacobi()`,
-      `GaussSeidel(block)`, `DEER()`, `QuasiDEER()`, `ELK()`.
+      `GaussSeidel(block)`, `PicardSum()`, `DEER()`, `QuasiDEER()`, `ELK()`.
+      `Jacobi(window=w)` and `PicardSum(window=w)` evaluate a sliding window
+      of `w` steps per iteration (not with `mesh=`).
     - `reverse`: run from the last step to the first, as `lax.scan`.
     - `guess`: a starting trajectory of carries (leading axis `T`), e.g. the
       answer of a previous call; default: `init` at every step.
@@ -123,6 +125,13 @@ def scan(
     _check_carry(f, init, x0, h0.dtype)
     h_guess = _guess(guess, init, steps, h0)
     devices = 1 if mesh is None else mesh.devices.size
+    for name, s in (("solver", solver), ("adjoint_solver", adjoint_solver)):
+        window = s.window_length(steps)
+        if mesh is not None and window is not None and window < steps:
+            raise ValueError(
+                f"`{name}={type(s).__name__}(window={window})` slides a window along an "
+                "unsharded time axis; with `mesh=` drop the window (or the mesh)."
+            )
     if max_steps is None:
         max_steps = steps + (-steps % devices) + EXTRA_STEPS  # padded steps converge too
     # Cached across eager calls only for an Equinox module `f` (see `fixed_point`).
@@ -139,6 +148,7 @@ def scan(
         throw=throw,
         reverse=reverse,
         record_residuals=record_residuals,
+        extrapolate=guess is None,
         mesh=mesh,
     )
     if throw:
@@ -180,7 +190,17 @@ _compiled = eqx.filter_jit(_scan_core)
 
 
 def _solve(
-    inputs, h_guess, *, time, solver, adjoint_solver, max_steps, throw, reverse, record_residuals
+    inputs,
+    h_guess,
+    *,
+    time,
+    solver,
+    adjoint_solver,
+    max_steps,
+    throw,
+    reverse,
+    record_residuals,
+    extrapolate,
 ):
     """The scan on one device (or inside `shard_map`, on one chunk of time)."""
 
@@ -198,6 +218,7 @@ def _solve(
             atol=atol,
             max_steps=max_steps,
             record_residuals=record_residuals,
+            extrapolate=extrapolate,
         )
         return h, (result, stats)
 

@@ -12,6 +12,7 @@ from ._linear import flag_failure
 from ._manual import while_loop
 from ._scan_solver import AbstractScanSolver, ScanProblem, scan_tolerances
 from ._solution import RESULTS
+from ._time import Time
 
 # Iterations allowed beyond `T` by default: the per-step phase needs at most `T`;
 # certification usually needs one refinement (two when it corrects a trajectory).
@@ -38,6 +39,7 @@ def iterate_scan(
     atol,
     max_steps: int,
     record_residuals: bool = False,
+    extrapolate: bool = False,
 ):
     """Iterate `solver` on the trajectory `h` (`(T, D)`, or a device's chunk).
 
@@ -66,6 +68,15 @@ def iterate_scan(
       update that is the sequential answer itself (a sweep of the whole
       sequence from `h0`) needs no certificate: once finite, it is returned
       and the solve stops `successful` (an exact update counts as a step).
+
+    - **Sliding window** (`solver.window_length(T) = w < T`, unsharded). The
+      per-step phase evaluates only the `w` steps from the first unconverged
+      one (the last `w` steps once fewer are left), with the same rules on
+      that window, so an iteration costs `w` evaluations of the cell, not `T`.
+      Steps ahead of the window keep their guess until it reaches them; with
+      `extrapolate=True` (the default guess) a step the window has never
+      reached starts from the latest state evaluated. Once every step meets
+      the tolerance, certification runs on the whole trajectory as above.
 
     Stops with `successful` as above; `nonfinite` when the exact value at step
     `p` is not finite (the sequential scan itself would produce it);
@@ -189,6 +200,19 @@ def iterate_scan(
             history=history,
         )
 
+    window = solver.window_length(length)
+    if window is not None and window < length:
+        if time.axis_name is not None:
+            raise ValueError(
+                f"{type(solver).__name__}: a window (`window={window}`) needs an unsharded "
+                "time axis; drop `mesh=` or the window."
+            )
+        if jax.tree.leaves(init.state):
+            raise TypeError(
+                f"{type(solver).__name__}: a solver with a window must keep no state "
+                "(`init` returning None)."
+            )
+        init = _window_phase(solver, problem, init, window, rtol, atol, max_steps, extrapolate)
     final = while_loop(lambda c: ~c.done, body, init)
     stats = {
         "num_steps": final.step,
@@ -198,6 +222,80 @@ def iterate_scan(
     if record_residuals:
         stats["residual_history"] = final.history
     return final.h, final.result, stats
+
+
+def _window_phase(solver, problem, init, window, rtol, atol, max_steps, extrapolate):
+    """The per-step phase of `iterate_scan` on a sliding window of `window` steps.
+
+    Runs until every step meets the tolerance (then `iterate_scan`'s own loop
+    certifies the whole trajectory), a non-finite exact value, or `max_steps`.
+    `converged_steps` is the first unconverged step in scan order, as there.
+    """
+    length = init.h.shape[0]
+    reverse = problem.reverse
+    local = jnp.arange(window)  # scan order inside the window
+
+    def index(s):
+        """The array index of scan position `s`."""
+        return length - 1 - s if reverse else s
+
+    def body(carry):
+        c, frontier = carry
+        p = c.converged_steps
+        s = jnp.minimum(p, length - window)  # the window's first step, in scan order
+        lo = length - s - window if reverse else s  # its first row in the array
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, lo, window)  # noqa: E731
+        h = rows(c.h)
+        scan_pos = s + (window - 1 - local if reverse else local)
+        if extrapolate:
+            # Steps the window never reached start from the latest state evaluated.
+            latest = jnp.where(frontier > 0, c.h[index(jnp.maximum(frontier - 1, 0))], problem.h0)
+            h = jnp.where((scan_pos >= frontier)[:, None], latest, h)
+        start = jnp.where(s > 0, c.h[index(jnp.maximum(s - 1, 0))], problem.h0)
+        sub = ScanProblem(
+            problem.cell, start, jax.tree.map(rows, problem.xs), Time(), reverse, problem.linear
+        )
+        order = scan_pos - s
+        fh, derivatives = solver.linearise(sub, h, None)
+        r = h - fh
+        ok = rows_meet(solver.norm, r, h, rtol, atol) | (order < p - s)
+        fh_finite = jnp.all(jnp.isfinite(fh), axis=1)
+        firsts = jnp.min(
+            jnp.stack([jnp.where(ok, window, order), jnp.where(ok | fh_finite, window, order)]),
+            axis=1,
+        )
+        p_local, q_local = firsts[0], firsts[1]
+        finite = (p_local >= window) | (q_local != p_local)
+        frozen = order < p_local
+        h_next, _ = solver.update(sub, h, fh, derivatives, frozen, None)
+        proposal_finite = jnp.all(jnp.isfinite(h_next), axis=1)
+        proposal = jnp.where(proposal_finite[:, None], h_next, jnp.where(fh_finite[:, None], fh, h))
+        at = (order == p_local)[:, None]
+        h_next = jnp.where(frozen[:, None], h, jnp.where(at, fh, proposal))
+        out_of_steps = c.step >= max_steps
+        result, done = termination(jnp.array(False), finite, jnp.array(False), out_of_steps)
+        residual = jnp.max(row_sizes(solver.norm, r))
+        history = c.history
+        if history is not None:
+            history = history.at[c.step].set(residual)
+        new_h = jax.lax.dynamic_update_slice_in_dim(c.h, h_next, lo, axis=0)
+        c = _Carry(
+            h=jnp.where(done, c.h, new_h),
+            state=c.state,
+            step=c.step + jnp.where(done, 0, 1),
+            done=done,
+            result=result,
+            residual=residual,
+            converged_steps=s + p_local,
+            history=history,
+        )
+        return c, jnp.maximum(frontier, s + window)
+
+    def cond(carry):
+        c, _ = carry
+        return ~c.done & (c.converged_steps < length)
+
+    return while_loop(cond, body, (init, jnp.array(0)))[0]
 
 
 _HINT = (
@@ -259,6 +357,7 @@ def scan_linear_solve(solver: AbstractScanSolver, throw: bool, time, reverse: bo
                 rtol=rtol,
                 atol=scale,
                 max_steps=total + EXTRA_STEPS,
+                extrapolate=True,
             )
             failed = result != RESULTS.successful
             steps, res = stats["num_steps"], stats["residual"]

@@ -238,6 +238,19 @@ class AbstractScanSolver(eqx.Module):
         """
         return False
 
+    def window_length(self, length: int) -> int | None:
+        """How many steps one iteration of the per-step phase evaluates (static).
+
+        `None` (default): the whole trajectory. An int `w < length`: a sliding
+        window of `w` steps from the first unconverged one (`fixpoint.iterate_scan`);
+        `linearise`, `update` and `init` then see a `ScanProblem` of `w` steps
+        whose `h0` is the state before the window, and `state` is None (a
+        windowed solver keeps no state). Certification still covers the whole
+        trajectory. Needs an unsharded time axis.
+        """
+        del length
+        return None
+
     def exact(self, problem: ScanProblem) -> tuple[bool, bool]:
         """`(update_exact, refine_exact)`: whether `update` / `refine` return the
         sequential answer itself on `problem` (static; default `(False, False)`).

@@ -24,7 +24,9 @@ class Time(eqx.Module):
     size: int = eqx.field(static=True, default=1)
 
     def _index(self):
-        return lax.axis_index(self.axis_name)
+        # In the default int dtype, as `jnp.arange` (int32 is a strict-promotion
+        # error against int64 positions under x64).
+        return lax.axis_index(self.axis_name).astype(jax.dtypes.canonicalize_dtype(jnp.int_))
 
     def offset(self, local_length: int):
         """Global index of this chunk's first step."""

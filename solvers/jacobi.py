@@ -48,12 +48,25 @@ class Jacobi(_AbstractEvaluateOnly):
 
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
     `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
-    (default max-norm).
+    (default max-norm), `window` (default None, the whole sequence): with an
+    int `w`, each iteration evaluates only the `w` steps from the first
+    unconverged one, a window that slides as steps converge (ParaDiGMS's
+    sliding window; an iteration costs `w` evaluations instead of `T`; steps
+    the window has not reached start from the latest state evaluated, unless
+    `guess=` is given; certification still covers the whole sequence; time
+    unsharded only).
     """
 
     rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
     atol: float | None = None
     norm: Callable = fixpoint.max_norm
+    window: int | None = None
+
+    def __check_init__(self):
+        _check_window(self)
+
+    def window_length(self, length):
+        return self.window
 
     def update(self, problem, h, fh, derivatives, frozen, state):
         return fh, state
@@ -113,12 +126,25 @@ class PicardSum(_AbstractEvaluateOnly):
 
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
     `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
-    (default max-norm).
+    (default max-norm), `window` (default None, the whole sequence): with an
+    int `w`, each iteration evaluates only the `w` steps from the first
+    unconverged one, a window that slides as steps converge (ParaDiGMS's
+    sliding window; an iteration costs `w` evaluations instead of `T`; steps
+    the window has not reached start from the latest state evaluated, unless
+    `guess=` is given; certification still covers the whole sequence; time
+    unsharded only).
     """
 
     rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
     atol: float | None = None
     norm: Callable = fixpoint.max_norm
+    window: int | None = None
+
+    def __check_init__(self):
+        _check_window(self)
+
+    def window_length(self, length):
+        return self.window
 
     def update(self, problem, h, fh, derivatives, frozen, state):
         # Frozen steps are exact: no residual, so no change before the first
@@ -190,3 +216,12 @@ def block_sweep(problem: fixpoint.ScanProblem, h, block: int):
 
     out = jax.vmap(sweep)(starts, xs_blocks).reshape(length + pad, -1)[:length]
     return jnp.flip(out, 0) if problem.reverse else out
+
+
+def _check_window(solver):
+    w = solver.window
+    # A window of 1 would spend an iteration confirming each step it sets.
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 2):
+        raise ValueError(
+            f"{type(solver).__name__}: `window` must be an int >= 2 or None, got {w!r}."
+        )

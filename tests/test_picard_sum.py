@@ -78,7 +78,7 @@ def test_sampler_in_few_iterations_where_jacobi_needs_T(problem):
     assert bool(sol.result == OK)
     np.testing.assert_allclose(ys, ref, rtol=1e-9, atol=1e-9)
     steps = int(sol.stats["num_steps"])
-    # Measured: 25 iterations, certificate included; Jacobi fixes about one
+    # Measured: 25 iterations; Jacobi fixes about one
     # step per iteration on a cell this close to the identity.
     assert steps <= 30, steps
     _, _, jac = run(solvers.Jacobi(1e-10, 1e-10), params, x0, xs)
@@ -157,3 +157,142 @@ def test_a_cell_far_from_the_identity_still_converges():
     ref = jax.lax.scan(f, jnp.ones(3, jnp.float64), xs)[1]
     assert bool(sol.result == OK) and int(sol.stats["num_steps"]) <= 50 + 2
     np.testing.assert_allclose(ys, ref, rtol=1e-9, atol=1e-9)
+
+
+# ---- sliding windows ------------------------------------------------------------
+
+
+def _newton_certified(window):
+    return _NewtonCertified(1e-10, 1e-10, window=window)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_window_matches_lax_scan_and_evaluates_less(problem, reverse):
+    params, x0, xs = problem
+    ref = jax.lax.scan(lambda h, s: _sampler_step(params, h, s), x0, xs, reverse=reverse)[1]
+    run = jax.jit(
+        lambda solver, x0: _solve(solver, params, x0, xs, reverse=reverse), static_argnums=0
+    )
+    counts = {}
+    for window in (None, 40):
+        _, ys, sol = run(_newton_certified(window), x0)
+        assert bool(sol.result == OK), window
+        np.testing.assert_allclose(ys, ref, rtol=1e-9, atol=1e-9)
+        counts[window] = int(sol.stats["num_steps"])
+    # Each windowed iteration evaluates 40 steps, the whole-sequence one 200.
+    assert counts[40] <= T + 2
+    assert counts[40] * 40 < counts[None] * T, counts
+    # The default guess lets steps entering the window start from the latest
+    # state; the same guess passed explicitly is kept as it is, and costs more.
+    _, _, kept = fixpoint.scan(
+        lambda h, s: _sampler_step(params, h, s),
+        x0,
+        xs,
+        solver=_newton_certified(40),
+        reverse=reverse,
+        guess=jnp.broadcast_to(x0, (T, D)),
+        return_solution=True,
+    )
+    assert bool(kept.result == OK) and int(kept.stats["num_steps"]) > counts[40], counts
+
+
+def test_window_gradients_match_lax_scan(problem):
+    params, x0, xs = problem
+    w = jnp.sin(jnp.arange(T * D, dtype=jnp.float64)).reshape(T, D)
+
+    def loss(x0, solver):
+        if solver is None:
+            ys = jax.lax.scan(lambda h, s: _sampler_step(params, h, s), x0, xs)[1]
+        else:
+            ys = _solve(solver, params, x0, xs)[1]
+        return jnp.sum(w * ys)
+
+    grad = jax.jit(jax.grad(lambda x0: loss(x0, solvers.PicardSum(1e-11, 1e-11, window=32))))(x0)
+    np.testing.assert_allclose(grad, jax.grad(loss)(x0, None), rtol=1e-8, atol=1e-10)
+
+
+def test_window_under_vmap_agrees_with_each_call(problem):
+    params, _, xs = problem
+    x0s = 20.0 * jax.random.normal(jax.random.key(12), (3, D), jnp.float64)
+
+    def run(x0):
+        _, ys, sol = _solve(_newton_certified(25), params, x0, xs)
+        return ys, sol.stats["num_steps"], sol.stats["converged_steps"]
+
+    batched = jax.jit(jax.vmap(run))(x0s)
+    for i in range(3):
+        one = jax.jit(run)(x0s[i])
+        np.testing.assert_allclose(batched[0][i], one[0], rtol=1e-12, atol=1e-12)
+        assert int(batched[1][i]) == int(one[1]) and int(batched[2][i]) == T
+
+
+def test_window_keeps_a_given_guess(problem):
+    # A guess is not overwritten by extrapolation: the exact trajectory as the
+    # guess is confirmed one window at a time, with no update at all.
+    params, x0, xs = problem
+    exact = jax.lax.scan(lambda h, s: _sampler_step(params, h, s), x0, xs)[1]
+    _, ys, sol = fixpoint.scan(
+        lambda h, s: _sampler_step(params, h, s),
+        x0,
+        xs,
+        solver=_newton_certified(50),
+        guess=exact,
+        return_solution=True,
+    )
+    assert bool(sol.result == OK)
+    # Four windows; the iteration that certifies and stops is not counted.
+    assert int(sol.stats["num_steps"]) == T // 50
+
+
+def test_window_codes_nonfinite_and_max_steps():
+    # NaN from step 30 on: `nonfinite`, with the 30 leading steps converged.
+    xs = jnp.where(jnp.arange(60.0) < 30, 0.01, jnp.nan)[:, None] * jnp.ones(2)
+    f = lambda h, x: (h + x, h)  # noqa: E731
+    _, _, sol = fixpoint.scan(
+        f, jnp.zeros(2), xs, solver=solvers.PicardSum(window=8), throw=False, return_solution=True
+    )
+    assert bool(sol.result == fixpoint.RESULTS.nonfinite)
+    assert int(sol.stats["converged_steps"]) == 30
+    # Out of iterations inside the window phase.
+    xs = jnp.full((60, 2), 0.01)
+    _, _, sol = fixpoint.scan(
+        lambda h, x: (jnp.sin(3 * h) + x, h),
+        jnp.zeros(2),
+        xs,
+        solver=solvers.PicardSum(window=8),
+        max_steps=3,
+        throw=False,
+        return_solution=True,
+    )
+    assert bool(sol.result == fixpoint.RESULTS.max_steps_reached)
+    assert int(sol.stats["num_steps"]) == 3 and int(sol.stats["converged_steps"]) < 60
+
+
+def test_window_longer_than_the_sequence_changes_nothing(problem):
+    params, x0, xs = problem
+    outs = [_solve(solvers.PicardSum(window=w), params, x0, xs)[2] for w in (None, T, 10 * T)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.value, outs[0].value)
+        assert int(out.stats["num_steps"]) == int(outs[0].stats["num_steps"])
+
+
+def test_window_errors_name_the_problem():
+    for bad in (0, 1, True, 2.5):
+        with pytest.raises(ValueError, match="window"):
+            solvers.PicardSum(window=bad)
+
+    class WindowedELK(solvers.ELK):
+        def window_length(self, length):
+            return 4
+
+    xs = jnp.ones((10, 2))
+    f = lambda h, x: (h + x, h)  # noqa: E731
+    with pytest.raises(TypeError, match="WindowedELK: a solver with a window must keep no state"):
+        fixpoint.scan(f, jnp.zeros(2), xs, solver=WindowedELK())
+    mesh = jax.make_mesh((1,), ("time",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match=r"`solver=PicardSum\(window=4\)` slides a window"):
+        fixpoint.scan(f, jnp.zeros(2), xs, solver=solvers.PicardSum(window=4), mesh=mesh)
+    # Without a window the one-device mesh runs (its axis index is an int32,
+    # which used to meet int64 positions under x64 and strict promotion).
+    final, _ = fixpoint.scan(f, jnp.zeros(2), xs, solver=solvers.PicardSum(), mesh=mesh)
+    np.testing.assert_allclose(final, 10.0)
