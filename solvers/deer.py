@@ -150,9 +150,10 @@ class ELK(fixpoint.AbstractScanSolver):
     bounded on unstable or chaotic dynamics where (quasi-)DEER overshoots.
 
     With `adaptive=True` (default) `λ` is a trust-region parameter: when the
-    sum of squared residuals fell, the step is kept and `λ` shrinks
-    (×`decrease`); when it rose, the step is retaken from the last accepted
-    trajectory with `λ` grown (×`increase`). Memory `O(T·D)`, except for the
+    sum of squared residuals fell (or grew by less than 1 %, which the loop's
+    exact setting of the first unconverged step alone can cause), the step is
+    kept and `λ` shrinks (×`decrease`); otherwise the step is retaken from the
+    last accepted trajectory with `λ` grown (×`increase`). Memory `O(T·D)`, except for the
     certifying iteration and the adjoint, which are those of `QuasiDEER`.
 
     **Arguments:** `damping` (the initial or fixed `λ ≥ 0`), `adaptive`,
@@ -199,7 +200,13 @@ class ELK(fixpoint.AbstractScanSolver):
             return h + smooth(a, r, self.damping), state
         lam, best, h_old, a_old, r_old = state
         merit = problem.time.sum(jnp.where(jnp.isfinite(r), r * r, jnp.inf))
-        better = merit < best
+        # Kept unless the merit grew by more than `_SLACK`: the loop sets the first
+        # unconverged step to its exact value, and that alone raises the merit of
+        # even a zero step by about `2 r_p·r_{p+1}` (relative `2/T` on a cell near
+        # the identity). With a strict decrease such a step could never be kept
+        # again once `λ` is large, and `λ` would grow without end (a 1000-step
+        # diffusion sampler ran 1000 iterations at the loop's one step each).
+        better = merit < best * (1 + _SLACK)
         lam = jnp.where(better, lam * self.decrease, jnp.maximum(lam, 1e-6) * self.increase)
         pairs = ((h, h_old), (a, a_old), (r, r_old))
         h_base, a, r = (jnp.where(better, new, old) for new, old in pairs)
@@ -218,6 +225,13 @@ class ELK(fixpoint.AbstractScanSolver):
 
     def linear_solver(self, problem):
         return _linear_solver(self, problem)
+
+
+# The relative growth of the merit that `ELK` still accepts (see `ELK.update`).
+# Measured, float32: a 1000-step probability-flow sampler (D = 16) takes 13
+# iterations at 1e-2 (1000 at 1e-3 and with a strict decrease); a chaotic GRU
+# (D = 8, weights ×6, T = 1000) 483 (434 with a strict decrease, 590 at 1e-1).
+_SLACK = 1e-2
 
 
 def kalman_smoother(time, a, r, damping, reverse=False, frozen=None):

@@ -296,3 +296,14 @@ def test_window_errors_name_the_problem():
     # which used to meet int64 positions under x64 and strict promotion).
     final, _ = fixpoint.scan(f, jnp.zeros(2), xs, solver=solvers.PicardSum(), mesh=mesh)
     np.testing.assert_allclose(final, 10.0)
+
+
+def test_elk_on_the_sampler_keeps_its_steps(problem):
+    # ELK's trust region used to reject every step after the first here (the
+    # loop's exact setting of the first unconverged step raises the merit of
+    # even a zero step), so it ran T = 200 iterations at one step each; 14 now.
+    params, x0, xs = problem
+    ref = jax.lax.scan(lambda h, s: _sampler_step(params, h, s), x0, xs)[1]
+    _, ys, sol = jax.jit(lambda x0: _solve(solvers.ELK(), params, x0, xs))(x0)
+    assert bool(sol.result == OK) and int(sol.stats["num_steps"]) <= 30
+    np.testing.assert_allclose(ys, ref, rtol=1e-9, atol=1e-9)
