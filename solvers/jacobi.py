@@ -39,22 +39,15 @@ class _AbstractEvaluateOnly(fixpoint.AbstractScanSolver):
         return False, problem.refinement_is_exact()
 
 
-class Jacobi(_AbstractEvaluateOnly):
-    """Jacobi iteration over time: `h_t <- cell(h_{t-1}, x_t)` for every `t` at once.
+class _AbstractWindowed(_AbstractEvaluateOnly):
+    """Evaluate-only solvers with an optional sliding window.
 
-    Each iteration costs one parallel evaluation of the cell and fixes at least
-    one more step; recurrences that forget their past quickly (contracting in
-    the state) converge in far fewer than `T` iterations.
-
-    **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
-    `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
-    (default max-norm), `window` (default None, the whole sequence): with an
-    int `w`, each iteration evaluates only the `w` steps from the first
-    unconverged one, a window that slides as steps converge (ParaDiGMS's
-    sliding window; an iteration costs `w` evaluations instead of `T`; steps
-    the window has not reached start from the latest state evaluated, unless
-    `guess=` is given; certification still covers the whole sequence; time
-    unsharded only).
+    `window` (default None, the whole sequence): with an int `w`, each
+    iteration evaluates only the `w` steps from the first unconverged one, a
+    window that slides as steps converge (ParaDiGMS's sliding window; an
+    iteration costs `w` evaluations instead of `T`; steps the window has not
+    reached start from the latest state evaluated, unless `guess=` is given;
+    certification still covers the whole sequence; time unsharded only).
     """
 
     rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
@@ -67,6 +60,22 @@ class Jacobi(_AbstractEvaluateOnly):
 
     def window_length(self, length):
         return self.window
+
+
+class Jacobi(_AbstractWindowed):
+    """Jacobi iteration over time: `h_t <- cell(h_{t-1}, x_t)` for every `t` at once.
+
+    Each iteration costs one parallel evaluation of the cell and fixes at least
+    one more step; recurrences that forget their past quickly (contracting in
+    the state) converge in far fewer than `T` iterations.
+
+    **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
+    `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
+    (default max-norm), `window` (default None, the whole sequence; an int
+    `w >= 2`: each iteration evaluates only the `w` steps from the first
+    unconverged one, a window that slides as steps converge; README, "Recurrences
+    in parallel over time").
+    """
 
     def update(self, problem, h, fh, derivatives, frozen, state):
         return fh, state
@@ -104,7 +113,7 @@ class GaussSeidel(_AbstractEvaluateOnly):
         return problem.refinement(h), state
 
 
-class PicardSum(_AbstractEvaluateOnly):
+class PicardSum(_AbstractWindowed):
     """Picard iteration in integral form over time: each update is one prefix sum.
 
     `h_t <- h_0 + Σ_{s≤t} (cell(h_{s-1}, x_s) - h_{s-1})`, the Picard iteration
@@ -126,25 +135,11 @@ class PicardSum(_AbstractEvaluateOnly):
 
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
     `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
-    (default max-norm), `window` (default None, the whole sequence): with an
-    int `w`, each iteration evaluates only the `w` steps from the first
-    unconverged one, a window that slides as steps converge (ParaDiGMS's
-    sliding window; an iteration costs `w` evaluations instead of `T`; steps
-    the window has not reached start from the latest state evaluated, unless
-    `guess=` is given; certification still covers the whole sequence; time
-    unsharded only).
+    (default max-norm), `window` (default None, the whole sequence; an int
+    `w >= 2`: each iteration evaluates only the `w` steps from the first
+    unconverged one, a window that slides as steps converge; README, "Recurrences
+    in parallel over time").
     """
-
-    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
-    atol: float | None = None
-    norm: Callable = fixpoint.max_norm
-    window: int | None = None
-
-    def __check_init__(self):
-        _check_window(self)
-
-    def window_length(self, length):
-        return self.window
 
     def update(self, problem, h, fh, derivatives, frozen, state):
         # Frozen steps are exact: no residual, so no change before the first
