@@ -307,3 +307,14 @@ def test_elk_on_the_sampler_keeps_its_steps(problem):
     _, ys, sol = jax.jit(lambda x0: _solve(solvers.ELK(), params, x0, xs))(x0)
     assert bool(sol.result == OK) and int(sol.stats["num_steps"]) <= 30
     np.testing.assert_allclose(ys, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("window", [None, 30])
+def test_float32_at_the_default_tolerance(problem, window):
+    params, x0, xs = jax.tree.map(lambda a: a.astype(jnp.float32), problem)
+    ref = jax.lax.scan(lambda h, s: _sampler_step(params, h, s), x0, xs)[1]
+    _, ys, sol = jax.jit(lambda x0: _solve(_NewtonCertified(window=window), params, x0, xs))(x0)
+    assert bool(sol.result == OK) and ys.dtype == jnp.float32
+    # The default float32 tolerance is 1e-4 per step (`fixpoint.scan_tolerances`).
+    scale = 1e-4 * (1 + jnp.abs(ref))
+    assert float(jnp.max(jnp.abs(ys - ref) / scale)) <= 2.0
