@@ -75,8 +75,12 @@ def iterate_scan(
       that window, so an iteration costs `w` evaluations of the cell, not `T`.
       Steps ahead of the window keep their guess until it reaches them; with
       `extrapolate=True` (the default guess) a step the window has never
-      reached starts from the latest state evaluated. Once every step meets
-      the tolerance, certification runs on the whole trajectory as above.
+      reached starts from the latest state evaluated. The step set to its
+      exact value counts as converged at once (so `T` iterations still
+      suffice). Once every step meets the tolerance, certification runs on the
+      whole trajectory as above. A solve that stops in this phase
+      (`nonfinite`, `max_steps_reached`) returns the last window as measured,
+      and its `residual` is that window's (steps ahead were never measured).
 
     Stops with `successful` as above; `nonfinite` when the exact value at step
     `p` is not finite (the sequential scan itself would produce it);
@@ -278,15 +282,20 @@ def _window_phase(solver, problem, init, window, rtol, atol, max_steps, extrapol
         history = c.history
         if history is not None:
             history = history.at[c.step].set(residual)
-        new_h = jax.lax.dynamic_update_slice_in_dim(c.h, h_next, lo, axis=0)
+        # A stop keeps the measured window (with its extrapolated steps), so that
+        # `converged_steps` and `residual` describe the returned trajectory.
+        # Otherwise the first unconverged step is now its exact value from a
+        # frozen predecessor: it counts as converged at once (so `T` iterations
+        # suffice, as without a window, and a window of 1 is the sequential scan).
+        written = jnp.where(done, h, h_next)
         c = _Carry(
-            h=jnp.where(done, c.h, new_h),
+            h=jax.lax.dynamic_update_slice_in_dim(c.h, written, lo, axis=0),
             state=c.state,
             step=c.step + jnp.where(done, 0, 1),
             done=done,
             result=result,
             residual=residual,
-            converged_steps=s + p_local,
+            converged_steps=s + jnp.where(done, p_local, jnp.minimum(p_local + 1, window)),
             history=history,
         )
         return c, jnp.maximum(frontier, s + window)

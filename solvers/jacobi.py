@@ -72,7 +72,7 @@ class Jacobi(_AbstractWindowed):
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
     `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
     (default max-norm), `window` (default None, the whole sequence; an int
-    `w >= 2`: each iteration evaluates only the `w` steps from the first
+    `w >= 1`: each iteration evaluates only the `w` steps from the first
     unconverged one, a window that slides as steps converge; README, "Recurrences
     in parallel over time").
     """
@@ -136,7 +136,7 @@ class PicardSum(_AbstractWindowed):
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
     `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
     (default max-norm), `window` (default None, the whole sequence; an int
-    `w >= 2`: each iteration evaluates only the `w` steps from the first
+    `w >= 1`: each iteration evaluates only the `w` steps from the first
     unconverged one, a window that slides as steps converge; README, "Recurrences
     in parallel over time").
     """
@@ -215,8 +215,7 @@ def block_sweep(problem: fixpoint.ScanProblem, h, block: int):
 
 def _check_window(solver):
     w = solver.window
-    # A window of 1 would spend an iteration confirming each step it sets.
-    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 2):
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
         raise ValueError(
-            f"{type(solver).__name__}: `window` must be an int >= 2 or None, got {w!r}."
+            f"{type(solver).__name__}: `window` must be an int >= 1 or None, got {w!r}."
         )

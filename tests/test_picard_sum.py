@@ -268,6 +268,44 @@ def test_window_codes_nonfinite_and_max_steps():
     assert int(sol.stats["num_steps"]) == 3 and int(sol.stats["converged_steps"]) < 60
 
 
+def test_window_bounds_and_a_window_of_one():
+    # The step the loop sets exactly counts as converged at once, so a window
+    # needs no more iterations than `T` (a window of 1 is the sequential scan).
+    xs = jnp.linspace(-1.0, 1.0, 10)[:, None] * jnp.ones(3)
+    f = lambda h, x: (h + 0.05 * jnp.sin(h + x), h)  # noqa: E731
+    ref = jax.lax.scan(f, jnp.zeros(3), xs)[1]
+    for solver in (solvers.Jacobi, solvers.PicardSum):
+        for window in (1, 3, 9):
+            _, ys, sol = fixpoint.scan(
+                f,
+                jnp.zeros(3),
+                xs,
+                solver=solver(1e-12, 1e-12, window=window),
+                max_steps=10,
+                return_solution=True,
+            )
+            assert bool(sol.result == OK), (solver, window)
+            np.testing.assert_allclose(ys, ref, rtol=1e-12, atol=1e-12)
+    # A stop inside the window phase returns the window it measured: the
+    # leading steps it counts as converged are those of the returned value.
+    xs = jnp.where(jnp.arange(60) < 8, 1.0, 0.0)[:, None] * jnp.ones(2)
+    g = lambda h, x: (h + x, h)  # noqa: E731
+    _, _, sol = fixpoint.scan(
+        g,
+        jnp.zeros(2),
+        xs,
+        solver=solvers.PicardSum(window=8),
+        max_steps=2,
+        throw=False,
+        return_solution=True,
+    )
+    h = sol.value
+    r = jnp.max(jnp.abs(h - (jnp.concatenate([jnp.zeros((1, 2)), h[:-1]]) + xs)), axis=1)
+    lead = int(jnp.argmax(r > 1e-6))
+    assert bool(sol.result == fixpoint.RESULTS.max_steps_reached)
+    assert int(sol.stats["converged_steps"]) == lead == 17
+
+
 def test_window_longer_than_the_sequence_changes_nothing(problem):
     params, x0, xs = problem
     outs = [_solve(solvers.PicardSum(window=w), params, x0, xs)[2] for w in (None, T, 10 * T)]
@@ -277,7 +315,7 @@ def test_window_longer_than_the_sequence_changes_nothing(problem):
 
 
 def test_window_errors_name_the_problem():
-    for bad in (0, 1, True, 2.5):
+    for bad in (0, -3, True, 2.5):
         with pytest.raises(ValueError, match="window"):
             solvers.PicardSum(window=bad)
 
