@@ -266,6 +266,13 @@ def test_window_codes_nonfinite_and_max_steps():
     )
     assert bool(sol.result == fixpoint.RESULTS.max_steps_reached)
     assert int(sol.stats["num_steps"]) == 3 and int(sol.stats["converged_steps"]) < 60
+    # The residual is the last window's, measured at the returned trajectory.
+    h = sol.value
+    hp = jnp.concatenate([jnp.zeros((1, 2)), h[:-1]])
+    r = jnp.abs(h - (jnp.sin(3 * hp) + xs))
+    lo = int(sol.stats["converged_steps"])
+    window = r[min(lo, 60 - 8) : min(lo, 60 - 8) + 8]
+    np.testing.assert_allclose(sol.stats["residual"], jnp.max(window), rtol=1e-12)
 
 
 def test_window_bounds_and_a_window_of_one():
