@@ -240,8 +240,10 @@ def test_window_keeps_a_given_guess(problem):
         return_solution=True,
     )
     assert bool(sol.result == OK)
-    # Four windows; the iteration that certifies and stops is not counted.
-    assert int(sol.stats["num_steps"]) == T // 50
+    # Four windows, none needing an update, and the certifying measurement:
+    # no step counted (as without a window); with `max_steps=1` still a success.
+    assert int(sol.stats["num_steps"]) == 0
+    np.testing.assert_allclose(ys, exact, rtol=1e-12)
 
 
 def test_window_codes_nonfinite_and_max_steps():
@@ -295,7 +297,8 @@ def test_window_bounds_and_a_window_of_one():
             np.testing.assert_allclose(ys, ref, rtol=1e-12, atol=1e-12)
     # A stop inside the window phase returns the window it measured: the
     # leading steps it counts as converged are those of the returned value.
-    xs = jnp.where(jnp.arange(60) < 8, 1.0, 0.0)[:, None] * jnp.ones(2)
+    t = jnp.arange(60)
+    xs = jnp.where((t < 8) | (t >= 20), 1.0, 0.0)[:, None] * jnp.ones(2)
     g = lambda h, x: (h + x, h)  # noqa: E731
     _, _, sol = fixpoint.scan(
         g,
@@ -310,7 +313,9 @@ def test_window_bounds_and_a_window_of_one():
     r = jnp.max(jnp.abs(h - (jnp.concatenate([jnp.zeros((1, 2)), h[:-1]]) + xs)), axis=1)
     lead = int(jnp.argmax(r > 1e-6))
     assert bool(sol.result == fixpoint.RESULTS.max_steps_reached)
-    assert int(sol.stats["converged_steps"]) == lead == 17
+    # 25: the window that stopped (steps 17-24) holds steps never reached
+    # before, extrapolated, and some of them already meet the tolerance.
+    assert int(sol.stats["converged_steps"]) == lead == 25
 
 
 def test_window_longer_than_the_sequence_changes_nothing(problem):
