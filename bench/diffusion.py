@@ -15,7 +15,8 @@ the evaluations of the step in all iterations, JVPs counted as evaluations
 (`Jacobi` and `PicardSum` evaluate each step once per iteration, or only the
 `w` steps of their sliding window with `window=w`; `QuasiDEER`, `ELK` and
 `DEER` take `D` JVPs per step per iteration for exact diagonals or dense
-Jacobians; the certifying iteration not included), the
+Jacobians; neither the certifying iteration nor a window whose steps all
+met the tolerance, which needs no update, is counted), the
 largest error against float64 `lax.scan` (float32 `lax.scan`'s own error is
 the floor), and CPU time against float32 `lax.scan` (compile apart, min over
 calls). On the CPU the certificate of `Jacobi`, `PicardSum`, `QuasiDEER` and
