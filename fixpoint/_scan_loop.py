@@ -237,7 +237,7 @@ def _window_phase(solver, problem, init, window, rtol, atol, max_steps, extrapol
     """
     length = init.h.shape[0]
     reverse = problem.reverse
-    local = jnp.arange(window)  # scan order inside the window
+    local = jnp.arange(window)
 
     def index(s):
         """The array index of scan position `s`."""
@@ -250,7 +250,8 @@ def _window_phase(solver, problem, init, window, rtol, atol, max_steps, extrapol
         lo = length - s - window if reverse else s  # its first row in the array
         rows = lambda a: jax.lax.dynamic_slice_in_dim(a, lo, window)  # noqa: E731
         h = rows(c.h)
-        scan_pos = s + (window - 1 - local if reverse else local)
+        order = window - 1 - local if reverse else local  # each row's place in the window
+        scan_pos = s + order
         if extrapolate:
             # Steps the window never reached start from the latest state evaluated.
             latest = jnp.where(frontier > 0, c.h[index(jnp.maximum(frontier - 1, 0))], problem.h0)
@@ -259,7 +260,6 @@ def _window_phase(solver, problem, init, window, rtol, atol, max_steps, extrapol
         sub = ScanProblem(
             problem.cell, start, jax.tree.map(rows, problem.xs), Time(), reverse, problem.linear
         )
-        order = scan_pos - s
         fh, derivatives = solver.linearise(sub, h, None)
         r = h - fh
         ok = rows_meet(solver.norm, r, h, rtol, atol) | (order < p - s)
