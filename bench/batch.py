@@ -43,8 +43,7 @@ from _common import device_info, fmt_time, git_state, print_table, versions, wri
 from tqdm import tqdm
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 CONFIGS = {
     "plain": None,

@@ -2,7 +2,7 @@
 
 The model: `layers.CausalTransformer` (2 layers, d = 128, 4 heads, 256 positions,
 ASCII vocabulary), trained with AdamW on random 128-character windows of the
-standard library's top-level `.py` files (`layers.stdlib_text`; every 10th file is
+standard library's top-level `.py` files (`datasets.stdlib_text`; every 10th file is
 held out for validation). The weights are cached in `bench/models/` with
 `eqx.tree_serialise_leaves` beside a JSON file of the configuration and the
 validation loss; `--retrain` trains again.
@@ -58,8 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402
 
 import fixpoint  # noqa: E402
-import layers  # noqa: E402
-import solvers  # noqa: E402
+from fixpoint import datasets, layers, solvers  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent / "models"
 CONFIG = dict(max_len=256, d_model=128, num_heads=4, num_layers=2)
@@ -81,14 +80,14 @@ def val_loss(model, val_ids, batches=16, batch=32, seq_len=128):
     rng = np.random.default_rng(123)
     loss = eqx.filter_jit(layers.lm_loss)
     vals = [
-        float(loss(model, jnp.asarray(layers.random_batches(val_ids, batch, seq_len, rng))))
+        float(loss(model, jnp.asarray(datasets.random_batches(val_ids, batch, seq_len, rng))))
         for _ in range(batches)
     ]
     return float(np.mean(vals))
 
 
 def train(train_ids, val_ids, steps, batch, seq_len, lr, seed):
-    model = layers.CausalTransformer(layers.ASCII_VOCAB, **CONFIG, key=jax.random.key(seed))
+    model = layers.CausalTransformer(datasets.ASCII_VOCAB, **CONFIG, key=jax.random.key(seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, 100, steps, lr / 10)
     optim = optax.adamw(schedule, weight_decay=0.01)
     opt_state = optim.init(eqx.filter(model, eqx.is_array))
@@ -102,7 +101,7 @@ def train(train_ids, val_ids, steps, batch, seq_len, lr, seed):
     rng = np.random.default_rng(seed)
     bar = tqdm(range(steps), desc="train", mininterval=2.0)
     for i in bar:
-        data = jnp.asarray(layers.random_batches(train_ids, batch, seq_len, rng))
+        data = jnp.asarray(datasets.random_batches(train_ids, batch, seq_len, rng))
         model, opt_state, loss = step(model, opt_state, data)
         if i % 50 == 0:
             bar.set_postfix(loss=f"{float(loss):.3f}")
@@ -113,9 +112,9 @@ def load_or_train(retrain=False):
     """The benchmark's model and its metadata (trained and cached on first use)."""
     MODELS.mkdir(exist_ok=True)
     weights, meta_path = MODELS / "char_transformer.eqx", MODELS / "char_transformer.json"
-    train_text, val_text = layers.stdlib_text()
-    train_ids, val_ids = layers.encode(train_text), layers.encode(val_text)
-    skeleton = layers.CausalTransformer(layers.ASCII_VOCAB, **CONFIG, key=jax.random.key(0))
+    train_text, val_text = datasets.stdlib_text()
+    train_ids, val_ids = datasets.encode(train_text), datasets.encode(val_text)
+    skeleton = layers.CausalTransformer(datasets.ASCII_VOCAB, **CONFIG, key=jax.random.key(0))
     if weights.exists() and meta_path.exists() and not retrain:
         meta = json.loads(meta_path.read_text())
         if meta["config"] == CONFIG and meta["train"] == TRAIN:
@@ -141,7 +140,7 @@ def consistency_tune(
     """CLLM fine-tuning of `model` (see the module docstring); returns the model and stats."""
     rng = np.random.default_rng(seed)
     span = prompt_len + new_tokens
-    prompts = jnp.asarray(layers.random_batches(train_ids, examples, prompt_len - 1, rng))
+    prompts = jnp.asarray(datasets.random_batches(train_ids, examples, prompt_len - 1, rng))
     collect = jax.jit(
         lambda p: layers.jacobi_trajectories(
             model, p, new_tokens, solver=solvers.JacobiDecoding(window)
@@ -172,7 +171,7 @@ def consistency_tune(
         idx = rng.integers(0, examples, batch)
         j = rng.integers(0, calls_np[idx])  # one real state of each example's trajectory
         # Fresh text for the AR loss every step: a fixed set of windows is memorised.
-        text = jnp.asarray(layers.random_batches(train_ids, batch, span - 1, rng))
+        text = jnp.asarray(datasets.random_batches(train_ids, batch, span - 1, rng))
         model, opt_state, (gc, ar) = step(
             model, opt_state, prompts[idx], states[idx, j], fixed[idx], windows[idx, j], text
         )
@@ -195,7 +194,7 @@ def load_or_tune(model, meta, val_ids, retrain=False):
         tuned_meta = json.loads(meta_path.read_text())
         if tuned_meta["base"] == dict(config=CONFIG, train=TRAIN) and tuned_meta["cllm"] == CLLM:
             return eqx.tree_deserialise_leaves(weights, model), tuned_meta
-    train_ids = layers.encode(layers.stdlib_text()[0])
+    train_ids = datasets.encode(datasets.stdlib_text()[0])
     tuned, stats = consistency_tune(model, train_ids, **CLLM)
     tuned_meta = dict(
         base=dict(config=CONFIG, train=TRAIN),

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 
 class Cell(eqx.Module):

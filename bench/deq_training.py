@@ -40,8 +40,7 @@ import optax
 from tqdm import tqdm
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 

@@ -37,7 +37,7 @@ from _common import device_info, fmt_time, git_state, print_table, time_jitted, 
 from tqdm import tqdm
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 jax.config.update("jax_enable_x64", True)
 # name: (solver for T steps, JVPs per step and iteration scale with D, window / T)

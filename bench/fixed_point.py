@@ -93,7 +93,7 @@ from _common import (
 from tqdm import tqdm
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def _newton_linear_solver(cfg: Config):
     return lx.LU() if cfg.d <= 256 else _gmres(cfg)
 
 
-def ours(make_solver: Callable[[Config], fixpoint.AbstractSolver]):
+def ours(make_solver: Callable[[Config], fixpoint.internal.AbstractSolver]):
     def build(cfg: Config):
         fn, solver = per_sample_fn(cfg), make_solver(cfg)
 

@@ -89,7 +89,7 @@ from _common import (
 from tqdm import tqdm
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 RHO = 0.9
 MAX_STEPS = 500

@@ -54,14 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common  # noqa: E402
 
 import fixpoint  # noqa: E402
-import layers  # noqa: E402
+from fixpoint import datasets, layers  # noqa: E402
 
 # --------------------------------------------------------------------------- models
 
 
 def _abstract_params(build):
-    """`layers.count_params(build())` without building (shapes only)."""
-    return layers.count_params(eqx.filter_eval_shape(build))
+    """`datasets.count_params(build())` without building (shapes only)."""
+    return datasets.count_params(eqx.filter_eval_shape(build))
 
 
 _FIXED_HIDDEN = {"ignn": 96, "gcn": 96, "gin": 64}
@@ -130,20 +130,20 @@ class Task:
     def __init__(self, name, args):
         self.name = name
         if name == "gvi":
-            self.train = layers.gvi_dataset(256, seed=0)
+            self.train = datasets.gvi_dataset(256, seed=0)
             self.tests = {
-                "test": layers.gvi_dataset(64, seed=1),
-                "ood": layers.gvi_dataset(32, states=(50, 100), seed=2),
+                "test": datasets.gvi_dataset(64, seed=1),
+                "ood": datasets.gvi_dataset(32, states=(50, 100), seed=2),
             }
             self.out, self.graph_level = 1, False
         elif name == "flow":
-            self.train = layers.flow_dataset(256, seed=0)
-            self.tests = {"test": layers.flow_dataset(64, seed=1)}
+            self.train = datasets.flow_dataset(256, seed=0)
+            self.tests = {"test": datasets.flow_dataset(64, seed=1)}
             self.out, self.graph_level = 1, False
         elif name == "classify":
-            self.train = layers.graph_classification_dataset(512, seed=0)
-            self.tests = {"test": layers.graph_classification_dataset(128, seed=1)}
-            self.out, self.graph_level = len(layers.GRAPH_FAMILIES), True
+            self.train = datasets.graph_classification_dataset(512, seed=0)
+            self.tests = {"test": datasets.graph_classification_dataset(128, seed=1)}
+            self.out, self.graph_level = len(datasets.GRAPH_FAMILIES), True
         else:
             raise ValueError(name)
         g0 = self.train[0].graph
@@ -203,13 +203,14 @@ class Task:
 
             if self.name == "gvi":
                 ms = [
-                    layers.gvi_metrics(np.asarray(predict(model, ex.graph))[:, 0], ex) for ex in ds
+                    datasets.gvi_metrics(np.asarray(predict(model, ex.graph))[:, 0], ex)
+                    for ex in ds
                 ]
                 for k in ms[0]:
                     results[f"{split}_{k}"] = float(np.mean([m[k] for m in ms]))
             elif self.name == "flow":
                 mse = [
-                    layers.flow_mse(np.asarray(predict(model, ex.graph))[:, 0], ex.pressure)
+                    datasets.flow_mse(np.asarray(predict(model, ex.graph))[:, 0], ex.pressure)
                     for ex in ds
                 ]
                 results[f"{split}_mse"] = float(np.mean(mse))
@@ -256,12 +257,12 @@ def train(task, kind, seed, args):
     train_s = time.perf_counter() - t0
     predict = eqx.filter_jit(lambda m, g: m(g))
     res = task.evaluate(model, predict)
-    res.update(train_s=train_s, final_loss=float(loss), params=layers.count_params(model))
+    res.update(train_s=train_s, final_loss=float(loss), params=datasets.count_params(model))
     return res
 
 
 def chains_run(length, kind, seed, args):
-    data = layers.chains_dataset(length, seed=seed)
+    data = datasets.chains_dataset(length, seed=seed)
     g = data.graph
     model = make_model(
         kind, g.nodes.shape[1], g.edges.shape[1], 2, jax.random.key(seed), args.gamma, args.sizing
@@ -288,10 +289,10 @@ def chains_run(length, kind, seed, args):
     train_s = time.perf_counter() - t0
     logits = eqx.filter_jit(lambda m: m(g))(model)
     return dict(
-        test_accuracy=layers.node_accuracy(np.asarray(logits), data.labels, data.test_mask),
+        test_accuracy=datasets.node_accuracy(np.asarray(logits), data.labels, data.test_mask),
         solver_steps=solver_steps(model, g),
         train_s=train_s,
-        params=layers.count_params(model),
+        params=datasets.count_params(model),
     )
 
 

@@ -103,15 +103,14 @@ from _common import (
 )
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 INPUT = 4
 RESULT_NAMES = ("successful", "max_steps_reached", "diverged", "nonfinite", "linear_solve_failed")
 SHORT_RESULT = {"successful": "ok", "max_steps_reached": "max_steps"}
 ERR_TARGET = 1e-4
 
-SOLVERS: dict[str, Callable[[], fixpoint.AbstractScanSolver]] = {
+SOLVERS: dict[str, Callable[[], fixpoint.internal.AbstractScanSolver]] = {
     "DEER": lambda: solvers.DEER(),
     "QuasiDEER": lambda: solvers.QuasiDEER(),
     "ELK": lambda: solvers.ELK(damping=1.0),

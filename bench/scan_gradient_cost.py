@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 CASES = [(8, 1000), (8, 10000), (32, 10000)]
 SOLVERS = {"DEER": solvers.DEER(), "QuasiDEER": solvers.QuasiDEER(), "ELK": solvers.ELK()}

@@ -38,7 +38,7 @@ import numpy as np
 from _common import device_info, fmt_time, git_state, memory_of, print_table, versions, write_json
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 
 def _combine(dense):

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 jax.config.update("jax_enable_x64", True)
 TOLS = (1e-6, 1e-5, 1e-4, 1e-3)

@@ -54,8 +54,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fixpoint  # noqa: E402
-import layers  # noqa: E402
-import solvers  # noqa: E402
+from fixpoint import layers, solvers  # noqa: E402
 
 if args.num_processes > 1:
     # Collectives between CPU processes (GPUs and TPUs use their own).

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import fixpoint  # noqa: E402
-import solvers  # noqa: E402
+from fixpoint import solvers  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 TOL = 1e-8

@@ -9,10 +9,10 @@ from jax.flatten_util import ravel_pytree
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._checks import as_float_pytree, check_instance, check_output
 from ._convergence import converged
+from ._fixed_point_setup import residual_fn, setup
+from ._fixed_point_solver import check_tolerance
 from ._manual import hoist
 from ._norm import max_norm
-from ._solve import residual_fn, setup
-from ._solver import check_tolerance
 
 
 def _default_tolerances(dtype):

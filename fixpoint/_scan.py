@@ -12,12 +12,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._checks import as_float_pytree, check_instance, check_int
 from ._errors import checked
+from ._fixed_point_setup import _strong, cacheable, failed_at
 from ._implicit import implicit_solve
 from ._manual import hoist
 from ._scan_loop import EXTRA_STEPS, iterate_scan, scan_linear_solve
 from ._scan_solver import AbstractScanSolver, ScanProblem, scan_tolerances
 from ._solution import Solution
-from ._solve import _strong, cacheable, failed_at
 from ._time import Time
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ._convergence import row_sizes, rows_meet
-from ._iterate import termination
+from ._fixed_point_loop import termination
 from ._linear import flag_failure
 from ._manual import while_loop
 from ._scan_solver import AbstractScanSolver, ScanProblem, scan_tolerances

@@ -17,8 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 jax.config.update("jax_enable_x64", True)
 assert jax.device_count() == 4, jax.devices()

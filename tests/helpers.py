@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-import solvers
+from fixpoint import solvers
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):

@@ -22,8 +22,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import fixpoint  # noqa: E402
-import layers  # noqa: E402
-import solvers  # noqa: E402
+from fixpoint import layers, solvers  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
 me = jax.process_index()

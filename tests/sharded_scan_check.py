@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 jax.config.update("jax_enable_x64", True)
 assert jax.device_count() == 4, jax.devices()

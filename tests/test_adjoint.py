@@ -8,7 +8,7 @@ import pytest
 from helpers import SOLVERS, contraction, finite_difference_grad
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 EXACT_ADJOINTS = {
     "implicit": fixpoint.ImplicitAdjoint(),

@@ -14,8 +14,7 @@ import pytest
 from helpers import SOLVERS, finite_difference_grad
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 D, B = 6, 8
 COMPACT = fixpoint.Compaction(factor=2, min_batch=2)
@@ -243,7 +242,7 @@ def test_mondeq_splitting_loop_is_compacted_with_the_same_answers():
 def test_python_numbers_in_the_carry():
     # As `lax.while_loop`: a carry may hold Python numbers, and a body may return them.
     def run(x):
-        return fixpoint.compacted_while_loop(
+        return fixpoint.internal.compacted_while_loop(
             lambda c: c[1] < x, lambda c: (c[0] + 1, c[1] + 1.0), (0, 0.0), COMPACT
         )
 

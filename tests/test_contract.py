@@ -13,8 +13,7 @@ import pytest
 from helpers import SOLVERS
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 OK = fixpoint.RESULTS.successful
 DTYPES = [jnp.float32, jnp.float64]
@@ -284,10 +283,10 @@ def test_exact_solution_with_zero_atol(name, dtype):
 
 def test_scaled_size_zero_over_zero():
     norm = fixpoint.max_norm
-    assert float(fixpoint.scaled_size(norm, jnp.zeros(2), jnp.zeros(2), 1e-4, 0.0)) == 0.0
-    assert float(fixpoint.scaled_size(norm, jnp.array([0.0, 1e-30]), jnp.zeros(2), 1e-4, 0.0)) == (
-        np.inf
-    )
+    assert float(fixpoint.internal.scaled_size(norm, jnp.zeros(2), jnp.zeros(2), 1e-4, 0.0)) == 0.0
+    assert float(
+        fixpoint.internal.scaled_size(norm, jnp.array([0.0, 1e-30]), jnp.zeros(2), 1e-4, 0.0)
+    ) == (np.inf)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

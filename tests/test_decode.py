@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 V, D = 11, 8
 
@@ -309,7 +309,7 @@ def test_bad_inputs(model):
 
 @pytest.fixture(scope="module")
 def transformer():
-    import layers
+    from fixpoint import layers
 
     m = layers.CausalTransformer(
         V, max_len=40, d_model=32, num_heads=2, num_layers=2, key=jax.random.key(3)
@@ -418,7 +418,7 @@ def test_reviewed_edge_cases(model):
 
 
 def test_trajectory_and_consistency_losses(model):
-    import layers
+    from fixpoint import layers
 
     prompts = jax.random.randint(jax.random.key(12), (3, 4), 0, V).astype(jnp.int32)
     n = 10

@@ -9,8 +9,7 @@ import pytest
 from helpers import finite_difference_grad
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 
 class Cell(eqx.Module):

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 F, G = 3, 2
 TIGHT = solvers.Picard(1e-13, 1e-13)

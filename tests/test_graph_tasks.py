@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import layers
+from fixpoint import datasets, layers
 
 
 def _np(x, dtype=np.float64):
@@ -17,7 +17,7 @@ def _np(x, dtype=np.float64):
 
 @pytest.fixture(scope="module")
 def gvi():
-    return layers.gvi_dataset(6, seed=0)
+    return datasets.gvi_dataset(6, seed=0)
 
 
 def test_gvi_bellman_and_policy(gvi):
@@ -28,7 +28,7 @@ def test_gvi_bellman_and_policy(gvi):
         s, r, n = np.asarray(g.senders), np.asarray(g.receivers), g.num_nodes
         rewards, gamma = _np(g.edges[:, 0]), _np(g.edges[:, 1])
         assert np.all(np.abs(rewards) <= 1) and np.allclose(gamma, np.float32(0.9))
-        backup = layers.gvi_backup(ex.value, rewards, gamma, s, r, n)
+        backup = datasets.gvi_backup(ex.value, rewards, gamma, s, r, n)
         assert np.max(np.abs(backup - ex.value)) < 1e-7
         # the policy is an incoming edge of each state that attains the maximum
         assert ex.policy.shape == (n,)
@@ -53,18 +53,18 @@ def test_gvi_structure(gvi):
 
 def test_gvi_metrics(gvi):
     for ex in gvi[:2]:
-        m = layers.gvi_metrics(ex.value, ex)
+        m = datasets.gvi_metrics(ex.value, ex)
         assert m == {"mape": 0.0, "mae": 0.0, "policy_accuracy": 1.0}
         # MAPE divides by the true value
-        m = layers.gvi_metrics(1.1 * ex.value, ex)
+        m = datasets.gvi_metrics(1.1 * ex.value, ex)
         assert m["mape"] == pytest.approx(0.1, rel=1e-9)
         assert m["mae"] == pytest.approx(0.1 * np.mean(np.abs(ex.value)), rel=1e-9)
         # a constant prediction makes the greedy policy pick by reward alone
-        assert layers.gvi_metrics(np.zeros(ex.graph.num_nodes), ex)["policy_accuracy"] < 1
+        assert datasets.gvi_metrics(np.zeros(ex.graph.num_nodes), ex)["policy_accuracy"] < 1
     values = np.concatenate([ex.value for ex in gvi])
-    batched = layers.batch_gvi(gvi)
-    assert layers.gvi_metrics(values, gvi)["policy_accuracy"] == 1.0
-    assert layers.gvi_metrics(values[:, None], batched)["mape"] == 0.0
+    batched = datasets.batch_gvi(gvi)
+    assert datasets.gvi_metrics(values, gvi)["policy_accuracy"] == 1.0
+    assert datasets.gvi_metrics(values[:, None], batched)["mape"] == 0.0
     assert np.array_equal(
         np.asarray(batched.graph.receivers)[batched.policy], np.arange(len(values))
     )
@@ -80,26 +80,26 @@ def test_gvi_metrics_ties_and_zero_values():
         senders=jnp.asarray(s, jnp.int32),
         receivers=jnp.asarray(r, jnp.int32),
     )
-    ex = layers.GVIExample(graph, np.zeros(3), np.array([0, 2, 4]))
-    m = layers.gvi_metrics(np.array([0.0, 0.0, 1.0]), ex)  # state 0 picks edge 1: a tie
+    ex = datasets.GVIExample(graph, np.zeros(3), np.array([0, 2, 4]))
+    m = datasets.gvi_metrics(np.array([0.0, 0.0, 1.0]), ex)  # state 0 picks edge 1: a tie
     assert m["policy_accuracy"] == 1.0
     assert np.isnan(m["mape"]) and m["mae"] == pytest.approx(1 / 3)
 
 
 def test_gvi_deterministic_and_ood():
-    a = layers.gvi_dataset(2, seed=3)
-    b = layers.gvi_dataset(2, seed=3)
-    c = layers.gvi_dataset(2, seed=4)
+    a = datasets.gvi_dataset(2, seed=3)
+    b = datasets.gvi_dataset(2, seed=3)
+    c = datasets.gvi_dataset(2, seed=4)
     for x, y in zip(a, b, strict=True):
         assert np.array_equal(np.asarray(x.graph.edges), np.asarray(y.graph.edges))
         assert np.array_equal(np.asarray(x.graph.senders), np.asarray(y.graph.senders))
         assert np.array_equal(x.value, y.value) and np.array_equal(x.policy, y.policy)
     assert not np.array_equal(a[0].value[:5], c[0].value[:5])
-    for ex in layers.gvi_dataset(2, states=(50, 100), seed=1):
+    for ex in datasets.gvi_dataset(2, states=(50, 100), seed=1):
         assert 50 <= ex.graph.num_nodes <= 100
-        assert layers.gvi_metrics(ex.value, ex)["policy_accuracy"] == 1.0
+        assert datasets.gvi_metrics(ex.value, ex)["policy_accuracy"] == 1.0
     with pytest.raises(ValueError, match="actions"):
-        layers.gvi_dataset(1, states=(5, 6), actions=(5, 10), seed=0)
+        datasets.gvi_dataset(1, states=(5, 6), actions=(5, 10), seed=0)
 
 
 # ---------------------------------------------------------------------------
@@ -107,8 +107,8 @@ def test_gvi_deterministic_and_ood():
 
 
 def test_flow_kirchhoff_and_boundaries():
-    data = layers.flow_dataset(4, seed=0)
-    again = layers.flow_dataset(4, seed=0)
+    data = datasets.flow_dataset(4, seed=0)
+    again = datasets.flow_dataset(4, seed=0)
     for ex, ex2 in zip(data, again, strict=True):
         g, p = ex.graph, ex.pressure
         assert np.array_equal(p, ex2.pressure)
@@ -130,8 +130,8 @@ def test_flow_kirchhoff_and_boundaries():
         net = np.bincount(r, cond * (p[r] - p[s]), minlength=n)
         assert np.max(np.abs(net[interior])) < 1e-8
         assert np.all(p >= -1e-12) and np.all(p <= 1 + 1e-12)
-        assert 0 < layers.flow_mse(np.zeros(n), p) <= 1
-        assert layers.flow_mse(p[:, None], p, interior) == 0
+        assert 0 < datasets.flow_mse(np.zeros(n), p) <= 1
+        assert datasets.flow_mse(p[:, None], p, interior) == 0
 
 
 # ---------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_flow_kirchhoff_and_boundaries():
 
 @pytest.mark.parametrize("length", [1, 6])
 def test_chains(length):
-    data = layers.chains_dataset(length, seed=0)
+    data = datasets.chains_dataset(length, seed=0)
     g = data.graph
     chains = 40
     n = chains * length
@@ -163,8 +163,8 @@ def test_chains(length):
     if length > 1:
         deg = np.bincount(np.asarray(g.receivers), minlength=n).reshape(chains, length)
         assert np.all(deg[:, 0] == 1) and np.all(deg[:, -1] == 1) and np.all(deg[:, 1:-1] == 2)
-    assert layers.node_accuracy(np.eye(2)[data.labels], data.labels, test) == 1.0
-    wide = layers.chains_dataset(length, num_chains_per_class=3, seed=1, feature_size=5)
+    assert datasets.node_accuracy(np.eye(2)[data.labels], data.labels, test) == 1.0
+    wide = datasets.chains_dataset(length, num_chains_per_class=3, seed=1, feature_size=5)
     assert wide.graph.nodes.shape == (6 * length, 5)
 
 
@@ -173,7 +173,7 @@ def test_chains(length):
 
 
 def test_graph_classification():
-    data = layers.graph_classification_dataset(24, seed=0)
+    data = datasets.graph_classification_dataset(24, seed=0)
     assert sorted({ex.label for ex in data}) == [0, 1, 2, 3]
     ratio = {c: [] for c in range(4)}
     for ex in data:
@@ -206,7 +206,7 @@ def _permute(graph, node_perm, edge_perm):
 
 @pytest.fixture(scope="module")
 def flow_graphs():
-    return [ex.graph for ex in layers.flow_dataset(2, nodes=(12, 20), seed=5)]
+    return [ex.graph for ex in datasets.flow_dataset(2, nodes=(12, 20), seed=5)]
 
 
 @pytest.fixture(scope="module")
@@ -245,9 +245,9 @@ def test_shapes_dtypes_and_count(models, batched, flow_graphs):
     assert single.shape == (1, 3)
     gcn, gin = models
     assert gcn.readout.weight.dtype == jnp.float64
-    assert layers.count_params(gcn) == (5 * 16 + 16) + (16 * 16 + 16) + (16 * 3 + 3)
+    assert datasets.count_params(gcn) == (5 * 16 + 16) + (16 * 16 + 16) + (16 * 3 + 3)
     per_layer = (18 * 16 + 16) + 2 * (16 * 16 + 16)  # message, 2-layer MLP
-    assert layers.count_params(gin) == (5 * 16 + 16) + 2 * per_layer + 2 + (16 * 3 + 3)
+    assert datasets.count_params(gin) == (5 * 16 + 16) + 2 * per_layer + 2 + (16 * 3 + 3)
 
 
 def test_readout_values(batched, flow_graphs):

@@ -9,7 +9,7 @@ import pytest
 from helpers import contraction, finite_difference_grad
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 # Two hyperplanes `A x = b` in R^4: reflecting through one, then the other, is a
 # rotation about their intersection `L` (an isometry: nonexpansive, not a

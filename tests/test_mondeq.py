@@ -13,9 +13,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import fixpoint
-import solvers
-from layers.mondeq import CircularConvMonotone, ConvMonDEQ, MonDEQ
-from solvers.splitting import ForwardBackward, MonotoneMatrix, PeacemanRachford
+from fixpoint import solvers
+from fixpoint.layers import CircularConvMonotone, ConvMonDEQ, MonDEQ
+from fixpoint.solvers import ForwardBackward, MonotoneMatrix, PeacemanRachford
 
 TOL = 1e-12
 PR = PeacemanRachford(TOL, TOL)

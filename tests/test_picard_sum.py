@@ -12,7 +12,7 @@ import pytest
 from helpers import finite_difference_grad
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 OK = fixpoint.RESULTS.successful
 D, T = 4, 200
@@ -95,7 +95,9 @@ def test_update_on_an_integrator_is_exact_after_the_frozen_prefix():
     for reverse in (False, True):
         order = jnp.arange(5, -1, -1) if reverse else jnp.arange(6)
         frozen = order < 2
-        problem = fixpoint.ScanProblem(lambda h, x: h + x, h0, xs, fixpoint.Time(), reverse=reverse)
+        problem = fixpoint.internal.ScanProblem(
+            lambda h, x: h + x, h0, xs, fixpoint.internal.Time(), reverse=reverse
+        )
         exact = problem.sweep(6)
         h = jnp.where(frozen[:, None], exact + 1e-3, 7.0)
         out, _ = solvers.PicardSum().update(problem, h, problem.evaluate(h), None, frozen, None)
@@ -364,6 +366,6 @@ def test_float32_at_the_default_tolerance(problem, window):
     ref = jax.lax.scan(lambda h, s: _sampler_step(params, h, s), x0, xs)[1]
     _, ys, sol = jax.jit(lambda x0: _solve(_NewtonCertified(window=window), params, x0, xs))(x0)
     assert bool(sol.result == OK) and ys.dtype == jnp.float32
-    # The default float32 tolerance is 1e-4 per step (`fixpoint.scan_tolerances`).
+    # The default float32 tolerance is 1e-4 per step (`fixpoint.internal.scan_tolerances`).
     scale = 1e-4 * (1 + jnp.abs(ref))
     assert float(jnp.max(jnp.abs(ys - ref) / scale)) <= 2.0

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 _SOLVERS = [
     solvers.Picard(1e-9, 1e-9),

@@ -10,7 +10,7 @@ import pytest
 from helpers import SOLVERS
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 P = solvers.Picard(1e-8, 1e-8)
 
@@ -289,7 +289,7 @@ def test_loop_scalars_round_trip_exactly(dtype):
     # The loop carries its counters as the bits of floats: any count, any
     # result code and every residual norm must come back exactly, also through
     # the selects of a `vmap`ped loop and a gather.
-    S = fixpoint.LoopScalars
+    S = fixpoint.internal.LoopScalars
     big = 2**31 - 5 if jnp.finfo(dtype).bits <= 32 else 2**40 + 3
     residual = jnp.asarray(np.finfo(np.float16).tiny / 3, dtype)  # a subnormal in float16
     packed = jnp.stack(

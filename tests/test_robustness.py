@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import fixpoint
-import layers
-import solvers
+from fixpoint import layers, solvers
 
 OK = fixpoint.RESULTS.successful
 

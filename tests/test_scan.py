@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 import fixpoint
-import layers
-import solvers
-from solvers.deer import kalman_smoother
+from fixpoint import layers, solvers
+from fixpoint.solvers._deer import kalman_smoother
 
 TOL = dict(rtol=1e-11, atol=1e-11)
 SCAN_SOLVERS = {
@@ -173,8 +172,8 @@ def test_float32_gradients_match_lax_scan(getkey):
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-4), (jnp.float64, 1e-6)])
 def test_default_tolerances_follow_the_dtype(dtype, tol, getkey):
     """`rtol = atol = None` resolves per dtype: the same solve as passing the value."""
-    assert fixpoint.scan_tolerances(solvers.QuasiDEER(), dtype) == (tol, tol)
-    assert fixpoint.scan_tolerances(solvers.QuasiDEER(atol=0.5), dtype) == (tol, 0.5)
+    assert fixpoint.internal.scan_tolerances(solvers.QuasiDEER(), dtype) == (tol, tol)
+    assert fixpoint.internal.scan_tolerances(solvers.QuasiDEER(atol=0.5), dtype) == (tol, 0.5)
     cell = eqx.nn.GRUCell(2, 4, key=getkey(), dtype=dtype)
     xs = jax.random.normal(getkey(), (100, 2), dtype)
 
@@ -204,8 +203,8 @@ def test_adjoint_recurrences_go_to_deer(solver, getkey):
     a = 0.9 * jax.random.normal(getkey(), (T, 3, 3), jnp.float64) / jnp.sqrt(3.0)
     b = jax.random.normal(getkey(), (T, 3), jnp.float64)
     cell = lambda h, x: x[0] @ h + x[1]  # noqa: E731
-    problem = fixpoint.ScanProblem(
-        cell, jnp.zeros(3, jnp.float64), (a, b), fixpoint.Time(), linear=True
+    problem = fixpoint.internal.ScanProblem(
+        cell, jnp.zeros(3, jnp.float64), (a, b), fixpoint.internal.Time(), linear=True
     )
     active = solver.linear_solver(problem)
     assert isinstance(active, solvers.DEER)
@@ -213,7 +212,7 @@ def test_adjoint_recurrences_go_to_deer(solver, getkey):
         assume_diagonal=True
     )
     assert problem.refinement_method() == "newton"  # a linear recurrence at D < 16
-    out, result, stats = fixpoint.iterate_scan(
+    out, result, stats = fixpoint.internal.iterate_scan(
         active, problem, jnp.zeros((T, 3), jnp.float64), rtol=1e-10, atol=1e-10, max_steps=T
     )
     exact = jax.lax.scan(lambda h, x: (cell(h, x),) * 2, jnp.zeros(3, jnp.float64), (a, b))[1]
@@ -230,7 +229,9 @@ def test_exact_proposals_end_the_solve(getkey):
     h0 = jnp.zeros(3, jnp.float64)
     f = lambda h, x: (cell(x, h),) * 2  # noqa: E731
     ref = jax.lax.scan(f, h0, xs)[1]
-    problem = fixpoint.ScanProblem(lambda h, x: cell(x, h), h0, xs, fixpoint.Time())
+    problem = fixpoint.internal.ScanProblem(
+        lambda h, x: cell(x, h), h0, xs, fixpoint.internal.Time()
+    )
     assert problem.refinement_method() == "sweep"
     assert solvers.Sequential().exact(problem) == (True, True)
     assert solvers.QuasiDEER().exact(problem) == (False, True)
@@ -379,7 +380,9 @@ def test_newton_diverges_but_steps_stay_bounded_by_length(getkey):
     ref = jax.lax.scan(lambda h, x: (cell(x, h),) * 2, init, xs)[1]
 
     # Unsafeguarded Newton on the trajectory (DEER's step applied as is).
-    problem = fixpoint.ScanProblem(lambda h, x: cell(x, h), init, xs, fixpoint.Time())
+    problem = fixpoint.internal.ScanProblem(
+        lambda h, x: cell(x, h), init, xs, fixpoint.internal.Time()
+    )
 
     @jax.jit
     def newton(h):
@@ -620,7 +623,7 @@ def test_linear_recurrence(diagonal, reverse, getkey):
     n, d = 37, 3
     a = 0.9 * jax.random.normal(getkey(), (n, d) if diagonal else (n, d, d), jnp.float64)
     b = jax.random.normal(getkey(), (n, d), jnp.float64)
-    x = fixpoint.linear_recurrence(fixpoint.Time(), a, b, reverse)
+    x = fixpoint.internal.linear_recurrence(fixpoint.internal.Time(), a, b, reverse)
     ref, prev = np.zeros((n, d)), np.zeros(d)
     for t in range(n - 1, -1, -1) if reverse else range(n):
         prev = (a[t] * prev if diagonal else a[t] @ prev) + b[t]
@@ -635,7 +638,7 @@ def test_kalman_smoother_solves_levenberg_marquardt(lam, reverse, getkey):
     n, d = 25, 2
     a = 2.0 * jax.random.normal(getkey(), (n, d), jnp.float64)  # unstable: |a| > 1 often
     r = jax.random.normal(getkey(), (n, d), jnp.float64)
-    delta = kalman_smoother(fixpoint.Time(), a, r, lam, reverse)
+    delta = kalman_smoother(fixpoint.internal.Time(), a, r, lam, reverse)
     for k in range(d):
         ak, rk = np.asarray(a[:, k]), np.asarray(r[:, k])
         if reverse:
@@ -718,7 +721,9 @@ def test_newton_step_sequential_equals_parallel(reverse):
     cell = _gru(jax.random.key(5), d=16, n_in=3)
     xs = _xs(jax.random.key(6), n=50)
     h0 = jnp.zeros(16, jnp.float64)
-    problem = fixpoint.ScanProblem(lambda h, x: cell(x, h), h0, xs, fixpoint.Time(), reverse)
+    problem = fixpoint.internal.ScanProblem(
+        lambda h, x: cell(x, h), h0, xs, fixpoint.internal.Time(), reverse
+    )
     h = jax.random.normal(jax.random.key(7), (50, 16), jnp.float64)
     par = problem.newton_step(h, method="parallel")
     seq = problem.newton_step(h, method="sequential")
@@ -735,7 +740,9 @@ def test_newton_step_sequential_equals_parallel(reverse):
     np.testing.assert_array_equal(problem.refinement(h, "newton"), seq)
     with pytest.raises(ValueError, match="unknown method"):
         problem.refinement(h, method="exact")
-    small = fixpoint.ScanProblem(lambda h, x: h[:3] * x, h0[:3], xs, fixpoint.Time(), reverse)
+    small = fixpoint.internal.ScanProblem(
+        lambda h, x: h[:3] * x, h0[:3], xs, fixpoint.internal.Time(), reverse
+    )
     assert small.refinement_method() == "sweep" and small.newton_method() == "parallel"
     np.testing.assert_array_equal(small.refinement(h[:, :3]), small.sweep(50))
     linear = dataclasses.replace(small, linear=True)

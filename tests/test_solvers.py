@@ -7,7 +7,7 @@ import pytest
 from helpers import SOLVERS, contraction, tree_allclose
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 
 @pytest.mark.parametrize("name", SOLVERS)

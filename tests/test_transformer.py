@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import fixpoint
-import layers
+from fixpoint import datasets, layers
 
 VOCAB, MAX_LEN = 11, 24
 
@@ -104,19 +104,19 @@ def test_errors(model):
 
 
 def test_stdlib_text_and_codec():
-    train, val = layers.stdlib_text(20_000)
+    train, val = datasets.stdlib_text(20_000)
     assert len(train) == len(val) == 20_000
     assert train.isascii() and val.isascii()
     assert val[:2000] not in train
-    ids = layers.encode(train)
-    assert ids.dtype == np.int32 and ids.max() < layers.ASCII_VOCAB
-    assert layers.decode_text(ids[:500]) == train[:500]
-    assert layers.encode("é").tolist() == [ord("?")]
+    ids = datasets.encode(train)
+    assert ids.dtype == np.int32 and ids.max() < datasets.ASCII_VOCAB
+    assert datasets.decode_text(ids[:500]) == train[:500]
+    assert datasets.encode("é").tolist() == [ord("?")]
 
 
 def test_training_reduces_loss():
-    ids = layers.encode(layers.stdlib_text(20_000)[0])
-    model = _tiny(jnp.float32, vocab=layers.ASCII_VOCAB)
+    ids = datasets.encode(datasets.stdlib_text(20_000)[0])
+    model = _tiny(jnp.float32, vocab=datasets.ASCII_VOCAB)
     optim = optax.adamw(3e-3)
     state = optim.init(eqx.filter(model, eqx.is_inexact_array))
 
@@ -132,14 +132,14 @@ def test_training_reduces_loss():
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(30):
-        batch = layers.random_batches(ids, 16, MAX_LEN, rng)
+        batch = datasets.random_batches(ids, 16, MAX_LEN, rng)
         assert batch.shape == (16, MAX_LEN + 1) and batch.dtype == np.int32
         model, state, loss = step(model, state, jnp.asarray(batch))
         losses.append(float(loss))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.9 * losses[0], losses
     # A jax key works too.
-    assert layers.random_batches(ids, 2, 8, jax.random.key(0)).shape == (2, 9)
+    assert datasets.random_batches(ids, 2, 8, jax.random.key(0)).shape == (2, 9)
 
 
 def test_serialise_roundtrip(model, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from helpers import SOLVERS, contraction
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 
 def _problem(getkey, n=6):

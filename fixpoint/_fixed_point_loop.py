@@ -9,11 +9,11 @@ import jax.numpy as jnp
 
 from ._compact import Compaction, compacted_while_loop
 from ._convergence import decide, measure
+from ._fixed_point_problem import Problem
+from ._fixed_point_solver import AbstractSolver
 from ._manual import manual_axes, match_varying
 from ._norm import max_norm, rms_norm, two_norm
-from ._problem import Problem
 from ._solution import RESULTS
-from ._solver import AbstractSolver
 
 
 class LoopOptions(eqx.Module):

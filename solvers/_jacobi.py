@@ -6,7 +6,7 @@ Jacobi updates every step at once, Gauss–Seidel sweeps through them in order,
 and hybrids do Gauss–Seidel inside blocks with Jacobi across blocks. All bring
 every step within tolerance in at most `T` iterations.
 
-Certification (once every step meets the tolerance, see `fixpoint.iterate_scan`)
+Certification (once every step meets the tolerance, see `internal.iterate_scan`)
 takes `ScanProblem.refinement`: on the CPU (time unsharded) the sequential answer
 itself, one `lax.scan` of the cell (memory `O(T·D)`), which is returned; otherwise
 one parallel Newton step (dense Jacobians, `D` JVPs per step, memory `O(T·D²)`),
@@ -20,13 +20,14 @@ import jax
 import jax.numpy as jnp
 
 import fixpoint
+from fixpoint import internal
 
 
-class _AbstractEvaluateOnly(fixpoint.AbstractScanSolver):
+class _AbstractEvaluateOnly(internal.AbstractScanSolver):
     """Solvers that need only `F(H)` (no derivatives) and keep no state."""
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self, allow_default=True)
+        internal.check_tolerances(self, allow_default=True)
 
     def init(self, problem, h):
         return None
@@ -50,7 +51,7 @@ class _AbstractWindowed(_AbstractEvaluateOnly):
     certification still covers the whole sequence; time unsharded only).
     """
 
-    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
     atol: float | None = None
     norm: Callable = fixpoint.max_norm
     window: int | None = None
@@ -70,7 +71,7 @@ class Jacobi(_AbstractWindowed):
     the state) converge in far fewer than `T` iterations.
 
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
-    `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
+    `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`), `norm`
     (default max-norm), `window` (default None, the whole sequence; an int
     `w >= 1`: each iteration evaluates only the `w` steps from the first
     unconverged one, a window that slides as steps converge; README, "Recurrences
@@ -98,7 +99,7 @@ class GaussSeidel(_AbstractEvaluateOnly):
     """
 
     block: int = 16
-    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
     atol: float | None = None
     norm: Callable = fixpoint.max_norm
 
@@ -134,7 +135,7 @@ class PicardSum(_AbstractWindowed):
     this solver).
 
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
-    `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
+    `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`), `norm`
     (default max-norm), `window` (default None, the whole sequence; an int
     `w >= 1`: each iteration evaluates only the `w` steps from the first
     unconverged one, a window that slides as steps converge; README, "Recurrences
@@ -161,7 +162,7 @@ class Sequential(_AbstractEvaluateOnly):
     previous device currently holds, so one iteration per device suffices.
     """
 
-    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
     atol: float | None = None
     norm: Callable = fixpoint.max_norm
 
@@ -182,7 +183,7 @@ class Sequential(_AbstractEvaluateOnly):
         return problem.refinement(h), state
 
 
-def block_sweep(problem: fixpoint.ScanProblem, h, block: int):
+def block_sweep(problem: internal.ScanProblem, h, block: int):
     """Sequential sweeps over blocks of `block` steps, all blocks in parallel.
 
     Block `j` starts from the current predecessor of its first step (in scan

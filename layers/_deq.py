@@ -9,7 +9,7 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 import fixpoint
-import solvers
+from fixpoint import internal, solvers
 
 
 class _Apply(eqx.Module):
@@ -69,7 +69,7 @@ class DEQ(eqx.Module):
     """
 
     f: Callable
-    solver: fixpoint.AbstractSolver = eqx.field(static=True)
+    solver: internal.AbstractSolver = eqx.field(static=True)
     adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
@@ -82,7 +82,7 @@ class DEQ(eqx.Module):
         self,
         f: Callable,
         *,
-        solver: fixpoint.AbstractSolver | None = None,
+        solver: internal.AbstractSolver | None = None,
         adjoint: fixpoint.AbstractAdjoint | None = None,
         max_steps: int = 50,
         throw: bool = True,
@@ -100,8 +100,8 @@ class DEQ(eqx.Module):
         self.f = f
         self.solver = solvers.Anderson(1e-4, 1e-4) if solver is None else solver
         self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
-        if not isinstance(self.solver, fixpoint.AbstractSolver):
-            raise TypeError(f"DEQ: `solver` must be a `fixpoint.AbstractSolver`, got {solver!r}.")
+        if not isinstance(self.solver, internal.AbstractSolver):
+            raise TypeError(f"DEQ: `solver` must be a `internal.AbstractSolver`, got {solver!r}.")
         if not isinstance(self.adjoint, fixpoint.AbstractAdjoint):
             raise TypeError(
                 f"DEQ: `adjoint` must be a `fixpoint.AbstractAdjoint`, got {adjoint!r}."
@@ -111,7 +111,7 @@ class DEQ(eqx.Module):
         self.z_shape = _shape(z_shape)
         self.dropout = dropout
         self.normalise = normalise
-        fixpoint.check_compaction(compaction)
+        internal.check_compaction(compaction)
         self.compaction = compaction
 
     def prepared(self) -> Callable:

@@ -25,6 +25,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, Float
 
 import fixpoint
+from fixpoint import internal
 
 # ---- the linear part ---------------------------------------------------------
 
@@ -114,7 +115,7 @@ class MonotoneMatrix(AbstractMonotoneLinear):
 class _Carry(eqx.Module):
     z: Array
     u: Array | None
-    scalars: Array  # `fixpoint.LoopScalars`, packed
+    scalars: Array  # `internal.LoopScalars`, packed
 
 
 def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
@@ -122,14 +123,14 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
 
     The residual `r = relu(W z + b) - z` is measured at the current iterate
     before each update, so the returned `value` is the iterate whose residual is
-    reported. The loop stops on convergence (`fixpoint.converged`: `norm(r / (atol +
-    rtol |z|)) < 1`, with a residual that has fallen: see `fixpoint.converged`), a
+    reported. The loop stops on convergence (`internal.converged`: `norm(r / (atol +
+    rtol |z|)) < 1`, with a residual that has fallen: see `internal.converged`), a
     non-finite residual (`nonfinite`), divergence (`norm(r)` above
     `divergence_ratio` times the smallest seen: `diverged`) or after `max_steps`
     updates (`max_steps_reached`). Finished samples of a `vmap` never move again.
     """
     dtype = jnp.finfo(z0.dtype).dtype
-    Scalars = fixpoint.LoopScalars
+    Scalars = internal.LoopScalars
 
     def cond(c):
         return Scalars.read(c.scalars, dtype).running
@@ -143,7 +144,7 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
         finite = jnp.isfinite(rnorm)
         # The same test as `fixpoint.fixed_point`'s (for the splitting methods the
         # residual is measured directly; no separate step test).
-        converged, residual_ok = fixpoint.converged(
+        converged, residual_ok = internal.converged(
             solver.norm,
             r,
             c.z,
@@ -157,7 +158,7 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
         converged = finite & converged
         diverged = finite & ~residual_ok & (rnorm > solver.divergence_ratio * prev.best)
         out_of_steps = prev.step >= max_steps
-        result, done = fixpoint.termination(converged, finite, diverged, out_of_steps)
+        result, done = internal.termination(converged, finite, diverged, out_of_steps)
         z_next, u_next = update(c.z, c.u, wz)
         keep = lambda old, new: jnp.where(done, old, new)
         return _Carry(
@@ -167,7 +168,7 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
         )
 
     init = _Carry(z=z0, u=u0, scalars=Scalars.initial(dtype))
-    final = fixpoint.compacted_while_loop(cond, body, init, compaction)
+    final = internal.compacted_while_loop(cond, body, init, compaction)
     result, stats = Scalars.outcome(final.scalars, dtype)
     return fixpoint.Solution(value=final.z, result=result, aux=None, stats=stats)
 
@@ -209,7 +210,7 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction)
             f"{name}.solve: `UnrolledAdjoint` is not supported (the splitting loop is "
             "not differentiated); use `ImplicitAdjoint`, `PhantomAdjoint` or `NeumannAdjoint`."
         )
-    fixpoint.check_compaction(compaction, f"{name}.solve: `compaction`")
+    internal.check_compaction(compaction, f"{name}.solve: `compaction`")
     b = jnp.asarray(b)
     if not jnp.issubdtype(b.dtype, jnp.floating):
         raise TypeError(f"{name}.solve: `b` must be floating point, got dtype {b.dtype}.")
@@ -238,7 +239,7 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction)
     value = solve_fn(sol.value, (operator, b))
     result, stats = sol.result, sol.stats
     if throw:
-        value, result, stats = fixpoint.checked(
+        value, result, stats = internal.checked(
             (value, result, stats),
             result._value,
             stats["num_steps"],
@@ -252,7 +253,7 @@ _IMPLICIT = fixpoint.ImplicitAdjoint()
 
 
 def _check_common(solver):
-    fixpoint.check_tolerances(solver)
+    internal.check_tolerances(solver)
     name = type(solver).__name__
     ratio = solver.divergence_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:

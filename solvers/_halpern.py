@@ -6,6 +6,7 @@ from typing import ClassVar, NamedTuple
 import jax.numpy as jnp
 
 import fixpoint
+from fixpoint import internal
 
 
 class _State(NamedTuple):
@@ -14,7 +15,7 @@ class _State(NamedTuple):
     anchor_norm: jnp.ndarray  # the residual norm at the anchor (restarts only)
 
 
-class Halpern(fixpoint.AbstractSolver):
+class Halpern(internal.AbstractSolver):
     """Halpern iteration `y_{k+1} = β_k y_0 + (1 − β_k) f(y_k)`, `β_k = 1/(k+2)`.
 
     For maps that are only *nonexpansive* (`|f(x) − f(y)| ≤ |x − y|`), where
@@ -49,7 +50,7 @@ class Halpern(fixpoint.AbstractSolver):
     step_estimates_error: ClassVar[bool] = False
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        internal.check_tolerances(self)
         r = self.restart
         if r is not None and (
             isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1
@@ -73,4 +74,4 @@ class Halpern(fixpoint.AbstractSolver):
             anchor_norm = jnp.where(again, rnorm, anchor_norm)
         beta = (1 / (count + 2)).astype(y.dtype)
         y_next = beta * anchor + (1 - beta) * ev.fy
-        return fixpoint.Step(y_next, _State(anchor, count + 1, anchor_norm), ev)
+        return internal.Step(y_next, _State(anchor, count + 1, anchor_norm), ev)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 import fixpoint
+from fixpoint import internal
 
 
 class _AndersonState(eqx.Module):
@@ -19,7 +20,7 @@ class _AndersonState(eqx.Module):
     has_good: Bool[Array, ""]
 
 
-class Anderson(fixpoint.AbstractSolver):
+class Anderson(internal.AbstractSolver):
     """Anderson acceleration (Walker & Ni 2011, type II / "AA-II").
 
     Keeps the last `history` pairs `(f(y_i), r_i = f(y_i) - y_i)` and picks
@@ -51,7 +52,7 @@ class Anderson(fixpoint.AbstractSolver):
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        internal.check_tolerances(self)
         if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1:
             raise ValueError(f"Anderson: `history` must be an int >= 1, got {self.history!r}.")
         if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
@@ -101,7 +102,7 @@ class Anderson(fixpoint.AbstractSolver):
             y_good=jnp.where(good, y, state.y_good),
             has_good=state.has_good | good,
         )
-        return fixpoint.Step(y_next, state, ev, trial=~good & state.has_good)
+        return internal.Step(y_next, state, ev, trial=~good & state.has_good)
 
     def _weights(self, res, valid):
         """Solve `min |Σ α_i r_i|² + λ|α|²` s.t. `Σ α_i = 1` over the valid rows."""

@@ -9,7 +9,7 @@ import numpy as np
 from equinox import AbstractVar
 
 from ._custom_types import Norm
-from ._problem import Evaluation, Problem
+from ._fixed_point_problem import Evaluation, Problem
 from ._solution import RESULTS
 
 _State = TypeVar("_State")

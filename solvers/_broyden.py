@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 import fixpoint
+from fixpoint import internal
 
 from ._backtracking import Backtracking, advance, base_point, init_backtracking, judge
 
@@ -21,7 +22,7 @@ class _BroydenState(eqx.Module):
     gamma: Float[Array, ""]  # the initial inverse Jacobian is gamma * I
 
 
-class Broyden(fixpoint.AbstractSolver):
+class Broyden(internal.AbstractSolver):
     """Broyden's "good" method with a limited-memory inverse Jacobian.
 
     Works on the root form `G(y) = 0` with `H ≈ J_G⁻¹ = γ I + Σ u_i v_iᵀ`,
@@ -50,7 +51,7 @@ class Broyden(fixpoint.AbstractSolver):
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        internal.check_tolerances(self)
         if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"Broyden: `memory` must be an int >= 1, got {self.memory!r}.")
         if not isinstance(self.min_step, (int, float)) or not 0 < self.min_step < 1:
@@ -131,4 +132,4 @@ class Broyden(fixpoint.AbstractSolver):
             restarts=state.restarts + jnp.where(exhausted, 1, 0),
             gamma=gamma,
         )
-        return fixpoint.Step(y_next, state, ev, trial=~accept)
+        return internal.Step(y_next, state, ev, trial=~accept)

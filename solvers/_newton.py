@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import lineax as lx
 
 import fixpoint
-from fixpoint import RESULTS
+from fixpoint import RESULTS, internal
 
 from ._backtracking import advance, init_backtracking, judge
 
 _DENSE = (lx.LU, lx.QR)
 
 
-class Newton(fixpoint.AbstractSolver):
+class Newton(internal.AbstractSolver):
     """Newton's method on the root form `G(y) = 0` (for `fixed_point`: `y - f(y)`).
 
     Each step linearises `G` once (`jax.linearize`: one evaluation plus JVPs) and
@@ -51,7 +51,7 @@ class Newton(fixpoint.AbstractSolver):
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        internal.check_tolerances(self)
         if not isinstance(self.linear_solver, lx.AbstractLinearSolver):
             raise TypeError(
                 f"Newton: `linear_solver` must be a lineax solver, got {self.linear_solver!r}."
@@ -66,7 +66,7 @@ class Newton(fixpoint.AbstractSolver):
 
     def step(self, problem, y, args, state):
         residual, jvp, aux = jax.linearize(lambda z: problem.residual(z, args), y, has_aux=True)
-        ev = fixpoint.Evaluation(fy=y - residual, residual=residual, aux=aux)
+        ev = internal.Evaluation(fy=y - residual, residual=residual, aux=aux)
         # The linear algebra runs in at least float32: lineax/LAPACK have no
         # bfloat16/float16 kernels. The direction is cast back to `y`'s dtype.
         work = y.dtype if jnp.finfo(y.dtype).bits >= 32 else jnp.dtype(jnp.float32)
@@ -105,4 +105,4 @@ class Newton(fixpoint.AbstractSolver):
         ok = (solved | forcing) & jnp.all(jnp.isfinite(p))
         failed = accept & ~ok & jnp.isfinite(gnorm)
         result = RESULTS.where(failed, RESULTS.linear_solve_failed, RESULTS.successful)
-        return fixpoint.Step(y_next, state, ev, result, trial=~accept)
+        return internal.Step(y_next, state, ev, result, trial=~accept)

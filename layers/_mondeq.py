@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import fixpoint
-from solvers.splitting import (
+from fixpoint import internal
+from fixpoint.solvers import (
     AbstractMonotoneLinear,
     ForwardBackward,
     MonotoneMatrix,
@@ -143,7 +144,7 @@ class MonDEQ(eqx.Module):
         self.max_steps = max_steps
         self.adjoint = adjoint
         self.throw = throw
-        fixpoint.check_compaction(compaction)
+        internal.check_compaction(compaction)
         self.compaction = compaction
 
     def W(self) -> Float[Array, "hidden hidden"]:
@@ -385,7 +386,7 @@ class ConvMonDEQ(eqx.Module):
         self.max_steps = max_steps
         self.adjoint = adjoint
         self.throw = throw
-        fixpoint.check_compaction(compaction)
+        internal.check_compaction(compaction)
         self.compaction = compaction
 
     def operator(self) -> CircularConvMonotone:

@@ -19,9 +19,9 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 import fixpoint
-import solvers
+from fixpoint import internal, solvers
 
-from .graph import Graph
+from ._graph import Graph
 
 _MATRIX_FREE = tuple(
     c for c in (getattr(lx, n, None) for n in ("GMRES", "BiCGStab", "CG")) if isinstance(c, type)
@@ -30,8 +30,8 @@ _MATRIX_FREE = tuple(
 
 def _check_sparse(name, solver, adjoint):
     """Refuse solvers and adjoints that would build a dense (N·k)×(N·k) matrix."""
-    if not isinstance(solver, fixpoint.AbstractSolver):
-        raise TypeError(f"{name}: `solver` must be a `fixpoint.AbstractSolver`, got {solver!r}.")
+    if not isinstance(solver, internal.AbstractSolver):
+        raise TypeError(f"{name}: `solver` must be a `internal.AbstractSolver`, got {solver!r}.")
     if not isinstance(adjoint, fixpoint.AbstractAdjoint):
         raise TypeError(f"{name}: `adjoint` must be a `fixpoint.AbstractAdjoint`, got {adjoint!r}.")
     if isinstance(solver, solvers.Newton) and not isinstance(solver.linear_solver, _MATRIX_FREE):
@@ -110,7 +110,7 @@ class _LinearMap(eqx.Module):
 class _GraphEquilibrium(eqx.Module):
     """What CGS and IGNN share: a matrix-free solver configuration and the solve."""
 
-    solver: fixpoint.AbstractSolver = eqx.field(static=True)
+    solver: internal.AbstractSolver = eqx.field(static=True)
     adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
@@ -210,7 +210,7 @@ class CGS(_GraphEquilibrium):
         nonlinear: bool = False,
         normalisation: str = "degree",
         temperature: float = 0.1,
-        solver: fixpoint.AbstractSolver | None = None,
+        solver: internal.AbstractSolver | None = None,
         adjoint: fixpoint.AbstractAdjoint | None = None,
         max_steps: int | None = None,
         throw: bool = True,
@@ -358,7 +358,7 @@ def perron_root(graph: Graph, edge_weights, self_weights, max_iterations: int = 
         return normalise(right(v)), normalise(left(u)), i + 1
 
     ones = jnp.ones(graph.num_nodes, ew.dtype)
-    v, u, _ = fixpoint.compacted_while_loop(cond, body, (ones, ones, jnp.array(0, jnp.int32)), None)
+    v, u, _ = internal.compacted_while_loop(cond, body, (ones, ones, jnp.array(0, jnp.int32)), None)
     bound = jax.ops.segment_max(right(v) / v, ids, g) - 1.0
     # The same eigenvalue as a differentiable quotient of the live weights.
     mv = right(v, edge_weights, self_weights)
@@ -413,7 +413,7 @@ class IGNN(_GraphEquilibrium):
         hidden: int = 64,
         kappa: float = 0.9,
         edge_weight_column: int | None = None,
-        solver: fixpoint.AbstractSolver | None = None,
+        solver: internal.AbstractSolver | None = None,
         adjoint: fixpoint.AbstractAdjoint | None = None,
         max_steps: int | None = None,
         throw: bool = True,

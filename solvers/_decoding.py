@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import fixpoint
-from fixpoint._manual import fori_loop  # `lax.fori_loop` that also works inside shard_map
+from fixpoint import internal
 
 
 def _as_int(value):
@@ -28,7 +27,7 @@ def _positive(cls, name, value):
         raise ValueError(f"{cls}: `{name}` must be an int >= 1, got {value!r}.")
 
 
-class SequentialDecoding(fixpoint.AbstractDecodingSolver):
+class SequentialDecoding(internal.AbstractDecodingSolver):
     """One token per model call: ordinary autoregressive decoding, the reference."""
 
     @property
@@ -36,7 +35,7 @@ class SequentialDecoding(fixpoint.AbstractDecodingSolver):
         return 1
 
 
-class JacobiDecoding(fixpoint.AbstractDecodingSolver):
+class JacobiDecoding(internal.AbstractDecodingSolver):
     """Jacobi decoding (Santilli et al. 2023): `window` positions per model call.
 
     Every call re-predicts the `window` positions after the accepted prefix from
@@ -58,7 +57,7 @@ class JacobiDecoding(fixpoint.AbstractDecodingSolver):
         return self.window
 
 
-class GSJacobiDecoding(fixpoint.AbstractDecodingSolver):
+class GSJacobiDecoding(internal.AbstractDecodingSolver):
     """Gauss–Seidel–Jacobi decoding (Santilli et al. 2023): the output is cut into
     consecutive blocks of `block_size` positions, solved one after another;
     inside the current block, Jacobi iteration. Unlike `JacobiDecoding`, the
@@ -83,7 +82,7 @@ class GSJacobiDecoding(fixpoint.AbstractDecodingSolver):
         return (self.block_size - accepted % self.block_size).astype(jnp.int32)
 
 
-class HybridDecoding(fixpoint.AbstractDecodingSolver):
+class HybridDecoding(internal.AbstractDecodingSolver):
     """Hybrid GS-Jacobi decoding (Santilli et al. 2023): GS-Jacobi blocks of
     `block_size` over the first `parallel_tokens` new positions, then one token
     per call. The paper uses it when the output length is unknown: parallel
@@ -121,7 +120,7 @@ class NGramPool(NamedTuple):
     clock: jax.Array  # int32[]: n-grams observed so far
 
 
-class LookaheadDecoding(fixpoint.AbstractDecodingSolver):
+class LookaheadDecoding(internal.AbstractDecodingSolver):
     """Jacobi decoding with n-gram guesses (after Fu et al. 2024, "Break the
     Sequential Dependency of LLM Inference Using Lookahead Decoding").
 
@@ -202,4 +201,4 @@ class LookaheadDecoding(fixpoint.AbstractDecodingSolver):
                 clock=pool.clock + valid.astype(jnp.int32),
             )
 
-        return fori_loop(0, starts, insert, state)
+        return internal.fori_loop(0, starts, insert, state)

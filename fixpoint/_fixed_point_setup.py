@@ -18,11 +18,11 @@ from ._checks import (
 )
 from ._compact import check_compaction
 from ._errors import checked
-from ._iterate import LoopOptions, iterate
+from ._fixed_point_loop import LoopOptions, iterate
+from ._fixed_point_problem import Problem
+from ._fixed_point_solver import AbstractSolver
 from ._manual import hoist
-from ._problem import Problem
 from ._solution import RESULTS, Solution
-from ._solver import AbstractSolver
 
 
 class _Flat(eqx.Module):

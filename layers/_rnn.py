@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, PRNGKeyArray
 
 import fixpoint
-import solvers
+from fixpoint import internal, solvers
 
 
 class DiagonalGRUCell(eqx.Module):
@@ -96,8 +96,8 @@ class ParallelRNN(eqx.Module):
 
     cell: Callable
     # Settings, not weights: static, so a checkpoint never replaces them.
-    solver: fixpoint.AbstractScanSolver = eqx.field(static=True)
-    adjoint_solver: fixpoint.AbstractScanSolver | None = eqx.field(static=True)
+    solver: internal.AbstractScanSolver = eqx.field(static=True)
+    adjoint_solver: internal.AbstractScanSolver | None = eqx.field(static=True)
     max_steps: int | None = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
     mesh: Mesh | None = eqx.field(static=True)
@@ -119,7 +119,7 @@ class ParallelRNN(eqx.Module):
                 solver = solvers.QuasiDEER(assume_diagonal=True)
             else:
                 solver = solvers.DEER()
-        if not isinstance(solver, fixpoint.AbstractScanSolver):
+        if not isinstance(solver, internal.AbstractScanSolver):
             raise TypeError(
                 "ParallelRNN: `solver` must be a scan solver (e.g. solvers.DEER()), "
                 f"got {solver!r}."

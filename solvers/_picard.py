@@ -3,9 +3,10 @@
 from collections.abc import Callable
 
 import fixpoint
+from fixpoint import internal
 
 
-class Picard(fixpoint.AbstractSolver):
+class Picard(internal.AbstractSolver):
     """Damped Picard iteration `y <- (1 - damping) y + damping f(y)`.
 
     `damping=1` is plain fixed-point iteration; `damping < 1` is the
@@ -21,7 +22,7 @@ class Picard(fixpoint.AbstractSolver):
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self)
+        internal.check_tolerances(self)
         if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
             raise ValueError(f"Picard: `damping` must lie in (0, 1], got {self.damping!r}.")
 
@@ -34,4 +35,4 @@ class Picard(fixpoint.AbstractSolver):
             y_next = ev.fy
         else:
             y_next = y + self.damping * (ev.fy - y)
-        return fixpoint.Step(y_next, state, ev)
+        return internal.Step(y_next, state, ev)

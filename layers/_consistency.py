@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 import fixpoint
-import solvers
+from fixpoint import solvers
 
 
 def jacobi_trajectories(

@@ -14,11 +14,12 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 import fixpoint
+from fixpoint import internal
 
-from .jacobi import Sequential
+from ._jacobi import Sequential
 
 
-class DEER(fixpoint.AbstractScanSolver):
+class DEER(internal.AbstractScanSolver):
     """Newton's method on the whole trajectory, with dense per-step Jacobians.
 
     Quadratic convergence near the solution; each iteration forms all `T`
@@ -32,16 +33,16 @@ class DEER(fixpoint.AbstractScanSolver):
     costs far less than an associative scan of `D×D` matrices.
 
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
-    `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`), `norm`
+    `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`), `norm`
     (default max-norm).
     """
 
-    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
     atol: float | None = None
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self, allow_default=True)
+        internal.check_tolerances(self, allow_default=True)
 
     def init(self, problem, h):
         return None
@@ -50,7 +51,7 @@ class DEER(fixpoint.AbstractScanSolver):
         return problem.jacobians(h)
 
     def update(self, problem, h, fh, jac, frozen, state):
-        delta = fixpoint.linear_recurrence(
+        delta = internal.linear_recurrence(
             problem.time, jac, _residual(h, fh, frozen), problem.reverse
         )
         return h + delta, state
@@ -67,7 +68,7 @@ class DEER(fixpoint.AbstractScanSolver):
         return _linear_solver(self, problem)
 
 
-class QuasiDEER(fixpoint.AbstractScanSolver):
+class QuasiDEER(internal.AbstractScanSolver):
     """Quasi-Newton with the diagonals of the per-step Jacobians (`O(T·D)` memory).
 
     Each iteration solves a diagonal linear recurrence (elementwise associative
@@ -89,7 +90,7 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
     **Arguments:**
 
     - `rtol`, `atol`, `norm`: per-step tolerance (default by the carry's dtype:
-      `1e-6` float64, `1e-4` float32, see `fixpoint.scan_tolerances`) and norm
+      `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`) and norm
       (default max-norm).
     - `assume_diagonal`: take `diag(J) = J · 1` (one JVP); right only for
       cells with diagonal Jacobians, otherwise a cruder quasi-Newton.
@@ -97,14 +98,14 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
       run at once (memory `O(T·D·batch_size)`).
     """
 
-    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
     atol: float | None = None
     norm: Callable = fixpoint.max_norm
     assume_diagonal: bool = False
     batch_size: int = 32
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self, allow_default=True)
+        internal.check_tolerances(self, allow_default=True)
         _check_batch(self)
 
     def init(self, problem, h):
@@ -114,7 +115,7 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
         return problem.diagonals(h, self.assume_diagonal, self.batch_size)
 
     def update(self, problem, h, fh, diag, frozen, state):
-        delta = fixpoint.linear_recurrence(
+        delta = internal.linear_recurrence(
             problem.time, diag, _residual(h, fh, frozen), problem.reverse
         )
         return h + delta, state
@@ -136,7 +137,7 @@ class QuasiDEER(fixpoint.AbstractScanSolver):
         return _linear_solver(self, problem)
 
 
-class ELK(fixpoint.AbstractScanSolver):
+class ELK(internal.AbstractScanSolver):
     """Levenberg–Marquardt over time as a Kalman smoother (quasi-ELK).
 
     The update minimises `Σ_t |Δ_t - a_t Δ_{t-1} - r_t|² + λ Σ_t |Δ_t|²` with
@@ -165,14 +166,14 @@ class ELK(fixpoint.AbstractScanSolver):
     adaptive: bool = True
     decrease: float = 0.3
     increase: float = 4.0
-    rtol: float | None = None  # None: the dtype's default (`fixpoint.scan_tolerances`)
+    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
     atol: float | None = None
     norm: Callable = fixpoint.max_norm
     assume_diagonal: bool = False
     batch_size: int = 32
 
     def __check_init__(self):
-        fixpoint.check_tolerances(self, allow_default=True)
+        internal.check_tolerances(self, allow_default=True)
         _check_batch(self)
         if not isinstance(self.damping, (int, float)) or not self.damping >= 0:
             raise ValueError(f"ELK: `damping` must be a number >= 0, got {self.damping!r}.")
@@ -220,7 +221,7 @@ class ELK(fixpoint.AbstractScanSolver):
 
     def refine(self, problem, h, fh, a, state):
         if self.assume_diagonal:
-            return h + fixpoint.linear_recurrence(problem.time, a, fh - h, problem.reverse), state
+            return h + internal.linear_recurrence(problem.time, a, fh - h, problem.reverse), state
         return problem.refinement(h), state
 
     def linear_solver(self, problem):
@@ -254,7 +255,7 @@ def kalman_smoother(time, a, r, damping, reverse=False, frozen=None):
     p_prev = time.shift(p, jnp.zeros_like(p[0]), reverse)
     p_pred = a2 * p_prev + q
     gain = 1 / (lam * p_pred + 1)  # 1 - K_t
-    m = fixpoint.linear_recurrence(time, gain * a, gain * r, reverse)
+    m = internal.linear_recurrence(time, gain * a, gain * r, reverse)
     back = not reverse
     a_next = time.shift(a, jnp.zeros_like(a[0]), back)
     r_next = time.shift(r, jnp.zeros_like(r[0]), back)
@@ -262,7 +263,7 @@ def kalman_smoother(time, a, r, damping, reverse=False, frozen=None):
     # Inside a frozen prefix both variances vanish and the smoother gain is 0.
     g = jnp.where(p_pred_next > 0, p * a_next / jnp.where(p_pred_next > 0, p_pred_next, 1), 0)
     e = m - g * (a_next * m + r_next)
-    return fixpoint.linear_recurrence(time, g, e, back)
+    return internal.linear_recurrence(time, g, e, back)
 
 
 def _linear_solver(solver, problem):
