@@ -100,7 +100,7 @@ def custom_fixed_point(
 
     The returned point is checked as the loops check theirs: if
     `max_norm((y - fn(y, args)) / (atol + rtol·|y|)) < 1` (with a residual that
-    has fallen from the start's, `fixpoint.converged`) fails there, the
+    has fallen from the start's, `fixpoint.internal.converged`) fails there, the
     solve counts as failed and its derivative is NaN wherever the cotangent is
     nonzero (zero where it is zero, so a masked sample does not poison a
     batch). `rtol`, `atol` default to `sqrt(eps)` of the dtype (3.5e-4 in

@@ -161,9 +161,9 @@ def decode(
       compiled loop, each row accepting its own tokens (`jax.vmap` over `int[P]`
       prompts does the same).
     - `max_new_tokens`: `N ≥ 1`.
-    - `solver`: `solvers.SequentialDecoding()`, `solvers.JacobiDecoding(window)`,
-      `solvers.GSJacobiDecoding(block_size)`, `solvers.HybridDecoding(...)` or
-      `solvers.LookaheadDecoding(window, ngram, guesses)` (Jacobi plus n-gram
+    - `solver`: `fixpoint.solvers.SequentialDecoding()`, `fixpoint.solvers.JacobiDecoding(window)`,
+      `fixpoint.solvers.GSJacobiDecoding(block_size)`, `fixpoint.solvers.HybridDecoding(...)` or
+      `fixpoint.solvers.LookaheadDecoding(window, ngram, guesses)` (Jacobi plus n-gram
       guesses scored in the same call).
     - `eos_id`: once an accepted token is `eos_id`, that row stops and every
       later position is `eos_id`.
@@ -188,7 +188,7 @@ def decode(
       the output. Row 0 is all `fill_id`; the output is the trajectory's fixed
       point. `stats["trajectory_windows"]` (`bool[N, N]`) marks the positions
       each call judged (its window; all `False` past the last call). For
-      consistency training (`layers.jacobi_trajectories`).
+      consistency training (`fixpoint.layers.jacobi_trajectories`).
 
     **Returns:** `int32[N]` (`int32[B, N]` for a batch), the new tokens; with
     `return_solution=True`, `(tokens, solution)` where `solution.value` is the
@@ -207,8 +207,8 @@ def decode(
         raise TypeError(f"`model` must be callable as model(tokens) -> logits, got {model!r}.")
     if not isinstance(solver, AbstractDecodingSolver):
         raise TypeError(
-            "`solver` must be a decoding solver (`solvers.SequentialDecoding()`, "
-            f"`solvers.JacobiDecoding(window)`, ...), got {solver!r}."
+            "`solver` must be a decoding solver (`fixpoint.solvers.SequentialDecoding()`, "
+            f"`fixpoint.solvers.JacobiDecoding(window)`, ...), got {solver!r}."
         )
     check_int(max_new_tokens, "max_new_tokens", 1)
     max_new_tokens = int(max_new_tokens)

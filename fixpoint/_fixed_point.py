@@ -31,9 +31,9 @@ def fixed_point(
       the same pytree structure, shapes and dtypes as `y0`.
     - `y0`: the starting point (warm start): a pytree of floating-point arrays.
     - `args`: any pytree passed through to `fn`; gradients flow to its arrays.
-    - `solver`: e.g. `solvers.Picard(rtol, atol)`, `solvers.Anderson(...)`,
-      `solvers.Newton(...)`, `solvers.Broyden(...)`, `solvers.Halpern(...)` (for
-      maps that are only nonexpansive).
+    - `solver`: one of `fixpoint.solvers`, e.g. `Picard(rtol, atol)`, `Anderson(...)`,
+      `Newton(...)`, `Broyden(...)`, `Halpern(...)` (for maps that are only
+      nonexpansive).
     - `max_steps`: the largest number of updates.
     - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if any
       sample fails). With `False`, read `sol.result` instead (per sample).

@@ -46,7 +46,7 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     codes are the loop's job, so every solver gets them the same way.
 
     Every concrete solver has the fields `rtol`, `atol` and `norm`; the loop
-    decides convergence with them by `fixpoint.converged` (see the README's
+    decides convergence with them by `fixpoint.internal.converged` (see the README's
     convergence rule), the same way for every solver.
 
     `step_estimates_error` (a class attribute, default True): whether the
@@ -87,7 +87,7 @@ def check_tolerances(solver, allow_default: bool = False) -> None:
     """Shared `__check_init__` body: readable errors for bad tolerances.
 
     With `allow_default=True` a tolerance may be `None` (a default resolved at
-    trace time from the dtype, as the scan solvers' `fixpoint.scan_tolerances`).
+    trace time from the dtype, as the scan solvers' `fixpoint.internal.scan_tolerances`).
     """
     for name in ("rtol", "atol"):
         value = getattr(solver, name)

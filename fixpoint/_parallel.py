@@ -121,7 +121,7 @@ _CLOSURE_HINT = (
     "data_parallel: a solve inside `shard_map` reached `equinox.filter_closure_convert`, "
     "which refuses arrays that carry a mesh sharding (every array inside `shard_map` "
     "does). Equinox and lineax use it in `equinox.internal.while_loop` (so "
-    "`fixpoint.UnrolledAdjoint`) and in lineax's operators (so `solvers.Newton` and "
+    "`fixpoint.UnrolledAdjoint`) and in lineax's operators (so `fixpoint.solvers.Newton` and "
     "lineax backward solvers, `ImplicitAdjoint(linear_solver=lx.LU())`). Use "
     "`Picard`, `Anderson` or `Broyden` with `ImplicitAdjoint()` (its own GMRES), "
     "`PhantomAdjoint` or `NeumannAdjoint`; or plain SPMD (`jax.jit` with the batch "

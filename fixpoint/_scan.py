@@ -41,7 +41,7 @@ def scan(
 
     The carries `h_1, ..., h_T` of `h_t, y_t = f(h_{t-1}, x_t)` are the fixed
     point of `H ↦ (f(h_{t-1}, x_t)[0])_t`; `solver` finds it by updating every
-    step at once (see `solvers.Jacobi`, `solvers.DEER`, ...). The answer is that
+    step at once (see `fixpoint.solvers.Jacobi`, `fixpoint.solvers.DEER`, ...). The answer is that
     of `lax.scan` to the solver's tolerance; every solver needs at most `T`
     iterations. Gradients (forward and reverse mode) follow the implicit
     function theorem: the adjoint is a linear recurrence solved by the same
@@ -56,7 +56,7 @@ def scan(
       `None` with `length`.
     - `length`: the number of steps, if `xs` is `None` (checked against `xs`
       otherwise).
-    - `solver`: a scan solver: `solvers.Sequential()`, `Jacobi()`,
+    - `solver`: a scan solver: `fixpoint.solvers.Sequential()`, `Jacobi()`,
       `GaussSeidel(block)`, `PicardSum()`, `DEER()`, `QuasiDEER()`, `ELK()`.
       `Jacobi(window=w)` and `PicardSum(window=w)` evaluate a sliding window
       of `w` steps per iteration (not with `mesh=`).

@@ -45,7 +45,7 @@ def iterate_scan(
 
     Each iteration evaluates `F(H)` once (`solver.linearise`) and measures
     every step's residual `r_t = h_t - cell(h_{t-1}, x_t)` against
-    `atol + rtol·|h_t|` (`fixpoint.meets`). Two phases:
+    `atol + rtol·|h_t|` (`fixpoint.internal.meets`). Two phases:
 
     - **Per-step phase** (some step misses the tolerance). Let `p` be the first
       such step in scan order. The next trajectory keeps the steps before `p`

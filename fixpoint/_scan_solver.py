@@ -217,11 +217,11 @@ class AbstractScanSolver(eqx.Module):
     is the sequential answer itself (`exact`) needs no certificate: finite, it
     is returned and the solve stops.
 
-    `rtol`, `atol` and `norm` define both tests of step `t` (`fixpoint.meets`):
+    `rtol`, `atol` and `norm` define both tests of step `t` (`fixpoint.internal.meets`):
     `norm(v_t / (atol + rtol |h_t|)) < 1` for the residual
     `v_t = h_t - cell(h_{t-1}, x_t)` and for the refinement's move. A tolerance
     of `None` (every built-in solver's default) is resolved at trace time from
-    the carry's dtype by `fixpoint.scan_tolerances`.
+    the carry's dtype by `fixpoint.internal.scan_tolerances`.
     """
 
     rtol: AbstractVar[float | None]
@@ -242,7 +242,7 @@ class AbstractScanSolver(eqx.Module):
         """How many steps one iteration of the per-step phase evaluates (static).
 
         `None` (default): the whole trajectory. An int `w < length`: a sliding
-        window of `w` steps from the first unconverged one (`fixpoint.iterate_scan`);
+        window of `w` steps from the first unconverged one (`fixpoint.internal.iterate_scan`);
         `linearise`, `update` and `init` then see a `ScanProblem` of `w` steps
         whose `h0` is the state before the window, and `state` is None (a
         windowed solver keeps no state). Certification still covers the whole

@@ -31,7 +31,7 @@ def jacobi_trajectories(
     """Jacobi trajectories of `model` after each prompt, for `consistency_loss`.
 
     Runs `fixpoint.decode` with `solver` (default
-    `solvers.JacobiDecoding(max_new_tokens)`: one window over all the new tokens,
+    `fixpoint.solvers.JacobiDecoding(max_new_tokens)`: one window over all the new tokens,
     CLLM's setting; a sliding `JacobiDecoding(16)` records the states that
     decoding with that window meets), greedy or, with `key`, sampled as `decode`
     samples. `cached` as in `decode`.

@@ -60,7 +60,7 @@ class DEQ(eqx.Module):
       during the solve. Needs `key=` in training; pass `inference=True` to turn
       it off.
     - `normalise`: a function applied to `f` once per forward pass before the
-      solve, e.g. `layers.spectral_norm` (gradients flow through it).
+      solve, e.g. `fixpoint.layers.spectral_norm` (gradients flow through it).
     - `compaction`: as for `fixpoint.fixed_point`: under `jax.vmap`, samples
       that have converged stop costing (`None`: off).
 

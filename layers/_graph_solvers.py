@@ -4,7 +4,7 @@ Both solve a fixed point over all nodes at once with `fixpoint.fixed_point` and
 differentiate it implicitly (the existing adjoints), in memory and time linear
 in the number of edges: the graph enters only through `jax.ops.segment_sum` over
 its edges, never as a dense N×N matrix. Several graphs concatenated into one
-`Graph` (`layers.batch_graphs`) are one solve over a block-diagonal operator: no
+`Graph` (`fixpoint.layers.batch_graphs`) are one solve over a block-diagonal operator: no
 edge crosses between graphs, so each graph's answer is the one it gets alone
 (to the solver's tolerance, which is checked over the whole batch).
 """
@@ -57,7 +57,7 @@ def _default_steps(rate):
 
 def _features(graph, node_size, edge_size, name, dtype):
     if not isinstance(graph, Graph):
-        raise TypeError(f"{name}: expected a `layers.Graph`, got {type(graph).__name__}.")
+        raise TypeError(f"{name}: expected a `fixpoint.layers.Graph`, got {type(graph).__name__}.")
     for field, size, what in (("nodes", node_size, "node_size"), ("edges", edge_size, "edge_size")):
         have = getattr(graph, field).shape[1]
         if size is not None and have != size:
@@ -180,7 +180,7 @@ class CGS(_GraphEquilibrium):
 
     `cgs(graph) -> float[N, out_size]`; `cgs.solve(graph)` returns the
     `fixpoint.Solution` of the fixed point (`value: float[N, heads]`); graph
-    outputs: `layers.graph_readout(cgs(graph), graph)`.
+    outputs: `fixpoint.layers.graph_readout(cgs(graph), graph)`.
     """
 
     node_encoder: eqx.nn.MLP

@@ -6,8 +6,8 @@ layer output is the equilibrium `z* = relu(W z* + U x + b)` with
     W = (1 - m) I - AᵀA + B - Bᵀ,
 
 so that `sym(I - W) = m I + AᵀA ⪰ m I` for *any* `A`, `B`: the equilibrium exists,
-is unique, and operator splitting (`solvers.PeacemanRachford`,
-`solvers.ForwardBackward`) finds it from any start.
+is unique, and operator splitting (`fixpoint.solvers.PeacemanRachford`,
+`fixpoint.solvers.ForwardBackward`) finds it from any start.
 """
 
 import math
@@ -38,8 +38,8 @@ def _check_options(name, m, solver, max_steps, adjoint):
         raise ValueError(f"{name}: `m` (the monotonicity) must be a number > 0, got {m!r}.")
     if not isinstance(solver, (PeacemanRachford, ForwardBackward)):
         raise TypeError(
-            f"{name}: `solver` must be `solvers.PeacemanRachford` or "
-            f"`solvers.ForwardBackward`, got {solver!r}."
+            f"{name}: `solver` must be `fixpoint.solvers.PeacemanRachford` or "
+            f"`fixpoint.solvers.ForwardBackward`, got {solver!r}."
         )
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"{name}: `max_steps` must be an int >= 1, got {max_steps!r}.")
@@ -85,8 +85,8 @@ class MonDEQ(eqx.Module):
     - `in_size`, `hidden_size`: the sizes of `x` and `z`.
     - `m`: the monotonicity parameter, `> 0` (default `0.1`). Larger `m` is
       faster to solve but less expressive.
-    - `solver`: `solvers.PeacemanRachford` (default, `rtol = atol = 1e-5`,
-      `alpha = 1`) or `solvers.ForwardBackward`. The dense resolvent
+    - `solver`: `fixpoint.solvers.PeacemanRachford` (default, `rtol = atol = 1e-5`,
+      `alpha = 1`) or `fixpoint.solvers.ForwardBackward`. The dense resolvent
       `(I + α(I - W))⁻¹` is formed once per call.
     - `max_steps`: the largest number of splitting steps (default `100`).
     - `adjoint`: `fixpoint.ImplicitAdjoint()` (default), `PhantomAdjoint` or
@@ -153,7 +153,7 @@ class MonDEQ(eqx.Module):
         return (1 - self.m) * eye - self.A.T @ self.A + self.B - self.B.T
 
     def operator(self) -> MonotoneMatrix:
-        """`W` as the `solvers.MonotoneMatrix` the splitting solvers take."""
+        """`W` as the `fixpoint.solvers.MonotoneMatrix` the splitting solvers take."""
         return MonotoneMatrix(self.W(), self.m)
 
     def monotonicity(self) -> Float[Array, ""]:

@@ -121,7 +121,7 @@ class ParallelRNN(eqx.Module):
                 solver = solvers.DEER()
         if not isinstance(solver, internal.AbstractScanSolver):
             raise TypeError(
-                "ParallelRNN: `solver` must be a scan solver (e.g. solvers.DEER()), "
+                "ParallelRNN: `solver` must be a scan solver (e.g. fixpoint.solvers.DEER()), "
                 f"got {solver!r}."
             )
         self.cell = cell

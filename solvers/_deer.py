@@ -73,7 +73,7 @@ class QuasiDEER(internal.AbstractScanSolver):
 
     Each iteration solves a diagonal linear recurrence (elementwise associative
     scan). Exact Newton when the cell's Jacobian *is* diagonal (e.g.
-    `layers.DiagonalGRUCell`, ParaRNN's construction): then pass
+    `fixpoint.layers.DiagonalGRUCell`, ParaRNN's construction): then pass
     `assume_diagonal=True` and the diagonal costs one JVP instead of `D`.
 
     Certification (once every step meets the tolerance) needs the error

@@ -72,7 +72,7 @@ class MonotoneMatrix(AbstractMonotoneLinear):
 
     **Arguments:**
 
-    - `W`: the `n × n` matrix, e.g. `(1 - m) I - AᵀA + B - Bᵀ` (`layers.MonDEQ.W()`).
+    - `W`: the `n × n` matrix, e.g. `(1 - m) I - AᵀA + B - Bᵀ` (`fixpoint.layers.MonDEQ.W()`).
     - `m`: the monotonicity parameter, a number `> 0`.
     """
 
@@ -198,8 +198,8 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction)
     """Checks, the splitting loop on stop-gradient inputs, then the implicit gradient."""
     if not isinstance(operator, AbstractMonotoneLinear):
         raise TypeError(
-            f"{name}.solve: `operator` must be a `solvers.AbstractMonotoneLinear` "
-            f"(e.g. `solvers.MonotoneMatrix(W, m)`), got {type(operator).__name__}."
+            f"{name}.solve: `operator` must be a `fixpoint.solvers.AbstractMonotoneLinear` "
+            f"(e.g. `fixpoint.solvers.MonotoneMatrix(W, m)`), got {type(operator).__name__}."
         )
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"{name}.solve: `max_steps` must be an int >= 1, got {max_steps!r}.")
@@ -296,7 +296,7 @@ class _AbstractSplitting(eqx.Module):
 
         **Arguments:**
 
-        - `operator`: a `solvers.AbstractMonotoneLinear` (e.g. `MonotoneMatrix(W, m)`).
+        - `operator`: a `fixpoint.solvers.AbstractMonotoneLinear` (e.g. `MonotoneMatrix(W, m)`).
         - `b`: the bias `U x + b₀`; `z` has its shape and dtype.
         - `z0`: the starting point (default zeros).
         - `max_steps`: the largest number of updates.
