@@ -160,24 +160,26 @@ def decode(
     - `prompt`: `int[P]`, `P ≥ 1`; or `int[B, P]` for a batch decoded in one
       compiled loop, each row accepting its own tokens (`jax.vmap` over `int[P]`
       prompts does the same).
-    - `max_new_tokens`: `N ≥ 1`.
-    - `solver`: `fixpoint.solvers.SequentialDecoding()`, `fixpoint.solvers.JacobiDecoding(window)`,
-      `fixpoint.solvers.GSJacobiDecoding(block_size)`, `fixpoint.solvers.HybridDecoding(...)` or
-      `fixpoint.solvers.LookaheadDecoding(window, ngram, guesses)` (Jacobi plus n-gram
+    - `max_new_tokens`: `N ≥ 1`. When the model has an int attribute `max_len`
+      (as `fixpoint.layers.CausalTransformer` has), `P + N` must not exceed it.
+    - `solver`: one of `fixpoint.solvers`' decoding solvers: `SequentialDecoding()`,
+      `JacobiDecoding(window)`, `GSJacobiDecoding(block_size)`, `HybridDecoding(...)`
+      or `LookaheadDecoding(window, ngram, guesses)` (Jacobi plus n-gram
       guesses scored in the same call).
     - `eos_id`: once an accepted token is `eos_id`, that row stops and every
       later position is `eos_id`.
     - `key`: `None` for greedy decoding; a PRNG key to sample. The token at
       absolute position `t` is `argmax(logits / temperature + g_t)` with Gumbel
-      noise `g_t` drawn from `jax.random.fold_in(key, t)`: the same key gives the
-      same sample whatever the solver or window. With a batched `prompt`, `key`
-      is one key per row (`[B]`) or a single key, folded with the row index.
+      noise `g_t` drawn from `jax.random.fold_in(key, t)` (in float32 for a
+      half-precision model): the same key gives the same sample whatever the
+      solver or window. With a batched `prompt`, `key` is one key per row (`[B]`)
+      or a single key, folded with the row index.
     - `temperature`: `> 0`; used only with a `key`.
     - `prompt_lengths`: `int[B]` with a batched `prompt`: row `b`'s prompt is
       `prompt[b, :prompt_lengths[b]]` (the rest is padding) and its new tokens
       follow it. Values are clipped to `1 … P`.
-    - `fill_id`: the initial guess at every undecoded position (and the token
-      returned past a non-finite stop when there is no `eos_id`).
+    - `fill_id`: the initial guess at every undecoded position, and the token
+      returned from a non-finite row on when there is no `eos_id`.
     - `cached`: use the model's cache (`True`), its plain call (`False`), or the
       cache when the model has one (`None`, the default).
     - `return_solution`: also return a `fixpoint.Solution`.
@@ -190,18 +192,28 @@ def decode(
       each call judged (its window; all `False` past the last call). For
       consistency training (`fixpoint.layers.jacobi_trajectories`).
 
+    **Non-finite logits.** `-inf` entries are allowed and never chosen (greedy
+    or sampled): they ban tokens, as in constrained decoding. A row with a NaN,
+    a `+inf` or no finite entry at all is non-finite: no token is chosen from it.
+    When decoding reaches one (at the position it scores, with every token
+    before it decoded), that row of the batch stops there: the position it
+    scores and every later one hold `eos_id` (`fill_id` without one) and have
+    `fixed_at` -1, and the result is `nonfinite`. Every solver gives the same
+    tokens, since the row it stops at is the sequential decoding's.
+
     **Returns:** `int32[N]` (`int32[B, N]` for a batch), the new tokens; with
     `return_solution=True`, `(tokens, solution)` where `solution.value` is the
-    tokens, `solution.result` is `successful` (or `nonfinite` if the model gave
-    a NaN/Inf logit where a token was chosen), and `solution.stats` (per row)
-    has `model_calls`, `iterations` (the same: one call per iteration),
-    `tokens_per_call` (tokens decoded, up to and including EOS, per call),
+    tokens, `solution.result` is `successful` (or `nonfinite`, above), and
+    `solution.stats` (per row) has `model_calls`, `iterations` (the same: one
+    call per iteration), `tokens_per_call` (tokens decoded, up to and including
+    EOS, per call),
     `rows_per_call` (positions the model scores per call: `L` on the plain path,
     `min(max_window, N)` on the cached path, whose first call also scores the
     prompt: `P + window - 1` rows; times `1 + num_guesses` for a solver that
     guesses), `guessed_tokens` (tokens accepted from guess branches beyond what
     the main window would have accepted) and `fixed_at` (`int32[N]`: the
-    iteration at which each position was accepted, -1 after EOS).
+    iteration at which each position was accepted, -1 after EOS and from a
+    non-finite row on).
     """
     if not callable(model):
         raise TypeError(f"`model` must be callable as model(tokens) -> logits, got {model!r}.")
@@ -235,6 +247,12 @@ def decode(
     prompt = prompt.astype(jnp.int32)
     p_max = prompt.shape[-1]
     length = p_max + max_new_tokens
+    max_len = getattr(model, "max_len", None)
+    if isinstance(max_len, (int, np.integer)) and length > max_len:
+        raise ValueError(
+            f"`prompt` length {p_max} + `max_new_tokens` {max_new_tokens} = {length} exceeds "
+            f"the model's `max_len` {max_len}."
+        )
     window = min(solver.max_window, max_new_tokens)
     vocab = _check_model(model, length, window, cached)
     for name, value in (("eos_id", eos_id), ("fill_id", fill_id)):
@@ -390,18 +408,27 @@ class _Carry(eqx.Module):
     cache: object
 
 
-def _choose(logits, positions, key, temperature):
-    """The token at each absolute `position` from its scoring row of `logits`."""
+def _scores(logits, positions, key, temperature):
+    """The scores whose argmax is the token at each absolute `position`, from its
+    scoring row of `logits` (`[R, V]`): the logits when greedy, else
+    `logits / temperature` plus the Gumbel noise of that position, in at least
+    float32 (`logits / temperature` must not overflow a half-precision type).
+    `decode` and `first_divergence` both score with it."""
     if key is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return logits
     vocab = logits.shape[-1]
-    # At least float32: `logits / temperature` must not overflow a half-precision type.
     dtype = logits.dtype if jnp.finfo(logits.dtype).bits >= 32 else jnp.dtype(jnp.float32)
     noise = jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (vocab,), dtype))(
         positions
     )
-    scaled = logits.astype(dtype) / jnp.asarray(temperature).astype(dtype)
-    return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+    return logits.astype(dtype) / jnp.asarray(temperature).astype(dtype) + noise
+
+
+def _finite_rows(logits):
+    """Which rows of `logits` (`[R, V]`) a token can be chosen from: no NaN, no
+    `+inf` and at least one finite entry (`-inf` entries are never chosen)."""
+    allowed = jnp.isfinite(logits) | (logits == -jnp.inf)
+    return jnp.all(allowed, axis=-1) & jnp.any(jnp.isfinite(logits), axis=-1)
 
 
 def _decode(
@@ -426,29 +453,28 @@ def _decode(
         # which is new position start + i + 1 - p.
         rows = logits.shape[0]
         scored = start + 1 + jnp.arange(rows, dtype=i32)
-        chosen = _choose(logits, scored, key, temperature)
+        chosen = jnp.argmax(_scores(logits, scored, key, temperature), axis=-1).astype(i32)
         index = scored - p
         index = jnp.where((index >= 0) & (index < n), index, i32(n))
         pred = guess.at[index].set(chosen, mode="drop")
-        row_finite = jnp.all(jnp.isfinite(logits), axis=-1)
-        finite_at = jnp.ones(n, bool).at[index].set(row_finite, mode="drop")
+        finite_at = jnp.ones(n, bool).at[index].set(_finite_rows(logits), mode="drop")
         in_window = (positions >= k) & (positions < k + w)
         # Position k is exact; k + j is exact when the guesses at k … k+j-1 were right.
         wrong = in_window & (guess != pred)
         wrong_before = jnp.cumsum(wrong, dtype=i32) - wrong.astype(i32)
         accept = in_window & (wrong_before == 0)
         new = jnp.where(in_window, pred, guess)
+        first_eos = i32(n)
         if eos_id is not None:
             # Accepted positions after the first accepted EOS are EOS too, and done.
             first_eos = jnp.min(jnp.where(accept & (new == eos_id), positions, i32(n)))
             accept = accept & (positions <= first_eos)
             new = jnp.where(positions > first_eos, i32(eos_id), new)
-            hit = first_eos < n
-        else:
-            hit = jnp.array(False)
-        # Only the logits that chose an accepted token must be finite.
-        finite = jnp.all(jnp.where(accept, finite_at, True))
-        return accept, new, hit, finite
+        # A token chosen from a non-finite row is not decoded: the row stops before it
+        # (its context is exact, so every solver meets that row at that position).
+        first_bad = jnp.min(jnp.where(accept & ~finite_at, positions, i32(n)))
+        accept = accept & (positions < first_bad)
+        return accept, new, first_eos < first_bad, first_bad == n
 
     def branches(c):
         """`int32[1 + G, n]`: the main guesses, then each proposed guess written over
@@ -560,7 +586,7 @@ def _decode(
     final = while_loop(lambda c: ~c.done, body, init)
     tokens = jax.lax.dynamic_slice_in_dim(final.buf, p, n)
     decoded = final.accepted
-    # Past the accepted tokens (after EOS, or after a non-finite stop): EOS, else fill.
+    # Past the accepted tokens (after EOS, or from a non-finite row on): EOS, else fill.
     tokens = jnp.where(positions < decoded, tokens, i32(fill_id if eos_id is None else eos_id))
     calls = final.calls
     stats = {
@@ -623,10 +649,8 @@ def first_divergence(model, prompt, tokens, reference, *, key=None, temperature=
     i = int(differ[0])
     p = prompt.shape[0]
     seq = jnp.asarray(np.concatenate([prompt, reference]).astype(np.int32))
-    row = model(seq)[p + i - 1]
-    if key is not None:
-        noise = jax.random.gumbel(jax.random.fold_in(key, p + i), row.shape, row.dtype)
-        row = row / temperature + noise
+    logits = model(seq)[p + i - 1 : p + i]
+    row = _scores(logits, jnp.array([p + i], jnp.int32), key, temperature)[0]
     row = np.asarray(row, np.float64)
     a, b = int(tokens[i]), int(reference[i])
     return Divergence(i, a, b, float(row[b] - row[a]), float(np.max(np.abs(row))))

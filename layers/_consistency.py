@@ -86,7 +86,8 @@ def consistency_loss(
     position `i`, averaged over the positions where `mask` is true (default:
     all `N`; pass the call's window from `jacobi_trajectories`). The fixed
     point's distributions are held constant (`stop_gradient`: the teacher is the
-    model itself at the fixed point). It is zero at `state = fixed_point`.
+    model itself at the fixed point). It is zero at `state = fixed_point`. A token
+    the model bans at the fixed point (a `-inf` logit) adds nothing.
     Batched inputs (`[B, P]`, `[B, N]`) give the mean over the batch.
     """
     if mask is None:
@@ -97,7 +98,9 @@ def consistency_loss(
             jax.lax.stop_gradient(_logits_after(model, prompt, fixed_point)), axis=-1
         )
         student = jax.nn.log_softmax(_logits_after(model, prompt, state), axis=-1)
-        kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+        # A token the teacher bans (a -inf logit) adds 0 (0 · log 0), not NaN.
+        terms = jnp.where(teacher > -jnp.inf, jnp.exp(teacher) * (teacher - student), 0.0)
+        kl = jnp.sum(terms, axis=-1)
         return jnp.sum(jnp.where(mask, kl, 0.0)) / jnp.maximum(jnp.sum(mask, dtype=kl.dtype), 1)
 
     return _per_example(one, prompt, state, fixed_point, mask)

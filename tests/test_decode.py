@@ -268,6 +268,133 @@ def test_nonfinite_logits_are_reported():
     assert bool(sol.result == fixpoint.RESULTS.nonfinite)
 
 
+class _Biased(Toy):
+    """`Toy` plus `bias[t]` (`float[L, V]`) on the row of absolute position `t`: a NaN
+    or an inf poisons that row, a column of -inf bans a token."""
+
+    bias: jax.Array
+
+    def __call__(self, tokens):
+        return super().__call__(tokens) + self.bias[: tokens.shape[0]]
+
+    def extend(self, tokens, start, cache):
+        logits, cache = super().extend(tokens, start, cache)
+        return logits + jax.lax.dynamic_slice_in_dim(self.bias, start, tokens.shape[0]), cache
+
+
+# The sequential reference on the plain path, then every decoding solver cached.
+EVERY = [
+    SEQ,
+    solvers.JacobiDecoding(4),
+    solvers.GSJacobiDecoding(3),
+    solvers.HybridDecoding(2, parallel_tokens=4),
+    solvers.LookaheadDecoding(4, ngram=3, guesses=2),
+]
+BIASED_CASES = [(SEQ, False)] + [(s, True) for s in EVERY]
+P, N = 3, 8
+PROMPT = jnp.array([4, 2, 7], jnp.int32)
+
+
+@eqx.filter_jit
+def _decode_biased(model, solver, cached, key, eos_id):
+    # The bias is traced: one compile per (solver, protocol, keyed, eos) for every bias
+    # (pass every argument, positionally, so that calls share them).
+    return fixpoint.decode(
+        model,
+        PROMPT,
+        N,
+        solver=solver,
+        cached=cached,
+        key=key,
+        temperature=3.0,
+        eos_id=eos_id,
+        return_solution=True,
+    )
+
+
+def _biased(model, bias=None):
+    bias = jnp.zeros((P + N, V), jnp.float64) if bias is None else bias
+    return _Biased(model.emb, model.w, bias)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["greedy", "keyed"])
+def test_nonfinite_row_stops_every_solver_alike(model, keyed):
+    # The row that scores new position 3 holds a NaN, a +inf, or no finite entry. Every
+    # solver decodes the 3 tokens before it, and pads from position 3 on (`fill_id`,
+    # `eos_id` when given) with `fixed_at` -1 and the same result and token count.
+    key = jax.random.key(4) if keyed else None
+    clean = _biased(model)
+    want = np.asarray(_decode_biased(clean, SEQ, False, key, None)[0])
+    row, column = P + 2, 5  # row P + 2 scores absolute position P + 3
+    # An EOS that is neither decoded before position 3, nor `fill_id`, nor the column
+    # argmax picks from a poisoned row.
+    eos = min(set(range(1, V)) - set(want[:3].tolist()) - {column})
+    poisons = [clean.bias.at[row, column].set(x) for x in (jnp.nan, jnp.inf)]
+    biases = poisons + [clean.bias.at[row].set(-jnp.inf)]
+    before = np.arange(N) < 3
+    for bias in biases:
+        poisoned = _biased(model, bias)
+        with_eos = [] if keyed else [((SEQ, False), eos), ((EVERY[1], True), eos)]
+        for (solver, cached), eos_id in [(c, None) for c in BIASED_CASES] + with_eos:
+            tokens, sol = _decode_biased(poisoned, solver, cached, key, eos_id)
+            pad = 0 if eos_id is None else eos_id
+            np.testing.assert_array_equal(tokens, np.where(before, want, pad))
+            assert bool(sol.result == fixpoint.RESULTS.nonfinite)
+            np.testing.assert_array_equal(np.asarray(sol.stats["fixed_at"]) >= 0, before)
+            decoded = float(sol.stats["tokens_per_call"]) * int(sol.stats["model_calls"])
+            assert round(decoded) == 3, (solver, cached, decoded)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["greedy", "keyed"])
+def test_minus_inf_bans_a_token(model, keyed):
+    # Constrained decoding: a -inf logit is never chosen, greedy or sampled, and
+    # decoding goes on; every solver gives the sequential output.
+    clean = _biased(model)
+    keys = list(jax.random.split(jax.random.key(3), 3)) if keyed else [None]
+    banned = int(_decode_biased(clean, SEQ, False, keys[0], None)[0][0])  # chosen when allowed
+    masked = _biased(model, clean.bias.at[:, banned].set(-jnp.inf))
+    for key in keys:
+        want, ref = _decode_biased(masked, SEQ, False, key, None)
+        assert bool(ref.result == fixpoint.RESULTS.successful)
+        assert banned not in np.asarray(want).tolist()
+        for solver, cached in BIASED_CASES:
+            got, sol = _decode_biased(masked, solver, cached, key, None)
+            np.testing.assert_array_equal(got, want)
+            assert bool(sol.result == fixpoint.RESULTS.successful)
+    if not keyed:  # the runner-up of the unmasked row
+        row = np.asarray(model(jnp.concatenate([PROMPT, jnp.zeros(N, jnp.int32)]))[P - 1])
+        assert int(want[0]) == int(np.argmax(np.where(np.arange(V) == banned, -np.inf, row)))
+        # Consistency training of the masked model: banned tokens add nothing (not NaN).
+        from fixpoint import layers
+
+        assert float(layers.consistency_loss(masked, PROMPT, want, want)) == 0.0
+        away, grads = eqx.filter_value_and_grad(layers.consistency_loss)(
+            masked, PROMPT, jnp.zeros(N, jnp.int32), want
+        )
+        assert 0 < float(away) < np.inf and np.all(np.isfinite(grads.emb))
+
+
+def test_first_divergence_scores_with_decodes_noise(model):
+    # With a half-precision model, `first_divergence` adds the noise `decode` sampled
+    # with: the sampled token outscores every other token at its position.
+    half = _as(model, jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(6), 4)
+    sample = jax.jit(
+        jax.vmap(
+            lambda k: fixpoint.decode(
+                half, PROMPT, 6, solver=SEQ, key=k, temperature=3.0, cached=False
+            )
+        )
+    )
+    for key, ref in zip(keys, np.asarray(sample(keys)), strict=True):
+        for i in (0, 4):
+            for token in sorted(set(range(V)) - {int(ref[i])}):
+                other = ref.copy()
+                other[i] = token
+                d = fixpoint.first_divergence(half, PROMPT, other, ref, key=key, temperature=3.0)
+                assert d.index == i and d.margin > 0, (i, token, d)
+
+
 class _BadCache(Toy):
     def extend(self, tokens, start, cache):
         logits, cache = super().extend(tokens, start, cache)
@@ -279,7 +406,7 @@ def test_bad_inputs(model):
     z = jnp.zeros(3, jnp.int32)
     with pytest.raises(TypeError, match="`prompt` must hold integer"):
         fixpoint.decode(model, jnp.zeros(3), 4, solver=j)
-    with pytest.raises(ValueError, match="`max_new_tokens` must be >= 1"):
+    with pytest.raises(ValueError, match="`max_new_tokens` must be (an int )?>= 1"):
         fixpoint.decode(model, z, 0, solver=j)
     with pytest.raises(ValueError, match="`window` must be an int >= 1"):
         solvers.JacobiDecoding(0)
@@ -333,6 +460,17 @@ def test_transformer_cached_equals_plain_float64(transformer):
         got, sol = fixpoint.decode(model, prompts, 24, solver=solver, cached=True, **kw)
         np.testing.assert_array_equal(got, want)
         assert np.all(np.asarray(sol.stats["model_calls"]) <= 24)
+
+
+def test_too_long_for_the_model(transformer):
+    from fixpoint import layers
+
+    # Checked by `decode` against the model's `max_len`, in the caller's terms.
+    msg = r"`prompt` length 3 \+ `max_new_tokens` 38 = 41 exceeds the model's `max_len` 40"
+    with pytest.raises(ValueError, match=msg):
+        fixpoint.decode(transformer, jnp.zeros(3, jnp.int32), 38, solver=SEQ)
+    with pytest.raises(ValueError, match=msg):
+        layers.jacobi_trajectories(transformer, jnp.zeros((2, 3), jnp.int32), 38)
 
 
 def test_float32_divergences_are_ties(transformer):
