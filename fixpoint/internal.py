@@ -29,7 +29,7 @@ from ._compact import compacted_while_loop as compacted_while_loop
 from ._convergence import converged as converged
 from ._convergence import meets as meets
 from ._convergence import scaled_size as scaled_size
-from ._decode import AbstractDecodingSolver as AbstractDecodingSolver
+from ._decode_solver import AbstractDecodingSolver as AbstractDecodingSolver
 from ._errors import checked as checked
 from ._errors import raise_if_failed as raise_if_failed
 from ._fixed_point_loop import LoopScalars as LoopScalars
