@@ -5,6 +5,10 @@ from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint import NeumannAdjoint as NeumannAdjoint
 from ._adjoint import PhantomAdjoint as PhantomAdjoint
 from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
+from ._checks import as_python_number as as_python_number
+from ._checks import check_bool as check_bool
+from ._checks import check_int as check_int
+from ._checks import check_number as check_number
 from ._compact import Compaction as Compaction
 from ._compact import check_compaction as check_compaction
 from ._compact import compacted_while_loop as compacted_while_loop
