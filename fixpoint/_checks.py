@@ -1,5 +1,7 @@
 """Trace-time validation with messages that name the offending argument."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -85,16 +87,87 @@ def check_output(out_struct, y0, has_aux: bool, name: str):
             )
 
 
-def check_int(value, name: str, minimum: int):
+def as_python_number(value):
+    """A NumPy scalar (`np.float32(0.5)`, `np.int64(5)`, `np.bool_(True)`) as the
+    Python number it holds; anything else unchanged, for a validator to judge.
+
+    Use it as an option field's converter (`eqx.field(default=1.0,
+    converter=as_python_number)`): an option then never carries a NumPy dtype
+    into the computation (a `np.float64` option would promote float32 iterates).
+    """
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _who(name: str, owner: str | None) -> str:
+    return f"{owner}: `{name}`" if owner else f"`{name}`"
+
+
+def check_int(value, name: str, minimum: int | None = None, *, owner: str | None = None) -> int:
+    """`value` as a Python int; a readable error unless it is an integer (Python
+    or NumPy, not a bool) of at least `minimum`. `owner` prefixes the message
+    (`"Anderson: `history` must be ..."`)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+        raise TypeError(f"{_who(name, owner)} must be an int, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{_who(name, owner)} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
 
 
-def check_bool(value, name: str):
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+_BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
+
+
+def check_number(
+    value, name: str, allowed: str | None = None, *, owner: str | None = None
+) -> float | int:
+    """`value` as a Python number; a readable error unless it is a real number
+    (Python or NumPy, not a bool, not a JAX array) in `allowed`.
+
+    `allowed` is an interval, `"(0, 1]"`, `"[0, 1)"`, or a bound, `"> 0"`,
+    `">= 0"`, `"< 1"`; `None` admits every real number but NaN.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        hint = (
+            " (a static option: pass a Python number, not a JAX array)"
+            if isinstance(value, jax.Array)
+            else ""
+        )
+        raise TypeError(f"{_who(name, owner)} must be a real number{hint}, got {value!r}.")
+    value = as_python_number(value)
+    if allowed is None:
+        ok, says = value == value, "must not be NaN"
+    elif m := _INTERVAL.match(allowed):
+        lo, hi = float(m[2]), float(m[3])
+        ok = (lo <= value if m[1] == "[" else lo < value) and (
+            value <= hi if m[4] == "]" else value < hi
+        )
+        says = f"must lie in {allowed}"
+    elif m := _BOUND.match(allowed):
+        bound = float(m[2])
+        ok = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[
+            m[1]
+        ]
+        says = f"must be a number {allowed}"
+    else:
+        raise ValueError(f"check_number: cannot read the range {allowed!r}.")
+    if not ok:
+        raise ValueError(f"{_who(name, owner)} {says}, got {value!r}.")
+    return value
+
+
+def check_bool(value, name: str, *, owner: str | None = None) -> bool:
+    """`value` as a Python bool; a readable error unless it is one (or `np.bool_`)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+        raise TypeError(f"{_who(name, owner)} must be a bool, got {value!r}.")
+    return bool(value)
 
 
 def check_instance(value, cls, name: str):

@@ -14,16 +14,19 @@ solver needs beyond that (as `optimistix.internal` does):
   (`while_loop`, `fori_loop`), and errors under `jit` (`checked`,
   `raise_if_failed`);
 - **option validators** with messages that name the argument (`check_int`,
-  `check_bool`, `check_instance`, `check_tolerances`, `check_compaction`,
-  `scan_tolerances`).
+  `check_number`, `check_bool`, `check_instance`, `check_tolerances`,
+  `check_compaction`, `scan_tolerances`) and `as_python_number`, the field
+  converter that lets an option be a NumPy scalar.
 
 Every name here is documented where it is defined. These names may change
 between minor versions more freely than `fixpoint`'s own.
 """
 
+from ._checks import as_python_number as as_python_number
 from ._checks import check_bool as check_bool
 from ._checks import check_instance as check_instance
 from ._checks import check_int as check_int
+from ._checks import check_number as check_number
 from ._compact import check_compaction as check_compaction
 from ._compact import compacted_while_loop as compacted_while_loop
 from ._convergence import converged as converged

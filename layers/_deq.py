@@ -25,6 +25,12 @@ class _Apply(eqx.Module):
 _apply = _Apply()
 
 
+_BATCH_HINT = (
+    " If `x` is a batch: a DEQ solves for one input, so map it over the batch with "
+    "`jax.vmap(deq)(xs)`."
+)
+
+
 def _shape(z_shape):
     if z_shape is None:
         return None
@@ -93,10 +99,8 @@ class DEQ(eqx.Module):
     ):
         if not callable(f):
             raise TypeError(f"DEQ: `f` must be callable as f(z, x), got {f!r}.")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"DEQ: `dropout` must lie in [0, 1), got {dropout!r}.")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"DEQ: `max_steps` must be an int >= 1, got {max_steps!r}.")
+        dropout = internal.check_number(dropout, "dropout", "[0, 1)", owner="DEQ")
+        max_steps = internal.check_int(max_steps, "max_steps", 1, owner="DEQ")
         self.f = f
         self.solver = solvers.Anderson(1e-4, 1e-4) if solver is None else solver
         self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
@@ -148,14 +152,14 @@ class DEQ(eqx.Module):
             raise ValueError(
                 f"DEQ: calling `f(z, x)` with `z` of shape {tuple(z0.shape)} (from {where}) "
                 f"and `x` of shape {tuple(jnp.shape(x))} failed. If the state has another "
-                "shape than the input, pass `z_shape=` (or `z0=`)."
+                "shape than the input, pass `z_shape=` (or `z0=`)." + _BATCH_HINT
             ) from e
         if getattr(out, "shape", None) != z0.shape or getattr(out, "dtype", None) != z0.dtype:
             raise ValueError(
                 f"DEQ: `f(z, x)` must return the shape and dtype of `z`: `z` is "
                 f"{z0.dtype}{list(z0.shape)} (from {where}), `f` returned "
                 f"{getattr(out, 'dtype', type(out).__name__)}{list(getattr(out, 'shape', []))}. "
-                "Pass `z_shape=` with the shape `f` returns."
+                "Pass `z_shape=` with the shape `f` returns." + _BATCH_HINT
             )
 
     def solve(

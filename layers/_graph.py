@@ -158,6 +158,14 @@ def batch_graphs(graphs) -> Graph:
     graphs = list(graphs)
     if not graphs:
         raise ValueError("batch_graphs: `graphs` is empty.")
+    for field in ("nodes", "edges"):
+        widths = [jnp.shape(getattr(g, field))[1] for g in graphs]
+        for i, width in enumerate(widths):
+            if width != widths[0]:
+                raise ValueError(
+                    f"batch_graphs: `graphs[{i}].{field}` has {width} features per row but "
+                    f"`graphs[0].{field}` has {widths[0]}; batched graphs need the same widths."
+                )
     offsets = np.cumsum([0] + [g.num_nodes for g in graphs[:-1]])
     n_node = []
     for g in graphs:

@@ -9,6 +9,7 @@ edge crosses between graphs, so each graph's answer is the one it gets alone
 (to the solver's tolerance, which is checked over the whole batch).
 """
 
+import functools as ft
 import math
 
 import equinox as eqx
@@ -119,7 +120,11 @@ class _GraphEquilibrium(eqx.Module):
         self.solver = solvers.Picard(1e-5, 1e-5) if solver is None else solver
         self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
         _check_sparse(name, self.solver, self.adjoint)
-        self.max_steps = _default_steps(rate) if max_steps is None else max_steps
+        self.max_steps = (
+            _default_steps(rate)
+            if max_steps is None
+            else internal.check_int(max_steps, "max_steps", 1, owner=name)
+        )
         self.throw = throw
 
     def _fixed_point(self, fn, y0, args, record_residuals=False):
@@ -216,17 +221,13 @@ class CGS(_GraphEquilibrium):
         throw: bool = True,
         key: PRNGKeyArray,
     ):
-        if not (isinstance(gamma, (int, float)) and 0 < gamma < 1):
-            raise ValueError(f"CGS: `gamma` must lie in (0, 1), got {gamma!r}.")
+        gamma = internal.check_number(gamma, "gamma", "(0, 1)", owner="CGS")
         if normalisation not in ("degree", "sum", "max", "softmax"):
             raise ValueError(
                 "CGS: `normalisation` must be 'degree', 'sum', 'max' or 'softmax', got "
                 f"{normalisation!r}."
             )
-        if isinstance(temperature, bool) or not (
-            isinstance(temperature, (int, float)) and temperature > 0
-        ):
-            raise ValueError(f"CGS: `temperature` must be a number > 0, got {temperature!r}.")
+        temperature = internal.check_number(temperature, "temperature", "> 0", owner="CGS")
         self.normalisation = normalisation
         self.temperature = float(temperature)
         k = jax.random.split(key, 7)
@@ -294,77 +295,178 @@ class CGS(_GraphEquilibrium):
         return jax.vmap(self.decoder)(jnp.concatenate([z, h], axis=-1))
 
 
-def normalised_adjacency(graph: Graph, weight_column: int | None = None, dtype=None):
-    """IGNN's `D^-1/2 (A + I) D^-1/2` as edge weights plus self-loop weights.
+def _edge_weights(graph: Graph, column, dtype, owner: str, arg: str):
+    """`graph.edges[:, column]` as edge weights in `dtype` (ones for `column=None`),
+    checked to be finite and non-negative: at once when the values are concrete
+    (the message names the first bad edge), else at run time (`eqx.error_if`). The
+    messages name the caller `owner` and its argument `arg`."""
+    if column is None:
+        return jnp.ones(graph.num_edges, dtype)
+    width = graph.edges.shape[1]
+    if not 0 <= column < width:
+        raise ValueError(
+            f"{owner}: `{arg}={column}` is out of range for `graph.edges` with {width} columns."
+        )
+    w = graph.edges[:, column].astype(dtype)
+    what = (
+        f"{owner}: `{arg}={column}` makes `graph.edges[:, {column}]` the edge weights, which "
+        "must be finite and non-negative"
+    )
+    if isinstance(w, jax.core.Tracer):
+        bad = jnp.any(~(jnp.isfinite(w) & (w >= 0)))
+        return eqx.error_if(w, bad, f"{what}; an edge's weight is negative or not finite.")
+    host = np.asarray(w)
+    bad = np.flatnonzero(~(np.isfinite(host) & (host >= 0)))
+    if bad.size:
+        raise ValueError(f"{what}; edge {bad[0]} has weight {host[bad[0]]}.")
+    return w
 
-    `A_e = w_e` (the edge feature `graph.edges[:, weight_column]`, or 1), degrees
-    `d_i = 1 + Σ_{e → i} w_e` (received), `Â_e = w_e / sqrt(d_s d_r)` and the
-    self-loop `1 / d_i`. Returns `(edge_weights[E], self_weights[N])`. Weights must
-    be non-negative for the Perron–Frobenius bound to hold.
-    """
-    dtype = graph.nodes.dtype if dtype is None else dtype
-    if weight_column is None:
-        w = jnp.ones(graph.num_edges, dtype)
-    else:
-        w = graph.edges[:, weight_column].astype(dtype)
-    d = 1.0 + graph.in_degree(w)
+
+def _normalise(graph: Graph, w):
+    d = 1.0 + graph.in_degree(w)  # the row sums of A + I
     inv = jax.lax.rsqrt(d)
     return w * inv[graph.senders] * inv[graph.receivers], 1.0 / d
 
 
+def normalised_adjacency(graph: Graph, weight_column: int | None = None, dtype=None):
+    """IGNN's `D^-1/2 (A + I) D^-1/2` as edge weights plus self-loop weights.
+
+    `A_e = w_e` (the edge feature `graph.edges[:, weight_column]`, or 1), degrees
+    `d_i = 1 + Σ_{e → i} w_e` (received: the row sums of `A + I`),
+    `Â_e = w_e / sqrt(d_s d_r)` and the self-loop `1 / d_i`. The weights must be
+    finite and non-negative (checked; under `jit` at run time). Then `Â` is
+    similar to the row-stochastic `D^-1 (A + I)`, so its Perron root is exactly 1
+    for every graph with at least one node.
+
+    **Arguments:**
+
+    - `graph`: a `fixpoint.layers.Graph`.
+    - `weight_column`: the column of `graph.edges` holding the weights; `None`: 1.
+    - `dtype`: of the result; default `graph.nodes.dtype`.
+
+    **Returns:** `(edge_weights[E], self_weights[N])`.
+    """
+    dtype = graph.nodes.dtype if dtype is None else dtype
+    w = _edge_weights(graph, weight_column, dtype, "normalised_adjacency", "weight_column")
+    return _normalise(graph, w)
+
+
+def _right(graph, ew, sw, v):
+    """`(Â + I) v`."""
+    return v + sw * v + _aggregate(v, graph, ew)
+
+
+def _left(graph, ew, sw, u):
+    """`(Â + I)ᵀ u`."""
+    back = jax.ops.segment_sum(ew * u[graph.receivers], graph.senders, graph.num_nodes)
+    return u + sw * u + back
+
+
+def _perron_iteration(graph: Graph, ew, sw, max_iterations: int):
+    """`perron_root`'s power iteration (no gradient): per node the right and left
+    iterates `v`, `u` (positive), per graph the upper bound `min(max_i (Mv)_i / v_i,
+    max_i (Mᵀu)_i / u_i)` on the Perron root of `M = Â + I` (`-inf` for a graph
+    without nodes) and the number of steps it took."""
+    ids, g = graph.node_graph(), graph.num_graphs
+    dtype = jnp.result_type(ew, sw)
+    tol = 1e-2 * float(np.sqrt(np.finfo(dtype).eps))
+    tiny = float(np.finfo(dtype).tiny)
+    right = ft.partial(_right, graph, ew, sw)
+    left = ft.partial(_left, graph, ew, sw)
+    segment_min = lambda x: -jax.ops.segment_max(-x, ids, g)  # noqa: E731
+
+    def bracket(x, apply):
+        """`M x` and, per graph, `lo ≤ ρ(M) ≤ hi` from `x > 0` (each graph's max 1).
+        Besides the Collatz–Wielandt bounds, `x` cut to its entries `>= tol` is
+        non-negative and non-zero, so `(M x_cut)_i ≥ μ x_i` on them gives `ρ(M) ≥ μ`
+        too: on reducible graphs `x` tends to 0 on part of the graph, and it is this
+        bound that closes."""
+        mx = apply(x)
+        ratio = mx / x
+        keep = x >= tol
+        cut = jnp.where(keep, apply(jnp.where(keep, x, 0.0)) / x, jnp.inf)
+        lo = jnp.maximum(segment_min(ratio), segment_min(cut))
+        return mx, jax.ops.segment_max(ratio, ids, g), lo
+
+    def normalise(x):
+        # Kept positive (against underflow), so that `max (Mx)_i / x_i` stays a bound.
+        return jnp.maximum(x / jax.ops.segment_max(x, ids, g)[ids], tiny)
+
+    def cond(c):
+        _, _, i, _, done = c
+        return (i < max_iterations) & ~jnp.all(done)
+
+    def body(c):
+        v, u, i, steps, done = c
+        mv, hi_v, lo_v = bracket(v, right)
+        mu, hi_u, lo_u = bracket(u, left)
+        tight = (hi_v - lo_v <= tol * hi_v) & (hi_u - lo_u <= tol * hi_u)
+        undefined = jnp.isnan(hi_v - lo_v) | jnp.isnan(hi_u - lo_u)  # NaN or Inf weights
+        done = done | tight | undefined  # a stopped graph is frozen: graphs never couple
+        go = ~done[ids]
+        v = jnp.where(go, normalise(mv), v)
+        u = jnp.where(go, normalise(mu), u)
+        return v, u, i + 1, steps + (~done).astype(jnp.int32), done
+
+    size = jax.ops.segment_sum(jnp.ones_like(ids), ids, g)
+    ones = jnp.ones(graph.num_nodes, dtype)
+    zero = jnp.zeros(g, jnp.int32)
+    init = (ones, ones, jnp.array(0, jnp.int32), zero, size == 0)
+    v, u, _, steps, _ = internal.compacted_while_loop(cond, body, init, None)
+    bound = jnp.minimum(
+        jax.ops.segment_max(right(v) / v, ids, g), jax.ops.segment_max(left(u) / u, ids, g)
+    )
+    return v, u, bound, steps
+
+
 def perron_root(graph: Graph, edge_weights, self_weights, max_iterations: int = 1000):
-    """Per graph, the Perron–Frobenius eigenvalue `λ_pf` of the non-negative
-    operator `Â` (edge weights plus self-loop weights), `float[num_graphs]`.
+    """Per graph, the Perron–Frobenius eigenvalue `λ_pf` (the spectral radius) of
+    the non-negative operator `Â` with off-diagonal `Â[r_e, s_e] += edge_weights[e]`
+    and diagonal `self_weights`.
 
     Power iteration on the shifted operator `M = Â + I`, whose Perron root is
     `λ_pf + 1` and strictly dominant also when `Â` has `±λ` (bipartite graphs) or
-    is nilpotent (directed chains without self-loops, `λ_pf = 0`). Per graph the
-    Collatz–Wielandt bounds `min_i (M v)_i / v_i ≤ λ_pf + 1 ≤ max_i (M v)_i / v_i`
-    bracket the root; iteration stops when every graph's bracket is below
-    `sqrt(eps)·1e-2` relative (or after `max_iterations`: e.g. a graph made of
-    disconnected parts never closes it). The value is the upper bound minus 1
-    (an over-estimate only tightens the well-posedness margin), floored at 1e-6.
+    is nilpotent. Per graph, the right and left iterates `v`, `u > 0` give the
+    Collatz–Wielandt bracket `min_i (Mv)_i / v_i ≤ λ_pf + 1 ≤ max_i (Mv)_i / v_i`
+    (and the same for `Mᵀ` and `u`), and a second lower bound from each iterate's
+    entries `>= tol` alone (the vector cut to them is still non-negative; on
+    reducible graphs, whose Perron vectors vanish on part of the graph, it is the
+    one that closes). Each graph stops on its own, frozen, once both its brackets
+    are within `tol = 1e-2·sqrt(eps)` relative, or all after `max_iterations`: a
+    batch never couples its graphs.
+
+    The value is the smaller upper bound minus 1: never below `λ_pf` (up to
+    rounding), and within `tol·(λ_pf + 1)` of it once the brackets closed. That
+    takes about `log(tol) / log(|λ_2 + 1| / (λ_pf + 1))` steps (`λ_2` the next
+    eigenvalue), more on reducible graphs (it grows with the diameter; a 40-node
+    directed chain under `normalised_adjacency`: 321 steps), and a graph with
+    equal roots chained one after another (a nilpotent chain: `(I + N)^k` grows
+    only polynomially) may not close within `max_iterations`: its value is then
+    a looser upper bound. A graph without nodes gets 0; one without edges its
+    largest self weight (0 if none).
 
     Its gradient is taken: the eigenvalue derivative `dλ = uᵀ dÂ v / uᵀ v` at the
-    computed right and left Perron vectors `v`, `u` (zero where the floor is
-    active; exact once the bracket has closed).
+    computed right and left Perron vectors (exact once the brackets closed).
+
+    **Arguments:**
+
+    - `graph`: a `fixpoint.layers.Graph` (several graphs: one value each).
+    - `edge_weights`: `float[E]`, non-negative.
+    - `self_weights`: `float[N]`, non-negative.
+    - `max_iterations`: the most power-iteration steps per graph.
+
+    **Returns:** `float[num_graphs]`.
     """
-    ids = graph.node_graph()
-    g = graph.num_graphs
+    ids, g = graph.node_graph(), graph.num_graphs
     ew, sw = jax.lax.stop_gradient(edge_weights), jax.lax.stop_gradient(self_weights)
-    tol = 1e-2 * float(np.sqrt(np.finfo(ew.dtype).eps))
-
-    def right(v, ew=ew, sw=sw):
-        return v + sw * v + _aggregate(v, graph, ew)
-
-    def left(u):
-        back = jax.ops.segment_sum(ew * u[graph.receivers], graph.senders, graph.num_nodes)
-        return u + sw * u + back
-
-    def gap(v, apply):
-        ratio = apply(v) / v
-        hi, lo = jax.ops.segment_max(ratio, ids, g), -jax.ops.segment_max(-ratio, ids, g)
-        return jnp.max((hi - lo) / hi)
-
-    def normalise(v):
-        return v / jax.ops.segment_max(v, ids, g)[ids]
-
-    def cond(c):
-        v, u, i = c
-        return (i < max_iterations) & ((gap(v, right) > tol) | (gap(u, left) > tol))
-
-    def body(c):
-        v, u, i = c
-        return normalise(right(v)), normalise(left(u)), i + 1
-
-    ones = jnp.ones(graph.num_nodes, ew.dtype)
-    v, u, _ = internal.compacted_while_loop(cond, body, (ones, ones, jnp.array(0, jnp.int32)), None)
-    bound = jax.ops.segment_max(right(v) / v, ids, g) - 1.0
+    v, u, bound, _ = _perron_iteration(graph, ew, sw, max_iterations)
+    has_nodes = jax.ops.segment_sum(jnp.ones_like(ids), ids, g) > 0
+    bound = jnp.where(has_nodes, bound - 1.0, 0.0)
     # The same eigenvalue as a differentiable quotient of the live weights.
-    mv = right(v, edge_weights, self_weights)
-    quotient = jax.ops.segment_sum(u * mv, ids, g) / jax.ops.segment_sum(u * v, ids, g) - 1.0
-    lam = jax.lax.stop_gradient(bound) + quotient - jax.lax.stop_gradient(quotient)
-    return jnp.maximum(lam, 1e-6)
+    mv = _right(graph, edge_weights, self_weights, v)
+    uv = jnp.where(has_nodes, jax.ops.segment_sum(u * v, ids, g), 1.0)
+    quotient = jax.ops.segment_sum(u * mv, ids, g) / uv - 1.0
+    return jax.lax.stop_gradient(bound) + quotient - jax.lax.stop_gradient(quotient)
 
 
 class _IGNNMap(eqx.Module):
@@ -379,20 +481,24 @@ class IGNN(_GraphEquilibrium):
 
     The node states `X[N, hidden]` solve `X = relu(Â X Wᵀ + Â U Ωᵀ)` (node-major
     form of IGNN's `X = φ(W X A + Ω U A)`), with `Â` the normalised adjacency
-    `D^-1/2 (A + I) D^-1/2` (`normalised_adjacency`). Well-posedness: per graph,
-    each row of `W` is rescaled onto the L1 ball of radius `κ / λ_pf(Â)` (so
-    `‖W‖∞ ≤ κ / λ_pf`, IGNN's sufficient condition), with `λ_pf` estimated per
-    graph by `perron_root` — a batch never couples its graphs. (IGNN projects
-    Euclidean-ly onto the ball; this radial rescaling reaches the same ball and
-    is cheap to apply per graph.) Outputs: a linear readout of `[X, U]`.
+    `D^-1/2 (A + I) D^-1/2` (`normalised_adjacency`). Well-posedness: each row of
+    `W` is rescaled onto the L1 ball of radius `κ / λ_pf(Â)` (so `‖W‖∞ ≤ κ / λ_pf`,
+    IGNN's sufficient condition), and `λ_pf(Â) = 1` exactly for every graph, of
+    any direction and non-negative finite weights: `D` is the row sums of `A + I`
+    (received weights plus one, from the same weights), so `Â` is similar to the
+    row-stochastic `D^-1 (A + I)`, whose Perron root is 1. The radius is `κ`, for
+    every graph of a batch alike (no power iteration: `perron_root` is for other
+    operators). (IGNN projects Euclidean-ly onto the ball; this radial rescaling
+    reaches the same ball.) Outputs: a linear readout of `[X, U]`.
 
     **Arguments:**
 
     - `node_size`, `out_size`: input and output features per node.
     - `hidden`: the state width `m`.
     - `kappa`: in `(0, 1)`; the well-posedness margin.
-    - `edge_weight_column`: use `graph.edges[:, column]` (non-negative) as the
-      adjacency weights; gradients reach them. `None`: unweighted.
+    - `edge_weight_column`: use `graph.edges[:, column]` as the adjacency weights;
+      gradients reach them. They must be finite and non-negative (checked when the
+      layer is called; under `jit` at run time). `None`: unweighted.
     - `solver`, `adjoint`, `max_steps`, `throw`: as in `CGS` (defaults: Picard,
       `ImplicitAdjoint()`, enough Picard steps for rate `kappa`).
     - `key`: initialisation key.
@@ -419,8 +525,7 @@ class IGNN(_GraphEquilibrium):
         throw: bool = True,
         key: PRNGKeyArray,
     ):
-        if not (isinstance(kappa, (int, float)) and 0 < kappa < 1):
-            raise ValueError(f"IGNN: `kappa` must lie in (0, 1), got {kappa!r}.")
+        kappa = internal.check_number(kappa, "kappa", "(0, 1)", owner="IGNN")
         k1, k2, k3 = jax.random.split(key, 3)
         self.omega = eqx.nn.Linear(node_size, hidden, use_bias=False, key=k1)
         self.w = jax.random.normal(k2, (hidden, hidden)) / hidden
@@ -432,18 +537,11 @@ class IGNN(_GraphEquilibrium):
     def _args(self, graph):
         dtype = self.w.dtype
         nodes, _ = _features(graph, self.node_size, None, "IGNN", dtype)
-        col = self.edge_weight_column
-        if col is not None and not 0 <= col < graph.edges.shape[1]:
-            raise ValueError(
-                f"IGNN: `edge_weight_column={col}` is out of range for `graph.edges` with "
-                f"{graph.edges.shape[1]} columns."
-            )
-        edge_w, self_w = normalised_adjacency(graph, col, dtype)
-        lam = perron_root(graph, edge_w, self_w)
-        radius = self.kappa / lam  # per graph
+        w = _edge_weights(graph, self.edge_weight_column, dtype, "IGNN", "edge_weight_column")
+        edge_w, self_w = _normalise(graph, w)
+        # λ_pf(Â) = 1 for every graph (see the class docstring): the radius is κ.
         row_l1 = jnp.sum(jnp.abs(self.w), axis=1)  # [hidden]
-        scale = jnp.minimum(1.0, radius[:, None] / jnp.maximum(row_l1, 1e-30)[None, :])
-        scale = scale[graph.node_graph()]  # [N, hidden]: row scaling of W, per node's graph
+        scale = jnp.minimum(1.0, self.kappa / jnp.maximum(row_l1, 1e-30))  # row scaling of W
         u = jax.vmap(self.omega)(nodes)
         injected = _aggregate(u, graph, edge_w[:, None]) + self_w[:, None] * u
         return nodes, (self.w, scale, edge_w, self_w, injected, graph)

@@ -15,6 +15,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import fixpoint
@@ -34,15 +35,13 @@ def _default_solver():
 
 
 def _check_options(name, m, solver, max_steps, adjoint):
-    if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
-        raise ValueError(f"{name}: `m` (the monotonicity) must be a number > 0, got {m!r}.")
+    internal.check_number(m, "m", "> 0", owner=name)
     if not isinstance(solver, (PeacemanRachford, ForwardBackward)):
         raise TypeError(
             f"{name}: `solver` must be `fixpoint.solvers.PeacemanRachford` or "
             f"`fixpoint.solvers.ForwardBackward`, got {solver!r}."
         )
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"{name}: `max_steps` must be an int >= 1, got {max_steps!r}.")
+    internal.check_int(max_steps, "max_steps", 1, owner=name)
     if not isinstance(adjoint, fixpoint.AbstractAdjoint) or isinstance(
         adjoint, fixpoint.UnrolledAdjoint
     ):
@@ -107,9 +106,9 @@ class MonDEQ(eqx.Module):
     B: Float[Array, "hidden hidden"]
     U: Float[Array, "hidden in"]
     bias: Float[Array, " hidden"]
-    m: float = eqx.field(static=True)
+    m: float = eqx.field(static=True, converter=internal.as_python_number)
     solver: PeacemanRachford | ForwardBackward = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True, converter=internal.as_python_number)
     adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
     compaction: fixpoint.Compaction | None = eqx.field(static=True)
@@ -131,8 +130,7 @@ class MonDEQ(eqx.Module):
         solver = _default_solver() if solver is None else solver
         _check_options("MonDEQ", m, solver, max_steps, adjoint)
         for name, size in (("in_size", in_size), ("hidden_size", hidden_size)):
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"MonDEQ: `{name}` must be an int >= 1, got {size!r}.")
+            internal.check_int(size, name, 1, owner="MonDEQ")
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
         ka, kb, ku, kbias = jax.random.split(key, 4)
         self.A = _uniform(ka, (hidden_size, hidden_size), hidden_size, dtype)
@@ -246,7 +244,7 @@ class CircularConvMonotone(AbstractMonotoneLinear):
 
     A: Float[Array, "c c *k"]
     B: Float[Array, "c c *k"]
-    m: float = eqx.field(static=True)
+    m: float = eqx.field(static=True, converter=internal.as_python_number)
     spatial: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(self, A: Array, B: Array, m: float, spatial: tuple[int, ...]):
@@ -333,10 +331,10 @@ class ConvMonDEQ(eqx.Module):
     B: Array
     U: Array
     bias: Array
-    m: float = eqx.field(static=True)
+    m: float = eqx.field(static=True, converter=internal.as_python_number)
     shape: tuple[int, ...] = eqx.field(static=True)
     solver: PeacemanRachford | ForwardBackward = eqx.field(static=True)
-    max_steps: int = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True, converter=internal.as_python_number)
     adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
     compaction: fixpoint.Compaction | None = eqx.field(static=True)
@@ -359,12 +357,16 @@ class ConvMonDEQ(eqx.Module):
     ):
         solver = _default_solver() if solver is None else solver
         _check_options("ConvMonDEQ", m, solver, max_steps, adjoint)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
         if not 1 <= len(shape) <= 2 or not all(_pos_int(s) for s in shape):
             raise ValueError(
                 f"ConvMonDEQ: `shape` must be an int or a tuple of 1 or 2 ints >= 1, got {shape!r}."
             )
-        ks = (kernel_size,) * len(shape) if isinstance(kernel_size, int) else tuple(kernel_size)
+        ks = (
+            (kernel_size,) * len(shape)
+            if isinstance(kernel_size, (int, np.integer))
+            else tuple(kernel_size)
+        )
         if len(ks) != len(shape) or not all(_pos_int(k) for k in ks):
             raise ValueError(
                 f"ConvMonDEQ: `kernel_size` must be an int >= 1 or a tuple of {len(shape)} such "
@@ -425,4 +427,4 @@ class ConvMonDEQ(eqx.Module):
 
 
 def _pos_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1

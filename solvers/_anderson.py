@@ -43,24 +43,20 @@ class Anderson(internal.AbstractSolver):
     `ridge` (relative, ≥ 0), `max_weight` (> 1), `norm`.
     """
 
-    rtol: float
-    atol: float
-    history: int = 5
-    damping: float = 1.0
-    ridge: float = 1e-10
-    max_weight: float = 1e4
+    rtol: float = eqx.field(converter=internal.as_python_number)
+    atol: float = eqx.field(converter=internal.as_python_number)
+    history: int = eqx.field(default=5, converter=internal.as_python_number)
+    damping: float = eqx.field(default=1.0, converter=internal.as_python_number)
+    ridge: float = eqx.field(default=1e-10, converter=internal.as_python_number)
+    max_weight: float = eqx.field(default=10000.0, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
         internal.check_tolerances(self)
-        if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1:
-            raise ValueError(f"Anderson: `history` must be an int >= 1, got {self.history!r}.")
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"Anderson: `damping` must lie in (0, 1], got {self.damping!r}.")
-        if not isinstance(self.ridge, (int, float)) or self.ridge < 0:
-            raise ValueError(f"Anderson: `ridge` must be >= 0, got {self.ridge!r}.")
-        if not isinstance(self.max_weight, (int, float)) or self.max_weight <= 1:
-            raise ValueError(f"Anderson: `max_weight` must be > 1, got {self.max_weight!r}.")
+        internal.check_int(self.history, "history", 1, owner="Anderson")
+        internal.check_number(self.damping, "damping", "(0, 1]", owner="Anderson")
+        internal.check_number(self.ridge, "ridge", ">= 0", owner="Anderson")
+        internal.check_number(self.max_weight, "max_weight", "> 1", owner="Anderson")
 
     def init(self, problem, y, args):
         m, n = self.history, y.size

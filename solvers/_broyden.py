@@ -44,18 +44,16 @@ class Broyden(internal.AbstractSolver):
     **Arguments:** `rtol`, `atol`, `memory` (≥ 1), `min_step` in (0, 1), `norm`.
     """
 
-    rtol: float
-    atol: float
-    memory: int = 20
-    min_step: float = 1e-3
+    rtol: float = eqx.field(converter=internal.as_python_number)
+    atol: float = eqx.field(converter=internal.as_python_number)
+    memory: int = eqx.field(default=20, converter=internal.as_python_number)
+    min_step: float = eqx.field(default=0.001, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
         internal.check_tolerances(self)
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"Broyden: `memory` must be an int >= 1, got {self.memory!r}.")
-        if not isinstance(self.min_step, (int, float)) or not 0 < self.min_step < 1:
-            raise ValueError(f"Broyden: `min_step` must lie in (0, 1), got {self.min_step!r}.")
+        internal.check_int(self.memory, "memory", 1, owner="Broyden")
+        internal.check_number(self.min_step, "min_step", "(0, 1)", owner="Broyden")
 
     def init(self, problem, y, args):
         m, n = self.memory, y.size

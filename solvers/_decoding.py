@@ -13,18 +13,8 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fixpoint import internal
-
-
-def _as_int(value):
-    return int(value) if isinstance(value, np.integer) else value
-
-
-def _positive(cls, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{cls}: `{name}` must be an int >= 1, got {value!r}.")
 
 
 class SequentialDecoding(internal.AbstractDecodingSolver):
@@ -47,10 +37,10 @@ class JacobiDecoding(internal.AbstractDecodingSolver):
     **Arguments:** `window` (≥ 1), the number of positions proposed per call.
     """
 
-    window: int = eqx.field(default=16, converter=_as_int)
+    window: int = eqx.field(default=16, converter=internal.as_python_number)
 
     def __check_init__(self):
-        _positive("JacobiDecoding", "window", self.window)
+        internal.check_int(self.window, "window", 1, owner="JacobiDecoding")
 
     @property
     def max_window(self) -> int:
@@ -69,10 +59,10 @@ class GSJacobiDecoding(internal.AbstractDecodingSolver):
     **Arguments:** `block_size` (≥ 1).
     """
 
-    block_size: int = eqx.field(default=4, converter=_as_int)
+    block_size: int = eqx.field(default=4, converter=internal.as_python_number)
 
     def __check_init__(self):
-        _positive("GSJacobiDecoding", "block_size", self.block_size)
+        internal.check_int(self.block_size, "block_size", 1, owner="GSJacobiDecoding")
 
     @property
     def max_window(self) -> int:
@@ -93,12 +83,12 @@ class HybridDecoding(internal.AbstractDecodingSolver):
     leading positions decoded in blocks.
     """
 
-    block_size: int = eqx.field(default=4, converter=_as_int)
-    parallel_tokens: int = eqx.field(default=32, converter=_as_int)
+    block_size: int = eqx.field(default=4, converter=internal.as_python_number)
+    parallel_tokens: int = eqx.field(default=32, converter=internal.as_python_number)
 
     def __check_init__(self):
-        _positive("HybridDecoding", "block_size", self.block_size)
-        _positive("HybridDecoding", "parallel_tokens", self.parallel_tokens)
+        internal.check_int(self.block_size, "block_size", 1, owner="HybridDecoding")
+        internal.check_int(self.parallel_tokens, "parallel_tokens", 1, owner="HybridDecoding")
 
     @property
     def max_window(self) -> int:
@@ -151,15 +141,14 @@ class LookaheadDecoding(internal.AbstractDecodingSolver):
     guessed tokens), `guesses` (≥ 1, branches per call = continuations per key).
     """
 
-    window: int = eqx.field(default=16, converter=_as_int)
-    ngram: int = eqx.field(default=5, converter=_as_int)
-    guesses: int = eqx.field(default=4, converter=_as_int)
+    window: int = eqx.field(default=16, converter=internal.as_python_number)
+    ngram: int = eqx.field(default=5, converter=internal.as_python_number)
+    guesses: int = eqx.field(default=4, converter=internal.as_python_number)
 
     def __check_init__(self):
-        _positive("LookaheadDecoding", "window", self.window)
-        _positive("LookaheadDecoding", "guesses", self.guesses)
-        if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or self.ngram < 2:
-            raise ValueError(f"LookaheadDecoding: `ngram` must be an int >= 2, got {self.ngram!r}.")
+        internal.check_int(self.window, "window", 1, owner="LookaheadDecoding")
+        internal.check_int(self.guesses, "guesses", 1, owner="LookaheadDecoding")
+        internal.check_int(self.ngram, "ngram", 2, owner="LookaheadDecoding")
 
     @property
     def max_window(self) -> int:

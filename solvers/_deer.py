@@ -11,6 +11,7 @@ the update `Δ = H_new - H`, the linear recurrence `Δ_t = A_t Δ_{t-1} + r_t` w
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax.numpy as jnp
 
 import fixpoint
@@ -37,8 +38,9 @@ class DEER(internal.AbstractScanSolver):
     (default max-norm).
     """
 
-    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
-    atol: float | None = None
+    # None: the dtype's default (`internal.scan_tolerances`)
+    rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
+    atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
@@ -98,11 +100,12 @@ class QuasiDEER(internal.AbstractScanSolver):
       run at once (memory `O(T·D·batch_size)`).
     """
 
-    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
-    atol: float | None = None
+    # None: the dtype's default (`internal.scan_tolerances`)
+    rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
+    atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
     assume_diagonal: bool = False
-    batch_size: int = 32
+    batch_size: int = eqx.field(default=32, converter=internal.as_python_number)
 
     def __check_init__(self):
         internal.check_tolerances(self, allow_default=True)
@@ -162,26 +165,23 @@ class ELK(internal.AbstractScanSolver):
     `batch_size` (as `QuasiDEER`).
     """
 
-    damping: float = 1.0
+    damping: float = eqx.field(default=1.0, converter=internal.as_python_number)
     adaptive: bool = True
-    decrease: float = 0.3
-    increase: float = 4.0
-    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
-    atol: float | None = None
+    decrease: float = eqx.field(default=0.3, converter=internal.as_python_number)
+    increase: float = eqx.field(default=4.0, converter=internal.as_python_number)
+    # None: the dtype's default (`internal.scan_tolerances`)
+    rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
+    atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
     assume_diagonal: bool = False
-    batch_size: int = 32
+    batch_size: int = eqx.field(default=32, converter=internal.as_python_number)
 
     def __check_init__(self):
         internal.check_tolerances(self, allow_default=True)
         _check_batch(self)
-        if not isinstance(self.damping, (int, float)) or not self.damping >= 0:
-            raise ValueError(f"ELK: `damping` must be a number >= 0, got {self.damping!r}.")
-        if not 0 < self.decrease < 1 or not self.increase > 1:
-            raise ValueError(
-                "ELK: need 0 < `decrease` < 1 < `increase`, got "
-                f"{self.decrease!r} and {self.increase!r}."
-            )
+        internal.check_number(self.damping, "damping", ">= 0", owner="ELK")
+        internal.check_number(self.decrease, "decrease", "(0, 1)", owner="ELK")
+        internal.check_number(self.increase, "increase", "> 1", owner="ELK")
 
     def init(self, problem, h):
         if not self.adaptive:
@@ -317,13 +317,6 @@ def _compose(x, y):
 
 
 def _check_batch(solver):
-    if not isinstance(solver.assume_diagonal, bool):
-        raise TypeError(
-            f"{type(solver).__name__}: `assume_diagonal` must be a bool, "
-            f"got {solver.assume_diagonal!r}."
-        )
-    size = solver.batch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(
-            f"{type(solver).__name__}: `batch_size` must be an int >= 1, got {size!r}."
-        )
+    owner = type(solver).__name__
+    internal.check_bool(solver.assume_diagonal, "assume_diagonal", owner=owner)
+    internal.check_int(solver.batch_size, "batch_size", 1, owner=owner)

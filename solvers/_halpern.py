@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
+import equinox as eqx
 import jax.numpy as jnp
 
 import fixpoint
@@ -41,9 +42,9 @@ class Halpern(internal.AbstractSolver):
     (default max-norm; it also measures the residual for `restart`).
     """
 
-    rtol: float
-    atol: float
-    restart: float | None = None
+    rtol: float = eqx.field(converter=internal.as_python_number)
+    atol: float = eqx.field(converter=internal.as_python_number)
+    restart: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
     # The pull towards the anchor does not vanish at a fixed point: only the
     # residual is tested.
@@ -51,11 +52,8 @@ class Halpern(internal.AbstractSolver):
 
     def __check_init__(self):
         internal.check_tolerances(self)
-        r = self.restart
-        if r is not None and (
-            isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1
-        ):
-            raise ValueError(f"Halpern: `restart` must be None or lie in (0, 1), got {r!r}.")
+        if self.restart is not None:
+            internal.check_number(self.restart, "restart", "(0, 1)", owner="Halpern")
 
     def init(self, problem, y, args):
         rdtype = jnp.finfo(y.dtype).dtype

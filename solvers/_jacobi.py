@@ -16,6 +16,7 @@ its first sweep and stops there.
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -51,10 +52,11 @@ class _AbstractWindowed(_AbstractEvaluateOnly):
     certification still covers the whole sequence; time unsharded only).
     """
 
-    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
-    atol: float | None = None
+    # None: the dtype's default (`internal.scan_tolerances`)
+    rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
+    atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
-    window: int | None = None
+    window: int | None = eqx.field(default=None, converter=internal.as_python_number)
 
     def __check_init__(self):
         _check_window(self)
@@ -98,14 +100,14 @@ class GaussSeidel(_AbstractEvaluateOnly):
     **Arguments:** `block` (steps per block), `rtol`, `atol`, `norm` (as `Jacobi`).
     """
 
-    block: int = 16
-    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
-    atol: float | None = None
+    block: int = eqx.field(default=16, converter=internal.as_python_number)
+    # None: the dtype's default (`internal.scan_tolerances`)
+    rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
+    atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
-            raise ValueError(f"GaussSeidel: `block` must be an int >= 1, got {self.block!r}.")
+        internal.check_int(self.block, "block", 1, owner="GaussSeidel")
 
     def update(self, problem, h, fh, derivatives, frozen, state):
         return block_sweep(problem, h, self.block), state
@@ -162,8 +164,9 @@ class Sequential(_AbstractEvaluateOnly):
     previous device currently holds, so one iteration per device suffices.
     """
 
-    rtol: float | None = None  # None: the dtype's default (`internal.scan_tolerances`)
-    atol: float | None = None
+    # None: the dtype's default (`internal.scan_tolerances`)
+    rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
+    atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
 
     def update(self, problem, h, fh, derivatives, frozen, state):
@@ -215,8 +218,5 @@ def block_sweep(problem: internal.ScanProblem, h, block: int):
 
 
 def _check_window(solver):
-    w = solver.window
-    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-        raise ValueError(
-            f"{type(solver).__name__}: `window` must be an int >= 1 or None, got {w!r}."
-        )
+    if solver.window is not None:
+        internal.check_int(solver.window, "window", 1, owner=type(solver).__name__)

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -43,11 +44,11 @@ class Newton(internal.AbstractSolver):
     in (0, 1), `norm`.
     """
 
-    rtol: float
-    atol: float
+    rtol: float = eqx.field(converter=internal.as_python_number)
+    atol: float = eqx.field(converter=internal.as_python_number)
     linear_solver: lx.AbstractLinearSolver = lx.LU()
-    damping: float = 1.0
-    min_step: float = 1e-3
+    damping: float = eqx.field(default=1.0, converter=internal.as_python_number)
+    min_step: float = eqx.field(default=0.001, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
@@ -56,10 +57,8 @@ class Newton(internal.AbstractSolver):
             raise TypeError(
                 f"Newton: `linear_solver` must be a lineax solver, got {self.linear_solver!r}."
             )
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"Newton: `damping` must lie in (0, 1], got {self.damping!r}.")
-        if not isinstance(self.min_step, (int, float)) or not 0 < self.min_step < 1:
-            raise ValueError(f"Newton: `min_step` must lie in (0, 1), got {self.min_step!r}.")
+        internal.check_number(self.damping, "damping", "(0, 1]", owner="Newton")
+        internal.check_number(self.min_step, "min_step", "(0, 1)", owner="Newton")
 
     def init(self, problem, y, args):
         return init_backtracking(y)

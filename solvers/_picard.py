@@ -2,6 +2,8 @@
 
 from collections.abc import Callable
 
+import equinox as eqx
+
 import fixpoint
 from fixpoint import internal
 
@@ -16,15 +18,14 @@ class Picard(internal.AbstractSolver):
     **Arguments:** `rtol`, `atol`, `damping` in (0, 1], `norm` (default max-norm).
     """
 
-    rtol: float
-    atol: float
-    damping: float = 1.0
+    rtol: float = eqx.field(converter=internal.as_python_number)
+    atol: float = eqx.field(converter=internal.as_python_number)
+    damping: float = eqx.field(default=1.0, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
 
     def __check_init__(self):
         internal.check_tolerances(self)
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"Picard: `damping` must lie in (0, 1], got {self.damping!r}.")
+        internal.check_number(self.damping, "damping", "(0, 1]", owner="Picard")
 
     def init(self, problem, y, args):
         return None

@@ -80,7 +80,7 @@ class MonotoneMatrix(AbstractMonotoneLinear):
     m: float = eqx.field(static=True)
 
     def __init__(self, W: Float[Array, "n n"], m: float):
-        _check_positive(m, "MonotoneMatrix", "m")
+        m = internal.check_number(m, "m", "> 0", owner="MonotoneMatrix")
         shape = jnp.shape(W)
         if len(shape) != 2 or shape[0] != shape[1]:
             raise ValueError(f"MonotoneMatrix: `W` must be a square matrix, got shape {shape}.")
@@ -201,8 +201,7 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction)
             f"{name}.solve: `operator` must be a `fixpoint.solvers.AbstractMonotoneLinear` "
             f"(e.g. `fixpoint.solvers.MonotoneMatrix(W, m)`), got {type(operator).__name__}."
         )
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"{name}.solve: `max_steps` must be an int >= 1, got {max_steps!r}.")
+    internal.check_int(max_steps, "max_steps", 1, owner=f"{name}.solve")
     if not isinstance(adjoint, fixpoint.AbstractAdjoint):
         raise TypeError(f"{name}.solve: `adjoint` must be a fixpoint adjoint, got {adjoint!r}.")
     if isinstance(adjoint, fixpoint.UnrolledAdjoint):
@@ -254,15 +253,9 @@ _IMPLICIT = fixpoint.ImplicitAdjoint()
 
 def _check_common(solver):
     internal.check_tolerances(solver)
-    name = type(solver).__name__
-    ratio = solver.divergence_ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
-        raise ValueError(f"{name}: `divergence_ratio` must be a number > 1, got {ratio!r}.")
-
-
-def _check_positive(value, name, field):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: `{field}` must be a number > 0, got {value!r}.")
+    internal.check_number(
+        solver.divergence_ratio, "divergence_ratio", "> 1", owner=type(solver).__name__
+    )
 
 
 class _AbstractSplitting(eqx.Module):
@@ -350,16 +343,16 @@ class ForwardBackward(_AbstractSplitting):
       exceeds this multiple of the smallest seen (default `1e4`).
     """
 
-    rtol: float
-    atol: float
-    alpha: float | None = None
+    rtol: float = eqx.field(converter=internal.as_python_number)
+    atol: float = eqx.field(converter=internal.as_python_number)
+    alpha: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
-    divergence_ratio: float = 1e4
+    divergence_ratio: float = eqx.field(default=1e4, converter=internal.as_python_number)
 
     def __check_init__(self):
         _check_common(self)
         if self.alpha is not None:
-            _check_positive(self.alpha, "ForwardBackward", "alpha")
+            internal.check_number(self.alpha, "alpha", "> 0", owner="ForwardBackward")
 
     def step_size(self, operator: AbstractMonotoneLinear) -> Float[Array, ""]:
         """The step `α` used on `operator`: `alpha`, or `m / L²` when `alpha=None`."""
@@ -405,15 +398,15 @@ class PeacemanRachford(_AbstractSplitting):
       exceeds this multiple of the smallest seen (default `1e4`).
     """
 
-    rtol: float
-    atol: float
-    alpha: float = 1.0
+    rtol: float = eqx.field(converter=internal.as_python_number)
+    atol: float = eqx.field(converter=internal.as_python_number)
+    alpha: float = eqx.field(default=1.0, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
-    divergence_ratio: float = 1e4
+    divergence_ratio: float = eqx.field(default=1e4, converter=internal.as_python_number)
 
     def __check_init__(self):
         _check_common(self)
-        _check_positive(self.alpha, "PeacemanRachford", "alpha")
+        internal.check_number(self.alpha, "alpha", "> 0", owner="PeacemanRachford")
 
     def update(self, op, bias):
         alpha = jnp.asarray(self.alpha, bias.dtype)

@@ -104,14 +104,92 @@ def test_spectral_radius_estimate():
     np.testing.assert_allclose(est, jnp.max(jnp.abs(jnp.linalg.eigvals(w))), rtol=1e-2)
 
 
+def _close_top(key, n, top=(1.168, 1.155)):
+    """An `n x n` weight with top singular values `top`: close, so power iteration is slow."""
+    k1, k2 = jax.random.split(key)
+    u, _ = jnp.linalg.qr(jax.random.normal(k1, (n, n), jnp.float64))
+    v, _ = jnp.linalg.qr(jax.random.normal(k2, (n, n), jnp.float64))
+    s = jnp.concatenate([jnp.array(top), jnp.linspace(0.9, 0.1, n - 2)])
+    return (u * s) @ v.T
+
+
+def _with_lin(f, w):
+    return eqx.tree_at(lambda f: f.lin.weight, f, w)
+
+
 def test_spectral_norm_bounds_the_norm():
-    f = Cell(6, 3, jax.random.key(0), scale=5.0)
+    f = _with_lin(Cell(6, 3, jax.random.key(0), scale=5.0), _close_top(jax.random.key(1), 6))
     g = layers.spectral_norm(f, bound=0.9)
     for layer in (g.lin, g.inj):
-        assert float(jnp.linalg.norm(layer.weight, 2)) <= 0.9 + 1e-6
-    # Weights already inside the bound are unchanged.
+        # Scaled to the bound exactly (up to rounding), not merely near it.
+        np.testing.assert_allclose(jnp.linalg.norm(layer.weight, 2), 0.9, rtol=1e-13)
+    # Weights already inside the bound are unchanged, bit for bit; also in float32
+    # for bounds `b` whose float64 square has a float32 root other than `b`.
     h = layers.spectral_norm(g, bound=10.0)
-    np.testing.assert_allclose(h.lin.weight, g.lin.weight)
+    np.testing.assert_array_equal(h.lin.weight, g.lin.weight)
+    lin32 = jax.tree.map(lambda a: a.astype(jnp.float32), g.lin)
+    bounds = [b for b in np.linspace(1.0, 1.1, 101) if np.float32(b) != np.sqrt(np.float32(b**2))]
+    assert bounds
+    for b in bounds[:2]:
+        np.testing.assert_array_equal(layers.spectral_norm(lin32, float(b)).weight, lin32.weight)
+    # A convolution: its weight reshaped to (out, in * taps); half precision works.
+    conv = eqx.nn.Conv1d(3, 4, 5, use_bias=False, key=jax.random.key(2), dtype=jnp.float64)
+    conv = eqx.tree_at(lambda c: c.weight, conv, (8 * conv.weight).astype(jnp.bfloat16))
+    w = layers.spectral_norm(conv, bound=0.5).weight
+    assert w.dtype == jnp.bfloat16
+    norm = jnp.linalg.norm(w.astype(jnp.float64).reshape(4, -1), 2)
+    np.testing.assert_allclose(norm, 0.5, rtol=2e-2)
+    # A zero weight has a finite gradient (the scale is 1 there).
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(layers.spectral_norm(_with_lin(f, w)).lin.weight)))
+    np.testing.assert_array_equal(grad(jnp.zeros((6, 6))), jnp.ones((6, 6)))
+    with pytest.raises(ValueError, match="bound"):
+        layers.spectral_norm(f, bound=0.0)
+
+
+def test_spectral_norm_gradient_with_close_singular_values():
+    w = _close_top(jax.random.key(1), 6)
+    c = jax.random.normal(jax.random.key(2), (6, 6), jnp.float64)
+    lin = eqx.nn.Linear(6, 6, use_bias=False, key=jax.random.key(3), dtype=jnp.float64)
+
+    def loss(w):
+        normalised = layers.spectral_norm(eqx.tree_at(lambda m: m.weight, lin, w), 0.9)
+        return jnp.sum(c * normalised.weight)
+
+    grad = jax.jit(jax.grad(loss))
+    g = grad(w)
+    np.testing.assert_allclose(g, finite_difference_grad(loss, w), rtol=1e-7, atol=1e-9)
+    # Closed form: d/dW <C, b W / σ> = (b / σ)(C - <C, W> u vᵀ / σ), σ = u[:, 0]ᵀ W vt[0].
+    u, s, vt = np.linalg.svd(np.asarray(w))
+    exact = 0.9 / s[0] * (c - jnp.sum(c * w) / s[0] * np.outer(u[:, 0], vt[0]))
+    np.testing.assert_allclose(g, exact, rtol=1e-10, atol=1e-12)
+    # The same under vmap (a batch of weights, one of them within the bound).
+    ws = jnp.stack([w, 2 * w, 0.5 * w])
+    np.testing.assert_allclose(
+        jax.vmap(grad)(ws), jnp.stack([grad(w) for w in ws]), rtol=1e-12, atol=1e-15
+    )
+
+
+def test_deq_gradient_through_spectral_norm():
+    # Issue 31: with a power-iteration estimate the DEQ gradient missed finite differences.
+    f = _with_lin(Cell(6, 3, jax.random.key(0)), _close_top(jax.random.key(1), 6))
+    x = jnp.array([0.3, -1.0, 2.0])
+
+    def loss(w, adjoint=None):
+        deq = layers.DEQ(
+            _with_lin(f, w),
+            z_shape=(6,),
+            solver=solvers.Anderson(1e-11, 1e-11),
+            adjoint=adjoint,
+            max_steps=200,
+            normalise=lambda f: layers.spectral_norm(f, bound=0.9),
+        )
+        return jnp.sum(jnp.sin(deq(x)))
+
+    w = f.lin.weight
+    g = jax.grad(loss)(w)
+    np.testing.assert_allclose(g, finite_difference_grad(loss, w), rtol=1e-6, atol=1e-9)
+    unrolled = jax.grad(lambda w: loss(w, fixpoint.UnrolledAdjoint()))(w)
+    np.testing.assert_allclose(unrolled, g, rtol=1e-8, atol=1e-12)
 
 
 def test_weight_norm_wraps_layers():

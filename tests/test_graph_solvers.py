@@ -171,6 +171,50 @@ def _perron(graph):
     return np.asarray(layers.perron_root(graph, ew, sw)), ew, sw
 
 
+# `perron_root`'s relative tolerance in float64: its value is an upper bound on
+# `λ_pf + 1` within this of the true value once its bracket has closed.
+PERRON_TOL = 1e-2 * np.sqrt(np.finfo(np.float64).eps)
+_PERRON = jax.jit(layers.perron_root)
+# Per graph, the upper bound on `λ_pf + 1` and the number of steps (private:
+# `perron_root` returns the bound minus 1).
+_PERRON_ITERATION = jax.jit(
+    lambda g, ew, sw: layers.graph_solvers._perron_iteration(g, ew, sw, 1000)[2:]
+)
+
+
+def _spectral_radius(graph, ew, sw):
+    return np.max(np.abs(np.linalg.eigvals(_dense(graph, ew) + np.diag(np.asarray(sw)))))
+
+
+def _chain(n, seed=0):
+    """A directed chain `0 → 1 → … → n-1` with random features and weights."""
+    rng = np.random.default_rng(seed)
+    return layers.Graph(
+        jnp.asarray(rng.normal(size=(n, F))),
+        jnp.asarray(rng.uniform(0.1, 1.0, size=(n - 1, G))),
+        jnp.arange(n - 1, dtype=jnp.int32),
+        jnp.arange(1, n, dtype=jnp.int32),
+    )
+
+
+def _star(n=31):
+    """An undirected star: node 0 joined both ways to nodes 1..n-1."""
+    leaves = np.arange(1, n)
+    hub = np.zeros(n - 1, np.int64)
+    return layers.Graph(
+        jnp.asarray(np.random.default_rng(0).normal(size=(n, F))),
+        jnp.ones((2 * (n - 1), G)),
+        jnp.asarray(np.concatenate([hub, leaves]), jnp.int32),
+        jnp.asarray(np.concatenate([leaves, hub]), jnp.int32),
+    )
+
+
+def _edgeless(n):
+    return layers.Graph(
+        jnp.zeros((n, F)), jnp.zeros((0, G)), jnp.zeros(0, jnp.int32), jnp.zeros(0, jnp.int32)
+    )
+
+
 def test_perron_root_per_graph():
     # An undirected graph (λ = 1 for D^-1/2 (A+I) D^-1/2), a directed chain and a
     # bipartite cycle; batched together, each keeps its own value.
@@ -198,12 +242,122 @@ def test_perron_root_per_graph():
     singles = []
     for g in (undirected, chain, cycle):
         lam, ew, sw = _perron(g)
-        dense = _dense(g, ew) + np.diag(np.asarray(sw))
-        true = np.max(np.abs(np.linalg.eigvals(dense)))
-        assert true - 1e-9 <= lam[0] <= true + 1e-3, (lam, true)
+        true = _spectral_radius(g, ew, sw)
+        assert true - 1e-12 <= lam[0] <= true + PERRON_TOL * (true + 1), (lam, true)
         singles.append(lam[0])
     lam, _, _ = _perron(layers.batch_graphs([undirected, chain, cycle]))
     np.testing.assert_allclose(lam, singles, rtol=1e-9)
+
+
+def test_perron_root_empty_and_edgeless_graphs_do_not_couple_a_batch():
+    # Issue 31: an empty graph made the batch's stop test NaN, stopping every graph's
+    # power iteration at step 0 (the star got 3.842). Each graph on its own: empty
+    # graphs get 0, graphs without edges their largest self weight.
+    star = _star()
+    alone, ew, sw = _perron(star)
+    np.testing.assert_allclose(alone, [1.0], rtol=0, atol=2 * PERRON_TOL)  # λ + 1 to tol
+    batch = layers.batch_graphs([star, _edgeless(0), _edgeless(4), _edgeless(3)])
+    sw = jnp.concatenate([sw, jnp.asarray([0.2, 0.7, 0.1, 0.4]), jnp.zeros(3)])
+    lam = layers.perron_root(batch, ew, sw)
+    np.testing.assert_allclose(lam, [alone[0], 0.0, 0.7, 0.0], rtol=1e-12)
+
+
+def test_ignn_batch_with_empty_graph_equals_alone(ignn):
+    star = _star()
+    together = _JIT(ignn, layers.batch_graphs([star, _edgeless(0)]))
+    np.testing.assert_allclose(together, _JIT(ignn, star), atol=1e-10)
+
+
+def test_perron_root_reducible_chain_tight_and_stops_early():
+    # A directed chain is reducible: IGNN's normalisation gives a left Perron vector
+    # (1, 0, …, 0), and self weights with one clear maximum a right one that
+    # vanishes before it. Each graph stops when its own bound is tight, well
+    # before `max_iterations` (the stop test used to run all 1000 steps here).
+    chain = _chain(40)
+    ew, sw = layers.normalised_adjacency(chain)
+    sw_peak = np.random.default_rng(1).uniform(0.0, 0.5, 40)
+    sw_peak[17] = 1.0
+    cases = [(ew, sw), (ew, jnp.asarray(sw_peak))]
+    lams = []
+    for ew_, sw_ in cases:
+        lam = float(_PERRON(chain, ew_, sw_)[0])
+        true = _spectral_radius(chain, ew_, sw_)
+        assert true - 1e-12 <= lam <= true + PERRON_TOL * (true + 1), (lam, true)
+        lams.append(lam)
+    batch = layers.batch_graphs([chain, chain])
+    both = [jnp.concatenate([a, b]) for a, b in zip(*cases, strict=True)]
+    bound, steps = _PERRON_ITERATION(batch, *both)
+    np.testing.assert_allclose(bound - 1.0, lams, rtol=1e-12)  # as alone
+    assert np.all(np.asarray(steps) < 1000), steps
+
+
+def test_perron_root_gradient_is_eigenvalue_derivative():
+    # dλ/dM_ij = u_i v_j / uᵀv with the dense left and right Perron vectors.
+    graph = _graph(6, n=8, e=20)
+    rng = np.random.default_rng(2)
+    ew = jnp.asarray(rng.uniform(0.1, 1.0, graph.num_edges))
+    sw = jnp.asarray(rng.uniform(0.0, 1.0, graph.num_nodes))
+    g_ew, g_sw = jax.grad(lambda a, b: layers.perron_root(graph, a, b)[0], argnums=(0, 1))(ew, sw)
+    dense = _dense(graph, ew) + np.diag(np.asarray(sw))
+    vals, right = np.linalg.eig(dense)
+    vals_t, left = np.linalg.eig(dense.T)
+    v = np.real(right[:, np.argmax(vals.real)])
+    u = np.real(left[:, np.argmax(vals_t.real)])
+    s, r = np.asarray(graph.senders), np.asarray(graph.receivers)
+    np.testing.assert_allclose(g_ew, u[r] * v[s] / (u @ v), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(g_sw, u * v / (u @ v), rtol=1e-6, atol=1e-9)
+
+
+def test_ignn_normalised_adjacency_has_perron_root_one():
+    # `Â = D^-1/2 (A + I) D^-1/2` with `D` the row sums of `A + I` (received weights
+    # plus one) is similar to the row-stochastic `D^-1 (A + I)`: its Perron root is
+    # exactly 1 for any direction and non-negative weights, which IGNN relies on.
+    # Parallel edges, self-loop edges, zero weights and a node without edges.
+    rng = np.random.default_rng(3)
+    n, e = 12, 40
+    s, r = rng.integers(0, n - 1, e), rng.integers(0, n - 1, e)
+    w = rng.uniform(0.0, 3.0, (e, G)) * (rng.uniform(size=(e, 1)) > 0.2)
+    graph = layers.Graph(
+        jnp.zeros((n, F)), jnp.asarray(w), jnp.asarray(s, jnp.int32), jnp.asarray(r, jnp.int32)
+    )
+    for column in (None, 0, 1):
+        ew, sw = layers.normalised_adjacency(graph, column)
+        np.testing.assert_allclose(_spectral_radius(graph, ew, sw), 1.0, rtol=1e-12)
+
+
+def test_ignn_uses_the_exact_perron_root(ignn):
+    # On a directed chain a node sees only the nodes before it, so the first 30
+    # nodes of a 2000-node chain get the outputs of the 30-node chain. Power
+    # iteration over-estimated the long chain's root (1.0017 after its 1000 steps,
+    # against 1) and shrank its `W` more.
+    long = _chain(2000)
+    short = layers.Graph(long.nodes[:30], long.edges[:29], long.senders[:29], long.receivers[:29])
+    model = eqx.tree_at(lambda m: m.w, ignn, 50.0 * ignn.w)  # every row on the ball
+    out = _JIT(model, layers.batch_graphs([long, short]))
+    np.testing.assert_allclose(out[:30], out[2000:], atol=1e-10)
+
+
+def test_ignn_edge_weights_checked(ignn):
+    graph = _graph(9)
+    names = r"`edge_weight_column=0`.*`graph.edges\[:, 0\]`"
+    for bad in (-0.5, np.nan, np.inf):
+        g = layers.Graph(graph.nodes, graph.edges.at[4, 0].set(bad), graph.senders, graph.receivers)
+        with pytest.raises(ValueError, match=names + ".*edge 4"):
+            ignn(g)
+        with pytest.raises(RuntimeError, match=names + ".*finite and non-negative"):
+            _JIT(ignn, g)
+        with pytest.raises(ValueError, match=r"`weight_column=0`.*edge 4"):
+            layers.normalised_adjacency(g, 0)
+
+
+def test_batch_graphs_feature_widths_differ():
+    a, b = _graph(0), _graph(1)
+    wide = layers.Graph(jnp.zeros((9, F + 1)), b.edges, b.senders, b.receivers)
+    with pytest.raises(ValueError, match=r"`graphs\[1\].nodes` has 4 .*`graphs\[0\].nodes` has 3"):
+        layers.batch_graphs([a, wide])
+    narrow = layers.Graph(b.nodes, b.edges[:, :1], b.senders, b.receivers)
+    with pytest.raises(ValueError, match=r"`graphs\[2\].edges` has 1 .*`graphs\[0\].edges` has 2"):
+        layers.batch_graphs([a, b, narrow])
 
 
 def test_ignn_well_posed_for_any_parameters():

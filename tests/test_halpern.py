@@ -165,5 +165,5 @@ def test_pytree_and_root_find():
 
 @pytest.mark.parametrize("restart", [0.0, 1.0, -0.5, True, "0.5"])
 def test_bad_restart_is_named(restart):
-    with pytest.raises(ValueError, match="restart"):
+    with pytest.raises((ValueError, TypeError), match="Halpern: `restart`"):
         solvers.Halpern(1e-6, 1e-6, restart=restart)
