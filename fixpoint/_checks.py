@@ -171,6 +171,7 @@ def check_bool(value, name: str, *, owner: str | None = None) -> bool:
 
 
 def check_instance(value, cls, name: str):
+    """A readable error naming `name` unless `value` is an instance of `cls`."""
     if not isinstance(value, cls):
         raise TypeError(
             f"`{name}` must be an instance of `{cls.__module__.split('.')[0]}."

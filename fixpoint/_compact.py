@@ -66,6 +66,8 @@ class Compaction(eqx.Module):
 
 
 def check_compaction(value, what: str = "compaction") -> None:
+    """A readable error unless `value` is `None` or a `fixpoint.Compaction`
+    (`what` names the argument in the message)."""
     if value is not None and not isinstance(value, Compaction):
         raise TypeError(
             f"`{what}` must be a `fixpoint.Compaction(...)` or None (off), got {value!r}."
