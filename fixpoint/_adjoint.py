@@ -6,8 +6,9 @@ import equinox as eqx
 import jax
 import lineax as lx
 
+from ._checks import as_python_number, check_int, check_number
 from ._compact import Compaction, check_compaction
-from ._implicit import implicit_solve, poison_cotangent
+from ._implicit import implicit_solve, poison_cotangent, zero_for_zero_cotangent
 from ._linear import gmres_solve, lineax_solve, series_solve
 
 
@@ -67,22 +68,19 @@ class ImplicitAdjoint(_AbstractImplicit):
     """
 
     linear_solver: lx.AbstractLinearSolver | None = None
-    rtol: float | None = None
-    atol: float | None = None
-    restart: int = 20
-    max_restarts: int = 50
+    rtol: float | None = eqx.field(default=None, converter=as_python_number)
+    atol: float | None = eqx.field(default=None, converter=as_python_number)
+    restart: int = eqx.field(default=20, converter=as_python_number)
+    max_restarts: int = eqx.field(default=50, converter=as_python_number)
     throw: bool = True
     compaction: Compaction | None = Compaction()
 
     def __check_init__(self):
         for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise ValueError(f"ImplicitAdjoint: `{name}` must be None or >= 0, got {value!r}.")
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, ">= 0", owner="ImplicitAdjoint")
         for name in ("restart", "max_restarts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ImplicitAdjoint: `{name}` must be an int >= 1, got {value!r}.")
+            check_int(getattr(self, name), name, 1, owner="ImplicitAdjoint")
         check_compaction(self.compaction, "ImplicitAdjoint: `compaction`")
         if self.linear_solver is not None and not isinstance(
             self.linear_solver, lx.AbstractLinearSolver
@@ -112,15 +110,13 @@ class PhantomAdjoint(_AbstractImplicit):
     grows on a contraction. For `root_find` the map is `y - g(y)`.
     """
 
-    steps: int = 5
-    damping: float = 0.5
+    steps: int = eqx.field(default=5, converter=as_python_number)
+    damping: float = eqx.field(default=0.5, converter=as_python_number)
     throw: bool = True
 
     def __check_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"PhantomAdjoint: `steps` must be an int >= 1, got {self.steps!r}.")
-        if not 0 < self.damping <= 1:
-            raise ValueError(f"PhantomAdjoint: `damping` must lie in (0, 1], got {self.damping!r}.")
+        check_int(self.steps, "steps", 1, owner="PhantomAdjoint")
+        check_number(self.damping, "damping", "(0, 1]", owner="PhantomAdjoint")
 
     def linear_solve(self, tolerances):
         return series_solve(self.steps, self.damping, self.throw)
@@ -133,12 +129,11 @@ class NeumannAdjoint(_AbstractImplicit):
     below one; the error decays like `ρ^terms`.
     """
 
-    terms: int = 10
+    terms: int = eqx.field(default=10, converter=as_python_number)
     throw: bool = True
 
     def __check_init__(self):
-        if not isinstance(self.terms, int) or self.terms < 1:
-            raise ValueError(f"NeumannAdjoint: `terms` must be an int >= 1, got {self.terms!r}.")
+        check_int(self.terms, "terms", 1, owner="NeumannAdjoint")
 
     def linear_solve(self, tolerances):
         return series_solve(self.terms, 1.0, self.throw)
@@ -152,20 +147,19 @@ class UnrolledAdjoint(AbstractAdjoint):
     with `log(max_steps)`. Also gives a gradient with respect to `y0`.
     """
 
-    checkpoints: int | None = None
+    checkpoints: int | None = eqx.field(default=None, converter=as_python_number)
 
     def __check_init__(self):
-        if self.checkpoints is not None and (
-            not isinstance(self.checkpoints, int) or self.checkpoints < 1
-        ):
-            raise ValueError(
-                "UnrolledAdjoint: `checkpoints` must be None or an int >= 1, "
-                f"got {self.checkpoints!r}."
-            )
+        if self.checkpoints is not None:
+            check_int(self.checkpoints, "checkpoints", 1, owner="UnrolledAdjoint")
 
     def apply(self, primal, residual, inputs, y0, tolerances, failed=None):
         del residual, tolerances
-        y, rest = primal(inputs, y0, "checkpointed", self.checkpoints)
+        # A masked sample must contribute exactly zero, even where its
+        # iterations' Jacobians hold NaN (see `zero_for_zero_cotangent`).
+        y, rest = zero_for_zero_cotangent(
+            lambda i, y: primal(i, y, "checkpointed", self.checkpoints), inputs, y0
+        )
         if failed is not None:
             bad = jax.lax.stop_gradient(failed(y, rest, inputs))
             y = poison_cotangent(y, bad)

@@ -1,6 +1,7 @@
 """Trace-time validation with messages that name the offending argument."""
 
 import re
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -87,7 +88,7 @@ def check_output(out_struct, y0, has_aux: bool, name: str):
             )
 
 
-def as_python_number(value):
+def as_python_number(value: Any) -> Any:
     """A NumPy scalar (`np.float32(0.5)`, `np.int64(5)`, `np.bool_(True)`) as the
     Python number it holds; anything else unchanged, for a validator to judge.
 

@@ -23,7 +23,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._manual import hoist, while_loop
+from ._checks import as_python_number, check_int
+from ._manual import hoist, manual_axes, while_loop
+
+try:  # JAX internals: the effect that names a mapped axis, and dead-code elimination
+    from jax._src.core import NamedAxisEffect as _NamedAxisEffect
+    from jax._src.interpreters import partial_eval as _pe
+except ImportError:  # pragma: no cover  (then collectives are not detected)
+    _NamedAxisEffect = _pe = None
 
 
 class Compaction(eqx.Module):
@@ -43,15 +50,13 @@ class Compaction(eqx.Module):
     Pass `compaction=None` to an entry point to turn compaction off.
     """
 
-    factor: int = eqx.field(default=4, static=True)
-    min_bucket: int = eqx.field(default=2, static=True)
-    min_batch: int = eqx.field(default=16, static=True)
+    factor: int = eqx.field(default=4, static=True, converter=as_python_number)
+    min_bucket: int = eqx.field(default=2, static=True, converter=as_python_number)
+    min_batch: int = eqx.field(default=16, static=True, converter=as_python_number)
 
     def __check_init__(self):
         for name, low in (("factor", 2), ("min_bucket", 1), ("min_batch", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Compaction: `{name}` must be an int >= {low}, got {value!r}.")
+            check_int(getattr(self, name), name, low, owner="Compaction")
 
     def sizes(self, batch: int) -> list[int]:
         """The bucket sizes for a batch of `batch` samples, largest first."""
@@ -81,6 +86,12 @@ def compacted_while_loop(cond: Callable, body: Callable, init_val, compaction: C
     arrays, batched or not: they are hoisted (closure conversion) so
     that the batched ones can be gathered with the carry. Without `vmap`, or
     with `compaction=None`, this is `lax.while_loop`.
+
+    A collective over a named `vmap` axis inside `cond` or `body` (`lax.psum(x,
+    "b")` under `jax.vmap(..., axis_name="b")`) couples the samples, which
+    buckets cannot follow: then the plain loop runs where compaction would not
+    have been used (`min_batch`), and tracing raises, naming `compaction=None`,
+    where it would.
     """
     if compaction is None:
         return while_loop(cond, body, init_val)
@@ -92,6 +103,11 @@ def compacted_while_loop(cond: Callable, body: Callable, init_val, compaction: C
     cond = hoist(cond, init_val)
     body = hoist(body, init_val)
     dynamic, static = eqx.partition((init_val, cond, body), eqx.is_array)
+    names = _mapped_collectives(cond.jaxpr, body.jaxpr)
+    if names:
+        # The plain loop, which `vmap` maps under its axis name.
+        init_val, cond, body = eqx.combine(_refuse_compaction(compaction, names, dynamic), static)
+        return while_loop(lambda c: cond(c), lambda c: body(c), init_val)
 
     def plain(dynamic):
         init_val, cond, body = eqx.combine(dynamic, static)
@@ -129,6 +145,62 @@ def compacted_while_loop(cond: Callable, body: Callable, init_val, compaction: C
         return carry, jax.tree.map(lambda _: True, carry)
 
     return run(dynamic)
+
+
+def _mapped_collectives(*jaxprs) -> list:
+    """The named `vmap` axes that collectives in `jaxprs` use.
+
+    The `custom_vmap` rule that compacts is not told the name of the axis it
+    maps, so its buckets are mapped without one, and a collective over that
+    name would reach the compiler unmapped (a bare `AssertionError`); over an
+    outer axis, it would combine different samples in each bucket. JAX records
+    each named axis a jaxpr uses as an effect; a collective whose result is
+    unused (e.g. in the primal half of a JVP) is dropped first, as the compiler
+    would drop it.
+    """
+    if _pe is None:  # pragma: no cover
+        return []
+    names = set()
+    for jaxpr in jaxprs:
+        jaxpr = _pe.dce_jaxpr(_pe.convert_constvars_jaxpr(jaxpr), True)[0]
+        names |= {e.name for e in jaxpr.effects if isinstance(e, _NamedAxisEffect)}
+    mapped = []
+    for name in names - set(manual_axes()):  # `shard_map`'s axes are not `vmap`'s
+        try:
+            jax.lax.axis_size(name)
+        except NameError:  # bound inside the function itself
+            continue
+        mapped.append(name)
+    return sorted(mapped, key=repr)
+
+
+def _refuse_compaction(compaction: Compaction, names: list, dynamic):
+    """`dynamic`, unchanged; raises where `vmap` would compact the loop.
+
+    A `custom_vmap` identity: its rule fires where the compacting rule would,
+    for the same axis, so it sees the batch size compaction would use.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def probe(dynamic):
+        return dynamic
+
+    @probe.def_vmap
+    def rule(axis_size, in_batched, dynamic):
+        if len(compaction.sizes(axis_size)) > 1:
+            axes = ("axis " if len(names) == 1 else "axes ") + ", ".join(map(repr, names))
+            raise ValueError(
+                f"A collective over the `vmap` {axes} (e.g. `lax.psum(x, {names[0]!r})`) "
+                f"inside the function of a loop that would be compacted ({axis_size} "
+                f"samples, `min_batch` is {compaction.min_batch}): compaction gathers "
+                "the unfinished samples into smaller buckets, which a collective "
+                "cannot follow. Pass `compaction=None` (to `fixed_point`, `root_find` "
+                "or the layer, and `ImplicitAdjoint(compaction=None)` for its backward "
+                "solve)."
+            )
+        return dynamic, in_batched[0]
+
+    return probe(dynamic)
 
 
 def _compacted_stage(size, following, vcond, vbody, in_batched, carry, dyn_cond, dyn_body):

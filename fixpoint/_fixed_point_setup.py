@@ -13,6 +13,7 @@ from ._checks import (
     check_bool,
     check_instance,
     check_int,
+    check_number,
     check_output,
     outputs_as_arrays,
 )
@@ -57,15 +58,14 @@ def solve(
     check_instance(solver, AbstractSolver, "solver")
     check_compaction(compaction)
     check_instance(adjoint, AbstractAdjoint, "adjoint")
-    check_int(max_steps, "max_steps", 1)
+    max_steps = check_int(max_steps, "max_steps", 1)
     for label, value in (
         ("throw", throw),
         ("has_aux", has_aux),
         ("record_residuals", record_residuals),
     ):
         check_bool(value, label)
-    if not isinstance(divergence_ratio, (int, float)) or not divergence_ratio > 1:
-        raise ValueError(f"`divergence_ratio` must be a number > 1, got {divergence_ratio!r}.")
+    divergence_ratio = check_number(divergence_ratio, "divergence_ratio", "> 1")
     options = LoopOptions(max_steps, divergence_ratio, record_residuals)
     y0 = as_float_pytree(y0)
     # An Equinox module's arrays are inputs of the compiled loop, so its cached

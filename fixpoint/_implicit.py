@@ -76,16 +76,20 @@ def _implicit_jvp(primals, tangents, *, primal, residual, linear_solve, failed):
     def g_theta(d):
         return residual(y_lin, eqx.combine(d, nondiff))
 
-    _, rhs = jax.jvp(g_theta, (diff,), (t_inputs,))
-    # For a failed solve the right-hand side at `y0` may vanish although the
-    # input tangents do not (forward mode would then report a plausible 0): add
-    # a linear probe of the tangents there, so the answer is NaN exactly when
-    # some tangent is nonzero. (In reverse mode its cotangent is the solve's,
-    # zero for a masked sample.)
-    rhs = rhs + _probe(t_inputs, rhs.dtype) * bad.astype(rhs.dtype) * jnp.ones_like(rhs)
+    # A failed solve's derivative carries no information (it is 0 or NaN, see
+    # `_guarded`), and its Jacobian may be NaN even at the start (`sqrt` of a
+    # negative number): 0 * NaN = NaN, so it must never meet a tangent or a
+    # cotangent there. Select, do not multiply: its tangents are zeroed before
+    # the Jacobian (in reverse mode this select comes *after* it and drops
+    # its NaN) and the Jacobian's output is replaced after it (forward mode).
+    # In its place a linear probe of the tangents makes the answer NaN exactly
+    # when some tangent (or, in reverse mode, the solve's cotangent) is nonzero.
+    _, rhs = jax.jvp(g_theta, (diff,), (_zero_where(bad, t_inputs),))
+    rhs = jnp.where(bad, _probe(t_inputs, rhs.dtype) * jnp.ones_like(rhs), rhs)
 
-    def matvec(v):
-        return jax.jvp(lambda z: residual(z, inputs), (y_lin,), (v,))[1]
+    # Linearised once: the solve's loop then holds the linear part only (a
+    # collective on `args` in the primal half would otherwise sit, dead, in it).
+    _, matvec = jax.linearize(lambda z: residual(z, inputs), y_lin)
 
     solve = _guarded(linear_solve(y_lin, inputs), bad)
 
@@ -107,13 +111,32 @@ def _probe(tangents, dtype):
     return total
 
 
+def _zero_where(bad, tangents):
+    """`tangents` with every floating-point leaf replaced by zeros where `bad`."""
+
+    def zero(t):
+        if eqx.is_array(t) and jnp.issubdtype(t.dtype, jnp.inexact):
+            return jnp.where(bad, jnp.zeros_like(t), t)
+        return t
+
+    return jax.tree.map(zero, tangents)
+
+
 def _guarded(solve, bad):
     """`solve`, except where the forward solve failed (`bad`): there the answer is
     0 for a zero right-hand side and NaN otherwise, and the inner solve only sees
-    a zero right-hand side (so it cannot report a failure of its own)."""
+    the identity and a zero right-hand side (so it cannot report a failure of
+    its own, even where the Jacobian is NaN)."""
+
+    def identity_where_bad(op):
+        return None if op is None else (lambda v: jnp.where(bad, v, op(v)))
 
     def guarded(matvec, b, transpose_of=None):
-        x = solve(matvec, jnp.where(bad, jnp.zeros_like(b), b), transpose_of=transpose_of)
+        x = solve(
+            identity_where_bad(matvec),
+            jnp.where(bad, jnp.zeros_like(b), b),
+            transpose_of=identity_where_bad(transpose_of),
+        )
         poisoned = jnp.where(jnp.all(b == 0), jnp.zeros_like(x), jnp.full_like(x, jnp.nan))
         return jnp.where(bad, poisoned, x)
 
@@ -144,6 +167,53 @@ def _poison_bwd(bad, ct):
 
 
 _poison.defvjp(_poison_fwd, _poison_bwd)
+
+
+def zero_for_zero_cotangent(fn: Callable, *args):
+    """`fn(*args)`; in reverse mode an all-zero cotangent (every leaf of the output,
+    per sample under `vmap`) gives exactly zero cotangents for `args`.
+
+    For adjoints that differentiate the forward iterations themselves
+    (`UnrolledAdjoint`): a failed sample's Jacobians may hold NaN, and the plain
+    VJP multiplies its zero cotangent by them (0 * NaN = NaN), poisoning a shared
+    parameter although the loss masks the sample out. This selects instead.
+    """
+    return _selecting(args, fn)
+
+
+@eqx.filter_custom_vjp
+def _selecting(args, fn):
+    return fn(*args)
+
+
+@_selecting.def_fwd
+def _selecting_fwd(perturbed, args, fn):
+    del perturbed
+    out, vjp = eqx.filter_vjp(lambda a: fn(*a), args)
+    struct = jax.tree.map(_struct, eqx.filter(out, eqx.is_inexact_array))
+    return out, (vjp, struct)
+
+
+@_selecting.def_bwd
+def _selecting_bwd(residuals, ct, perturbed, args, fn):
+    del perturbed, args, fn
+    vjp, struct = residuals
+    # Cotangents that are symbolically zero arrive as `None`.
+    ct = jax.tree.map(
+        lambda s, c: None if s is None else (jnp.zeros(s.shape, s.dtype) if c is None else c),
+        struct,
+        ct,
+        is_leaf=_is_none,
+    )
+    zero = jnp.array(True)
+    for c in jax.tree.leaves(ct):
+        zero = zero & jnp.all(c == 0)
+    (grads,) = vjp(ct)
+    return jax.tree.map(lambda g: jnp.where(zero, jnp.zeros_like(g), g), grads)
+
+
+def _struct(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 def _zero_tangent(x):

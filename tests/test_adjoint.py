@@ -325,3 +325,75 @@ def test_implicit_memory_does_not_grow_with_steps():
     unrolled = [_temp_bytes(fixpoint.UnrolledAdjoint(checkpoints=s), s) for s in (10, 100, 1000)]
     assert unrolled[2] > 5 * unrolled[1] > 25 * unrolled[0] / 5
     assert unrolled[2] > 10 * implicit[2]
+
+
+# ---- a masked failed sample whose map is NaN at its start (issue 31, 6) -------
+
+MASKING_ADJOINTS = {
+    **EXACT_ADJOINTS,
+    "neumann": fixpoint.NeumannAdjoint(terms=30),
+    "phantom": fixpoint.PhantomAdjoint(),
+}
+_X = jnp.array([1.0, 2.0, -7.0, 3.0])
+_GOOD = np.array([0, 1, 3])  # x = -7: no real fixed point, and sqrt(0.4 y - 7) is NaN at y0
+
+
+def _sqrt_solve(w, x, adjoint=EXACT_ADJOINTS["implicit"], kind="fixed_point"):
+    fs = lambda y, p: jnp.sqrt(p[0] * y + p[1])  # noqa: E731
+    entry, fn = (fixpoint.fixed_point, fs)
+    if kind == "root":
+        entry, fn = (fixpoint.root_find, lambda y, p: y - fs(y, p))
+    solver = solvers.Anderson(1e-10, 1e-10)
+    return entry(fn, jnp.ones(2), (w, x), solver=solver, throw=False, adjoint=adjoint)
+
+
+def _masked_sqrt_loss(w, x, adjoint=EXACT_ADJOINTS["implicit"], kind="fixed_point"):
+    def one(x):
+        sol = _sqrt_solve(w, x, adjoint, kind)
+        return jnp.where(sol.result == fixpoint.RESULTS.successful, sol.value.sum(), 0.0)
+
+    return jax.vmap(one)(x).sum()
+
+
+def _sqrt_dy_dw(w, x):
+    # y = sqrt(w y + x): y = (w + r) / 2 with r = sqrt(w² + 4x), so dy/dw = (1 + w / r) / 2.
+    return (1 + w / np.sqrt(w**2 + 4 * np.asarray(x))) / 2
+
+
+@pytest.mark.parametrize(
+    "adjoint, kind",
+    [(a, "fixed_point") for a in MASKING_ADJOINTS] + [("implicit", "root"), ("unrolled", "root")],
+)
+def test_masked_sample_with_nan_map_at_start_contributes_zero(adjoint, kind):
+    # A zero cotangent gives exactly zero, whatever the failed sample's Jacobian
+    # holds (here NaN, at every point its solve visited).
+    adj = MASKING_ADJOINTS[adjoint]
+    grad = jax.jit(jax.grad(lambda w, x: _masked_sqrt_loss(w, x, adj, kind)))
+    g = grad(0.4, _X)
+    assert np.isfinite(g)
+    if adjoint == "phantom":  # approximate by design: against itself on the good samples
+        np.testing.assert_allclose(g, grad(0.4, _X[_GOOD]), rtol=1e-12)
+    else:
+        np.testing.assert_allclose(g, 2 * np.sum(_sqrt_dy_dw(0.4, _X[_GOOD])), rtol=1e-8)
+
+
+def test_masked_sample_with_nan_map_at_start_against_good_samples_alone():
+    ok = jax.vmap(lambda x: _sqrt_solve(0.4, x).result == fixpoint.RESULTS.successful)(_X)
+    assert np.asarray(ok).tolist() == [True, True, False, True]
+    grad = jax.jit(jax.grad(_masked_sqrt_loss))
+    g = grad(0.4, _X)
+    np.testing.assert_allclose(g, grad(0.4, _X[_GOOD]), rtol=1e-12)
+    loss = lambda w: _masked_sqrt_loss(w, _X)  # noqa: E731
+    np.testing.assert_allclose(g, finite_difference_grad(loss, jnp.asarray(0.4)), rtol=1e-6)
+
+    # Forward mode, per sample: the failed sample's derivative is NaN exactly
+    # where its own tangent is nonzero, and zero where it is zero.
+    def values(x):
+        return jax.vmap(lambda x: _sqrt_solve(0.4, x).value)(x)
+
+    jac = jax.jit(jax.jacfwd(values))(_X)
+    failed = np.asarray(jac[2])  # d value_2 / d x, shape (2, 4)
+    assert np.all(np.isnan(failed[:, 2]))
+    np.testing.assert_array_equal(failed[:, _GOOD], 0.0)
+    dy_dx = 1 / np.sqrt(0.16 + 4 * np.asarray(_X[_GOOD]))
+    np.testing.assert_allclose(jac[_GOOD, 0, _GOOD], dy_dx, rtol=1e-8)

@@ -271,3 +271,81 @@ def test_bucket_sizes():
     assert fixpoint.Compaction(factor=4, min_bucket=2).sizes(256) == [256, 64, 16, 4, 2]
     assert fixpoint.Compaction(factor=2, min_batch=4).sizes(3) == [3]
     assert fixpoint.Compaction(factor=2, min_batch=2).sizes(5) == [5, 3, 2]
+
+
+def _coupled(w, x, compaction, adjoint, on="y"):
+    # `psum` over the `vmap` axis couples the samples: y_i = w cos(y_i) + mean(y) / 10 + x_i
+    # (`on="y"`), or y_i = w cos(y_i) + mean(x) (`on="args"`: the Jacobian in `y` has no `psum`).
+    batch = x.shape[0]
+
+    def one(x):
+        def f(y, a):
+            if on == "y":
+                return w * jnp.cos(y) + 0.1 * jax.lax.psum(y, "b") / batch + a
+            return w * jnp.cos(y) + jax.lax.psum(a, "b") / batch
+
+        solver = solvers.Picard(1e-12, 1e-12)
+        return fixpoint.fixed_point(
+            f, jnp.zeros(2), x, solver=solver, compaction=compaction, adjoint=adjoint
+        ).value
+
+    return jax.vmap(one, axis_name="b")(x)
+
+
+def _coupled_as_one(w, x, on="y"):
+    # The same equations as one solve of the whole batch.
+    def f(y, x):
+        if on == "y":
+            return w * jnp.cos(y) + 0.1 * jnp.mean(y, axis=0) + x[:, None]
+        return w * jnp.cos(y) + jnp.mean(x)
+
+    zeros = jnp.zeros((x.shape[0], 2))
+    return fixpoint.fixed_point(f, zeros, x, solver=solvers.Picard(1e-12, 1e-12)).value
+
+
+@pytest.mark.parametrize("batch", [2, 8, 16])
+def test_collective_over_the_vmap_axis(batch):
+    # Buckets cannot follow a collective over the `vmap` axis: below `min_batch`
+    # (16) the plain loop runs, from it a trace-time error names the way out.
+    x = jnp.linspace(0.0, 1.0, batch)
+    loss = lambda w, c, a: jnp.sum(jnp.sin(_coupled(w, x, c, a)))  # noqa: E731
+    off = (None, fixpoint.ImplicitAdjoint(compaction=None))
+    if batch >= 16:
+        with pytest.raises(ValueError, match="axis 'b'.*`compaction=None`"):
+            _coupled(0.5, x, fixpoint.Compaction(), off[1])
+        with pytest.raises(ValueError, match=r"`ImplicitAdjoint\(compaction=None\)`"):
+            jax.grad(loss)(0.5, None, fixpoint.ImplicitAdjoint())
+        default = off
+        # A collective on `args` alone is not in the derivative's linear solve
+        # (its operator is the Jacobian in `y`): that solve may still be compacted.
+        args_only = lambda w: jnp.sum(_coupled(w, x, None, fixpoint.ImplicitAdjoint(), "args"))  # noqa: E731
+        t = jax.jvp(args_only, (0.5,), (1.0,))[1]
+        g_one = jax.grad(lambda w: jnp.sum(_coupled_as_one(w, x, "args")))(0.5)
+        np.testing.assert_allclose(t, g_one, rtol=1e-9)
+    else:
+        default = (fixpoint.Compaction(), fixpoint.ImplicitAdjoint())
+    np.testing.assert_allclose(_coupled(0.5, x, *default), _coupled_as_one(0.5, x), rtol=1e-11)
+    g = jax.jit(jax.grad(loss), static_argnums=(1, 2))(0.5, *default)
+    g_one = jax.grad(lambda w: jnp.sum(jnp.sin(_coupled_as_one(w, x))))(0.5)
+    np.testing.assert_allclose(g, g_one, rtol=1e-9)
+    if batch == 2:
+        fd = finite_difference_grad(lambda w: loss(w, *default), jnp.asarray(0.5))
+        np.testing.assert_allclose(g, fd, rtol=1e-6)
+
+
+def test_collective_over_an_outer_vmap_axis():
+    # Only the innermost `vmap` is compacted; a collective over an outer axis
+    # would then couple other samples in each bucket (other step counts): refused
+    # at trace time, while an inner batch below `min_batch` runs the plain loop.
+    def nested(s, compaction):
+        def one(s):
+            f = lambda y, s: s * jnp.cos(y) + 0.04 * jax.lax.pmean(y, "b")  # noqa: E731
+            solver = solvers.Picard(1e-12, 1e-12)
+            return fixpoint.fixed_point(f, jnp.zeros(2), s, solver=solver, compaction=compaction)
+
+        return jax.vmap(jax.vmap(one), axis_name="b")(s).value
+
+    with pytest.raises(ValueError, match="axis 'b'.*`compaction=None`"):
+        jax.eval_shape(lambda s: nested(s, fixpoint.Compaction()), jnp.zeros((2, 16)))
+    s = jnp.linspace(0.1, 0.9, 32).reshape(16, 2)
+    np.testing.assert_array_equal(nested(s, fixpoint.Compaction()), nested(s, None))

@@ -239,7 +239,7 @@ def test_empty_y0():
         (lambda: solvers.Picard(1e-6, 1e-6, damping=0.0), "`damping` must lie in"),
         (lambda: solvers.Picard(1e-6, 1e-6, damping=1.5), "`damping` must lie in"),
         (lambda: solvers.Anderson(1e-6, 1e-6, history=0), "`history` must be an int >= 1"),
-        (lambda: solvers.Anderson(1e-6, 1e-6, ridge=-1.0), "`ridge` must be >= 0"),
+        (lambda: solvers.Anderson(1e-6, 1e-6, ridge=-1.0), "`ridge` must be a number >= 0"),
         (lambda: solvers.Broyden(1e-6, 1e-6, memory=0), "`memory` must be an int >= 1"),
         (
             lambda: solvers.Newton(1e-6, 1e-6, linear_solver="lu"),
@@ -247,12 +247,68 @@ def test_empty_y0():
         ),
         (lambda: fixpoint.PhantomAdjoint(steps=0), "`steps` must be an int >= 1"),
         (lambda: fixpoint.NeumannAdjoint(terms=0), "`terms` must be an int >= 1"),
-        (lambda: fixpoint.UnrolledAdjoint(checkpoints=0), "`checkpoints` must be None"),
+        (lambda: fixpoint.UnrolledAdjoint(checkpoints=0), "`checkpoints` must be an int >= 1"),
     ],
 )
 def test_invalid_options(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+# Every option that takes a Python number takes a NumPy scalar, through one shared
+# set of validators, and stores the Python number (a NumPy float64 option would
+# otherwise promote float32 iterates).
+_NUMPY_OPTIONS = [
+    lambda: solvers.Anderson(np.float32(1e-6), np.float64(1e-6), history=np.int64(5)),
+    lambda: solvers.Anderson(1e-6, 1e-6, damping=np.float32(0.5), max_weight=np.int32(10)),
+    lambda: solvers.Broyden(1e-6, 1e-6, memory=np.int32(3), min_step=np.float64(0.01)),
+    lambda: solvers.Picard(1e-6, 1e-6, damping=np.float32(0.5)),
+    lambda: solvers.Newton(1e-6, 1e-6, damping=np.float64(0.9)),
+    lambda: solvers.Halpern(1e-6, 1e-6, restart=np.float32(0.5)),
+    lambda: solvers.GaussSeidel(np.int64(4)),
+    lambda: solvers.Jacobi(window=np.int64(8)),
+    lambda: solvers.ELK(damping=np.float32(0.5), batch_size=np.int16(4)),
+    lambda: solvers.PeacemanRachford(1e-6, 1e-6, alpha=np.float32(0.5)),
+    lambda: solvers.JacobiDecoding(window=np.int64(5)),
+    lambda: solvers.LookaheadDecoding(ngram=np.int8(3)),
+    lambda: fixpoint.ImplicitAdjoint(rtol=np.float32(1e-8), restart=np.int64(5)),
+    lambda: fixpoint.PhantomAdjoint(steps=np.int64(2), damping=np.float32(0.5)),
+    lambda: fixpoint.NeumannAdjoint(terms=np.int64(3)),
+    lambda: fixpoint.UnrolledAdjoint(checkpoints=np.int64(3)),
+    lambda: fixpoint.Compaction(factor=np.int64(2), min_batch=np.int32(4)),
+]
+
+
+@pytest.mark.parametrize("make", _NUMPY_OPTIONS)
+def test_numpy_scalars_are_options(make):
+    module = make()
+    for name, value in vars(module).items():
+        assert not isinstance(value, np.generic), f"{type(module).__name__}.{name}"
+
+
+def test_numpy_scalars_are_layer_options(getkey):
+    from fixpoint import layers
+
+    cgs = layers.CGS(3, 1, 4, gamma=np.float32(0.5), temperature=np.float32(0.25), key=getkey())
+    ignn = layers.IGNN(3, 2, kappa=np.float32(0.75), max_steps=np.int64(20), key=getkey())
+    deq = layers.DEQ(lambda z, x: z, max_steps=np.int32(10), dropout=np.float32(0.1))
+    mon = layers.MonDEQ(2, 3, m=np.float64(0.5), max_steps=np.int64(9), key=getkey())
+    assert (cgs.gamma, cgs.temperature, ignn.kappa, ignn.max_steps) == (0.5, 0.25, 0.75, 20)
+    assert type(cgs.gamma) is float and type(ignn.max_steps) is int
+    assert (deq.max_steps, mon.m, mon.max_steps) == (10, 0.5, 9)
+    assert type(deq.dropout) is float and type(mon.m) is float
+    with pytest.raises(ValueError, match="CGS: `gamma` must lie in \\(0, 1\\), got 1.5"):
+        layers.CGS(3, 1, 4, gamma=np.float32(1.5), key=getkey())
+    with pytest.raises(TypeError, match="IGNN: `kappa` must be a real number"):
+        layers.IGNN(3, 2, kappa=True, key=getkey())
+
+
+def test_float32_solve_with_numpy_float64_options():
+    # A NumPy float64 damping must not promote a float32 solve.
+    solver = solvers.Picard(np.float64(1e-5), np.float64(1e-5), damping=np.float64(0.5))
+    sol = fixpoint.fixed_point(lambda y, _: 0.5 * y + 1, jnp.zeros(2, jnp.float32), solver=solver)
+    assert sol.value.dtype == jnp.float32
+    np.testing.assert_allclose(sol.value, 2.0, rtol=1e-4)
 
 
 def test_unknown_option_is_an_error():
@@ -263,7 +319,7 @@ def test_unknown_option_is_an_error():
 
 
 def test_bad_entry_arguments():
-    with pytest.raises(ValueError, match="`max_steps` must be >= 1"):
+    with pytest.raises(ValueError, match="`max_steps` must be an int >= 1"):
         fixpoint.fixed_point(lambda y, _: y, jnp.zeros(1), solver=P, max_steps=0)
     with pytest.raises(TypeError, match="`max_steps` must be an int"):
         fixpoint.fixed_point(lambda y, _: y, jnp.zeros(1), solver=P, max_steps=2.5)
@@ -314,3 +370,14 @@ def test_loop_scalars_round_trip_exactly(dtype):
     result, stats = S.outcome(packed[1], dtype)
     assert bool(result == fixpoint.RESULTS.nonfinite)
     assert int(stats["num_steps"]) == big
+
+
+def test_deq_called_on_a_batch_suggests_vmap(getkey):
+    from fixpoint import layers
+
+    w = jax.random.normal(getkey(), (8, 8)) / 16
+    xs = jnp.ones((4, 8))
+    with pytest.raises(ValueError, match=r"jax\.vmap\(deq\)\(xs\)"):
+        layers.DEQ(lambda z, x: jnp.tanh(w @ z + x))(xs)  # w @ z fails on z of shape (4, 8)
+    with pytest.raises(ValueError, match=r"jax\.vmap\(deq\)\(xs\)"):
+        layers.DEQ(lambda z, x: jnp.tanh(z + x), z_shape=(8,))(xs)  # returns shape (4, 8)
