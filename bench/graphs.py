@@ -1,6 +1,6 @@
 """Convergent graph solvers and implicit GNNs against finite-depth GNNs, and their scaling.
 
-Tasks (generated offline by `layers.graph_tasks`; no downloads):
+Tasks (generated offline by `fixpoint.datasets`; no downloads):
 
 - `gvi`: graph value iteration on random deterministic MDPs (20–50 states, 5–10
   actions, discount 0.9); test set from another seed and an out-of-distribution

@@ -1,7 +1,7 @@
 """The convergence test: one rule, called by every loop.
 
-The fixed-point / root-finding loop (`_iterate.py`), the scan loop
-(`_scan_loop.py`) and the splitting loop (`solvers/splitting.py`) all decide
+The fixed-point / root-finding loop (`_fixed_point_loop.py`), the scan loop
+(`_scan_loop.py`) and the splitting loop (`solvers/_splitting.py`) all decide
 "converged" here, so the rule is written once:
 
 - **Scaled size.** A vector `v` (a residual, a step, an error estimate) meets

@@ -1,4 +1,4 @@
-"""The solver protocol that one generic loop drives (see `_iterate.py`)."""
+"""The solver protocol that one generic loop drives (see `_fixed_point_loop.py`)."""
 
 import abc
 from typing import Any, ClassVar, Generic, TypeVar
