@@ -221,6 +221,16 @@ class CGS(_GraphEquilibrium):
         throw: bool = True,
         key: PRNGKeyArray,
     ):
+        node_size, edge_size, out_size, hidden, heads = (
+            internal.check_int(v, name, low, owner="CGS")
+            for v, name, low in (
+                (node_size, "node_size", 1),
+                (edge_size, "edge_size", 0),
+                (out_size, "out_size", 1),
+                (hidden, "hidden", 1),
+                (heads, "heads", 1),
+            )
+        )
         gamma = internal.check_number(gamma, "gamma", "(0, 1)", owner="CGS")
         if normalisation not in ("degree", "sum", "max", "softmax"):
             raise ValueError(
@@ -526,6 +536,14 @@ class IGNN(_GraphEquilibrium):
         key: PRNGKeyArray,
     ):
         kappa = internal.check_number(kappa, "kappa", "(0, 1)", owner="IGNN")
+        node_size, out_size, hidden = (
+            internal.check_int(v, name, 1, owner="IGNN")
+            for v, name in ((node_size, "node_size"), (out_size, "out_size"), (hidden, "hidden"))
+        )
+        if edge_weight_column is not None:
+            edge_weight_column = internal.check_int(
+                edge_weight_column, "edge_weight_column", 0, owner="IGNN"
+            )
         k1, k2, k3 = jax.random.split(key, 3)
         self.omega = eqx.nn.Linear(node_size, hidden, use_bias=False, key=k1)
         self.w = jax.random.normal(k2, (hidden, hidden)) / hidden

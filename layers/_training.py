@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
 import fixpoint
+from fixpoint import internal
 
 
 def jacobian_penalty(f: Callable, z: Array, x: Array, key: PRNGKeyArray, samples: int = 1):
@@ -103,13 +104,15 @@ def spectral_norm(module, bound: float = 1.0):
     **Arguments:**
 
     - `module`: any pytree; every `equinox.nn.Linear` and `equinox.nn.Conv` in it
-      is rescaled, everything else is left as it is.
+      is rescaled, everything else is left as it is, `ConvTranspose` included.
+      Inside an `equinox.nn.WeightNorm` the wrapped weight is rescaled, but the
+      wrapper renormalises it when called, so no bound holds there.
     - `bound`: the largest spectral norm allowed, `> 0`.
 
     **Returns:** `module` with its weights rescaled.
     """
-    if isinstance(bound, (int, float)) and not bound > 0:
-        raise ValueError(f"spectral_norm: `bound` must be > 0, got {bound!r}.")
+    if not isinstance(bound, jax.Array):  # a traced bound is the caller's to check
+        bound = internal.check_number(bound, "bound", "> 0", owner="spectral_norm")
 
     def normalise(layer):
         w = layer.weight
@@ -118,13 +121,19 @@ def spectral_norm(module, bound: float = 1.0):
             mat = mat.astype(jnp.float32)
         if mat.shape[0] < mat.shape[1]:
             mat = mat.T  # the same norm, a smaller Gram matrix
+        # Scaled by its largest entry `m` (held fixed) so that the Gram matrix and
+        # `σ²` neither overflow nor underflow: `a = W / m`, `σ = m ‖a v‖`.
+        m = jax.lax.stop_gradient(jnp.max(jnp.abs(mat)))
+        m = jnp.where(m > 0, m, 1.0)
+        a = mat / m
         # `v`: `W`'s top right singular vector, so `‖W v‖ = σ`. `v` maximises `‖W v‖`
         # over unit vectors, so holding it fixed loses nothing: the gradient is `u vᵀ`.
-        _, vecs = jnp.linalg.eigh(jax.lax.stop_gradient(mat.T @ mat))
-        sigma2 = jnp.sum(jnp.square(mat @ vecs[:, -1]))
+        _, vecs = jnp.linalg.eigh(jax.lax.stop_gradient(a.T @ a))
+        s2 = jnp.sum(jnp.square(a @ vecs[:, -1]))  # (σ / m)²
         # `min(1, bound / σ)`: exactly 1 within the bound, no `sqrt` or division at `σ = 0`.
-        above = sigma2 > bound**2
-        scale = jnp.where(above, bound / jnp.sqrt(jnp.where(above, sigma2, 1.0)), 1.0)
+        r = bound / m
+        above = s2 > r * r
+        scale = jnp.where(above, r / jnp.sqrt(jnp.where(above, s2, 1.0)), 1.0)
         return eqx.tree_at(lambda lyr: lyr.weight, layer, w * scale.astype(w.dtype))
 
     return jax.tree.map(

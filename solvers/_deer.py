@@ -180,6 +180,7 @@ class ELK(internal.AbstractScanSolver):
         internal.check_tolerances(self, allow_default=True)
         _check_batch(self)
         internal.check_number(self.damping, "damping", ">= 0", owner="ELK")
+        internal.check_bool(self.adaptive, "adaptive", owner="ELK")
         internal.check_number(self.decrease, "decrease", "(0, 1)", owner="ELK")
         internal.check_number(self.increase, "increase", "> 1", owner="ELK")
 

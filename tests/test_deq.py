@@ -239,3 +239,17 @@ def test_smoke_training_loss_falls():
             model, state, value = step(model, state)
             losses.append(float(value))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_spectral_norm_extreme_scales_and_bad_bounds():
+    # float32 weights whose squared norm overflows or underflows are still bounded.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 4)).astype(np.float32)
+    lin = eqx.nn.Linear(4, 4, key=jax.random.key(0))
+    for scale, bound in ((1e20, 1.0), (1e-25, 1e-30)):
+        layer = eqx.tree_at(lambda m: m.weight, lin, jnp.asarray(base * np.float32(scale)))
+        out = np.asarray(layers.spectral_norm(layer, bound).weight, np.float64)
+        assert np.linalg.norm(out, 2) <= bound * (1 + 1e-5)
+    for bad in (np.float32(-1.0), np.float32("nan"), True):
+        with pytest.raises((ValueError, TypeError), match="spectral_norm: `bound`"):
+            layers.spectral_norm(lin, bad)

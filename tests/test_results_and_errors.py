@@ -381,3 +381,20 @@ def test_deq_called_on_a_batch_suggests_vmap(getkey):
         layers.DEQ(lambda z, x: jnp.tanh(w @ z + x))(xs)  # w @ z fails on z of shape (4, 8)
     with pytest.raises(ValueError, match=r"jax\.vmap\(deq\)\(xs\)"):
         layers.DEQ(lambda z, x: jnp.tanh(z + x), z_shape=(8,))(xs)  # returns shape (4, 8)
+
+
+def test_integer_layer_options_are_validated(getkey):
+    from fixpoint import layers
+
+    ignn = layers.IGNN(3, 2, hidden=np.int64(4), edge_weight_column=np.int64(1), key=getkey())
+    assert type(ignn.edge_weight_column) is int and ignn.w.shape == (4, 4)
+    cgs = layers.CGS(3, 1, 2, hidden=np.int64(4), heads=np.int32(2), key=getkey())
+    assert type(cgs.heads) is int
+    with pytest.raises(TypeError, match="IGNN: `edge_weight_column` must be an int"):
+        layers.IGNN(3, 2, edge_weight_column=True, key=getkey())
+    with pytest.raises(TypeError, match="IGNN: `edge_weight_column` must be an int"):
+        layers.IGNN(3, 2, edge_weight_column=1.0, key=getkey())
+    with pytest.raises(TypeError, match="CGS: `hidden` must be an int"):
+        layers.CGS(3, 1, 2, hidden=4.0, key=getkey())
+    with pytest.raises(TypeError, match="ELK: `adaptive` must be a bool"):
+        solvers.ELK(adaptive=1e-6)
