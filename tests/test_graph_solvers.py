@@ -12,6 +12,7 @@ import pytest
 
 import fixpoint
 from fixpoint import layers, solvers
+from fixpoint.layers._graph_solvers import _perron_iteration
 
 F, G = 3, 2
 TIGHT = solvers.Picard(1e-13, 1e-13)
@@ -177,9 +178,7 @@ PERRON_TOL = 1e-2 * np.sqrt(np.finfo(np.float64).eps)
 _PERRON = jax.jit(layers.perron_root)
 # Per graph, the upper bound on `λ_pf + 1` and the number of steps (private:
 # `perron_root` returns the bound minus 1).
-_PERRON_ITERATION = jax.jit(
-    lambda g, ew, sw: layers.graph_solvers._perron_iteration(g, ew, sw, 1000)[2:]
-)
+_PERRON_ITERATION = jax.jit(lambda g, ew, sw: _perron_iteration(g, ew, sw, 1000)[2:])
 
 
 def _spectral_radius(graph, ew, sw):
