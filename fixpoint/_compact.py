@@ -158,7 +158,7 @@ def _mapped_collectives(*jaxprs) -> list:
     unused (e.g. in the primal half of a JVP) is dropped first, as the compiler
     would drop it.
     """
-    if _pe is None:  # pragma: no cover
+    if _pe is None or _NamedAxisEffect is None:  # pragma: no cover
         return []
     names = set()
     for jaxpr in jaxprs:

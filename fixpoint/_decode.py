@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._checks import check_bool, check_int
 from ._decode_loop import decode_loop, scores
@@ -159,7 +160,7 @@ def decode(
                 raise ValueError(f"`{name}={value}` is outside the vocabulary of size {vocab}.")
     eos_id = None if eos_id is None else int(eos_id)
     fill_id = int(fill_id)
-    if not isinstance(prompt, jax.core.Tracer):
+    if not isinstance(prompt, Tracer):
         bad = np.flatnonzero((np.asarray(prompt) < 0) | (np.asarray(prompt) >= vocab))
         if bad.size:
             where = np.unravel_index(bad[0], prompt.shape)
@@ -250,7 +251,7 @@ def _lengths(prompt_lengths, prompt):
             f"`prompt_lengths` must be integers of shape ({prompt.shape[0]},) (one per row of "
             f"`prompt`), got {lengths.dtype}{list(lengths.shape)}."
         )
-    if not isinstance(lengths, jax.core.Tracer):
+    if not isinstance(lengths, Tracer):
         bad = np.flatnonzero((np.asarray(lengths) < 1) | (np.asarray(lengths) > p_max))
         if bad.size:
             raise ValueError(
@@ -282,7 +283,7 @@ def _check_key(key, prompt):
 
 
 def _check_temperature(temperature):
-    if isinstance(temperature, jax.core.Tracer):
+    if isinstance(temperature, Tracer):
         return temperature
     t = np.asarray(temperature)
     real = np.issubdtype(t.dtype, np.floating) or np.issubdtype(t.dtype, np.integer)

@@ -212,7 +212,7 @@ def decode_loop(
         "guessed_tokens": final.guessed,
         "fixed_at": final.fixed_at,
     }
-    if record:
+    if final.trajectory is not None and final.windows is not None:  # `record=True`
         # Rows past the last call: the output (the fixed point).
         past = jnp.arange(n, dtype=i32)[:, None] >= calls
         stats["trajectory"] = jnp.where(past, tokens[None], final.trajectory)

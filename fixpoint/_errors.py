@@ -7,6 +7,7 @@ import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._manual import vary_like
 from ._solution import RESULTS
@@ -56,7 +57,7 @@ def _concrete(x):
     callback instead.
     """
     for _ in range(16):
-        if not isinstance(x, jax.core.Tracer):
+        if not isinstance(x, Tracer):
             return np.asarray(x)
         if isinstance(x, _BatchTracer):
             x = x.val
@@ -88,7 +89,8 @@ def raise_if_failed(value, codes, num_steps, residual, what: str, hint: str = _S
         # Eager call (also under eager `vmap`/`grad`): check in Python and raise
         # the plain exception.
         if np.any(known[0] != RESULTS.successful._value):
-            raise SolveError(_describe(what, *known, hint))
+            codes_, steps_, residual_ = known
+            raise SolveError(_describe(what, codes_, steps_, residual_, hint))
         return value
     failed = eqxi.unvmap_any(codes != RESULTS.successful._value)
     leaves, treedef = jax.tree.flatten(value)

@@ -13,7 +13,7 @@ from ._fixed_point_problem import Problem
 from ._fixed_point_solver import AbstractSolver
 from ._manual import manual_axes, match_varying
 from ._norm import max_norm, rms_norm, two_norm
-from ._solution import RESULTS
+from ._solution import RESULTS, result_from_code
 
 
 class LoopOptions(eqx.Module):
@@ -60,12 +60,12 @@ class LoopScalars(NamedTuple):
     def initial(dtype) -> jax.Array:
         """The packed scalars before the first step (residual norms of `dtype`)."""
         return LoopScalars(
-            residual=jnp.inf,
-            best=jnp.inf,
-            start=jnp.inf,
-            step=0,
-            result=RESULTS.successful._value,
-            running=True,
+            residual=jnp.asarray(jnp.inf),
+            best=jnp.asarray(jnp.inf),
+            start=jnp.asarray(jnp.inf),
+            step=jnp.asarray(0),
+            result=jnp.asarray(RESULTS.successful._value),
+            running=jnp.asarray(True),
         ).pack(dtype)
 
     @staticmethod
@@ -105,7 +105,7 @@ class LoopScalars(NamedTuple):
             best=jnp.minimum(self.best, jnp.where(finite, rnorm, self.best)),
             start=start,
             step=self.step + jnp.where(done, 0, 1),
-            result=result._value,
+            result=jnp.asarray(result._value),
             running=~done,
         ).pack(dtype)
 
@@ -113,7 +113,7 @@ class LoopScalars(NamedTuple):
     def outcome(packed, dtype) -> tuple[RESULTS, dict]:
         """`(result, {"num_steps", "residual"})` of a finished loop."""
         s = LoopScalars.read(packed, dtype)
-        result = type(RESULTS.successful)(s.result, RESULTS)
+        result = result_from_code(s.result)
         return result, {"num_steps": s.step, "residual": s.residual}
 
 

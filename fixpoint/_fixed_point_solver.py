@@ -4,9 +4,9 @@ import abc
 from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
-import jax
 import numpy as np
 from equinox import AbstractVar
+from jax.core import Tracer
 
 from ._custom_types import Norm
 from ._fixed_point_problem import Evaluation, Problem
@@ -71,7 +71,7 @@ class AbstractSolver(eqx.Module, Generic[_State]):
 
 def check_tolerance(value, what: str) -> None:
     """A tolerance must be a static, finite, non-negative real number."""
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         raise TypeError(
             f"{what} must be a static Python float, got a traced value: tolerances "
             "decide the loop's structure. Pass a number (not a JAX array under "

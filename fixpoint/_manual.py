@@ -14,7 +14,7 @@ whose carry starts invariant (a zero initial guess) and varies after one step
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -47,6 +47,9 @@ class Hoisted(eqx.Module):
         )
 
 
+_T = TypeVar("_T")
+
+
 def hoist(fn: Callable, *args) -> Hoisted:
     """`fn` traced at example `args`, with the arrays it closes over as leaves.
 
@@ -75,7 +78,7 @@ def hoist(fn: Callable, *args) -> Hoisted:
     )
 
 
-def while_loop(cond: Callable, body: Callable, init):
+def while_loop(cond: Callable[[_T], Any], body: Callable[[_T], _T], init: _T) -> _T:
     """`lax.while_loop`, with `init` made to vary as `body` makes it (see above)."""
     return jax.lax.while_loop(cond, body, match_varying(body, init))
 

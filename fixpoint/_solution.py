@@ -3,6 +3,8 @@
 from typing import Any
 
 import equinox as eqx
+import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, PyTree
 
 
@@ -42,3 +44,37 @@ class Solution(eqx.Module):
     result: RESULTS
     aux: Any
     stats: dict[str, Array]
+
+
+def result_from_code(code) -> RESULTS:
+    """The `RESULTS` item (an array of them under `vmap`) whose value is `code`."""
+    return eqx.tree_at(lambda r: r._value, RESULTS.successful, code)
+
+
+def _names(item) -> str:
+    """`successful`, or `[successful, diverged]` for an array of results."""
+    by_code = {int(v._value): name for name, v in RESULTS._name_to_item.items()}
+    codes = np.asarray(item._value)
+    if codes.ndim == 0:
+        return by_code.get(int(codes), f"<code {int(codes)}>")
+    named = np.vectorize(lambda c: by_code.get(int(c), f"<code {int(c)}>"), otypes=[object])
+    return np.array2string(named(codes), separator=", ", formatter={"all": str})
+
+
+_Item = type(RESULTS.successful)  # Equinox's item class, shared by all enumerations
+_equinox_repr = _Item.__repr__
+
+
+def _repr(item) -> str:
+    # Equinox prints an item as `module.RESULTS<message>`, and the message of
+    # `successful` is empty: print `RESULTS.successful` (or the name of each
+    # sample's result) instead. Items of other enumerations keep Equinox's repr.
+    if item._enumeration is not RESULTS:
+        return _equinox_repr(item)
+    if isinstance(item._value, Tracer):
+        return "RESULTS.<traced>"
+    name = _names(item)
+    return f"RESULTS.{name}" if np.ndim(item._value) == 0 else f"RESULTS{name}"
+
+
+_Item.__repr__ = _repr  # pyright: ignore[reportAttributeAccessIssue]

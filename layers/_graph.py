@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, Float, Int
 
 
@@ -89,7 +90,7 @@ class Graph(eqx.Module):
         n = self.num_nodes
         for name in ("senders", "receivers"):
             x = getattr(self, name)
-            if isinstance(x, jax.core.Tracer):
+            if isinstance(x, Tracer):
                 continue
             x = np.asarray(x)
             bad = np.flatnonzero((x < 0) | (x >= n))
@@ -97,7 +98,7 @@ class Graph(eqx.Module):
                 raise ValueError(
                     f"Graph: `{name}[{bad[0]}] = {x[bad[0]]}` is out of range for {n} nodes."
                 )
-        if self.n_node is not None and not isinstance(self.n_node, jax.core.Tracer):
+        if self.n_node is not None and not isinstance(self.n_node, Tracer):
             total = int(np.sum(np.asarray(self.n_node)))
             if total != n or np.any(np.asarray(self.n_node) < 0):
                 raise ValueError(
@@ -105,7 +106,7 @@ class Graph(eqx.Module):
                     f"and sum to the number of nodes {n}."
                 )
         if self.n_node is not None and not any(
-            isinstance(x, jax.core.Tracer) for x in (self.n_node, self.senders, self.receivers)
+            isinstance(x, Tracer) for x in (self.n_node, self.senders, self.receivers)
         ):
             n_node = np.asarray(self.n_node)
             g = np.repeat(np.arange(n_node.size), n_node)  # NumPy: no compile per shape
@@ -134,7 +135,7 @@ class Graph(eqx.Module):
 def _on_host(arrays) -> bool:
     """Whether `arrays` may be joined on the host: no tracers, nothing sharded."""
     for a in arrays:
-        if isinstance(a, jax.core.Tracer):
+        if isinstance(a, Tracer):
             return False
         if isinstance(a, jax.Array) and len(a.devices()) > 1:
             return False

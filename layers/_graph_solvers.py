@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, PRNGKeyArray
 
 import fixpoint
@@ -280,7 +281,7 @@ class CGS(_GraphEquilibrium):
         elif self.normalisation == "sum":  # divide by the incoming total where it exceeds 1
             total = jax.ops.segment_sum(weights, graph.receivers, graph.num_nodes)
             weights = weights / jnp.maximum(total, 1.0)[graph.receivers]
-        else:  # "max"/"softmax": no normalisation needed, a max of γ-contractions is one
+        elif self.offset_head is not None:  # "max"/"softmax" (CGS+): a max of γ-contractions
             offsets = jax.vmap(self.offset_head)(e)
         b = jax.vmap(self.bias_head)(h)
         return h, (weights, offsets), b
@@ -322,7 +323,7 @@ def _edge_weights(graph: Graph, column, dtype, owner: str, arg: str):
         f"{owner}: `{arg}={column}` makes `graph.edges[:, {column}]` the edge weights, which "
         "must be finite and non-negative"
     )
-    if isinstance(w, jax.core.Tracer):
+    if isinstance(w, Tracer):
         bad = jnp.any(~(jnp.isfinite(w) & (w >= 0)))
         return eqx.error_if(w, bad, f"{what}; an edge's weight is negative or not finite.")
     host = np.asarray(w)

@@ -427,4 +427,4 @@ class ConvMonDEQ(eqx.Module):
 
 
 def _pos_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(v >= 1)
