@@ -15,7 +15,7 @@ For every solver:
   call (positions the model scores per call), model calls;
 - `same`: whether every prompt's tokens equal sequential decoding on the same
   path (cached against cached, plain against plain); across paths the first
-  divergence and its logit margin (`fixpoint.first_divergence`) are reported;
+  divergence and its logit margin (`fixpoint.first_disagreement`) are reported;
 - time: the compiled decoding of all 8 prompts, one after another (batch 1:
   `lax.map`) or as one batch of 8, median of steady-state calls with
   `block_until_ready`, compile timed apart; speedup = sequential time / time, both
@@ -143,7 +143,7 @@ def consistency_tune(
     prompts = jnp.asarray(datasets.random_batches(train_ids, examples, prompt_len - 1, rng))
     collect = jax.jit(
         lambda p: layers.jacobi_trajectories(
-            model, p, new_tokens, solver=solvers.JacobiDecoding(window)
+            model, p, new_tokens, solver=solvers.JacobiDecoding(window=window)
         )
     )
     t0 = time.perf_counter()
@@ -224,11 +224,11 @@ def run(args):
     n = args.new_tokens
     configs = [("sequential", solvers.SequentialDecoding())]
     for w in args.windows:
-        configs.append((f"jacobi-{w}", solvers.JacobiDecoding(w)))
+        configs.append((f"jacobi-{w}", solvers.JacobiDecoding(window=w)))
     for w in args.windows:
-        configs.append((f"gs-jacobi-{w}", solvers.GSJacobiDecoding(w)))
+        configs.append((f"gs-jacobi-{w}", solvers.GSJacobiDecoding(block_size=w)))
     for w in args.windows:
-        la = solvers.LookaheadDecoding(w, ngram=min(args.ngram, w + 1), guesses=args.guesses)
+        la = solvers.LookaheadDecoding(window=w, ngram=min(args.ngram, w + 1), guesses=args.guesses)
         configs.append((f"lookahead-{w}", la))
     rows = []
     for model_name, model, loss in models:
@@ -286,7 +286,7 @@ def _rows(model, model_name, loss, configs, prompts, n, args):
                 if path == "plain":
                     cached_tokens = reference[("cached", 1)][0]
                     divs = [
-                        fixpoint.first_divergence(model, prompts[i], cached_tokens[i], tokens[i])
+                        fixpoint.first_disagreement(model, prompts[i], cached_tokens[i], tokens[i])
                         for i in range(len(prompts))
                     ]
                     hit = [d for d in divs if d.index >= 0]

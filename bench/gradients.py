@@ -25,7 +25,7 @@ Methods (forward tolerance `atol = tol`, `rtol = 0` unless said otherwise):
 - ours: `fixpoint.fixed_point` with `solvers.Picard` / `solvers.Anderson`, and
   `ImplicitAdjoint()` (default: fixpoint's own restarted GMRES, matrix-free, stopping at
   `|A x - b|_2 <= max(atol, rtol |b|_2)` with `rtol` = the larger forward tolerance),
-  `ImplicitAdjoint(lx.LU())` (dense Jacobian; answer checked against the same bound),
+  `ImplicitAdjoint(linear_solver=lx.LU())` (dense Jacobian; answer checked against the same bound),
   `NeumannAdjoint(terms=20)` (approximate by design: error ~ 0.9^20);
 - optimistix: `optx.fixed_point(FixedPointIteration)` with `optx.ImplicitAdjoint()`
   (its default `lx.AutoLinearSolver(well_posed=None)`, which resolves to dense `lx.LU`

@@ -13,7 +13,7 @@ The recurrent weights `weight_hh` are multiplied by `scale` in {1, 3, 6} (1: con
 Solvers (`solvers.*`, default tolerances per step, max-norm: `1e-4` in float32, `1e-6` in float64):
 `DEER()` (dense Jacobians, memory `O(T·D²)`), `QuasiDEER()` (exact diagonals of the
 Jacobians, `D` JVPs per iteration), `ELK()` (adaptive Levenberg-Marquardt / Kalman
-smoother, damping 1), `Jacobi()` and `GaussSeidel(block=16)` (a small subset) on the dense
+smoother, damping 1), `Jacobi()` and `GaussSeidel(block_size=16)` (a small subset) on the dense
 GRU; `QuasiDEER(assume_diagonal=True)` (= exact Newton, one JVP per iteration) on the
 diagonal GRU. Every solve is `fixpoint.scan(..., throw=False, max_steps=min(T,
 --max-steps))`; failures are reported with their result code, never raised. Batches are
@@ -113,9 +113,9 @@ ERR_TARGET = 1e-4
 SOLVERS: dict[str, Callable[[], fixpoint.internal.AbstractScanSolver]] = {
     "DEER": lambda: solvers.DEER(),
     "QuasiDEER": lambda: solvers.QuasiDEER(),
-    "ELK": lambda: solvers.ELK(damping=1.0),
+    "ELK": lambda: solvers.ELK(lambda_0=1.0),
     "Jacobi": lambda: solvers.Jacobi(),
-    "GaussSeidel16": lambda: solvers.GaussSeidel(block=16),
+    "GaussSeidel16": lambda: solvers.GaussSeidel(block_size=16),
     "QuasiDEER-diag": lambda: solvers.QuasiDEER(assume_diagonal=True),
 }
 

@@ -14,9 +14,9 @@ from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
 from ._compact import Compaction as Compaction
 from ._custom import custom_fixed_point as custom_fixed_point
 from ._custom import custom_root as custom_root
-from ._decode import Divergence as Divergence
+from ._decode import Disagreement as Disagreement
 from ._decode import decode as decode
-from ._decode import first_divergence as first_divergence
+from ._decode import first_disagreement as first_disagreement
 from ._decode_solver import AbstractCachedModel as AbstractCachedModel
 from ._errors import SolveError as SolveError
 from ._fixed_point import fixed_point as fixed_point

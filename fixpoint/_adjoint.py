@@ -8,6 +8,7 @@ import lineax as lx
 
 from ._checks import as_python_number, check_int, check_number
 from ._compact import Compaction, check_compaction
+from ._fixed_point_solver import check_relative_tolerance
 from ._implicit import implicit_solve, poison_cotangent, zero_for_zero_cotangent
 from ._linear import gmres_solve, lineax_solve, series_solve
 
@@ -15,16 +16,20 @@ from ._linear import gmres_solve, lineax_solve, series_solve
 class AbstractAdjoint(eqx.Module):
     """How to differentiate a solve.
 
-    `apply(primal, residual, inputs, y0, tolerances, failed)` returns `(y, rest)`
-    where `primal(inputs, y0, loop, checkpoints)` runs the forward loop (`loop`
-    is `"lax"` or `"checkpointed"`), `residual` is the root form `G(y, inputs)`
-    of the problem, and `failed(y, rest, inputs)` (or `None`) says whether the
-    forward solve failed: the derivative of a failed solve must be NaN wherever
-    its cotangent is nonzero (and zero where it is zero).
+    `apply(primal, residual, inputs, y0, tolerances, failed, throw)` returns
+    `(y, rest)` where `primal(inputs, y0, loop, checkpoints)` runs the forward
+    loop (`loop` is `"lax"` or `"checkpointed"`), `residual` is the root form
+    `G(y, inputs)` of the problem, and `failed(y, rest, inputs)` (or `None`) says
+    whether the forward solve failed: the derivative of a failed solve must be
+    NaN wherever its cotangent is nonzero (and zero where it is zero). `throw`
+    is the entry point's: a failed backward solve raises `fixpoint.SolveError`
+    (`True`) or gives NaN derivatives (`False`). An adjoint has no `throw` of
+    its own: the entry point's one switch covers the forward and the backward
+    solve.
     """
 
     @abc.abstractmethod
-    def apply(self, primal, residual, inputs, y0, tolerances, failed=None):
+    def apply(self, primal, residual, inputs, y0, tolerances, failed=None, throw=True):
         """Run `primal` and attach this adjoint's derivative rule."""
 
 
@@ -32,12 +37,12 @@ class _AbstractImplicit(AbstractAdjoint):
     """Adjoints of the form `dy = -A⁻¹ J_θG dθ` with `A⁻¹` some (approximate) solve."""
 
     @abc.abstractmethod
-    def linear_solve(self, tolerances):
-        """The `solve(matvec, b)` used for `A⁻¹`."""
+    def linear_solve(self, tolerances, throw: bool):
+        """The `solve(matvec, b)` used for `A⁻¹` (raising or NaN on failure, by `throw`)."""
 
-    def apply(self, primal, residual, inputs, y0, tolerances, failed=None):
+    def apply(self, primal, residual, inputs, y0, tolerances, failed=None, throw=True):
         run = lambda i, y: primal(i, y, "lax", None)  # noqa: E731
-        solve = self.linear_solve(tolerances)
+        solve = self.linear_solve(tolerances, throw)
         return implicit_solve(run, residual, inputs, y0, solve, failed=failed)
 
 
@@ -50,35 +55,39 @@ class ImplicitAdjoint(_AbstractImplicit):
 
     **Arguments:**
 
+    - `rtol`, `atol`: the backward tolerances. Default: `rtol` = the larger of
+      the forward solver's `rtol` and `atol` (the gradient is then about as
+      accurate as the solution), `atol = 0`.
+
+    Keyword-only:
+
     - `linear_solver`: `None` (default): fixpoint's restarted GMRES, matrix-free,
       stopping on the relative residual `|A x - b|₂ <= max(atol, rtol |b|₂)`.
       Or any lineax solver, e.g. `lineax.LU()` (forms the dense Jacobian: fine
       for small problems) or `lineax.GMRES(...)`; its answer is checked against
       the same bound (with a 10x margin).
-    - `rtol`, `atol`: the backward tolerances. Default: `rtol` = the larger of
-      the forward solver's `rtol` and `atol` (the gradient is then about as
-      accurate as the solution), `atol = 0`.
     - `restart`, `max_restarts`: GMRES's Krylov dimension and restart budget.
-    - `throw`: on a failed backward solve (true residual above ten times the
-      tolerance, or non-finite), `True` raises `fixpoint.SolveError`; `False` returns a NaN
-      gradient (the documented failure signal, never a plausible wrong number).
     - `compaction`: under `jax.vmap`, GMRES gathers the right-hand sides that
       are still unsolved into smaller batches between restart cycles
       (`fixpoint.Compaction`; `None`: off). Not used with a lineax solver.
+
+    A failed backward solve (true residual above ten times the tolerance, or
+    non-finite) raises `fixpoint.SolveError` or gives a NaN gradient, by the
+    entry point's `throw`.
     """
 
-    linear_solver: lx.AbstractLinearSolver | None = None
     rtol: float | None = eqx.field(default=None, converter=as_python_number)
     atol: float | None = eqx.field(default=None, converter=as_python_number)
-    restart: int = eqx.field(default=20, converter=as_python_number)
-    max_restarts: int = eqx.field(default=50, converter=as_python_number)
-    throw: bool = True
-    compaction: Compaction | None = Compaction()
+    linear_solver: lx.AbstractLinearSolver | None = eqx.field(default=None, kw_only=True)
+    restart: int = eqx.field(default=20, converter=as_python_number, kw_only=True)
+    max_restarts: int = eqx.field(default=50, converter=as_python_number, kw_only=True)
+    compaction: Compaction | None = eqx.field(default=Compaction(), kw_only=True)
 
     def __check_init__(self):
         for name in ("rtol", "atol"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name, ">= 0", owner="ImplicitAdjoint")
+        check_relative_tolerance(self.rtol, "ImplicitAdjoint: `rtol`")
         for name in ("restart", "max_restarts"):
             check_int(getattr(self, name), name, 1, owner="ImplicitAdjoint")
         check_compaction(self.compaction, "ImplicitAdjoint: `compaction`")
@@ -90,14 +99,12 @@ class ImplicitAdjoint(_AbstractImplicit):
                 f"got {self.linear_solver!r}."
             )
 
-    def linear_solve(self, tolerances):
+    def linear_solve(self, tolerances, throw: bool):
         rtol = max(tolerances) if self.rtol is None else self.rtol
         atol = 0.0 if self.atol is None else self.atol
         if self.linear_solver is None:
-            return gmres_solve(
-                rtol, atol, self.restart, self.max_restarts, self.throw, self.compaction
-            )
-        return lineax_solve(self.linear_solver, rtol, atol, self.throw)
+            return gmres_solve(rtol, atol, self.restart, self.max_restarts, throw, self.compaction)
+        return lineax_solve(self.linear_solver, rtol, atol, throw)
 
 
 class PhantomAdjoint(_AbstractImplicit):
@@ -110,16 +117,15 @@ class PhantomAdjoint(_AbstractImplicit):
     grows on a contraction. For `root_find` the map is `y - g(y)`.
     """
 
-    steps: int = eqx.field(default=5, converter=as_python_number)
-    damping: float = eqx.field(default=0.5, converter=as_python_number)
-    throw: bool = True
+    steps: int = eqx.field(default=5, converter=as_python_number, kw_only=True)
+    damping: float = eqx.field(default=0.5, converter=as_python_number, kw_only=True)
 
     def __check_init__(self):
         check_int(self.steps, "steps", 1, owner="PhantomAdjoint")
         check_number(self.damping, "damping", "(0, 1]", owner="PhantomAdjoint")
 
-    def linear_solve(self, tolerances):
-        return series_solve(self.steps, self.damping, self.throw)
+    def linear_solve(self, tolerances, throw: bool):
+        return series_solve(self.steps, self.damping, throw)
 
 
 class NeumannAdjoint(_AbstractImplicit):
@@ -129,14 +135,13 @@ class NeumannAdjoint(_AbstractImplicit):
     below one; the error decays like `ρ^terms`.
     """
 
-    terms: int = eqx.field(default=10, converter=as_python_number)
-    throw: bool = True
+    terms: int = eqx.field(default=10, converter=as_python_number, kw_only=True)
 
     def __check_init__(self):
         check_int(self.terms, "terms", 1, owner="NeumannAdjoint")
 
-    def linear_solve(self, tolerances):
-        return series_solve(self.terms, 1.0, self.throw)
+    def linear_solve(self, tolerances, throw: bool):
+        return series_solve(self.terms, 1.0, throw)
 
 
 class UnrolledAdjoint(AbstractAdjoint):
@@ -147,14 +152,15 @@ class UnrolledAdjoint(AbstractAdjoint):
     with `log(max_steps)`. Also gives a gradient with respect to `y0`.
     """
 
-    checkpoints: int | None = eqx.field(default=None, converter=as_python_number)
+    checkpoints: int | None = eqx.field(default=None, converter=as_python_number, kw_only=True)
 
     def __check_init__(self):
         if self.checkpoints is not None:
             check_int(self.checkpoints, "checkpoints", 1, owner="UnrolledAdjoint")
 
-    def apply(self, primal, residual, inputs, y0, tolerances, failed=None):
-        del residual, tolerances
+    def apply(self, primal, residual, inputs, y0, tolerances, failed=None, throw=True):
+        # No linear solve, so nothing for `throw` to govern in the backward pass.
+        del residual, tolerances, throw
         # A masked sample must contribute exactly zero, even where its
         # iterations' Jacobians hold NaN (see `zero_for_zero_cotangent`).
         y, rest = zero_for_zero_cotangent(

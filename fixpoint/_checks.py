@@ -1,6 +1,7 @@
 """Trace-time validation with messages that name the offending argument."""
 
 import re
+import sys
 from typing import Any
 
 import equinox as eqx
@@ -171,13 +172,22 @@ def check_bool(value, name: str, *, owner: str | None = None) -> bool:
     return bool(value)
 
 
-def check_instance(value, cls, name: str):
+def check_instance(value, cls, name: str, *, owner: str | None = None):
     """A readable error naming `name` unless `value` is an instance of `cls`."""
     if not isinstance(value, cls):
         raise TypeError(
-            f"`{name}` must be an instance of `{cls.__module__.split('.')[0]}."
-            f"{cls.__name__}` (or a subclass), got {value!r}."
+            f"{_who(name, owner)} must be an instance of `{_public_name(cls)}` (or a "
+            f"subclass), got {value!r}."
         )
+
+
+def _public_name(cls) -> str:
+    """Where users find `cls`: `fixpoint.X`, `fixpoint.internal.X`, ..."""
+    for where in ("fixpoint", "fixpoint.internal", "fixpoint.solvers", "fixpoint.layers"):
+        module = sys.modules.get(where)
+        if module is not None and getattr(module, cls.__name__, None) is cls:
+            return f"{where}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _describe(x) -> str:

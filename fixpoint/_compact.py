@@ -50,9 +50,9 @@ class Compaction(eqx.Module):
     Pass `compaction=None` to an entry point to turn compaction off.
     """
 
-    factor: int = eqx.field(default=4, static=True, converter=as_python_number)
-    min_bucket: int = eqx.field(default=2, static=True, converter=as_python_number)
-    min_batch: int = eqx.field(default=16, static=True, converter=as_python_number)
+    factor: int = eqx.field(default=4, static=True, converter=as_python_number, kw_only=True)
+    min_bucket: int = eqx.field(default=2, static=True, converter=as_python_number, kw_only=True)
+    min_batch: int = eqx.field(default=16, static=True, converter=as_python_number, kw_only=True)
 
     def __check_init__(self):
         for name, low in (("factor", 2), ("min_bucket", 1), ("min_batch", 2)):
@@ -70,12 +70,12 @@ class Compaction(eqx.Module):
             sizes.append(nxt)
 
 
-def check_compaction(value, what: str = "compaction") -> None:
+def check_compaction(value, what: str = "`compaction`") -> None:
     """A readable error unless `value` is `None` or a `fixpoint.Compaction`
-    (`what` names the argument in the message)."""
+    (`what` names the argument in the message, e.g. "DEQ: `compaction`")."""
     if value is not None and not isinstance(value, Compaction):
         raise TypeError(
-            f"`{what}` must be a `fixpoint.Compaction(...)` or None (off), got {value!r}."
+            f"{what} must be a `fixpoint.Compaction(...)` or None (off), got {value!r}."
         )
 
 

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
-from ._checks import as_float_pytree, check_instance, check_output
+from ._checks import as_float_pytree, check_bool, check_instance, check_output
 from ._convergence import converged
 from ._fixed_point_setup import residual_fn, setup
-from ._fixed_point_solver import check_tolerance
+from ._fixed_point_solver import check_relative_tolerance, check_tolerance
 from ._manual import hoist
 from ._norm import max_norm
 
@@ -19,11 +19,13 @@ def _default_tolerances(dtype):
     return (1e-10, 1e-10) if jnp.finfo(dtype).bits >= 64 else (1e-6, 1e-6)
 
 
-def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol):
+def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol, throw):
     check_instance(adjoint, AbstractAdjoint, "adjoint")
+    check_bool(throw, "throw")
     for label, value in (("rtol", rtol), ("atol", atol)):
         if value is not None:
             check_tolerance(value, f"{name}: `{label}`")
+    check_relative_tolerance(rtol, f"{name}: `rtol`")
 
     def decorator(solver_fn):
         @ft.wraps(solver_fn)
@@ -63,7 +65,7 @@ def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol):
                 return ~ok
 
             tolerances = _default_tolerances(dtype)
-            y_flat, _ = adjoint.apply(primal, residual, inputs, y0_flat, tolerances, failed)
+            y_flat, _ = adjoint.apply(primal, residual, inputs, y0_flat, tolerances, failed, throw)
             return unravel(y_flat)
 
         return wrapped
@@ -78,6 +80,7 @@ def custom_fixed_point(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     rtol: float | None = None,
     atol: float | None = None,
+    throw: bool = True,
 ):
     """Give your own solver fixpoint's gradient rule for the fixed point of `fn`.
 
@@ -105,8 +108,13 @@ def custom_fixed_point(
     nonzero (zero where it is zero, so a masked sample does not poison a
     batch). `rtol`, `atol` default to `sqrt(eps)` of the dtype (3.5e-4 in
     float32, 1.5e-8 in float64): pass your solver's tolerances.
+
+    `throw`: a failed backward solve raises `fixpoint.SolveError` (`True`,
+    default) or gives NaN derivatives (`False`). The returned point itself has
+    no result code to report, so a point that fails the check above always
+    gives NaN derivatives (where the cotangent is nonzero), whatever `throw`.
     """
-    return _decorator("fixed_point", "custom_fixed_point", fn, has_aux, adjoint, rtol, atol)
+    return _decorator("fixed_point", "custom_fixed_point", fn, has_aux, adjoint, rtol, atol, throw)
 
 
 def custom_root(
@@ -116,9 +124,10 @@ def custom_root(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     rtol: float | None = None,
     atol: float | None = None,
+    throw: bool = True,
 ):
     """As `custom_fixed_point`, for a solver returning `y` with `fn(y, args) ≈ 0`.
 
     The check of the returned point is `max_norm(g(y) / (atol + rtol·‖g(y0)‖)) < 1`.
     """
-    return _decorator("root", "custom_root", fn, has_aux, adjoint, rtol, atol)
+    return _decorator("root", "custom_root", fn, has_aux, adjoint, rtol, atol, throw)

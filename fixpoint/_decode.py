@@ -27,7 +27,14 @@ from jax.core import Tracer
 from ._checks import check_bool, check_int
 from ._decode_loop import decode_loop, scores
 from ._decode_solver import AbstractCachedModel, AbstractDecodingSolver
+from ._errors import checked
 from ._solution import Solution
+
+_HINT = (
+    "A row of logits held a NaN or +inf, or no finite entry (see `decode`'s "
+    "'Non-finite logits'). Pass `throw=False` (with `return_solution=True`) to get "
+    "the tokens before it and the result code instead of an error."
+)
 
 
 def decode(
@@ -44,6 +51,7 @@ def decode(
     cached: bool | None = None,
     return_solution: bool = False,
     record_trajectory: bool = False,
+    throw: bool = True,
 ):
     """Decode `max_new_tokens` tokens after `prompt` in parallel; the output is
     the sequential (autoregressive) one.
@@ -61,8 +69,9 @@ def decode(
     - `max_new_tokens`: `N ≥ 1`. When the model has an int attribute `max_len`
       (as `fixpoint.layers.CausalTransformer` has), `P + N` must not exceed it.
     - `solver`: one of `fixpoint.solvers`' decoding solvers: `SequentialDecoding()`,
-      `JacobiDecoding(window)`, `GSJacobiDecoding(block_size)`, `HybridDecoding(...)`
-      or `LookaheadDecoding(window, ngram, guesses)` (Jacobi plus n-gram
+      `JacobiDecoding(window=...)`, `GSJacobiDecoding(block_size=...)`,
+      `HybridDecoding(block_size=...)` or `LookaheadDecoding(window=..., ngram=...,
+      guesses=...)` (Jacobi plus n-gram
       guesses scored in the same call).
     - `eos_id`: once an accepted token is `eos_id`, that row stops and every
       later position is `eos_id`.
@@ -89,6 +98,10 @@ def decode(
       point. `stats["trajectory_windows"]` (`bool[N, N]`) marks the positions
       each call judged (its window; all `False` past the last call). For
       consistency training (`fixpoint.layers.jacobi_trajectories`).
+    - `throw`: raise `fixpoint.SolveError` when a row is non-finite (below; any
+      row of a batch; under `jit` inside JAX's runtime error), as every entry
+      point does on a failed solve (default `True`). With `False`, read
+      `solution.result` (`return_solution=True`).
 
     **Non-finite logits.** `-inf` entries are allowed and never chosen (greedy
     or sampled): they ban tokens, as in constrained decoding. A row with a NaN,
@@ -118,12 +131,13 @@ def decode(
     if not isinstance(solver, AbstractDecodingSolver):
         raise TypeError(
             "`solver` must be a decoding solver (`fixpoint.solvers.SequentialDecoding()`, "
-            f"`fixpoint.solvers.JacobiDecoding(window)`, ...), got {solver!r}."
+            f"`fixpoint.solvers.JacobiDecoding(window=16)`, ...), got {solver!r}."
         )
     check_int(max_new_tokens, "max_new_tokens", 1)
     max_new_tokens = int(max_new_tokens)
     check_bool(return_solution, "return_solution")
     check_bool(record_trajectory, "record_trajectory")
+    check_bool(throw, "throw")
     if record_trajectory and not return_solution:
         raise ValueError("`record_trajectory=True` needs `return_solution=True` (it is a stat).")
     if cached is None:
@@ -189,6 +203,15 @@ def decode(
         tokens, stats, result = jax.vmap(run)(prompt, lengths, key)
     else:
         tokens, stats, result = run(prompt, lengths, key)
+    if throw:
+        tokens, stats, result = checked(
+            (tokens, stats, result),
+            result._value,
+            stats["model_calls"],
+            jnp.full(result._value.shape, jnp.nan, jnp.float32),
+            "`decode`",
+            _HINT,
+        )
     if not return_solution:
         return tokens
     return tokens, Solution(value=tokens, result=result, aux=None, stats=stats)
@@ -292,8 +315,8 @@ def _check_temperature(temperature):
     return float(t)
 
 
-class Divergence(NamedTuple):
-    """Where two decodings first differ (see `fixpoint.first_divergence`)."""
+class Disagreement(NamedTuple):
+    """Where two decodings first differ (see `fixpoint.first_disagreement`)."""
 
     index: int  # first differing new position, -1 if none
     token: int  # the token of `tokens` there
@@ -302,7 +325,7 @@ class Divergence(NamedTuple):
     scale: float  # max |score| at that position: the margin's yardstick
 
 
-def first_divergence(model, prompt, tokens, reference, *, key=None, temperature=1.0):
+def first_disagreement(model, prompt, tokens, reference, *, key=None, temperature=1.0):
     """Where `tokens` first differs from `reference` (two decodings of `prompt`),
     and by how much the model preferred one there.
 
@@ -320,18 +343,18 @@ def first_divergence(model, prompt, tokens, reference, *, key=None, temperature=
     row `b` of a batched call with a single key, pass
     `jax.random.fold_in(key, b)`: the key that row used).
 
-    **Returns:** a `fixpoint.Divergence` (`index == -1` when they agree).
+    **Returns:** a `fixpoint.Disagreement` (`index == -1` when they agree).
     """
     prompt = np.asarray(prompt)
     tokens, reference = np.asarray(tokens), np.asarray(reference)
     if tokens.shape != reference.shape or tokens.ndim != 1 or prompt.ndim != 1:
         raise ValueError(
-            "`first_divergence` compares two int[N] decodings of one int[P] prompt; got "
+            "`first_disagreement` compares two int[N] decodings of one int[P] prompt; got "
             f"prompt {prompt.shape}, tokens {tokens.shape}, reference {reference.shape}."
         )
     differ = np.flatnonzero(tokens != reference)
     if differ.size == 0:
-        return Divergence(-1, -1, -1, float("nan"), float("nan"))
+        return Disagreement(-1, -1, -1, float("nan"), float("nan"))
     i = int(differ[0])
     p = prompt.shape[0]
     seq = jnp.asarray(np.concatenate([prompt, reference]).astype(np.int32))
@@ -339,4 +362,4 @@ def first_divergence(model, prompt, tokens, reference, *, key=None, temperature=
     row = scores(logits, jnp.array([p + i], jnp.int32), key, temperature)[0]
     row = np.asarray(row, np.float64)
     a, b = int(tokens[i]), int(reference[i])
-    return Divergence(i, a, b, float(row[b] - row[a]), float(np.max(np.abs(row))))
+    return Disagreement(i, a, b, float(row[b] - row[a]), float(np.max(np.abs(row))))

@@ -28,7 +28,7 @@ def scores(logits, positions, key, temperature):
     scoring row of `logits` (`[R, V]`): the logits when greedy, else
     `logits / temperature` plus the Gumbel noise of that position, in at least
     float32 (`logits / temperature` must not overflow a half-precision type).
-    `decode` and `first_divergence` both score with it."""
+    `decode` and `first_disagreement` both score with it."""
     if key is None:
         return logits
     vocab = logits.shape[-1]

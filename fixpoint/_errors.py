@@ -40,9 +40,10 @@ def _describe(what, codes, steps, residual, hint=_SOLVE_HINT) -> str:
         if codes.size == 1
         else f" ({bad.size} of {codes.size} samples failed; the first is #{i})"
     )
+    # (A decode has no residual: NaN.)
+    res = "" if np.isnan(residual[i]) else f" (residual {float(residual[i]):.3e})"
     return (
-        f"{what} failed with result `{name}` after {int(steps[i])} steps "
-        f"(residual {float(residual[i]):.3e}){where}. "
+        f"{what} failed with result `{name}` after {int(steps[i])} steps{res}{where}. "
         f"{RESULTS[RESULTS._name_to_item[name]]} "
         f"{hint}"
     )

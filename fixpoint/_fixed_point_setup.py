@@ -73,7 +73,7 @@ def solve(
     # mutable state that a cache would freeze, so it is traced on every call.
     run = _compiled if cacheable(fn, args) else _core
     try:
-        sol = run(name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction)
+        sol = run(name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction, throw)
     except TypeError as e:
         explain_forward_mode(adjoint, e)
     if throw:
@@ -106,7 +106,9 @@ def _library_function(x) -> bool:
     return module.split(".")[0] in ("jax", "jaxlib", "equinox", "numpy")
 
 
-def _core(name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction) -> Solution:
+def _core(
+    name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction, throw
+) -> Solution:
     y0_flat, unravel, inputs, aux_struct = setup(name, fn, y0, args, has_aux)
 
     def primal(inputs, y, loop, checkpoints):
@@ -118,7 +120,7 @@ def _core(name, kind, fn, y0, args, solver, adjoint, options, has_aux, compactio
         )
 
     y_flat, (aux, result, stats) = adjoint.apply(
-        primal, residual_fn(kind), inputs, y0_flat, (solver.rtol, solver.atol), _failed
+        primal, residual_fn(kind), inputs, y0_flat, (solver.rtol, solver.atol), _failed, throw
     )
     if has_aux:
         # Evaluated again at the (differentiable) solution so that gradients flow

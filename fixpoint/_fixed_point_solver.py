@@ -83,6 +83,21 @@ def check_tolerance(value, what: str) -> None:
         raise ValueError(f"{what} must be a non-negative, finite number, got {value!r}.")
 
 
+def check_relative_tolerance(value, what: str) -> None:
+    """A relative tolerance must be below 1 (after `check_tolerance`).
+
+    `|Δy| <= rtol·|y|` with `rtol >= 1` accepts nearly any step, and a number
+    that large is more likely an option given positionally: every option after
+    `rtol, atol, norm` is keyword-only, so `GaussSeidel(16)` sets `rtol=16`.
+    """
+    if value is not None and value >= 1:
+        raise ValueError(
+            f"{what} must be below 1 (a relative tolerance), got {value!r}. Options "
+            "other than `rtol`, `atol` and `norm` are keyword-only: did you mean to pass "
+            "one by position (write e.g. `GaussSeidel(block_size=16)`)?"
+        )
+
+
 def check_tolerances(solver, allow_default: bool = False) -> None:
     """Shared `__check_init__` body: readable errors for bad tolerances.
 
@@ -93,6 +108,7 @@ def check_tolerances(solver, allow_default: bool = False) -> None:
         value = getattr(solver, name)
         if not (allow_default and value is None):
             check_tolerance(value, f"{type(solver).__name__}: `{name}`")
+    check_relative_tolerance(solver.rtol, f"{type(solver).__name__}: `rtol`")
     if solver.rtol == 0 and solver.atol == 0:
         raise ValueError(f"{type(solver).__name__}: `rtol` and `atol` cannot both be zero.")
     if not callable(solver.norm):

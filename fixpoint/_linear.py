@@ -19,7 +19,7 @@ from ._solution import RESULTS
 _WHAT = "The backward (implicit-differentiation) linear solve"
 _HINT = (
     "Loosen or raise the adjoint's budget (`ImplicitAdjoint(rtol=..., max_restarts=...)`), "
-    "or pass `ImplicitAdjoint(throw=False)` to get NaN gradients instead of an error."
+    "or pass `throw=False` to the solve to get NaN gradients instead of an error."
 )
 
 
@@ -111,7 +111,7 @@ _SERIES_HINT = (
     "The truncated series (`PhantomAdjoint` / `NeumannAdjoint`) produced a NaN or Inf: "
     "the map's Jacobian at the solution is not contractive enough for it (try fewer "
     "`steps`/`terms`, a smaller `damping`, or `ImplicitAdjoint()`), or pass "
-    "`throw=False` to the adjoint to get NaN gradients instead of an error."
+    "`throw=False` to the solve to get NaN gradients instead of an error."
 )
 
 

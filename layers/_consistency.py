@@ -31,8 +31,8 @@ def jacobi_trajectories(
     """Jacobi trajectories of `model` after each prompt, for `consistency_loss`.
 
     Runs `fixpoint.decode` with `solver` (default
-    `fixpoint.solvers.JacobiDecoding(max_new_tokens)`: one window over all the new tokens,
-    CLLM's setting; a sliding `JacobiDecoding(16)` records the states that
+    `fixpoint.solvers.JacobiDecoding(window=max_new_tokens)`: one window over all the new tokens,
+    CLLM's setting; a sliding `JacobiDecoding(window=16)` records the states that
     decoding with that window meets), greedy or, with `key`, sampled as `decode`
     samples. `cached` as in `decode`.
 
@@ -43,7 +43,7 @@ def jacobi_trajectories(
     positions to score in `consistency_loss`; empty past the last call); and its
     number of model calls.
     """
-    solver = solvers.JacobiDecoding(max_new_tokens) if solver is None else solver
+    solver = solvers.JacobiDecoding(window=max_new_tokens) if solver is None else solver
     tokens, sol = fixpoint.decode(
         model,
         prompts,

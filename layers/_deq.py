@@ -1,6 +1,7 @@
 """`DEQ`: a deep equilibrium layer over any Equinox module `f(z, x)`."""
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -10,6 +11,8 @@ from jaxtyping import Array, PRNGKeyArray
 
 import fixpoint
 from fixpoint import internal, solvers
+
+from ._settings import AbstractConfigurable
 
 
 class _Apply(eqx.Module):
@@ -43,7 +46,7 @@ def _shape(z_shape):
     return tuple(int(d) for d in z_shape)
 
 
-class DEQ(eqx.Module):
+class DEQ(AbstractConfigurable):
     """A deep equilibrium layer: `z* = f(z*, x)`, differentiated implicitly.
 
     `deq(x)` returns the equilibrium for one input (use `jax.vmap` for a batch:
@@ -70,6 +73,10 @@ class DEQ(eqx.Module):
     - `compaction`: as for `fixpoint.fixed_point`: under `jax.vmap`, samples
       that have converged stop costing (`None`: off).
 
+    The settings (`solver` … `compaction`) are static fields: checkpoints never
+    hold them, and `deq.with_settings(solver=..., max_steps=...)` returns a copy
+    with new ones (the weights shared).
+
     To split a batch over several devices, wrap the loss in
     `fixpoint.data_parallel`: each device then solves (and compacts) its own share.
     """
@@ -83,6 +90,15 @@ class DEQ(eqx.Module):
     dropout: float = eqx.field(static=True)
     normalise: Callable | None = eqx.field(static=True)
     compaction: fixpoint.Compaction | None = eqx.field(static=True)
+    settings: ClassVar[tuple[str, ...]] = (
+        "solver",
+        "adjoint",
+        "max_steps",
+        "throw",
+        "dropout",
+        "normalise",
+        "compaction",
+    )
 
     def __init__(
         self,
@@ -99,24 +115,33 @@ class DEQ(eqx.Module):
     ):
         if not callable(f):
             raise TypeError(f"DEQ: `f` must be callable as f(z, x), got {f!r}.")
-        dropout = internal.check_number(dropout, "dropout", "[0, 1)", owner="DEQ")
-        max_steps = internal.check_int(max_steps, "max_steps", 1, owner="DEQ")
         self.f = f
-        self.solver = solvers.Anderson(1e-4, 1e-4) if solver is None else solver
-        self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
-        if not isinstance(self.solver, internal.AbstractSolver):
-            raise TypeError(f"DEQ: `solver` must be a `internal.AbstractSolver`, got {solver!r}.")
-        if not isinstance(self.adjoint, fixpoint.AbstractAdjoint):
-            raise TypeError(
-                f"DEQ: `adjoint` must be a `fixpoint.AbstractAdjoint`, got {adjoint!r}."
-            )
-        self.max_steps = max_steps
-        self.throw = throw
         self.z_shape = _shape(z_shape)
-        self.dropout = dropout
-        self.normalise = normalise
-        internal.check_compaction(compaction)
-        self.compaction = compaction
+        self._configure(
+            solver=solver,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            throw=throw,
+            dropout=dropout,
+            normalise=normalise,
+            compaction=compaction,
+        )
+
+    def _configure(self, *, solver, adjoint, max_steps, throw, dropout, normalise, compaction):
+        solver = solvers.Anderson(1e-4, 1e-4) if solver is None else solver
+        adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
+        internal.check_instance(solver, internal.AbstractSolver, "solver", owner="DEQ")
+        internal.check_instance(adjoint, fixpoint.AbstractAdjoint, "adjoint", owner="DEQ")
+        self._store("solver", solver)
+        self._store("adjoint", adjoint)
+        self._store("max_steps", internal.check_int(max_steps, "max_steps", 1, owner="DEQ"))
+        self._store("throw", internal.check_bool(throw, "throw", owner="DEQ"))
+        self._store("dropout", internal.check_number(dropout, "dropout", "[0, 1)", owner="DEQ"))
+        if normalise is not None and not callable(normalise):
+            raise TypeError(f"DEQ: `normalise` must be None or callable, got {normalise!r}.")
+        self._store("normalise", normalise)
+        internal.check_compaction(compaction, "DEQ: `compaction`")
+        self._store("compaction", compaction)
 
     def prepared(self) -> Callable:
         """`f` after `normalise` (what one forward pass iterates)."""

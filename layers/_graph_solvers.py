@@ -11,6 +11,7 @@ edge crosses between graphs, so each graph's answer is the one it gets alone
 
 import functools as ft
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -24,6 +25,7 @@ import fixpoint
 from fixpoint import internal, solvers
 
 from ._graph import Graph
+from ._settings import AbstractConfigurable
 
 _MATRIX_FREE = tuple(
     c for c in (getattr(lx, n, None) for n in ("GMRES", "BiCGStab", "CG")) if isinstance(c, type)
@@ -109,24 +111,33 @@ class _LinearMap(eqx.Module):
         return jnp.tanh(out) if self.nonlinear else out
 
 
-class _GraphEquilibrium(eqx.Module):
+class _GraphEquilibrium(AbstractConfigurable):
     """What CGS and IGNN share: a matrix-free solver configuration and the solve."""
 
     solver: internal.AbstractSolver = eqx.field(static=True)
     adjoint: fixpoint.AbstractAdjoint = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
+    settings: ClassVar[tuple[str, ...]] = ("solver", "adjoint", "max_steps", "throw")
 
-    def _configure(self, name, solver, adjoint, max_steps, rate, throw):
-        self.solver = solvers.Picard(1e-5, 1e-5) if solver is None else solver
-        self.adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
-        _check_sparse(name, self.solver, self.adjoint)
-        self.max_steps = (
-            _default_steps(rate)
+    def _rate(self) -> float:
+        """The contraction factor that sets the default `max_steps`."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _configure(self, *, solver, adjoint, max_steps, throw):
+        name = type(self).__name__
+        solver = solvers.Picard(1e-5, 1e-5) if solver is None else solver
+        adjoint = fixpoint.ImplicitAdjoint() if adjoint is None else adjoint
+        _check_sparse(name, solver, adjoint)
+        self._store("solver", solver)
+        self._store("adjoint", adjoint)
+        self._store(
+            "max_steps",
+            _default_steps(self._rate())
             if max_steps is None
-            else internal.check_int(max_steps, "max_steps", 1, owner=name)
+            else internal.check_int(max_steps, "max_steps", 1, owner=name),
         )
-        self.throw = throw
+        self._store("throw", internal.check_bool(throw, "throw", owner=name))
 
     def _fixed_point(self, fn, y0, args, record_residuals=False):
         return fixpoint.fixed_point(
@@ -254,7 +265,10 @@ class CGS(_GraphEquilibrium):
         self.decoder = mlp(hidden + heads, out_size, 2, k[5])
         self.node_size, self.edge_size, self.heads = node_size, edge_size, heads
         self.gamma, self.nonlinear = float(gamma), bool(nonlinear)
-        self._configure("CGS", solver, adjoint, max_steps, gamma, throw)
+        self._configure(solver=solver, adjoint=adjoint, max_steps=max_steps, throw=throw)
+
+    def _rate(self) -> float:
+        return self.gamma
 
     def _dtype(self):
         return self.bias_head.weight.dtype
@@ -551,7 +565,10 @@ class IGNN(_GraphEquilibrium):
         self.readout = eqx.nn.Linear(hidden + node_size, out_size, key=k3)
         self.node_size, self.kappa = node_size, float(kappa)
         self.edge_weight_column = edge_weight_column
-        self._configure("IGNN", solver, adjoint, max_steps, kappa, throw)
+        self._configure(solver=solver, adjoint=adjoint, max_steps=max_steps, throw=throw)
+
+    def _rate(self) -> float:
+        return self.kappa
 
     def _args(self, graph):
         dtype = self.w.dtype
@@ -565,13 +582,13 @@ class IGNN(_GraphEquilibrium):
         injected = _aggregate(u, graph, edge_w[:, None]) + self_w[:, None] * u
         return nodes, (self.w, scale, edge_w, self_w, injected, graph)
 
-    def solve(self, graph: Graph, *, x0: Array | None = None) -> fixpoint.Solution:
+    def solve(self, graph: Graph, *, z0: Array | None = None) -> fixpoint.Solution:
         """The node states `X[N, hidden]` as a `fixpoint.Solution`."""
-        return self._solve(self._args(graph)[1], x0)
+        return self._solve(self._args(graph)[1], z0)
 
-    def _solve(self, args, x0):
-        x0 = jnp.zeros_like(args[4]) if x0 is None else x0
-        return self._fixed_point(_IGNNMap(), x0, args)
+    def _solve(self, args, z0):
+        z0 = jnp.zeros_like(args[4]) if z0 is None else z0
+        return self._fixed_point(_IGNNMap(), z0, args)
 
     def __call__(self, graph: Graph) -> Array:
         nodes, args = self._args(graph)

@@ -11,6 +11,7 @@ is unique, and operator splitting (`fixpoint.solvers.PeacemanRachford`,
 """
 
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -27,6 +28,8 @@ from fixpoint.solvers import (
     PeacemanRachford,
 )
 
+from ._settings import AbstractConfigurable
+
 _IMPLICIT = fixpoint.ImplicitAdjoint()
 
 
@@ -34,21 +37,32 @@ def _default_solver():
     return PeacemanRachford(rtol=1e-5, atol=1e-5, alpha=1.0)
 
 
-def _check_options(name, m, solver, max_steps, adjoint):
-    internal.check_number(m, "m", "> 0", owner=name)
-    if not isinstance(solver, (PeacemanRachford, ForwardBackward)):
-        raise TypeError(
-            f"{name}: `solver` must be `fixpoint.solvers.PeacemanRachford` or "
-            f"`fixpoint.solvers.ForwardBackward`, got {solver!r}."
-        )
-    internal.check_int(max_steps, "max_steps", 1, owner=name)
-    if not isinstance(adjoint, fixpoint.AbstractAdjoint) or isinstance(
-        adjoint, fixpoint.UnrolledAdjoint
-    ):
-        raise TypeError(
-            f"{name}: `adjoint` must be `fixpoint.ImplicitAdjoint`, `PhantomAdjoint` or "
-            f"`NeumannAdjoint` (the splitting loop is never differentiated), got {adjoint!r}."
-        )
+class _AbstractMonotone(AbstractConfigurable):
+    """The settings MonDEQ and ConvMonDEQ share, checked in one place."""
+
+    settings: ClassVar[tuple[str, ...]] = ("solver", "max_steps", "adjoint", "throw", "compaction")
+
+    def _configure(self, *, solver, max_steps, adjoint, throw, compaction):
+        name = type(self).__name__
+        solver = _default_solver() if solver is None else solver
+        if not isinstance(solver, (PeacemanRachford, ForwardBackward)):
+            raise TypeError(
+                f"{name}: `solver` must be `fixpoint.solvers.PeacemanRachford` or "
+                f"`fixpoint.solvers.ForwardBackward`, got {solver!r}."
+            )
+        if not isinstance(adjoint, fixpoint.AbstractAdjoint) or isinstance(
+            adjoint, fixpoint.UnrolledAdjoint
+        ):
+            raise TypeError(
+                f"{name}: `adjoint` must be `fixpoint.ImplicitAdjoint`, `PhantomAdjoint` or "
+                f"`NeumannAdjoint` (the splitting loop is never differentiated), got {adjoint!r}."
+            )
+        internal.check_compaction(compaction, f"{name}: `compaction`")
+        self._store("solver", solver)
+        self._store("max_steps", internal.check_int(max_steps, "max_steps", 1, owner=name))
+        self._store("adjoint", adjoint)
+        self._store("throw", internal.check_bool(throw, "throw", owner=name))
+        self._store("compaction", compaction)
 
 
 def _uniform(key, shape, fan_in, dtype):
@@ -69,7 +83,7 @@ def _check_input(name, x, shape, dtype):
 # ---- fully connected -----------------------------------------------------------
 
 
-class MonDEQ(eqx.Module):
+class MonDEQ(_AbstractMonotone):
     """A fully connected monotone equilibrium layer: `x ↦ z* = relu(W z* + U x + b)`.
 
     `W = (1 - m) I - AᵀA + B - Bᵀ` (see `W()`), so `sym(I - W) ⪰ m I` by
@@ -127,8 +141,7 @@ class MonDEQ(eqx.Module):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        solver = _default_solver() if solver is None else solver
-        _check_options("MonDEQ", m, solver, max_steps, adjoint)
+        m = internal.check_number(m, "m", "> 0", owner="MonDEQ")
         for name, size in (("in_size", in_size), ("hidden_size", hidden_size)):
             internal.check_int(size, name, 1, owner="MonDEQ")
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
@@ -138,12 +151,9 @@ class MonDEQ(eqx.Module):
         self.U = _uniform(ku, (hidden_size, in_size), in_size, dtype)
         self.bias = _uniform(kbias, (hidden_size,), in_size, dtype)
         self.m = float(m)
-        self.solver = solver
-        self.max_steps = max_steps
-        self.adjoint = adjoint
-        self.throw = throw
-        internal.check_compaction(compaction)
-        self.compaction = compaction
+        self._configure(
+            solver=solver, max_steps=max_steps, adjoint=adjoint, throw=throw, compaction=compaction
+        )
 
     def W(self) -> Float[Array, "hidden hidden"]:
         """The matrix `W = (1 - m) I - AᵀA + B - Bᵀ`."""
@@ -301,7 +311,7 @@ class CircularConvMonotone(AbstractMonotoneLinear):
         return jnp.min(jnp.linalg.eigvalsh(herm)[..., 0])
 
 
-class ConvMonDEQ(eqx.Module):
+class ConvMonDEQ(_AbstractMonotone):
     """A convolutional monotone equilibrium layer on 1-D or 2-D signals.
 
     `z* = relu(W z* + U x + b)` where `x` has shape `(channels_in, *shape)`, `z`
@@ -355,8 +365,7 @@ class ConvMonDEQ(eqx.Module):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        solver = _default_solver() if solver is None else solver
-        _check_options("ConvMonDEQ", m, solver, max_steps, adjoint)
+        m = internal.check_number(m, "m", "> 0", owner="ConvMonDEQ")
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
         if not 1 <= len(shape) <= 2 or not all(_pos_int(s) for s in shape):
             raise ValueError(
@@ -384,12 +393,9 @@ class ConvMonDEQ(eqx.Module):
         self.bias = _uniform(kbias, (c,), channels_in * area, dtype)
         self.m = float(m)
         self.shape = shape
-        self.solver = solver
-        self.max_steps = max_steps
-        self.adjoint = adjoint
-        self.throw = throw
-        internal.check_compaction(compaction)
-        self.compaction = compaction
+        self._configure(
+            solver=solver, max_steps=max_steps, adjoint=adjoint, throw=throw, compaction=compaction
+        )
 
     def operator(self) -> CircularConvMonotone:
         """`W` as the matrix-free `CircularConvMonotone` the splitting solvers take."""

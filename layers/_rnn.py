@@ -8,10 +8,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 import fixpoint
 from fixpoint import internal, solvers
+
+from ._settings import AbstractConfigurable
 
 
 class DiagonalGRUCell(eqx.Module):
@@ -66,7 +68,7 @@ class _Step(eqx.Module):
         return self.cell(x, h), None
 
 
-class ParallelRNN(eqx.Module):
+class ParallelRNN(AbstractConfigurable):
     """Run `cell(x, h) -> h` over a whole sequence, solved in parallel over time.
 
     Equal to the sequential loop `h_t = cell(x_t, h_{t-1})` to the solver's
@@ -89,9 +91,10 @@ class ParallelRNN(eqx.Module):
     Calling `rnn(xs, h0=None)` with `xs` of shape `(T, input_size)` returns all
     hidden states, with a leading time axis (for an LSTM the pair `(hs, cs)`).
     `h0` defaults to zeros (needs `cell.hidden_size`); `guess` warm-starts the
-    trajectory (e.g. the states of the previous training step). With
-    `return_solution=True` it returns `(states, fixpoint.Solution)` instead
-    (with `record_residuals=True`, its stats hold the residual history).
+    trajectory (e.g. the states of the previous training step).
+    `rnn.solve(xs, h0=None)` returns the `fixpoint.Solution` instead (its
+    `value` is the states; with `record_residuals=True` its stats hold the
+    residual history), as every equilibrium layer's `solve` does.
     """
 
     cell: Callable
@@ -101,6 +104,7 @@ class ParallelRNN(eqx.Module):
     max_steps: int | None = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
     mesh: Mesh | None = eqx.field(static=True)
+    settings: ClassVar[tuple[str, ...]] = ("solver", "adjoint_solver", "max_steps", "throw", "mesh")
 
     def __init__(
         self,
@@ -114,22 +118,36 @@ class ParallelRNN(eqx.Module):
     ):
         if not callable(cell):
             raise TypeError(f"ParallelRNN: `cell` must be callable, got {cell!r}.")
+        self.cell = cell
+        self._configure(
+            solver=solver,
+            adjoint_solver=adjoint_solver,
+            max_steps=max_steps,
+            throw=throw,
+            mesh=mesh,
+        )
+
+    def _configure(self, *, solver, adjoint_solver, max_steps, throw, mesh):
         if solver is None:
-            if getattr(cell, "diagonal_jacobian", False):
+            if getattr(self.cell, "diagonal_jacobian", False):
                 solver = solvers.QuasiDEER(assume_diagonal=True)
             else:
                 solver = solvers.DEER()
-        if not isinstance(solver, internal.AbstractScanSolver):
-            raise TypeError(
-                "ParallelRNN: `solver` must be a scan solver (e.g. fixpoint.solvers.DEER()), "
-                f"got {solver!r}."
+        owner = "ParallelRNN"
+        internal.check_instance(solver, internal.AbstractScanSolver, "solver", owner=owner)
+        if adjoint_solver is not None:
+            internal.check_instance(
+                adjoint_solver, internal.AbstractScanSolver, "adjoint_solver", owner=owner
             )
-        self.cell = cell
-        self.solver = solver
-        self.adjoint_solver = adjoint_solver
-        self.max_steps = max_steps
-        self.throw = throw
-        self.mesh = mesh
+        if max_steps is not None:
+            max_steps = internal.check_int(max_steps, "max_steps", 1, owner=owner)
+        if mesh is not None and not isinstance(mesh, Mesh):
+            raise TypeError(f"ParallelRNN: `mesh` must be a `jax.sharding.Mesh`, got {mesh!r}.")
+        self._store("solver", solver)
+        self._store("adjoint_solver", adjoint_solver)
+        self._store("max_steps", max_steps)
+        self._store("throw", internal.check_bool(throw, "throw", owner=owner))
+        self._store("mesh", mesh)
 
     def initial_state(self):
         """Zeros shaped like the cell's state."""
@@ -143,15 +161,15 @@ class ParallelRNN(eqx.Module):
         zero = jnp.zeros(size, dtype)
         return (zero, zero) if isinstance(self.cell, eqx.nn.LSTMCell) else zero
 
-    def __call__(
+    def solve(
         self,
-        xs,
-        h0=None,
+        xs: PyTree[Array],
+        h0: PyTree[Array] | None = None,
         *,
-        guess=None,
-        return_solution: bool = False,
+        guess: PyTree[Array] | None = None,
         record_residuals: bool = False,
-    ):
+    ) -> fixpoint.Solution:
+        """Solve for all hidden states; returns the `fixpoint.Solution` (`value`: the states)."""
         if h0 is None:
             h0 = self.initial_state()
         out = fixpoint.scan(
@@ -167,5 +185,10 @@ class ParallelRNN(eqx.Module):
             return_solution=True,
             mesh=self.mesh,
         )
-        sol = out[2]  # pyright: ignore[reportGeneralTypeIssues]
-        return (sol.value, sol) if return_solution else sol.value
+        return out[2]  # pyright: ignore[reportGeneralTypeIssues]
+
+    def __call__(
+        self, xs: PyTree[Array], h0: PyTree[Array] | None = None, *, guess=None
+    ) -> PyTree[Array]:
+        """All hidden states, with a leading time axis (see `solve`)."""
+        return self.solve(xs, h0, guess=guess).value

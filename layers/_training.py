@@ -71,7 +71,7 @@ def correction_iterates(deq, x: Array, steps: Sequence[int], z0: Array | None = 
             solver=deq.solver,
             max_steps=int(k),
             throw=False,
-            adjoint=fixpoint.PhantomAdjoint(1, 1.0),
+            adjoint=fixpoint.PhantomAdjoint(steps=1, damping=1.0),
         )
         out.append(f(jax.lax.stop_gradient(sol.value), x))
     return out

@@ -39,17 +39,19 @@ class Anderson(internal.AbstractSolver):
       `max_weight` (an ill-conditioned least-squares problem), the step falls
       back to a (damped) Picard step and the history restarts from the newest pair.
 
-    **Arguments:** `rtol`, `atol`, `history` (≥ 1), `damping` in (0, 1],
-    `ridge` (relative, ≥ 0), `max_weight` (> 1), `norm`.
+    **Arguments:** `rtol`, `atol`, `norm`; keyword-only: `history` (≥ 1),
+    `damping` in (0, 1], `ridge` (relative, ≥ 0), `max_weight` (> 1).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)
     atol: float = eqx.field(converter=internal.as_python_number)
-    history: int = eqx.field(default=5, converter=internal.as_python_number)
-    damping: float = eqx.field(default=1.0, converter=internal.as_python_number)
-    ridge: float = eqx.field(default=1e-10, converter=internal.as_python_number)
-    max_weight: float = eqx.field(default=10000.0, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
+    history: int = eqx.field(default=5, converter=internal.as_python_number, kw_only=True)
+    damping: float = eqx.field(default=1.0, converter=internal.as_python_number, kw_only=True)
+    ridge: float = eqx.field(default=1e-10, converter=internal.as_python_number, kw_only=True)
+    max_weight: float = eqx.field(
+        default=10000.0, converter=internal.as_python_number, kw_only=True
+    )
 
     def __check_init__(self):
         internal.check_tolerances(self)

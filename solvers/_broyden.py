@@ -28,8 +28,8 @@ class Broyden(internal.AbstractSolver):
     Works on the root form `G(y) = 0` with `H ≈ J_G⁻¹ = γ I + Σ u_i v_iᵀ`,
     starting from `H = I` (so the first step of a fixed-point problem is a
     Picard step).
-    The rank-one updates live in a ring buffer of size `memory`; the oldest is
-    overwritten. Each step costs one evaluation and O(memory · n) work.
+    The rank-one updates live in a ring buffer of size `history`; the oldest is
+    overwritten. Each step costs one evaluation and O(history · n) work.
 
     Safeguards: initial scaling (the first secant pair sets `H0 = γ I`,
     `γ = sᵀΔg / ΔgᵀΔg`, so a Jacobian near `-I` or far from unit scale is
@@ -41,22 +41,23 @@ class Broyden(internal.AbstractSolver):
     cleared, `γ` kept); an update whose denominator is tiny or non-finite is
     skipped.
 
-    **Arguments:** `rtol`, `atol`, `memory` (≥ 1), `min_step` in (0, 1), `norm`.
+    **Arguments:** `rtol`, `atol`, `norm`; keyword-only: `history` (≥ 1, the number of
+    rank-one updates kept), `min_step` in (0, 1).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)
     atol: float = eqx.field(converter=internal.as_python_number)
-    memory: int = eqx.field(default=20, converter=internal.as_python_number)
-    min_step: float = eqx.field(default=0.001, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
+    history: int = eqx.field(default=20, converter=internal.as_python_number, kw_only=True)
+    min_step: float = eqx.field(default=0.001, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_tolerances(self)
-        internal.check_int(self.memory, "memory", 1, owner="Broyden")
+        internal.check_int(self.history, "history", 1, owner="Broyden")
         internal.check_number(self.min_step, "min_step", "(0, 1)", owner="Broyden")
 
     def init(self, problem, y, args):
-        m, n = self.memory, y.size
+        m, n = self.history, y.size
         return _BroydenState(
             us=jnp.zeros((m, n), y.dtype),
             vs=jnp.zeros((m, n), y.dtype),
@@ -105,7 +106,7 @@ class Broyden(internal.AbstractSolver):
             & (scale > 0)
         )
         u = (s - h_dg) / jnp.where(update, denom, 1)
-        write = update & (jnp.arange(self.memory) == state.slot)
+        write = update & (jnp.arange(self.history) == state.slot)
         us = jnp.where(write[:, None], u, us)
         vs = jnp.where(write[:, None], v, vs)
         # After an exhausted line search the rank-one memory is stale and is
@@ -125,7 +126,7 @@ class Broyden(internal.AbstractSolver):
             us=us,
             vs=vs,
             valid=valid,
-            slot=jnp.where(update, (state.slot + 1) % self.memory, state.slot),
+            slot=jnp.where(update, (state.slot + 1) % self.history, state.slot),
             search=search,
             restarts=state.restarts + jnp.where(exhausted, 1, 0),
             gamma=gamma,

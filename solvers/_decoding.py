@@ -34,10 +34,10 @@ class JacobiDecoding(internal.AbstractDecodingSolver):
     accepted prefix. `window ≥ max_new_tokens` is the paper's plain Jacobi over
     the whole output.
 
-    **Arguments:** `window` (≥ 1), the number of positions proposed per call.
+    **Arguments** (keyword-only): `window` (≥ 1), the number of positions proposed per call.
     """
 
-    window: int = eqx.field(default=16, converter=internal.as_python_number)
+    window: int = eqx.field(default=16, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_int(self.window, "window", 1, owner="JacobiDecoding")
@@ -54,12 +54,12 @@ class GSJacobiDecoding(internal.AbstractDecodingSolver):
     window never reaches past the end of the current block, so guesses there
     start only once the block before is fixed.
 
-    (Not the scan solvers' `GaussSeidel(block=...)`, which sweeps a recurrence.)
+    (Not the scan solvers' `GaussSeidel(block_size=...)`, which sweeps a recurrence.)
 
-    **Arguments:** `block_size` (≥ 1).
+    **Arguments** (keyword-only): `block_size` (≥ 1).
     """
 
-    block_size: int = eqx.field(default=4, converter=internal.as_python_number)
+    block_size: int = eqx.field(default=4, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_int(self.block_size, "block_size", 1, owner="GSJacobiDecoding")
@@ -79,12 +79,12 @@ class HybridDecoding(internal.AbstractDecodingSolver):
     guesses past the (unknown) end are wasted work, so it goes autoregressive
     after a guessed length.
 
-    **Arguments:** `block_size` (≥ 1); `parallel_tokens` (≥ 1), the number of
+    **Arguments** (keyword-only): `block_size` (≥ 1); `parallel_tokens` (≥ 1), the number of
     leading positions decoded in blocks.
     """
 
-    block_size: int = eqx.field(default=4, converter=internal.as_python_number)
-    parallel_tokens: int = eqx.field(default=32, converter=internal.as_python_number)
+    block_size: int = eqx.field(default=4, converter=internal.as_python_number, kw_only=True)
+    parallel_tokens: int = eqx.field(default=32, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_int(self.block_size, "block_size", 1, owner="HybridDecoding")
@@ -137,13 +137,13 @@ class LookaheadDecoding(internal.AbstractDecodingSolver):
     vocabulary size): 10 KiB for 128 characters at the defaults, 4 MB for a
     50k-token vocabulary.
 
-    **Arguments:** `window` (≥ 1), `ngram` (≥ 2, the key token plus `ngram - 1`
+    **Arguments** (keyword-only): `window` (≥ 1), `ngram` (≥ 2, the key token plus `ngram - 1`
     guessed tokens), `guesses` (≥ 1, branches per call = continuations per key).
     """
 
-    window: int = eqx.field(default=16, converter=internal.as_python_number)
-    ngram: int = eqx.field(default=5, converter=internal.as_python_number)
-    guesses: int = eqx.field(default=4, converter=internal.as_python_number)
+    window: int = eqx.field(default=16, converter=internal.as_python_number, kw_only=True)
+    ngram: int = eqx.field(default=5, converter=internal.as_python_number, kw_only=True)
+    guesses: int = eqx.field(default=4, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_int(self.window, "window", 1, owner="LookaheadDecoding")

@@ -94,6 +94,8 @@ class QuasiDEER(internal.AbstractScanSolver):
     - `rtol`, `atol`, `norm`: per-step tolerance (default by the carry's dtype:
       `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`) and norm
       (default max-norm).
+    Keyword-only:
+
     - `assume_diagonal`: take `diag(J) = J · 1` (one JVP); right only for
       cells with diagonal Jacobians, otherwise a cruder quasi-Newton.
     - `batch_size`: how many of the `D` JVPs extracting the exact diagonal
@@ -104,8 +106,8 @@ class QuasiDEER(internal.AbstractScanSolver):
     rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
-    assume_diagonal: bool = False
-    batch_size: int = eqx.field(default=32, converter=internal.as_python_number)
+    assume_diagonal: bool = eqx.field(default=False, kw_only=True)
+    batch_size: int = eqx.field(default=32, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_tolerances(self, allow_default=True)
@@ -160,26 +162,27 @@ class ELK(internal.AbstractScanSolver):
     last accepted trajectory with `λ` grown (×`increase`). Memory `O(T·D)`, except for the
     certifying iteration and the adjoint, which are those of `QuasiDEER`.
 
-    **Arguments:** `damping` (the initial or fixed `λ ≥ 0`), `adaptive`,
-    `decrease`, `increase`, `rtol`, `atol`, `norm`, `assume_diagonal`,
-    `batch_size` (as `QuasiDEER`).
+    **Arguments:** `rtol`, `atol`, `norm` (as `QuasiDEER`); keyword-only:
+    `lambda_0` (the initial or fixed `λ ≥ 0`: larger is more cautious, the
+    opposite of a fixed-point solver's `damping`), `adaptive`, `decrease`,
+    `increase`, `assume_diagonal`, `batch_size` (as `QuasiDEER`).
     """
 
-    damping: float = eqx.field(default=1.0, converter=internal.as_python_number)
-    adaptive: bool = True
-    decrease: float = eqx.field(default=0.3, converter=internal.as_python_number)
-    increase: float = eqx.field(default=4.0, converter=internal.as_python_number)
     # None: the dtype's default (`internal.scan_tolerances`)
     rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
-    assume_diagonal: bool = False
-    batch_size: int = eqx.field(default=32, converter=internal.as_python_number)
+    lambda_0: float = eqx.field(default=1.0, converter=internal.as_python_number, kw_only=True)
+    adaptive: bool = eqx.field(default=True, kw_only=True)
+    decrease: float = eqx.field(default=0.3, converter=internal.as_python_number, kw_only=True)
+    increase: float = eqx.field(default=4.0, converter=internal.as_python_number, kw_only=True)
+    assume_diagonal: bool = eqx.field(default=False, kw_only=True)
+    batch_size: int = eqx.field(default=32, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_tolerances(self, allow_default=True)
         _check_batch(self)
-        internal.check_number(self.damping, "damping", ">= 0", owner="ELK")
+        internal.check_number(self.lambda_0, "lambda_0", ">= 0", owner="ELK")
         internal.check_bool(self.adaptive, "adaptive", owner="ELK")
         internal.check_number(self.decrease, "decrease", "(0, 1)", owner="ELK")
         internal.check_number(self.increase, "increase", "> 1", owner="ELK")
@@ -187,7 +190,7 @@ class ELK(internal.AbstractScanSolver):
     def init(self, problem, h):
         if not self.adaptive:
             return None
-        lam = jnp.asarray(self.damping, h.dtype)
+        lam = jnp.asarray(self.lambda_0, h.dtype)
         return (lam, jnp.asarray(jnp.inf, h.dtype), h, jnp.zeros_like(h), jnp.zeros_like(h))
 
     def linearise(self, problem, h, state):
@@ -199,7 +202,7 @@ class ELK(internal.AbstractScanSolver):
             problem.time, a, r, lam, problem.reverse, frozen
         )
         if not self.adaptive:
-            return h + smooth(a, r, self.damping), state
+            return h + smooth(a, r, self.lambda_0), state
         lam, best, h_old, a_old, r_old = state
         merit = problem.time.sum(jnp.where(jnp.isfinite(r), r * r, jnp.inf))
         # Kept unless the merit grew by more than `_SLACK`: the loop sets the first

@@ -24,10 +24,10 @@ class Halpern(internal.AbstractSolver):
     converges, with the optimal worst-case rate `|y_k − f(y_k)| ≤ 2·|y_0 − y*|/(k+1)`
     in the Euclidean norm (Lieder 2021; Cai, Alacaoglu and Diakonikolas 2023), to
     the fixed point nearest the anchor `y_0` (Wittmann 1992). That rate is also
-    all it gets on a contraction, where Picard is linear: there use `restart`.
+    all it gets on a contraction, where Picard is linear: there use `restart_ratio`.
 
-    - `restart=None` (default): one anchor, the starting point.
-    - `restart=r` in (0, 1): adaptive restarts. Once the residual norm has fallen
+    - `restart_ratio=None` (default): one anchor, the starting point.
+    - `restart_ratio=r` in (0, 1): adaptive restarts. Once the residual norm has fallen
       to `r` times its value at the anchor, the current iterate becomes the new
       anchor and `k` starts again. On a `ρ`-contraction (Euclidean norm) each
       restart comes after at most about `2/(r(1 − ρ))` steps, since
@@ -35,25 +35,27 @@ class Halpern(internal.AbstractSolver):
       the restarted anchors are no longer `y_0`, so the limit is a fixed point,
       not necessarily the one nearest `y_0`.
 
-    Cost: one evaluation per step (plus one norm with `restart`). The state
+    Cost: one evaluation per step (plus one norm with `restart_ratio`). The state
     holds the anchor (one copy of `y`).
 
-    **Arguments:** `rtol`, `atol`, `restart` (None or in (0, 1)), `norm`
-    (default max-norm; it also measures the residual for `restart`).
+    **Arguments:** `rtol`, `atol`, `norm` (default max-norm; it also measures the
+    residual for the restarts); keyword-only: `restart_ratio` (None or in (0, 1)).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)
     atol: float = eqx.field(converter=internal.as_python_number)
-    restart: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
+    restart_ratio: float | None = eqx.field(
+        default=None, converter=internal.as_python_number, kw_only=True
+    )
     # The pull towards the anchor does not vanish at a fixed point: only the
     # residual is tested.
     step_estimates_error: ClassVar[bool] = False
 
     def __check_init__(self):
         internal.check_tolerances(self)
-        if self.restart is not None:
-            internal.check_number(self.restart, "restart", "(0, 1)", owner="Halpern")
+        if self.restart_ratio is not None:
+            internal.check_number(self.restart_ratio, "restart_ratio", "(0, 1)", owner="Halpern")
 
     def init(self, problem, y, args):
         rdtype = jnp.finfo(y.dtype).dtype
@@ -62,11 +64,11 @@ class Halpern(internal.AbstractSolver):
     def step(self, problem, y, args, state):
         ev = problem.evaluate(y, args)
         anchor, count, anchor_norm = state
-        if self.restart is not None:
+        if self.restart_ratio is not None:
             rnorm = self.norm(ev.residual)
             anchor_norm = jnp.where(count == 0, rnorm, anchor_norm)
             # A NaN residual never restarts (the comparison is False).
-            again = (count > 0) & (rnorm <= self.restart * anchor_norm)
+            again = (count > 0) & (rnorm <= self.restart_ratio * anchor_norm)
             anchor = jnp.where(again, y, anchor)
             count = jnp.where(again, 0, count)
             anchor_norm = jnp.where(again, rnorm, anchor_norm)

@@ -56,7 +56,7 @@ class _AbstractWindowed(_AbstractEvaluateOnly):
     rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
-    window: int | None = eqx.field(default=None, converter=internal.as_python_number)
+    window: int | None = eqx.field(default=None, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         _check_window(self)
@@ -74,7 +74,7 @@ class Jacobi(_AbstractWindowed):
 
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
     `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`), `norm`
-    (default max-norm), `window` (default None, the whole sequence; an int
+    (default max-norm); keyword-only: `window` (default None, the whole sequence; an int
     `w >= 1`: each iteration evaluates only the `w` steps from the first
     unconverged one, a window that slides as steps converge; README, "Recurrences
     in parallel over time").
@@ -90,27 +90,28 @@ class Jacobi(_AbstractWindowed):
 
 
 class GaussSeidel(_AbstractEvaluateOnly):
-    """Block Gauss–Seidel / Jacobi hybrid: sequential inside blocks of `block` steps.
+    """Block Gauss–Seidel / Jacobi hybrid: sequential inside blocks of `block_size` steps.
 
     Every block starts from the current value of the step before it (Jacobi
-    across blocks) and runs its `block` steps sequentially (`lax.scan`), all
-    blocks in parallel. Each iteration fixes at least `block` more steps, so
-    `ceil(T / block)` iterations always suffice; `block=1` is Jacobi.
+    across blocks) and runs its `block_size` steps sequentially (`lax.scan`), all
+    blocks in parallel. Each iteration fixes at least `block_size` more steps, so
+    `ceil(T / block_size)` iterations always suffice; `block_size=1` is Jacobi.
 
-    **Arguments:** `block` (steps per block), `rtol`, `atol`, `norm` (as `Jacobi`).
+    **Arguments:** `rtol`, `atol`, `norm` (as `Jacobi`); keyword-only: `block_size`
+    (steps per block).
     """
 
-    block: int = eqx.field(default=16, converter=internal.as_python_number)
     # None: the dtype's default (`internal.scan_tolerances`)
     rtol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     atol: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
+    block_size: int = eqx.field(default=16, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
-        internal.check_int(self.block, "block", 1, owner="GaussSeidel")
+        internal.check_int(self.block_size, "block_size", 1, owner="GaussSeidel")
 
     def update(self, problem, h, fh, derivatives, frozen, state):
-        return block_sweep(problem, h, self.block), state
+        return block_sweep(problem, h, self.block_size), state
 
     def refine(self, problem, h, fh, derivatives, state):
         return problem.refinement(h), state
@@ -138,7 +139,7 @@ class PicardSum(_AbstractWindowed):
 
     **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
     `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`), `norm`
-    (default max-norm), `window` (default None, the whole sequence; an int
+    (default max-norm); keyword-only: `window` (default None, the whole sequence; an int
     `w >= 1`: each iteration evaluates only the `w` steps from the first
     unconverged one, a window that slides as steps converge; README, "Recurrences
     in parallel over time").

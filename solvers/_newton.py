@@ -40,16 +40,16 @@ class Newton(internal.AbstractSolver):
     whose direction satisfies the inexact-Newton condition `|J p + G| <= 0.1 |G|`
     is used anyway.
 
-    **Arguments:** `rtol`, `atol`, `linear_solver`, `damping` in (0, 1], `min_step`
-    in (0, 1), `norm`.
+    **Arguments:** `rtol`, `atol`, `norm`; keyword-only: `linear_solver`,
+    `damping` in (0, 1], `min_step` in (0, 1).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)
     atol: float = eqx.field(converter=internal.as_python_number)
-    linear_solver: lx.AbstractLinearSolver = lx.LU()
-    damping: float = eqx.field(default=1.0, converter=internal.as_python_number)
-    min_step: float = eqx.field(default=0.001, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
+    linear_solver: lx.AbstractLinearSolver = eqx.field(default=lx.LU(), kw_only=True)
+    damping: float = eqx.field(default=1.0, converter=internal.as_python_number, kw_only=True)
+    min_step: float = eqx.field(default=0.001, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_tolerances(self)

@@ -15,13 +15,14 @@ class Picard(internal.AbstractSolver):
     Krasnoselskii–Mann averaged iteration, which converges for nonexpansive maps
     where plain iteration may oscillate. Cost: one evaluation per step.
 
-    **Arguments:** `rtol`, `atol`, `damping` in (0, 1], `norm` (default max-norm).
+    **Arguments:** `rtol`, `atol`, `norm` (default max-norm); keyword-only:
+    `damping` in (0, 1].
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)
     atol: float = eqx.field(converter=internal.as_python_number)
-    damping: float = eqx.field(default=1.0, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
+    damping: float = eqx.field(default=1.0, converter=internal.as_python_number, kw_only=True)
 
     def __check_init__(self):
         internal.check_tolerances(self)

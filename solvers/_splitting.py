@@ -334,6 +334,7 @@ class ForwardBackward(_AbstractSplitting):
 
     - `rtol`, `atol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
       `r = relu(W z + b) - z`.
+    - Keyword-only: `alpha`, `divergence_ratio`.
     - `alpha`: the step size. `None` (default) uses `α = m / L²` with `m` the
       operator's monotonicity parameter and `L = operator.lipschitz()`, computed
       at every solve: the step that minimises the contraction bound above (to
@@ -345,9 +346,11 @@ class ForwardBackward(_AbstractSplitting):
 
     rtol: float = eqx.field(converter=internal.as_python_number)
     atol: float = eqx.field(converter=internal.as_python_number)
-    alpha: float | None = eqx.field(default=None, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
-    divergence_ratio: float = eqx.field(default=1e4, converter=internal.as_python_number)
+    alpha: float | None = eqx.field(default=None, converter=internal.as_python_number, kw_only=True)
+    divergence_ratio: float = eqx.field(
+        default=1e4, converter=internal.as_python_number, kw_only=True
+    )
 
     def __check_init__(self):
         _check_common(self)
@@ -392,6 +395,7 @@ class PeacemanRachford(_AbstractSplitting):
 
     - `rtol`, `atol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
       `r = relu(W z + b) - z`.
+    - Keyword-only: `alpha`, `divergence_ratio`.
     - `alpha`: the step size, a number `> 0` (default `1.0`).
     - `norm`: the residual norm, default `fixpoint.max_norm`.
     - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
@@ -400,9 +404,11 @@ class PeacemanRachford(_AbstractSplitting):
 
     rtol: float = eqx.field(converter=internal.as_python_number)
     atol: float = eqx.field(converter=internal.as_python_number)
-    alpha: float = eqx.field(default=1.0, converter=internal.as_python_number)
     norm: Callable = fixpoint.max_norm
-    divergence_ratio: float = eqx.field(default=1e4, converter=internal.as_python_number)
+    alpha: float = eqx.field(default=1.0, converter=internal.as_python_number, kw_only=True)
+    divergence_ratio: float = eqx.field(
+        default=1e4, converter=internal.as_python_number, kw_only=True
+    )
 
     def __check_init__(self):
         _check_common(self)

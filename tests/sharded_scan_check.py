@@ -25,7 +25,7 @@ init = jnp.zeros(3, jnp.float64)
 every = (
     solvers.Sequential(**TOL),
     solvers.Jacobi(**TOL),
-    solvers.GaussSeidel(block=5, **TOL),
+    solvers.GaussSeidel(block_size=5, **TOL),
     solvers.DEER(**TOL),
     solvers.QuasiDEER(**TOL),
     solvers.ELK(**TOL),

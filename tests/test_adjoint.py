@@ -239,9 +239,8 @@ def test_phantom_and_neumann_errors_shrink():
 def test_failed_backward_solve_is_never_silent(throw):
     w, x, _ = _setup()
     # GMRES limited to one iteration cannot reach 1e-12.
-    adjoint = fixpoint.ImplicitAdjoint(
-        linear_solver=lx.GMRES(1e-12, 1e-12, max_steps=1, restart=1), throw=throw
-    )
+    # One `throw` for both directions: the solve's (the forward solve succeeds).
+    adjoint = fixpoint.ImplicitAdjoint(linear_solver=lx.GMRES(1e-12, 1e-12, max_steps=1, restart=1))
 
     def loss(x):
         return jnp.sum(
@@ -251,6 +250,7 @@ def test_failed_backward_solve_is_never_silent(throw):
                 x,
                 solver=solvers.Picard(1e-12, 1e-12),
                 adjoint=adjoint,
+                throw=throw,
             ).value
         )
 

@@ -20,7 +20,7 @@ DTYPES = [jnp.float32, jnp.float64]
 SCAN_SOLVERS = {
     "sequential": solvers.Sequential,
     "jacobi": solvers.Jacobi,
-    "gauss_seidel": lambda: solvers.GaussSeidel(block=16),
+    "gauss_seidel": lambda: solvers.GaussSeidel(block_size=16),
     "deer": solvers.DEER,
     "quasi_deer": solvers.QuasiDEER,
     "elk": solvers.ELK,

@@ -1,5 +1,7 @@
 """`fixpoint.decode`: Jacobi decoding equals sequential greedy decoding."""
 
+import functools as ft
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -64,14 +66,14 @@ def _run(model, prompt, n, solver, eos_id=None, cached=True, **kw):
 
 SEQ = solvers.SequentialDecoding()
 SOLVERS = [
-    solvers.JacobiDecoding(1),
-    solvers.JacobiDecoding(2),
-    solvers.JacobiDecoding(5),
-    solvers.JacobiDecoding(16),
-    solvers.JacobiDecoding(40),
-    solvers.GSJacobiDecoding(3),
-    solvers.HybridDecoding(4, parallel_tokens=10),
-    solvers.LookaheadDecoding(6, ngram=3, guesses=2),
+    solvers.JacobiDecoding(window=1),
+    solvers.JacobiDecoding(window=2),
+    solvers.JacobiDecoding(window=5),
+    solvers.JacobiDecoding(window=16),
+    solvers.JacobiDecoding(window=40),
+    solvers.GSJacobiDecoding(block_size=3),
+    solvers.HybridDecoding(block_size=4, parallel_tokens=10),
+    solvers.LookaheadDecoding(window=6, ngram=3, guesses=2),
 ]
 LOOKAHEAD = SOLVERS[-1]
 
@@ -126,7 +128,10 @@ def test_lookahead_guesses_from_the_prompt():
     n = 33
     want = np.tile([1, 2, 3, 4], 9)[:n]
     per_call = {}
-    for solver in (solvers.JacobiDecoding(8), solvers.LookaheadDecoding(8, ngram=8, guesses=1)):
+    for solver in (
+        solvers.JacobiDecoding(window=8),
+        solvers.LookaheadDecoding(window=8, ngram=8, guesses=1),
+    ):
         got, sol = fixpoint.decode(_periodic, prompt, n, solver=solver, return_solution=True)
         np.testing.assert_array_equal(got, want)
         per_call[solver.num_guesses] = np.bincount(np.asarray(sol.stats["fixed_at"]))
@@ -135,7 +140,7 @@ def test_lookahead_guesses_from_the_prompt():
 
 
 def test_ngram_pool_by_hand():
-    la = solvers.LookaheadDecoding(4, ngram=3, guesses=2)
+    la = solvers.LookaheadDecoding(window=4, ngram=3, guesses=2)
     tokens = jnp.array([5, 1, 2, 5, 1, 2, 5, 3, 4, 5, 6, 7], jnp.int32)
     # From the first 9 tokens: key 5 -> (1, 2) once (deduplicated), then (3, 4).
     pool = la.init_state(tokens, jnp.int32(9), V)
@@ -148,11 +153,11 @@ def test_ngram_pool_by_hand():
     guesses, real = la.propose(pool, jnp.int32(5))
     assert sorted(map(tuple, np.asarray(guesses).tolist())) == [(3, 4), (6, 7)]
     # A continuation seen again is refreshed: after 2, 3, 2, 4 the key 1 keeps {2, 4}.
-    la2 = solvers.LookaheadDecoding(4, ngram=2, guesses=2)
+    la2 = solvers.LookaheadDecoding(window=4, ngram=2, guesses=2)
     pool = la2.init_state(jnp.array([1, 2, 1, 3, 1, 2, 1, 4], jnp.int32), jnp.int32(8), V)
     assert sorted(np.asarray(la2.propose(pool, jnp.int32(1))[0])[:, 0].tolist()) == [2, 4]
     with pytest.raises(ValueError, match="`ngram` must be an int >= 2"):
-        solvers.LookaheadDecoding(4, ngram=1)
+        solvers.LookaheadDecoding(window=4, ngram=1)
 
 
 def test_greedy_reference_by_hand(model):
@@ -162,7 +167,9 @@ def test_greedy_reference_by_hand(model):
         logits = model(jnp.array(tokens + [0] * (12 - len(tokens)), jnp.int32))
         tokens.append(int(jnp.argmax(logits[len(tokens) - 1])))
     for cached in (False, True):
-        got = fixpoint.decode(model, prompt, 9, solver=solvers.JacobiDecoding(4), cached=cached)
+        got = fixpoint.decode(
+            model, prompt, 9, solver=solvers.JacobiDecoding(window=4), cached=cached
+        )
         np.testing.assert_array_equal(got, tokens[3:])
 
 
@@ -171,7 +178,7 @@ def test_eos_inside_a_window(model):
     plain = np.asarray(_run(model, prompt, 30, SEQ, cached=False)[0])
     eos = int(plain[4])  # a token that appears early: decoding must stop there
     first = int(np.flatnonzero(plain == eos)[0])
-    cases = [(SEQ, False), (solvers.JacobiDecoding(8), False), (SOLVERS[2], True)]
+    cases = [(SEQ, False), (solvers.JacobiDecoding(window=8), False), (SOLVERS[2], True)]
     for solver, cached in cases + [(LOOKAHEAD, True)]:
         got, sol = _run(model, prompt, 30, solver, eos_id=eos, cached=cached)
         want = np.where(np.arange(30) <= first, plain, eos)
@@ -198,7 +205,7 @@ def test_batched_rows_of_different_lengths(model):
 
 def test_vmap_rows_stop_on_their_own(model):
     prompts = jax.random.randint(jax.random.key(7), (5, 4), 0, V)
-    solver = solvers.JacobiDecoding(6)
+    solver = solvers.JacobiDecoding(window=6)
     batched = jax.vmap(lambda p: fixpoint.decode(model, p, 15, solver=solver, return_solution=True))
     tokens, sol = batched(prompts)
     for i in range(5):
@@ -249,10 +256,10 @@ def test_one_key_per_row(model):
 def test_first_divergence(model):
     prompt = jnp.array([2, 2, 9], jnp.int32)
     ref = np.asarray(fixpoint.decode(model, prompt, 12, solver=SEQ))
-    assert fixpoint.first_divergence(model, prompt, ref, ref).index == -1
+    assert fixpoint.first_disagreement(model, prompt, ref, ref).index == -1
     other = ref.copy()
     other[6:] = (ref[6:] + 1) % V
-    d = fixpoint.first_divergence(model, prompt, other, ref)
+    d = fixpoint.first_disagreement(model, prompt, other, ref)
     row = np.asarray(model(jnp.asarray(np.concatenate([prompt, ref]), jnp.int32))[3 + 5])
     assert (d.index, d.token, d.reference_token) == (6, other[6], ref[6])
     np.testing.assert_allclose(d.margin, row[ref[6]] - row[other[6]])
@@ -261,11 +268,17 @@ def test_first_divergence(model):
 
 
 def test_nonfinite_logits_are_reported():
+    # One `throw` rule, as every entry point: raise by default (eagerly, and inside
+    # `jit` as JAX's runtime error), or report the result code with `throw=False`.
     bad = lambda t: jnp.full((t.shape[0], V), jnp.nan)  # noqa: E731
-    _, sol = fixpoint.decode(
-        bad, jnp.zeros(2, jnp.int32), 4, solver=solvers.JacobiDecoding(4), return_solution=True
-    )
+    run = ft.partial(fixpoint.decode, bad, jnp.zeros(2, jnp.int32), 4)
+    solver = solvers.JacobiDecoding(window=4)
+    _, sol = run(solver=solver, return_solution=True, throw=False)
     assert bool(sol.result == fixpoint.RESULTS.nonfinite)
+    with pytest.raises(fixpoint.SolveError, match="`decode` failed with result `nonfinite`"):
+        run(solver=solver)
+    with pytest.raises(Exception, match="`decode` failed with result `nonfinite`"):
+        jax.block_until_ready(jax.jit(lambda: run(solver=solver))())
 
 
 class _Biased(Toy):
@@ -285,10 +298,10 @@ class _Biased(Toy):
 # The sequential reference on the plain path, then every decoding solver cached.
 EVERY = [
     SEQ,
-    solvers.JacobiDecoding(4),
-    solvers.GSJacobiDecoding(3),
-    solvers.HybridDecoding(2, parallel_tokens=4),
-    solvers.LookaheadDecoding(4, ngram=3, guesses=2),
+    solvers.JacobiDecoding(window=4),
+    solvers.GSJacobiDecoding(block_size=3),
+    solvers.HybridDecoding(block_size=2, parallel_tokens=4),
+    solvers.LookaheadDecoding(window=4, ngram=3, guesses=2),
 ]
 BIASED_CASES = [(SEQ, False)] + [(s, True) for s in EVERY]
 P, N = 3, 8
@@ -309,6 +322,7 @@ def _decode_biased(model, solver, cached, key, eos_id):
         temperature=3.0,
         eos_id=eos_id,
         return_solution=True,
+        throw=False,
     )
 
 
@@ -375,7 +389,7 @@ def test_minus_inf_bans_a_token(model, keyed):
 
 
 def test_first_divergence_scores_with_decodes_noise(model):
-    # With a half-precision model, `first_divergence` adds the noise `decode` sampled
+    # With a half-precision model, `first_disagreement` adds the noise `decode` sampled
     # with: the sampled token outscores every other token at its position.
     half = _as(model, jnp.bfloat16)
     keys = jax.random.split(jax.random.key(6), 4)
@@ -391,7 +405,7 @@ def test_first_divergence_scores_with_decodes_noise(model):
             for token in sorted(set(range(V)) - {int(ref[i])}):
                 other = ref.copy()
                 other[i] = token
-                d = fixpoint.first_divergence(half, PROMPT, other, ref, key=key, temperature=3.0)
+                d = fixpoint.first_disagreement(half, PROMPT, other, ref, key=key, temperature=3.0)
                 assert d.index == i and d.margin > 0, (i, token, d)
 
 
@@ -402,16 +416,16 @@ class _BadCache(Toy):
 
 
 def test_bad_inputs(model):
-    j = solvers.JacobiDecoding(4)
+    j = solvers.JacobiDecoding(window=4)
     z = jnp.zeros(3, jnp.int32)
     with pytest.raises(TypeError, match="`prompt` must hold integer"):
         fixpoint.decode(model, jnp.zeros(3), 4, solver=j)
     with pytest.raises(ValueError, match="`max_new_tokens` must be (an int )?>= 1"):
         fixpoint.decode(model, z, 0, solver=j)
     with pytest.raises(ValueError, match="`window` must be an int >= 1"):
-        solvers.JacobiDecoding(0)
+        solvers.JacobiDecoding(window=0)
     with pytest.raises(ValueError, match="`block_size` must be an int >= 1"):
-        solvers.GSJacobiDecoding(0)
+        solvers.GSJacobiDecoding(block_size=0)
     with pytest.raises(ValueError, match="must map int32\\[7\\]"):
         fixpoint.decode(lambda t: jnp.zeros((t.shape[0],)), z, 4, solver=j)
     with pytest.raises(ValueError, match="must map int32\\[7\\]"):
@@ -456,7 +470,7 @@ def test_transformer_cached_equals_plain_float64(transformer):
     lengths = jnp.array([5, 1, 3, 5, 2, 4], jnp.int32)
     kw = dict(prompt_lengths=lengths, return_solution=True)
     want, _ = fixpoint.decode(model, prompts, 24, solver=SEQ, cached=False, **kw)
-    for solver in (SEQ, solvers.JacobiDecoding(6), solvers.GSJacobiDecoding(4)):
+    for solver in (SEQ, solvers.JacobiDecoding(window=6), solvers.GSJacobiDecoding(block_size=4)):
         got, sol = fixpoint.decode(model, prompts, 24, solver=solver, cached=True, **kw)
         np.testing.assert_array_equal(got, want)
         assert np.all(np.asarray(sol.stats["model_calls"]) <= 24)
@@ -489,19 +503,19 @@ def test_float32_divergences_are_ties(transformer):
     runs = [
         fixpoint.decode(model32, prompts, 30, solver=SEQ, cached=False),
         fixpoint.decode(model32, prompts, 30, solver=SEQ, cached=True),
-        fixpoint.decode(model32, prompts, 30, solver=solvers.JacobiDecoding(8), cached=True),
+        fixpoint.decode(model32, prompts, 30, solver=solvers.JacobiDecoding(window=8), cached=True),
     ]
     runs = [np.asarray(r) for r in runs]
     for a, b in ((0, 1), (1, 2), (0, 2)):
         # Only rows that differ have a divergence to judge (equal rows: index -1).
         for i in np.flatnonzero(np.any(runs[a] != runs[b], axis=1)):
-            d = fixpoint.first_divergence(model64, prompts[i], runs[b][i], runs[a][i])
+            d = fixpoint.first_disagreement(model64, prompts[i], runs[b][i], runs[a][i])
             assert d.index >= 0, (a, b, i)
             assert abs(d.margin) <= 1e-5 * d.scale, (a, b, i, d)
 
 
 def test_reviewed_edge_cases(model):
-    j = solvers.JacobiDecoding(4)
+    j = solvers.JacobiDecoding(window=4)
     # A NaN row after the accepted EOS is never used: not a failure.
     eos = 5
     f = lambda t: jnp.where(  # noqa: E731
@@ -531,8 +545,10 @@ def test_reviewed_edge_cases(model):
         jax.nn.one_hot((t + 1) % V, V, dtype=jnp.float64),
     )
     outs = [
-        fixpoint.decode(g, jnp.array([2], jnp.int32), 5, solver=s, return_solution=True)
-        for s in (SEQ, solvers.JacobiDecoding(5))
+        fixpoint.decode(
+            g, jnp.array([2], jnp.int32), 5, solver=s, return_solution=True, throw=False
+        )
+        for s in (SEQ, solvers.JacobiDecoding(window=5))
     ]
     for _, sol in outs:
         assert bool(sol.result == fixpoint.RESULTS.nonfinite)
@@ -552,7 +568,7 @@ def test_reviewed_edge_cases(model):
         fixpoint.decode(
             model, jnp.array([1], jnp.int32), 4, solver=j, key=jax.random.key(0), temperature=1j
         )
-    assert solvers.JacobiDecoding(np.int64(3)).window == 3
+    assert solvers.JacobiDecoding(window=np.int64(3)).window == 3
 
 
 def test_trajectory_and_consistency_losses(model):
@@ -577,7 +593,7 @@ def test_trajectory_and_consistency_losses(model):
             np.testing.assert_array_equal(np.asarray(states[b, i + 1])[win], pred[win])
     # A sliding window records the window each call judged.
     _, _, win16, _ = layers.jacobi_trajectories(
-        model, prompts, n, solver=solvers.JacobiDecoding(3), cached=True
+        model, prompts, n, solver=solvers.JacobiDecoding(window=3), cached=True
     )
     assert np.asarray(win16).sum(-1).max() == 3
     # The consistency loss is zero at the fixed point and not elsewhere.

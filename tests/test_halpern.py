@@ -92,7 +92,7 @@ def test_restarts_make_contractions_linear():
 
     reference = solve(solvers.Picard(1e-13, 1e-13)).value
     plain = solve(solvers.Halpern(1e-10, 1e-10))
-    restarted = solve(solvers.Halpern(1e-10, 1e-10, restart=0.5))
+    restarted = solve(solvers.Halpern(1e-10, 1e-10, restart_ratio=0.5))
     # Without restarts the O(1/k) rate needs far more than 2000 steps for 1e-10.
     assert plain.result == fixpoint.RESULTS.max_steps_reached
     assert restarted.result == fixpoint.RESULTS.successful
@@ -115,7 +115,7 @@ def _loss(solver, w, x):
 
 def test_gradient_matches_finite_differences_and_picard():
     w, x = _contraction_problem()
-    halpern = solvers.Halpern(1e-12, 1e-12, restart=0.5)
+    halpern = solvers.Halpern(1e-12, 1e-12, restart_ratio=0.5)
     grad = jax.jit(jax.grad(lambda x: _loss(halpern, w, x)))(x)
     by_picard = jax.grad(lambda x: _loss(solvers.Picard(1e-12, 1e-12), w, x))(x)
     by_fd = finite_difference_grad(lambda x: _loss(halpern, w, x), x)
@@ -125,7 +125,7 @@ def test_gradient_matches_finite_differences_and_picard():
 
 @pytest.mark.parametrize("restart", [None, 0.5])
 def test_jit_and_vmap_agree_with_the_plain_call(restart):
-    solver = solvers.Halpern(0.0, 1e-3, restart=restart, norm=fixpoint.two_norm)
+    solver = solvers.Halpern(0.0, 1e-3, restart_ratio=restart, norm=fixpoint.two_norm)
     # 16 samples: the batched call is compacted (the default `Compaction`).
     y0s = np.random.default_rng(0).standard_normal((16, 4)) * np.linspace(0.1, 10, 16)[:, None]
     solve = _solve_rotation(solver, 100_000)
@@ -165,5 +165,5 @@ def test_pytree_and_root_find():
 
 @pytest.mark.parametrize("restart", [0.0, 1.0, -0.5, True, "0.5"])
 def test_bad_restart_is_named(restart):
-    with pytest.raises((ValueError, TypeError), match="Halpern: `restart`"):
-        solvers.Halpern(1e-6, 1e-6, restart=restart)
+    with pytest.raises((ValueError, TypeError), match="Halpern: `restart_ratio`"):
+        solvers.Halpern(1e-6, 1e-6, restart_ratio=restart)

@@ -20,12 +20,12 @@ TOL = dict(rtol=1e-11, atol=1e-11)
 SCAN_SOLVERS = {
     "sequential": solvers.Sequential(**TOL),
     "jacobi": solvers.Jacobi(**TOL),
-    "gauss_seidel": solvers.GaussSeidel(block=7, **TOL),
+    "gauss_seidel": solvers.GaussSeidel(block_size=7, **TOL),
     "deer": solvers.DEER(**TOL),
     "quasi_deer": solvers.QuasiDEER(**TOL),
     "quasi_deer_batched": solvers.QuasiDEER(batch_size=2, **TOL),
     "elk": solvers.ELK(**TOL),
-    "elk_fixed": solvers.ELK(damping=0.1, adaptive=False, **TOL),
+    "elk_fixed": solvers.ELK(lambda_0=0.1, adaptive=False, **TOL),
     # Far from the identity on these cells: the loop's safeguard carries it.
     "picard_sum": solvers.PicardSum(**TOL),
 }
@@ -264,7 +264,7 @@ def test_exact_proposals_end_the_solve(getkey):
     [
         solvers.Sequential(),
         solvers.Jacobi(),
-        solvers.GaussSeidel(2),
+        solvers.GaussSeidel(block_size=2),
         solvers.DEER(),
         solvers.QuasiDEER(),
         solvers.ELK(),
@@ -440,7 +440,9 @@ def test_diagonal_gru_newton(getkey):
 
     xs = jax.random.normal(getkey(), (500, 3), jnp.float64)
     rnn = layers.ParallelRNN(cell, solver=solvers.QuasiDEER(assume_diagonal=True, **TOL))
-    hs, sol = rnn(xs, return_solution=True)
+    sol = rnn.solve(xs)
+    hs = sol.value
+    np.testing.assert_array_equal(rnn(xs), hs)  # `__call__` is `solve(...).value`
     ref = jax.lax.scan(lambda h, x: (cell(x, h),) * 2, jnp.zeros(5, jnp.float64), xs)[1]
     np.testing.assert_allclose(hs, ref, atol=1e-10)
     assert int(sol.stats["num_steps"]) <= 8  # Newton: a handful, not hundreds
@@ -608,9 +610,9 @@ def test_bad_inputs_fail_at_trace_time():
     with pytest.raises(ValueError, match="mesh"):
         fixpoint.scan(f, init, xs, solver=s, mesh="devices")
     with pytest.raises(ValueError, match="block"):
-        solvers.GaussSeidel(block=0)
+        solvers.GaussSeidel(block_size=0)
     with pytest.raises(ValueError, match="damping"):
-        solvers.ELK(damping=-1.0)
+        solvers.ELK(lambda_0=-1.0)
     with pytest.raises(ValueError, match="rtol"):
         solvers.DEER(rtol=-1.0)
     with pytest.raises(TypeError, match="unexpected keyword"):
