@@ -192,6 +192,32 @@ def test_graph_classification():
         assert 3 < np.mean(ratio[c]) < 5
 
 
+def test_graph_classification_uses_from_networkx_unchanged():
+    # The generator's graphs equal its former hand-made conversion of the same
+    # networkx graphs (same random draws): edges (u, v) then all (v, u), nodes
+    # [1, degree / 10], edges [1], float32 and int32.
+    from fixpoint.datasets._graphs import _family_graph
+
+    data = datasets.graph_classification_dataset(8, nodes=(5, 12), seed=3)
+    rng = np.random.default_rng(3)
+    labels = rng.permutation(np.arange(8) % 4)
+    for ex, label in zip(data, labels, strict=True):
+        n = int(rng.integers(5, 13))
+        nxg = _family_graph(int(label), n, int(rng.integers(2**31 - 1)))
+        pairs = np.asarray(list(nxg.edges()), np.int64).reshape(-1, 2)
+        senders = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        receivers = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        degree = np.bincount(receivers, minlength=n)
+        nodes = np.stack([np.ones(n), degree / 10], axis=1).astype(np.float32)
+        g = ex.graph
+        assert ex.label == label and g.n_node is None
+        assert g.nodes.dtype == jnp.float32 and g.senders.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(g.nodes), nodes)
+        np.testing.assert_array_equal(np.asarray(g.edges), np.ones((len(senders), 1)))
+        np.testing.assert_array_equal(np.asarray(g.senders), senders)
+        np.testing.assert_array_equal(np.asarray(g.receivers), receivers)
+
+
 # ---------------------------------------------------------------------------
 # Graph.from_networkx
 
