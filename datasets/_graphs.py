@@ -467,12 +467,11 @@ def graph_classification_dataset(
     for label in labels:
         n = int(rng.integers(lo, hi + 1))
         nxg = _family_graph(int(label), n, int(rng.integers(2**31 - 1)))
-        pairs = np.asarray(list(nxg.edges()), np.int64).reshape(-1, 2)
-        senders = np.concatenate([pairs[:, 0], pairs[:, 1]])
-        receivers = np.concatenate([pairs[:, 1], pairs[:, 0]])
-        degree = np.bincount(receivers, minlength=n)
-        node_feats = np.stack([np.ones(n), degree / 10], axis=1)
-        graph = _graph(node_feats, np.ones((len(senders), 1)), senders, receivers)
+        for v, degree in nxg.degree:  # no self-loops: the degree is the in-degree
+            nxg.nodes[v]["features"] = (1.0, degree / 10)
+        for _, _, attrs in nxg.edges(data=True):
+            attrs["weight"] = 1.0
+        graph = Graph.from_networkx(nxg, node_features="features", edge_features="weight")
         out.append(ClassificationExample(graph, int(label)))
     return out
 

@@ -7,12 +7,16 @@ follow those of graph `g - 1`, and no edge crosses between them. `pad_graph`
 appends one padding graph so that batches have static shapes.
 """
 
+from collections.abc import Sequence
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 from jaxtyping import Array, Float, Int
+
+from ._networkx import networkx_arrays
 
 
 class Graph(eqx.Module):
@@ -72,6 +76,58 @@ class Graph(eqx.Module):
                 f"{jnp.asarray(self.n_node).dtype}{list(jnp.shape(self.n_node))}."
             )
         self.check_indices()
+
+    @classmethod
+    def from_networkx(
+        cls,
+        graph,
+        /,
+        *,
+        node_features: str | Sequence[str] | None = None,
+        edge_features: str | Sequence[str] | None = None,
+        dtype=jnp.float32,
+    ) -> "Graph":
+        """A `Graph` from a networkx graph (needs networkx: `pip install "fixpoint-jax[graphs]"`).
+
+        Nodes are numbered `0 … N-1` in the order of `list(graph.nodes)`, whatever
+        their networkx names: node `list(graph.nodes)[i]` is row `i` of `nodes`. A
+        directed graph keeps its edges `u → v` in the order of `graph.edges`. An
+        undirected graph gets every edge in both directions: first `u → v` for each
+        `(u, v)` of `graph.edges`, then `v → u` for each in the same order, with the
+        same features; a self-loop is its own reverse and appears once. A multigraph
+        keeps every parallel edge, each with its own features (sum aggregation then
+        counts an edge as often as it appears).
+
+        **Arguments:**
+
+        - `graph`: a `networkx.Graph`, `DiGraph`, `MultiGraph` or `MultiDiGraph`.
+        - `node_features`: the name of a node attribute holding a number or a vector
+          (of the same length on every node), or a sequence of such names whose
+          values are placed side by side as columns, in that order. `None` (or `()`):
+          no features, `nodes` is `float[N, 0]` (it still fixes the number of nodes;
+          the layers need features, so replace it before use).
+        - `edge_features`: the same for edge attributes; `None`: `edges` is `float[E, 0]`.
+        - `dtype`: the float dtype of the features (default float32, as the layers).
+
+        **Returns:**
+
+        A single `Graph` (`n_node=None`) with int32 `senders` and `receivers`. With
+        no nodes (or no edges) there is nothing to read a feature width from, so
+        `nodes` (`edges`) then has 0 columns.
+
+        Errors (a non-networkx `graph`, a missing attribute, sizes that differ
+        between nodes or edges, a value that is not a real number) name the argument
+        and the first offending node or edge.
+        """
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"Graph.from_networkx: `dtype` must be a float dtype, got {dtype!r}.")
+        nodes, edges, senders, receivers = networkx_arrays(graph, node_features, edge_features)
+        return cls(
+            nodes=jnp.asarray(nodes.astype(dtype)),
+            edges=jnp.asarray(edges.astype(dtype)),
+            senders=jnp.asarray(senders.astype(np.int32)),
+            receivers=jnp.asarray(receivers.astype(np.int32)),
+        )
 
     @property
     def num_nodes(self) -> int:

@@ -1,3 +1,5 @@
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -188,6 +190,131 @@ def test_graph_classification():
         ratio[ex.label].append(g.num_edges / n)
     for c in range(4):  # mean degree about 4 in every family
         assert 3 < np.mean(ratio[c]) < 5
+
+
+def test_graph_classification_uses_from_networkx_unchanged():
+    # The generator's graphs equal its former hand-made conversion of the same
+    # networkx graphs (same random draws): edges (u, v) then all (v, u), nodes
+    # [1, degree / 10], edges [1], float32 and int32.
+    from fixpoint.datasets._graphs import _family_graph
+
+    data = datasets.graph_classification_dataset(8, nodes=(5, 12), seed=3)
+    rng = np.random.default_rng(3)
+    labels = rng.permutation(np.arange(8) % 4)
+    for ex, label in zip(data, labels, strict=True):
+        n = int(rng.integers(5, 13))
+        nxg = _family_graph(int(label), n, int(rng.integers(2**31 - 1)))
+        pairs = np.asarray(list(nxg.edges()), np.int64).reshape(-1, 2)
+        senders = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        receivers = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        degree = np.bincount(receivers, minlength=n)
+        nodes = np.stack([np.ones(n), degree / 10], axis=1).astype(np.float32)
+        g = ex.graph
+        assert ex.label == label and g.n_node is None
+        assert g.nodes.dtype == jnp.float32 and g.senders.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(g.nodes), nodes)
+        np.testing.assert_array_equal(np.asarray(g.edges), np.ones((len(senders), 1)))
+        np.testing.assert_array_equal(np.asarray(g.senders), senders)
+        np.testing.assert_array_equal(np.asarray(g.receivers), receivers)
+
+
+# ---------------------------------------------------------------------------
+# Graph.from_networkx
+
+
+@pytest.fixture(scope="module")
+def nx():
+    return pytest.importorskip("networkx")
+
+
+def _edge_list(g):
+    return list(zip(np.asarray(g.senders).tolist(), np.asarray(g.receivers).tolist(), strict=True))
+
+
+def test_from_networkx_undirected_doubles_edges(nx):
+    # Node names are not integers and not sorted: rows follow `list(G.nodes)`.
+    G = nx.Graph()
+    G.add_node("b", pos=[1.0, 2.0], mass=3)
+    G.add_node("a", pos=(4.0, 5.0), mass=6)
+    G.add_node("c", pos=np.array([7.0, 8.0]), mass=9.5)
+    G.add_edge("b", "a", w=0.5)
+    G.add_edge("a", "c", w=2)
+    G.add_edge("c", "c", w=7.0)  # a self-loop is its own reverse: once
+    g = layers.Graph.from_networkx(G, node_features=("pos", "mass"), edge_features="w")
+    assert list(G.nodes) == ["b", "a", "c"]
+    assert g.nodes.dtype == jnp.float32 and g.edges.dtype == jnp.float32
+    assert g.senders.dtype == jnp.int32 and g.receivers.dtype == jnp.int32 and g.n_node is None
+    np.testing.assert_array_equal(np.asarray(g.nodes), [[1, 2, 3], [4, 5, 6], [7, 8, 9.5]])
+    # (u, v) in the order of G.edges, then (v, u) in the same order, features copied
+    forward = [(0, 1), (1, 2), (2, 2)]
+    assert [("b", "a"), ("a", "c"), ("c", "c")] == list(G.edges)
+    assert _edge_list(g) == forward + [(1, 0), (2, 1)]
+    np.testing.assert_array_equal(np.asarray(g.edges), [[0.5], [2], [7], [0.5], [2]])
+    # float64 on request; a single name and a sequence of one name agree
+    g64 = layers.Graph.from_networkx(G, node_features=["mass"], dtype=jnp.float64)
+    assert g64.nodes.dtype == jnp.float64 and g64.edges.shape == (5, 0)
+    np.testing.assert_array_equal(np.asarray(g64.nodes), [[3], [6], [9.5]])
+
+
+def test_from_networkx_directed_and_multigraph(nx):
+    G = nx.DiGraph()
+    G.add_nodes_from([("z", {"x": 1}), (3, {"x": 2}), ("a", {"x": 3})])
+    G.add_edges_from(
+        [(3, "z", {"w": [1, 2]}), ("z", "a", {"w": [3, 4]}), ("a", "z", {"w": [5, 6]})]
+    )
+    g = layers.Graph.from_networkx(G, node_features="x", edge_features="w")
+    np.testing.assert_array_equal(np.asarray(g.nodes), [[1], [2], [3]])
+    assert _edge_list(g) == [(0, 2), (1, 0), (2, 0)]  # as G.edges lists them: by sender
+    np.testing.assert_array_equal(np.asarray(g.edges), [[3, 4], [1, 2], [5, 6]])
+    np.testing.assert_array_equal(np.asarray(g.in_degree()), [2, 0, 1])
+    # a multigraph keeps every parallel edge, undirected ones in both directions
+    M = nx.MultiGraph([(0, 1, {"w": 1.0}), (0, 1, {"w": 2.0}), (1, 2, {"w": 3.0})])
+    m = layers.Graph.from_networkx(M, edge_features="w")
+    assert _edge_list(m) == [(0, 1), (0, 1), (1, 2), (1, 0), (1, 0), (2, 1)]
+    np.testing.assert_array_equal(np.asarray(m.edges)[:, 0], [1, 2, 3, 1, 2, 3])
+    assert m.nodes.shape == (3, 0)
+    md = layers.Graph.from_networkx(nx.MultiDiGraph([(0, 1), (0, 1), (1, 0)]))
+    assert _edge_list(md) == [(0, 1), (0, 1), (1, 0)]
+
+
+def test_from_networkx_empty_and_edgeless(nx):
+    empty = layers.Graph.from_networkx(nx.Graph(), node_features="x", edge_features="w")
+    assert empty.nodes.shape == (0, 0) and empty.edges.shape == (0, 0) and empty.num_edges == 0
+    edgeless = layers.Graph.from_networkx(nx.empty_graph(4))
+    assert edgeless.nodes.shape == (4, 0) and edgeless.edges.shape == (0, 0)
+    path = layers.Graph.from_networkx(nx.path_graph(3, create_using=nx.DiGraph))
+    batch = layers.batch_graphs([path, empty, edgeless])
+    np.testing.assert_array_equal(np.asarray(batch.n_node), [3, 0, 4])
+    assert _edge_list(batch) == [(0, 1), (1, 2)]
+
+
+def test_from_networkx_bad_input(nx, monkeypatch):
+    G = nx.Graph()
+    G.add_node(0, x=[1.0, 2.0], s="text")
+    G.add_node(1, x=[3.0])
+    G.add_edge(0, 1, w=1.0)
+    G.add_edge(1, 2)
+    from_nx = layers.Graph.from_networkx
+    with pytest.raises(TypeError, match="`graph` must be a networkx graph.*got list"):
+        from_nx([(0, 1)])
+    with pytest.raises(TypeError, match="`node_features` must be None, an attribute name"):
+        from_nx(G, node_features=3)
+    with pytest.raises(TypeError, match="`edge_features` must be None"):
+        from_nx(G, edge_features={"w"})
+    with pytest.raises(ValueError, match="`node_features`: node 2 has no attribute 'x'"):
+        from_nx(G, node_features="x")
+    with pytest.raises(ValueError, match=r"`edge_features`: edge \(1, 2\) has no attribute 'w'"):
+        from_nx(G, edge_features="w")
+    H = G.subgraph([0, 1])
+    with pytest.raises(ValueError, match="`node_features`: attribute 'x' has 1 values on node 1 "):
+        from_nx(H, node_features="x")
+    with pytest.raises(ValueError, match="`node_features`: attribute 's' of node 0 must be a real"):
+        from_nx(nx.Graph(H.subgraph([0])), node_features="s")
+    with pytest.raises(ValueError, match="`dtype` must be a float dtype"):
+        from_nx(G, dtype=jnp.int32)
+    monkeypatch.setitem(sys.modules, "networkx", None)  # import fails
+    with pytest.raises(ImportError, match=r'needs networkx.*pip install "fixpoint-jax\[graphs\]"'):
+        from_nx(G)
 
 
 # ---------------------------------------------------------------------------
