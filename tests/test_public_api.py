@@ -74,3 +74,141 @@ def test_library_code_never_imports_private_core_modules():
         for path in (root / folder).glob("*.py"):
             text = path.read_text()
             assert not re.search(r"fixpoint\._\w", text), f"{path} imports a private module"
+
+
+def _public_callables():
+    """`(qualified name, function)` for every public function, constructor and
+    method that a public class introduces (an override is covered by the base
+    class that introduced the method, e.g. a solver's `step` by `AbstractSolver.step`)."""
+    import inspect
+
+    for module in API:
+        mod = importlib.import_module(module)
+        for name in API[module].split():
+            obj = getattr(mod, name)
+            if inspect.ismodule(obj):
+                continue
+            if inspect.isclass(obj):
+                if obj.__init__ is not object.__init__:
+                    yield f"{module}.{name}", obj
+                for attr, member in vars(obj).items():
+                    if attr.startswith("_") and attr != "__call__":
+                        continue
+                    introduced = not any(attr in vars(base) for base in obj.__mro__[1:])
+                    if inspect.isfunction(member) and introduced:
+                        yield f"{module}.{name}.{attr}", member
+            elif inspect.isfunction(obj):
+                yield f"{module}.{name}", obj
+
+
+def test_public_signatures_are_annotated():
+    # Every argument and return of the public API has a type (jaxtyping for arrays),
+    # which pyright checks (`.ci/typecheck`).
+    import inspect
+
+    missing = []
+    for qual, fn in _public_callables():
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # pragma: no cover  (builtins)
+            continue
+        for p in sig.parameters.values():
+            if p.name not in ("self", "cls") and p.annotation is inspect.Parameter.empty:
+                missing.append(f"{qual}: argument `{p.name}`")
+        if not inspect.isclass(fn) and sig.return_annotation is inspect.Signature.empty:
+            missing.append(f"{qual}: return")
+    assert not missing, f"{len(missing)} unannotated:\n" + "\n".join(missing)
+
+
+# The constructors of the options users write most, as `inspect.signature` gives
+# them: a rename or a change of order (what is positional, what is keyword-only)
+# fails here until this list is updated. Tolerances come first, then the norm;
+# every other option is keyword-only.
+SIGNATURES = {
+    "fixpoint.solvers": {
+        "Picard": "rtol, atol, norm, *, damping",
+        "Anderson": "rtol, atol, norm, *, history, damping, ridge, max_weight",
+        "Newton": "rtol, atol, norm, *, linear_solver, damping, min_step",
+        "Broyden": "rtol, atol, norm, *, history, min_step",
+        "Halpern": "rtol, atol, norm, *, restart_ratio",
+        "ForwardBackward": "rtol, atol, norm, *, alpha, divergence_ratio",
+        "PeacemanRachford": "rtol, atol, norm, *, alpha, divergence_ratio",
+        "Sequential": "rtol, atol, norm",
+        "Jacobi": "rtol, atol, norm, *, window",
+        "GaussSeidel": "rtol, atol, norm, *, block_size",
+        "PicardSum": "rtol, atol, norm, *, window",
+        "DEER": "rtol, atol, norm",
+        "QuasiDEER": "rtol, atol, norm, *, assume_diagonal, batch_size",
+        "ELK": (
+            "rtol, atol, norm, *, lambda_0, adaptive, decrease, increase, assume_diagonal, "
+            "batch_size"
+        ),
+        "SequentialDecoding": "",
+        "JacobiDecoding": "*, window",
+        "GSJacobiDecoding": "*, block_size",
+        "HybridDecoding": "*, block_size, parallel_tokens",
+        "LookaheadDecoding": "*, window, ngram, guesses",
+    },
+    "fixpoint": {
+        "ImplicitAdjoint": "rtol, atol, *, linear_solver, restart, max_restarts, compaction",
+        "PhantomAdjoint": "*, steps, damping",
+        "NeumannAdjoint": "*, terms",
+        "UnrolledAdjoint": "*, checkpoints",
+        "Compaction": "*, factor, min_bucket, min_batch",
+    },
+}
+
+
+def _signature(cls) -> str:
+    import inspect
+
+    out = []
+    for p in inspect.signature(cls).parameters.values():
+        if p.kind is p.KEYWORD_ONLY and "*" not in out:
+            out.append("*")
+        out.append(p.name)
+    return ", ".join(out)
+
+
+@pytest.mark.parametrize("module", sorted(SIGNATURES))
+def test_option_signatures(module):
+    mod = importlib.import_module(module)
+    got = {name: _signature(getattr(mod, name)) for name in SIGNATURES[module]}
+    assert got == SIGNATURES[module]
+
+
+def test_a_relative_tolerance_of_one_or_more_is_refused():
+    # `GaussSeidel(16)` once meant `block=16`; with the tolerances first it would
+    # silently mean `rtol=16`, so it is refused with a message that says why.
+    from fixpoint import solvers
+
+    for make in (
+        lambda: solvers.GaussSeidel(16),
+        lambda: solvers.Picard(1.0, 1e-6),
+        lambda: solvers.QuasiDEER(2),
+        lambda: fixpoint.ImplicitAdjoint(5),
+    ):
+        with pytest.raises(ValueError, match=r"`rtol` must be below 1.*keyword-only"):
+            make()
+    with pytest.raises(TypeError, match="positional"):
+        solvers.Anderson(1e-6, 1e-6, fixpoint.max_norm, 5)  # pyright: ignore
+    with pytest.raises(ValueError, match=r"custom_fixed_point: `rtol` must be below 1"):
+        fixpoint.custom_fixed_point(lambda y, a: y, rtol=3.0)
+
+
+def test_results_print_by_name():
+    import jax
+    import jax.numpy as jnp
+
+    R = fixpoint.RESULTS
+    assert repr(R.successful) == "RESULTS.successful"
+    assert str(R.max_steps_reached) == "RESULTS.max_steps_reached"
+    batch = jax.vmap(lambda x: R.where(x > 0, R.successful, R.diverged))(jnp.arange(3))
+    assert repr(batch) == "RESULTS[diverged, successful, successful]"
+    # Other enumerations keep Equinox's own repr.
+    import equinox as eqx
+
+    class Other(eqx.Enumeration):
+        a = "message a"
+
+    assert repr(Other.a).endswith("Other<message a>")
