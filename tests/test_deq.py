@@ -253,3 +253,53 @@ def test_spectral_norm_extreme_scales_and_bad_bounds():
     for bad in (np.float32(-1.0), np.float32("nan"), True):
         with pytest.raises((ValueError, TypeError), match="spectral_norm: `bound`"):
             layers.spectral_norm(lin, bad)
+
+
+def _layers_with_settings():
+    key = jax.random.key(1)
+    return [
+        _deq(),
+        layers.MonDEQ(3, 4, key=key, dtype=jnp.float64),
+        layers.ConvMonDEQ(1, 2, 4, key=key, dtype=jnp.float64),
+        layers.CGS(2, 1, 1, hidden=4, heads=2, key=key),
+        layers.IGNN(2, 1, hidden=4, key=key),
+        layers.ParallelRNN(layers.DiagonalGRUCell(2, 3, key=key)),
+    ]
+
+
+@pytest.mark.parametrize("layer", _layers_with_settings(), ids=lambda m: type(m).__name__)
+def test_with_settings_replaces_static_settings_only(layer, tmp_path):
+    # Settings are static (a checkpoint neither holds nor overwrites them), so
+    # `eqx.tree_at` cannot reach them; `with_settings` can, checked as the
+    # constructor checks them, and the weights stay shared.
+    name = type(layer).__name__
+    assert "max_steps" in type(layer).settings and "throw" in type(layer).settings
+    new = layer.with_settings(max_steps=7, throw=False)
+    assert (new.max_steps, new.throw) == (7, False)
+    assert (layer.max_steps, layer.throw) != (7, False)  # the original is unchanged
+    for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(new), strict=True):
+        assert a is b
+    with pytest.raises(ValueError, match=rf"{name}: `max_steps` must be an int >= 1"):
+        layer.with_settings(max_steps=0)
+    with pytest.raises(TypeError, match=rf"{name}: `throw` must be a bool"):
+        layer.with_settings(throw="no")
+    with pytest.raises(TypeError, match=rf"{name}: `solver`"):
+        layer.with_settings(solver=3)
+    with pytest.raises(TypeError, match=r"'key' is not a setting; the settings are"):
+        layer.with_settings(key=jax.random.key(0))
+    # A checkpoint of the new layer loads into the old one and leaves its settings.
+    path = tmp_path / "layer.eqx"
+    eqx.tree_serialise_leaves(path, new)
+    loaded = eqx.tree_deserialise_leaves(path, layer)
+    assert (loaded.max_steps, loaded.throw) == (layer.max_steps, layer.throw)
+
+
+def test_with_settings_changes_the_solve():
+    deq = _deq()
+    x = jnp.array([0.3, -1.0, 2.0])
+    rough = deq.with_settings(solver=solvers.Picard(1e-3, 1e-3))
+    sol, fine = rough.solve(x), deq.solve(x)
+    np.testing.assert_allclose(sol.value, fine.value, atol=1e-2)
+    assert not np.allclose(sol.value, fine.value, atol=1e-9, rtol=0)
+    # `None` means the constructor's default.
+    assert isinstance(rough.with_settings(solver=None).solver, solvers.Anderson)
