@@ -13,11 +13,14 @@ indices, targets are NumPy arrays):
   and (roughly) edge count (needs networkx: `pip install "fixpoint-jax[graphs]"`).
 """
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
+from jaxtyping import Bool, Float, Int, PyTree
 
 from fixpoint.layers import Graph, batch_graphs
 
@@ -99,7 +102,14 @@ def _segment_argmax_np(values, segments, n):
     return np.where(idx == len(values), -1, idx)
 
 
-def gvi_backup(value, rewards, discount, senders, receivers, num_nodes) -> np.ndarray:
+def gvi_backup(
+    value: Float[ArrayLike, " N"],
+    rewards: Float[ArrayLike, " E"],
+    discount: Float[ArrayLike, " E"] | Float[ArrayLike, ""],
+    senders: Int[ArrayLike, " E"],
+    receivers: Int[ArrayLike, " E"],
+    num_nodes: int,
+) -> Float[np.ndarray, " N"]:
     """The Bellman backup `(T V)(i) = max_{e: j → i} [r_e + discount · V(j)]` (NumPy, float64).
 
     **Arguments:**
@@ -178,7 +188,7 @@ def gvi_dataset(
     return out
 
 
-def batch_gvi(examples) -> GVIExample:
+def batch_gvi(examples: Iterable[GVIExample]) -> GVIExample:
     """Several `GVIExample`s as one: the graphs batched (`batch_graphs`), `value`
     concatenated, `policy` shifted to the batched edge indices."""
     examples = list(examples)
@@ -194,7 +204,10 @@ def batch_gvi(examples) -> GVIExample:
     )
 
 
-def gvi_metrics(value_pred, example) -> dict[str, float]:
+def gvi_metrics(
+    value_pred: Float[ArrayLike, " N"] | Float[ArrayLike, "N 1"],
+    example: GVIExample | Iterable[GVIExample],
+) -> dict[str, float]:
     """Score predicted values against `V*` (NumPy, float64).
 
     - `mape`: `mean |V* − V̂| / |V*|` (a fraction, not per cent), divided by the
@@ -315,7 +328,11 @@ def flow_dataset(
     return out
 
 
-def flow_mse(pred, target, mask=None) -> float:
+def flow_mse(
+    pred: Float[ArrayLike, " N"] | Float[ArrayLike, "N 1"],
+    target: Float[ArrayLike, " N"] | Float[ArrayLike, "N 1"],
+    mask: Bool[ArrayLike, " N"] | None = None,
+) -> float:
     """Mean squared error between predicted and true pressures (over `mask` if given).
 
     **Arguments:**
@@ -393,7 +410,11 @@ def chains_dataset(
     return ChainsDataset(g, labels, train, ~train)
 
 
-def node_accuracy(pred, labels, mask=None) -> float:
+def node_accuracy(
+    pred: Float[ArrayLike, "N C"] | Int[ArrayLike, " N"],
+    labels: Int[ArrayLike, " N"],
+    mask: Bool[ArrayLike, " N"] | None = None,
+) -> float:
     """Accuracy of node predictions (over `mask` if given, e.g. `test_mask`).
 
     **Arguments:**
@@ -402,10 +423,10 @@ def node_accuracy(pred, labels, mask=None) -> float:
     - `labels`: `int[N]`.
     - `mask`: optional `bool[N]`.
     """
-    pred = np.asarray(pred)
-    if pred.ndim == 2:
-        pred = np.argmax(pred, axis=1)
-    hit = pred.reshape(-1) == np.asarray(labels).reshape(-1)
+    classes = np.asarray(pred)
+    if classes.ndim == 2:
+        classes = np.argmax(classes, axis=1)
+    hit = classes.reshape(-1) == np.asarray(labels).reshape(-1)
     return float(np.mean(hit if mask is None else hit[np.asarray(mask, bool).reshape(-1)]))
 
 
@@ -476,7 +497,7 @@ def graph_classification_dataset(
     return out
 
 
-def count_params(module) -> int:
+def count_params(module: PyTree) -> int:
     """The number of scalar parameters (inexact array entries) in `module`; also
     for an abstract module (`eqx.filter_eval_shape`), whose leaves are shapes."""
     leaves = jax.tree_util.tree_leaves(module)

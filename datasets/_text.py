@@ -6,6 +6,8 @@ import os
 
 import jax
 import numpy as np
+from jax.typing import ArrayLike
+from jaxtyping import Int, PRNGKeyArray
 
 ASCII_VOCAB = 128  # the vocabulary of `encode`: ASCII codes 0 … 127
 
@@ -40,17 +42,22 @@ def stdlib_text(max_chars: int | None = None) -> tuple[str, str]:
     return (train, val) if max_chars is None else (train[:max_chars], val[:max_chars])
 
 
-def encode(text: str) -> np.ndarray:
+def encode(text: str) -> Int[np.ndarray, " N"]:
     """ASCII codes `int32[len(text)]` (non-ASCII characters become `?`), vocab `ASCII_VOCAB`."""
     return np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).astype(np.int32)
 
 
-def decode_text(ids) -> str:
+def decode_text(ids: Int[ArrayLike, " N"]) -> str:
     """The text of ASCII codes `ids` (ids outside `0 … 127` become `?`)."""
     return "".join(chr(i) if 0 <= i < ASCII_VOCAB else "?" for i in np.asarray(ids).tolist())
 
 
-def random_batches(ids: np.ndarray, batch_size: int, seq_len: int, key) -> np.ndarray:
+def random_batches(
+    ids: Int[ArrayLike, " N"],
+    batch_size: int,
+    seq_len: int,
+    key: PRNGKeyArray | np.random.Generator,
+) -> Int[np.ndarray, "batch_size seq_len+1"]:
     """A batch of `batch_size` random windows of `seq_len + 1` consecutive ids.
 
     Window starts are drawn uniformly with replacement (windows may overlap).

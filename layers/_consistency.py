@@ -10,24 +10,26 @@ good. The three functions here are the pieces; `bench/decode.py` puts them
 together on a character model of Python's standard library.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import fixpoint
-from fixpoint import solvers
+from fixpoint import internal, solvers
 
 
 def jacobi_trajectories(
-    model,
+    model: Callable[[Int[Array, " L"]], Float[Array, "L V"]],
     prompts: Int[Array, "B P"],
     max_new_tokens: int,
     *,
-    solver=None,
-    key=None,
-    temperature=1.0,
-    cached=None,
-):
+    solver: internal.AbstractDecodingSolver | None = None,
+    key: PRNGKeyArray | None = None,
+    temperature: float = 1.0,
+    cached: bool | None = None,
+) -> tuple[Int[Array, "B N"], Int[Array, "B N N"], Bool[Array, "B N N"], Int[Array, " B"]]:
     """Jacobi trajectories of `model` after each prompt, for `consistency_loss`.
 
     Runs `fixpoint.decode` with `solver` (default
@@ -73,7 +75,7 @@ def _per_example(fn, *arrays):
 
 
 def consistency_loss(
-    model,
+    model: Callable[[Int[Array, " L"]], Float[Array, "L V"]],
     prompt: Int[Array, "*B P"],
     state: Int[Array, "*B N"],
     fixed_point: Int[Array, "*B N"],
@@ -106,7 +108,11 @@ def consistency_loss(
     return _per_example(one, prompt, state, fixed_point, mask)
 
 
-def ar_loss(model, prompt: Int[Array, "*B P"], target: Int[Array, "*B N"]) -> Float[Array, ""]:
+def ar_loss(
+    model: Callable[[Int[Array, " L"]], Float[Array, "L V"]],
+    prompt: Int[Array, "*B P"],
+    target: Int[Array, "*B N"],
+) -> Float[Array, ""]:
     """CLLM's AR loss: the mean next-token cross entropy of `target` after
     `prompt` (teacher forcing; the prompt's own tokens are not scored). Batched
     inputs give the mean over the batch."""

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 import fixpoint
 from fixpoint import internal, solvers
@@ -147,7 +147,9 @@ class DEQ(AbstractConfigurable):
         """`f` after `normalise` (what one forward pass iterates)."""
         return self.f if self.normalise is None else self.normalise(self.f)
 
-    def mask(self, z0, key, inference):
+    def mask(
+        self, z0: Array, key: PRNGKeyArray | None, inference: bool
+    ) -> Float[Array, "..."] | None:
         if self.dropout == 0 or inference:
             return None
         if key is None:
@@ -155,7 +157,7 @@ class DEQ(AbstractConfigurable):
         keep = jax.random.bernoulli(key, 1 - self.dropout, z0.shape)
         return keep.astype(z0.dtype) / (1 - self.dropout)
 
-    def initial(self, x, z0):
+    def initial(self, x: Array, z0: Array | None) -> Array:
         if z0 is not None:
             return z0
         x_dtype = getattr(x, "dtype", None)
@@ -168,7 +170,7 @@ class DEQ(AbstractConfigurable):
         shape = x.shape if self.z_shape is None else self.z_shape
         return jnp.zeros(shape, x.dtype)
 
-    def check(self, f, x, z0):
+    def check(self, f: Callable, x: Array, z0: Array) -> None:
         """Trace-time check that `f(z, x)` accepts `z0` and returns its shape and dtype."""
         where = "`z_shape`" if self.z_shape is not None else "`x`'s shape (no `z_shape` given)"
         try:
@@ -213,6 +215,13 @@ class DEQ(AbstractConfigurable):
             compaction=self.compaction,
         )
 
-    def __call__(self, x, z0=None, *, key=None, inference=False):
+    def __call__(
+        self,
+        x: Array,
+        z0: Array | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> Array:
         """The equilibrium `z*` for one input `x`."""
         return self.solve(x, z0, key=key, inference=inference).value

@@ -6,6 +6,7 @@ outputs) and `graph_readout` (graph outputs). None of them builds a dense
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._graph import Graph
@@ -14,7 +15,7 @@ from ._graph import Graph
 # baselines
 
 
-def _mlp_dtype(dtype):
+def _mlp_dtype(dtype: DTypeLike | None) -> DTypeLike:
     return jnp.float32 if dtype is None else dtype
 
 
@@ -83,7 +84,7 @@ class GCN(eqx.Module):
         depth: int = 3,
         key: PRNGKeyArray,
         edge_weight_column: int | None = None,
-        dtype=None,
+        dtype: DTypeLike | None = None,
     ):
         if depth < 1:
             raise ValueError(f"GCN: `depth` must be >= 1, got {depth}.")
@@ -146,7 +147,7 @@ class GIN(eqx.Module):
         hidden: int = 64,
         depth: int = 3,
         key: PRNGKeyArray,
-        dtype=None,
+        dtype: DTypeLike | None = None,
     ):
         if depth < 1:
             raise ValueError(f"GIN: `depth` must be >= 1, got {depth}.")

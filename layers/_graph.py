@@ -7,16 +7,21 @@ follow those of graph `g - 1`, and no edge crosses between them. `pad_graph`
 appends one padding graph so that batches have static shapes.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int
 
 from ._networkx import networkx_arrays
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 class Graph(eqx.Module):
@@ -80,12 +85,12 @@ class Graph(eqx.Module):
     @classmethod
     def from_networkx(
         cls,
-        graph,
+        graph: "nx.Graph",
         /,
         *,
         node_features: str | Sequence[str] | None = None,
         edge_features: str | Sequence[str] | None = None,
-        dtype=jnp.float32,
+        dtype: DTypeLike = jnp.float32,
     ) -> "Graph":
         """A `Graph` from a networkx graph (needs networkx: `pip install "fixpoint-jax[graphs]"`).
 
@@ -141,7 +146,7 @@ class Graph(eqx.Module):
     def num_graphs(self) -> int:
         return 1 if self.n_node is None else jnp.shape(self.n_node)[0]
 
-    def check_indices(self):
+    def check_indices(self) -> None:
         """Raise if an index is out of range or `n_node` does not add up (when concrete)."""
         n = self.num_nodes
         for name in ("senders", "receivers"):
@@ -182,7 +187,7 @@ class Graph(eqx.Module):
         ids = jnp.arange(self.num_graphs, dtype=jnp.int32)
         return jnp.repeat(ids, self.n_node, total_repeat_length=self.num_nodes)
 
-    def in_degree(self, weights=None) -> Array:
+    def in_degree(self, weights: Float[Array, " E"] | None = None) -> Float[Array, " N"]:
         """Per node, the number (or total `weights`) of edges it receives."""
         w = jnp.ones(self.num_edges, self.nodes.dtype) if weights is None else weights
         return jax.ops.segment_sum(w, self.receivers, self.num_nodes)
@@ -210,7 +215,7 @@ def _concat(arrays, like):
     return jnp.asarray(out)
 
 
-def batch_graphs(graphs) -> Graph:
+def batch_graphs(graphs: Iterable[Graph]) -> Graph:
     """Concatenate graphs into one disconnected `Graph` with `n_node` set (NumPy, eager)."""
     graphs = list(graphs)
     if not graphs:

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 from jax.core import Tracer
-from jaxtyping import Array, PRNGKeyArray
+from jax.typing import DTypeLike
+from jaxtyping import Array, Float, PRNGKeyArray
 
 import fixpoint
 from fixpoint import internal, solvers
@@ -273,7 +274,13 @@ class CGS(_GraphEquilibrium):
     def _dtype(self):
         return self.bias_head.weight.dtype
 
-    def encode(self, graph: Graph):
+    def encode(
+        self, graph: Graph
+    ) -> tuple[
+        Float[Array, "N hidden"],
+        tuple[Float[Array, "E heads"], Float[Array, "E heads"] | None],
+        Float[Array, "N heads"],
+    ]:
         """Node features `h[N, hidden]`, normalised edge weights `A[E, heads]` (each
         receiver's incoming weights sum to at most 1) and `b[N, heads]`."""
         nodes, edges = _features(graph, self.node_size, self.edge_size, "CGS", self._dtype())
@@ -353,7 +360,9 @@ def _normalise(graph: Graph, w):
     return w * inv[graph.senders] * inv[graph.receivers], 1.0 / d
 
 
-def normalised_adjacency(graph: Graph, weight_column: int | None = None, dtype=None):
+def normalised_adjacency(
+    graph: Graph, weight_column: int | None = None, dtype: DTypeLike | None = None
+) -> tuple[Float[Array, " E"], Float[Array, " N"]]:
     """IGNN's `D^-1/2 (A + I) D^-1/2` as edge weights plus self-loop weights.
 
     `A_e = w_e` (the edge feature `graph.edges[:, weight_column]`, or 1), degrees
@@ -444,7 +453,12 @@ def _perron_iteration(graph: Graph, ew, sw, max_iterations: int):
     return v, u, bound, steps
 
 
-def perron_root(graph: Graph, edge_weights, self_weights, max_iterations: int = 1000):
+def perron_root(
+    graph: Graph,
+    edge_weights: Float[Array, " E"],
+    self_weights: Float[Array, " N"],
+    max_iterations: int = 1000,
+) -> Float[Array, " graphs"]:
     """Per graph, the Perron–Frobenius eigenvalue `λ_pf` (the spectral radius) of
     the non-negative operator `Â` with off-diagonal `Â[r_e, s_e] += edge_weights[e]`
     and diagonal `self_weights`.

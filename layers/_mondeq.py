@@ -11,12 +11,14 @@ is unique, and operator splitting (`fixpoint.solvers.PeacemanRachford`,
 """
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 import fixpoint
@@ -138,7 +140,7 @@ class MonDEQ(_AbstractMonotone):
         adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
         throw: bool = True,
         compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
-        dtype=None,
+        dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
     ):
         m = internal.check_number(m, "m", "> 0", owner="MonDEQ")
@@ -262,7 +264,7 @@ class CircularConvMonotone(AbstractMonotoneLinear):
         `m > 0`, and the spatial shape of `z`."""
         self.A, self.B, self.m, self.spatial = A, B, float(m), tuple(spatial)
 
-    def mv(self, z):
+    def mv(self, z: Array) -> Array:
         az = _circular_conv(self.A, z)
         return (
             (1 - self.m) * z
@@ -291,10 +293,10 @@ class CircularConvMonotone(AbstractMonotoneLinear):
         axes = tuple(range(1, 1 + len(self.spatial)))
         return jnp.fft.irfftn(jnp.moveaxis(v_hat, -1, 0), s=self.spatial, axes=axes).astype(dtype)
 
-    def lipschitz(self):
+    def lipschitz(self) -> Float[Array, ""]:
         return jnp.max(jnp.linalg.svd(self._i_minus_w_hat(), compute_uv=False))
 
-    def resolvent(self, alpha):
+    def resolvent(self, alpha: Float[Array, ""]) -> Callable[[Array], Array]:
         m_hat = self._i_minus_w_hat()
         eye = jnp.eye(m_hat.shape[-1], dtype=m_hat.dtype)
         inv = jnp.linalg.inv(eye + alpha.astype(m_hat.dtype) * m_hat)  # (*freq, c, c)
@@ -305,7 +307,7 @@ class CircularConvMonotone(AbstractMonotoneLinear):
 
         return apply
 
-    def monotonicity(self):
+    def monotonicity(self) -> Float[Array, ""]:
         m_hat = self._i_minus_w_hat()
         herm = 0.5 * (m_hat + jnp.conj(jnp.swapaxes(m_hat, -1, -2)))
         return jnp.min(jnp.linalg.eigvalsh(herm)[..., 0])
@@ -362,7 +364,7 @@ class ConvMonDEQ(_AbstractMonotone):
         adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
         throw: bool = True,
         compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
-        dtype=None,
+        dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
     ):
         m = internal.check_number(m, "m", "> 0", owner="ConvMonDEQ")

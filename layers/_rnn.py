@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 import fixpoint
@@ -37,7 +38,14 @@ class DiagonalGRUCell(eqx.Module):
     hidden_size: int = eqx.field(static=True)
     diagonal_jacobian: ClassVar[bool] = True
 
-    def __init__(self, input_size: int, hidden_size: int, *, key: PRNGKeyArray, dtype=None):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        key: PRNGKeyArray,
+        dtype: DTypeLike | None = None,
+    ):
         dtype = jnp.float32 if dtype is None else dtype
         k1, k2, k3, k4 = jax.random.split(key, 4)
         bound = 1 / math.sqrt(hidden_size)
@@ -49,7 +57,9 @@ class DiagonalGRUCell(eqx.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
 
-    def __call__(self, x: Float[Array, " input"], h: Float[Array, " hidden"]):
+    def __call__(
+        self, x: Float[Array, " input"], h: Float[Array, " hidden"]
+    ) -> Float[Array, " hidden"]:
         gx = self.weight_ih @ x + self.bias
         uz, ur, un = jnp.split(self.weight_hh, 3)
         gz, gr, gn = jnp.split(gx, 3)
@@ -110,11 +120,11 @@ class ParallelRNN(AbstractConfigurable):
         self,
         cell: Callable,
         *,
-        solver=None,
-        adjoint_solver=None,
+        solver: internal.AbstractScanSolver | None = None,
+        adjoint_solver: internal.AbstractScanSolver | None = None,
         max_steps: int | None = None,
         throw: bool = True,
-        mesh=None,
+        mesh: Mesh | None = None,
     ):
         if not callable(cell):
             raise TypeError(f"ParallelRNN: `cell` must be callable, got {cell!r}.")
@@ -149,7 +159,9 @@ class ParallelRNN(AbstractConfigurable):
         self._store("throw", internal.check_bool(throw, "throw", owner=owner))
         self._store("mesh", mesh)
 
-    def initial_state(self):
+    def initial_state(
+        self,
+    ) -> Float[Array, " hidden"] | tuple[Float[Array, " hidden"], Float[Array, " hidden"]]:
         """Zeros shaped like the cell's state."""
         size = getattr(self.cell, "hidden_size", None)
         if size is None:
@@ -188,7 +200,11 @@ class ParallelRNN(AbstractConfigurable):
         return out[2]  # pyright: ignore[reportGeneralTypeIssues]
 
     def __call__(
-        self, xs: PyTree[Array], h0: PyTree[Array] | None = None, *, guess=None
+        self,
+        xs: PyTree[Array],
+        h0: PyTree[Array] | None = None,
+        *,
+        guess: PyTree[Array] | None = None,
     ) -> PyTree[Array]:
         """All hidden states, with a leading time axis (see `solve`)."""
         return self.solve(xs, h0, guess=guess).value

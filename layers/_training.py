@@ -1,17 +1,24 @@
 """Training tools for equilibrium models: regularisers, diagnostics, normalisation."""
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 import fixpoint
 from fixpoint import internal
 
+from ._deq import DEQ
 
-def jacobian_penalty(f: Callable, z: Array, x: Array, key: PRNGKeyArray, samples: int = 1):
+_M = TypeVar("_M")
+
+
+def jacobian_penalty(
+    f: Callable[[Array, Array], Array], z: Array, x: Array, key: PRNGKeyArray, samples: int = 1
+) -> Float[Array, ""]:
     """Hutchinson estimate of `‖∂f/∂z‖_F²` at `(z, x)` (Bai et al. 2021).
 
     `E_ε ‖εᵀ J‖² = ‖J‖_F²` for `ε ~ N(0, I)`; each sample costs one VJP. Unbiased;
@@ -23,7 +30,9 @@ def jacobian_penalty(f: Callable, z: Array, x: Array, key: PRNGKeyArray, samples
     return jnp.mean(jax.vmap(lambda e: jnp.sum(vjp(e)[0] ** 2))(eps))
 
 
-def spectral_radius(f: Callable, z: Array, x: Array, key: PRNGKeyArray, iters: int = 100):
+def spectral_radius(
+    f: Callable[[Array, Array], Array], z: Array, x: Array, key: PRNGKeyArray, iters: int = 100
+) -> Float[Array, ""]:
     """Estimate the spectral radius of `∂f/∂z` at `(z, x)` with JVPs only.
 
     Below one means the equilibrium is locally attracting for Picard iteration.
@@ -52,7 +61,9 @@ def spectral_radius(f: Callable, z: Array, x: Array, key: PRNGKeyArray, iters: i
     return jnp.exp(log_growth / (iters - burn_in))
 
 
-def correction_iterates(deq, x: Array, steps: Sequence[int], z0: Array | None = None):
+def correction_iterates(
+    deq: DEQ, x: Array, steps: Sequence[int], z0: Array | None = None
+) -> list[Array]:
     """Intermediate iterates for the fixed-point correction loss (Bai et al. 2022).
 
     Runs `deq`'s solver from `z0` for each budget in `steps` (no gradient through
@@ -81,7 +92,7 @@ def _is_weighted(x):
     return isinstance(x, (eqx.nn.Linear, eqx.nn.Conv))
 
 
-def spectral_norm(module, bound: float = 1.0):
+def spectral_norm(module: _M, bound: float | Float[Array, ""] = 1.0) -> _M:
     """Rescale every `Linear`/`Conv` weight in `module` to spectral norm at most `bound`.
 
     A pure function: apply it once per forward pass (`DEQ(..., normalise=...)`).
@@ -141,7 +152,7 @@ def spectral_norm(module, bound: float = 1.0):
     )
 
 
-def weight_norm(module):
+def weight_norm(module: PyTree) -> PyTree:
     """Wrap every `Linear`/`Conv` in `module` in `equinox.nn.WeightNorm`."""
     return jax.tree.map(
         lambda x: eqx.nn.WeightNorm(x) if _is_weighted(x) else x, module, is_leaf=_is_weighted

@@ -1,12 +1,14 @@
 """`CausalTransformer`: a small GPT-style model with a key/value cache, and char-level data."""
 
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike, DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import fixpoint
@@ -41,7 +43,9 @@ class _Block(eqx.Module):
     fc: tuple[Array, Array]
     proj: tuple[Array, Array]
 
-    def __init__(self, d: int, hidden: int, num_layers: int, key, dtype):
+    def __init__(
+        self, d: int, hidden: int, num_layers: int, key: PRNGKeyArray, dtype: DTypeLike | None
+    ):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         std, res_std = 0.02, 0.02 / math.sqrt(2 * num_layers)
         dense = lambda k, i, o, s: (s * jax.random.normal(k, (i, o), dtype), jnp.zeros(o, dtype))
@@ -114,7 +118,7 @@ class CausalTransformer(fixpoint.AbstractCachedModel):
         num_layers: int = 2,
         mlp_ratio: int = 4,
         key: PRNGKeyArray,
-        dtype=None,
+        dtype: DTypeLike | None = None,
     ):
         sizes = dict(vocab_size=vocab_size, max_len=max_len, d_model=d_model)
         sizes.update(num_heads=num_heads, num_layers=num_layers, mlp_ratio=mlp_ratio)
@@ -156,7 +160,9 @@ class CausalTransformer(fixpoint.AbstractCachedModel):
         tokens = self._tokens(tokens)
         return self.extend(tokens, 0, self.init_cache(max(tokens.shape[0], 1)))[0]
 
-    def init_cache(self, capacity: int):
+    def init_cache(
+        self, capacity: int
+    ) -> tuple[Float[Array, "layers C H Dh"], Float[Array, "layers C H Dh"]]:
         """Zero `(keys, values)`, each `[num_layers, capacity, num_heads, head_dim]`."""
         _check_size(capacity, "capacity")
         if capacity > self.max_len:
@@ -166,7 +172,14 @@ class CausalTransformer(fixpoint.AbstractCachedModel):
         shape = (self.num_layers, capacity, self.num_heads, self.d_model // self.num_heads)
         return jnp.zeros(shape, self.tok_emb.dtype), jnp.zeros(shape, self.tok_emb.dtype)
 
-    def extend(self, tokens: Int[Array, " W"], start, cache):
+    def extend(
+        self,
+        tokens: Int[Array, " W"],
+        start: Int[ArrayLike, ""],
+        cache: tuple[Float[Array, "layers C H Dh"], Float[Array, "layers C H Dh"]],
+    ) -> tuple[
+        Float[Array, "W V"], tuple[Float[Array, "layers C H Dh"], Float[Array, "layers C H Dh"]]
+    ]:
         """Logits `float[W, V]` of `tokens` at positions `start … start+W-1`, and the
         cache with their keys and values written in. Needs `start + W <= capacity`
         (`start` is traced; out-of-range starts are clamped by XLA, not checked)."""
@@ -189,7 +202,9 @@ class CausalTransformer(fixpoint.AbstractCachedModel):
         return logits, (jnp.stack(new_keys), jnp.stack(new_values))
 
 
-def lm_loss(model, batch: Int[Array, "B L+1"]) -> Float[Array, ""]:
+def lm_loss(
+    model: Callable[[Int[Array, " L"]], Float[Array, "L V"]], batch: Int[Array, "B L+1"]
+) -> Float[Array, ""]:
     """Mean next-token cross entropy of `model` on `batch` (inputs `batch[:, :-1]`,
     targets `batch[:, 1:]`)."""
     logits = jax.vmap(model)(batch[:, :-1])

@@ -17,6 +17,7 @@ itself is never differentiated.
 
 import abc
 from collections.abc import Callable
+from typing import TypeAlias
 
 import equinox as eqx
 import jax
@@ -90,13 +91,13 @@ class MonotoneMatrix(AbstractMonotoneLinear):
     def _i_minus_w(self):
         return jnp.eye(self.W.shape[0], dtype=self.W.dtype) - self.W
 
-    def mv(self, z):
+    def mv(self, z: Array) -> Array:
         return self.W @ z
 
-    def lipschitz(self):
+    def lipschitz(self) -> Float[Array, ""]:
         return jnp.linalg.norm(self._i_minus_w(), 2)
 
-    def resolvent(self, alpha):
+    def resolvent(self, alpha: Float[Array, ""]) -> Callable[[Array], Array]:
         eye = jnp.eye(self.W.shape[0], dtype=self.W.dtype)
         # An explicit inverse, as in the paper: each step is then one matvec. (Under
         # `vmap`, `lu_solve` on CPU is hundreds of times slower than a matvec.) The
@@ -104,7 +105,7 @@ class MonotoneMatrix(AbstractMonotoneLinear):
         inverse = jnp.linalg.inv(eye + alpha.astype(self.W.dtype) * self._i_minus_w())
         return lambda v: inverse @ v
 
-    def monotonicity(self):
+    def monotonicity(self) -> Float[Array, ""]:
         a = self._i_minus_w()
         return jnp.linalg.eigvalsh(0.5 * (a + a.T))[0]
 
@@ -258,6 +259,11 @@ def _check_common(solver):
     )
 
 
+# One splitting step `(z, u, W z) -> (z_next, u_next)`; `u` is the auxiliary sequence
+# (`None` for a method without one).
+_Update: TypeAlias = Callable[[Array, Array | None, Array], tuple[Array, Array | None]]
+
+
 class _AbstractSplitting(eqx.Module):
     """Shared `solve` of the splitting methods; each defines `update` and `u_init`."""
 
@@ -267,11 +273,11 @@ class _AbstractSplitting(eqx.Module):
     divergence_ratio: AbstractVar[float]
 
     @abc.abstractmethod
-    def update(self, op, bias) -> Callable:
+    def update(self, op: AbstractMonotoneLinear, bias: Array) -> _Update:
         """`step(z, u, wz) -> (z_next, u_next)` for this operator and bias."""
 
     @abc.abstractmethod
-    def u_init(self, op, bias, z0):
+    def u_init(self, op: AbstractMonotoneLinear, bias: Array, z0: Array) -> Array | None:
         """The auxiliary sequence's start (`None` if the method has none)."""
 
     def solve(
@@ -363,7 +369,7 @@ class ForwardBackward(_AbstractSplitting):
             return jnp.asarray(self.alpha)
         return operator.m / jnp.square(operator.lipschitz())
 
-    def update(self, op, bias):
+    def update(self, op: AbstractMonotoneLinear, bias: Array) -> _Update:
         alpha = self.step_size(op).astype(bias.dtype)
 
         def fb(z, u, wz):
@@ -371,7 +377,7 @@ class ForwardBackward(_AbstractSplitting):
 
         return fb
 
-    def u_init(self, op, bias, z0):
+    def u_init(self, op: AbstractMonotoneLinear, bias: Array, z0: Array) -> None:
         return None
 
 
@@ -414,7 +420,7 @@ class PeacemanRachford(_AbstractSplitting):
         _check_common(self)
         internal.check_number(self.alpha, "alpha", "> 0", owner="PeacemanRachford")
 
-    def update(self, op, bias):
+    def update(self, op: AbstractMonotoneLinear, bias: Array) -> _Update:
         alpha = jnp.asarray(self.alpha, bias.dtype)
         resolve = op.resolvent(alpha)
         alpha_b = alpha * bias
@@ -428,5 +434,5 @@ class PeacemanRachford(_AbstractSplitting):
 
         return pr
 
-    def u_init(self, op, bias, z0):
+    def u_init(self, op: AbstractMonotoneLinear, bias: Array, z0: Array) -> Array:
         return z0
