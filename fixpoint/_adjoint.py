@@ -1,6 +1,7 @@
 """Adjoints: how a solve is differentiated. Passed as `adjoint=` to every entry point."""
 
 import abc
+from typing import NoReturn
 
 import equinox as eqx
 import jax
@@ -8,6 +9,7 @@ import lineax as lx
 
 from ._checks import as_python_number, check_int, check_number
 from ._compact import Compaction, check_compaction
+from ._custom_types import Failed, FlatY, Inputs, LinearSolve, Primal, Residual, Rest
 from ._fixed_point_solver import check_relative_tolerance
 from ._implicit import implicit_solve, poison_cotangent, zero_for_zero_cotangent
 from ._linear import gmres_solve, lineax_solve, series_solve
@@ -29,7 +31,16 @@ class AbstractAdjoint(eqx.Module):
     """
 
     @abc.abstractmethod
-    def apply(self, primal, residual, inputs, y0, tolerances, failed=None, throw=True):
+    def apply(
+        self,
+        primal: Primal,
+        residual: Residual,
+        inputs: Inputs,
+        y0: FlatY,
+        tolerances: tuple[float, float],
+        failed: Failed | None = None,
+        throw: bool = True,
+    ) -> tuple[FlatY, Rest]:
         """Run `primal` and attach this adjoint's derivative rule."""
 
 
@@ -37,10 +48,19 @@ class _AbstractImplicit(AbstractAdjoint):
     """Adjoints of the form `dy = -A⁻¹ J_θG dθ` with `A⁻¹` some (approximate) solve."""
 
     @abc.abstractmethod
-    def linear_solve(self, tolerances, throw: bool):
+    def linear_solve(self, tolerances: tuple[float, float], throw: bool) -> LinearSolve:
         """The `solve(matvec, b)` used for `A⁻¹` (raising or NaN on failure, by `throw`)."""
 
-    def apply(self, primal, residual, inputs, y0, tolerances, failed=None, throw=True):
+    def apply(
+        self,
+        primal: Primal,
+        residual: Residual,
+        inputs: Inputs,
+        y0: FlatY,
+        tolerances: tuple[float, float],
+        failed: Failed | None = None,
+        throw: bool = True,
+    ) -> tuple[FlatY, Rest]:
         run = lambda i, y: primal(i, y, "lax", None)  # noqa: E731
         solve = self.linear_solve(tolerances, throw)
         return implicit_solve(run, residual, inputs, y0, solve, failed=failed)
@@ -83,7 +103,7 @@ class ImplicitAdjoint(_AbstractImplicit):
     max_restarts: int = eqx.field(default=50, converter=as_python_number, kw_only=True)
     compaction: Compaction | None = eqx.field(default=Compaction(), kw_only=True)
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         for name in ("rtol", "atol"):
             if getattr(self, name) is not None:
                 check_number(getattr(self, name), name, ">= 0", owner="ImplicitAdjoint")
@@ -99,7 +119,7 @@ class ImplicitAdjoint(_AbstractImplicit):
                 f"got {self.linear_solver!r}."
             )
 
-    def linear_solve(self, tolerances, throw: bool):
+    def linear_solve(self, tolerances: tuple[float, float], throw: bool) -> LinearSolve:
         rtol = max(tolerances) if self.rtol is None else self.rtol
         atol = 0.0 if self.atol is None else self.atol
         if self.linear_solver is None:
@@ -120,11 +140,11 @@ class PhantomAdjoint(_AbstractImplicit):
     steps: int = eqx.field(default=5, converter=as_python_number, kw_only=True)
     damping: float = eqx.field(default=0.5, converter=as_python_number, kw_only=True)
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_int(self.steps, "steps", 1, owner="PhantomAdjoint")
         check_number(self.damping, "damping", "(0, 1]", owner="PhantomAdjoint")
 
-    def linear_solve(self, tolerances, throw: bool):
+    def linear_solve(self, tolerances: tuple[float, float], throw: bool) -> LinearSolve:
         return series_solve(self.steps, self.damping, throw)
 
 
@@ -137,10 +157,10 @@ class NeumannAdjoint(_AbstractImplicit):
 
     terms: int = eqx.field(default=10, converter=as_python_number, kw_only=True)
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         check_int(self.terms, "terms", 1, owner="NeumannAdjoint")
 
-    def linear_solve(self, tolerances, throw: bool):
+    def linear_solve(self, tolerances: tuple[float, float], throw: bool) -> LinearSolve:
         return series_solve(self.terms, 1.0, throw)
 
 
@@ -154,11 +174,20 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     checkpoints: int | None = eqx.field(default=None, converter=as_python_number, kw_only=True)
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         if self.checkpoints is not None:
             check_int(self.checkpoints, "checkpoints", 1, owner="UnrolledAdjoint")
 
-    def apply(self, primal, residual, inputs, y0, tolerances, failed=None, throw=True):
+    def apply(
+        self,
+        primal: Primal,
+        residual: Residual,
+        inputs: Inputs,
+        y0: FlatY,
+        tolerances: tuple[float, float],
+        failed: Failed | None = None,
+        throw: bool = True,
+    ) -> tuple[FlatY, Rest]:
         # No linear solve, so nothing for `throw` to govern in the backward pass.
         del residual, tolerances, throw
         # A masked sample must contribute exactly zero, even where its
@@ -172,7 +201,7 @@ class UnrolledAdjoint(AbstractAdjoint):
         return y, rest
 
 
-def explain_forward_mode(adjoint: AbstractAdjoint, error: TypeError):
+def explain_forward_mode(adjoint: AbstractAdjoint, error: TypeError) -> NoReturn:
     """A readable error for forward mode through `UnrolledAdjoint` (else re-raise)."""
     if isinstance(adjoint, UnrolledAdjoint) and "forward-mode" in str(error):
         raise TypeError(

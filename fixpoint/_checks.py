@@ -110,7 +110,9 @@ def _who(name: str, owner: str | None) -> str:
     return f"{owner}: `{name}`" if owner else f"`{name}`"
 
 
-def check_int(value, name: str, minimum: int | None = None, *, owner: str | None = None) -> int:
+def check_int(
+    value: object, name: str, minimum: int | None = None, *, owner: str | None = None
+) -> int:
     """`value` as a Python int; a readable error unless it is an integer (Python
     or NumPy, not a bool) of at least `minimum`. `owner` prefixes the message
     (`"Anderson: `history` must be ..."`)."""
@@ -126,7 +128,7 @@ _BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
 
 
 def check_number(
-    value, name: str, allowed: str | None = None, *, owner: str | None = None
+    value: object, name: str, allowed: str | None = None, *, owner: str | None = None
 ) -> float | int:
     """`value` as a Python number; a readable error unless it is a real number
     (Python or NumPy, not a bool, not a JAX array) in `allowed`.
@@ -143,36 +145,39 @@ def check_number(
             else ""
         )
         raise TypeError(f"{_who(name, owner)} must be a real number{hint}, got {value!r}.")
-    value = as_python_number(value)
+    number: float | int = as_python_number(value)
     if allowed is None:
-        ok, says = value == value, "must not be NaN"
+        ok, says = number == number, "must not be NaN"
     elif m := _INTERVAL.match(allowed):
         lo, hi = float(m[2]), float(m[3])
-        ok = (lo <= value if m[1] == "[" else lo < value) and (
-            value <= hi if m[4] == "]" else value < hi
+        ok = (lo <= number if m[1] == "[" else lo < number) and (
+            number <= hi if m[4] == "]" else number < hi
         )
         says = f"must lie in {allowed}"
     elif m := _BOUND.match(allowed):
         bound = float(m[2])
-        ok = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[
-            m[1]
-        ]
+        ok = {
+            ">=": number >= bound,
+            ">": number > bound,
+            "<=": number <= bound,
+            "<": number < bound,
+        }[m[1]]
         says = f"must be a number {allowed}"
     else:
         raise ValueError(f"check_number: cannot read the range {allowed!r}.")
     if not ok:
-        raise ValueError(f"{_who(name, owner)} {says}, got {value!r}.")
-    return value
+        raise ValueError(f"{_who(name, owner)} {says}, got {number!r}.")
+    return number
 
 
-def check_bool(value, name: str, *, owner: str | None = None) -> bool:
+def check_bool(value: object, name: str, *, owner: str | None = None) -> bool:
     """`value` as a Python bool; a readable error unless it is one (or `np.bool_`)."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{_who(name, owner)} must be a bool, got {value!r}.")
     return bool(value)
 
 
-def check_instance(value, cls, name: str, *, owner: str | None = None):
+def check_instance(value: object, cls: type, name: str, *, owner: str | None = None) -> None:
     """A readable error naming `name` unless `value` is an instance of `cls`."""
     if not isinstance(value, cls):
         raise TypeError(
@@ -181,7 +186,7 @@ def check_instance(value, cls, name: str, *, owner: str | None = None):
         )
 
 
-def _public_name(cls) -> str:
+def _public_name(cls: type) -> str:
     """Where users find `cls`: `fixpoint.X`, `fixpoint.internal.X`, ..."""
     for where in ("fixpoint", "fixpoint.internal", "fixpoint.solvers", "fixpoint.layers"):
         module = sys.modules.get(where)

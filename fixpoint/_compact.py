@@ -18,10 +18,12 @@ compile time against the work saved.
 import functools as ft
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool
 
 from ._checks import as_python_number, check_int
 from ._manual import hoist, manual_axes, while_loop
@@ -54,7 +56,7 @@ class Compaction(eqx.Module):
     min_bucket: int = eqx.field(default=2, static=True, converter=as_python_number, kw_only=True)
     min_batch: int = eqx.field(default=16, static=True, converter=as_python_number, kw_only=True)
 
-    def __check_init__(self):
+    def __check_init__(self) -> None:
         for name, low in (("factor", 2), ("min_bucket", 1), ("min_batch", 2)):
             check_int(getattr(self, name), name, low, owner="Compaction")
 
@@ -70,7 +72,7 @@ class Compaction(eqx.Module):
             sizes.append(nxt)
 
 
-def check_compaction(value, what: str = "`compaction`") -> None:
+def check_compaction(value: object, what: str = "`compaction`") -> None:
     """A readable error unless `value` is `None` or a `fixpoint.Compaction`
     (`what` names the argument in the message, e.g. "DEQ: `compaction`")."""
     if value is not None and not isinstance(value, Compaction):
@@ -79,7 +81,15 @@ def check_compaction(value, what: str = "`compaction`") -> None:
         )
 
 
-def compacted_while_loop(cond: Callable, body: Callable, init_val, compaction: Compaction | None):
+_Carry = TypeVar("_Carry")
+
+
+def compacted_while_loop(
+    cond: Callable[[_Carry], Bool[Array, ""]],
+    body: Callable[[_Carry], _Carry],
+    init_val: _Carry,
+    compaction: Compaction | None,
+) -> _Carry:
     """`lax.while_loop(cond, body, init_val)`, compacted under `jax.vmap`.
 
     `cond(carry)` is one boolean per sample. `cond` and `body` may close over

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from ._custom_types import Norm, Tolerance
 from ._norm import max_norm
 
 
@@ -40,12 +41,24 @@ def _ratio(v, ref, rtol, atol):
     return jnp.where(v == 0, jnp.zeros_like(v), ratio)
 
 
-def scaled_size(norm, v, ref, rtol, atol) -> Float[Array, "..."]:
+def scaled_size(
+    norm: Norm,
+    v: Float[Array, "*shape"],
+    ref: Float[Array, "*shape"],
+    rtol: Tolerance,
+    atol: Tolerance,
+) -> Float[Array, ""]:
     """`norm(v / (atol + rtol·|ref|))`, with `0/0 = 0` and `v/0 = inf` for `v ≠ 0`."""
     return norm(_ratio(v, ref, rtol, atol))
 
 
-def meets(norm, v, ref, rtol, atol) -> Bool[Array, "..."]:
+def meets(
+    norm: Norm,
+    v: Float[Array, "*shape"],
+    ref: Float[Array, "*shape"],
+    rtol: Tolerance,
+    atol: Tolerance,
+) -> Bool[Array, ""]:
     """Whether `v` meets the tolerance relative to `ref` (False for NaN)."""
     return scaled_size(norm, v, ref, rtol, atol) < 1
 
@@ -148,16 +161,16 @@ def decide(sizes: Sizes, rtol, atol, *, kind: str, start_norm):
 
 
 def converged(
-    norm,
-    residual,
-    y,
-    step,
-    rtol,
-    atol,
+    norm: Norm,
+    residual: Float[Array, " n"],
+    y: Float[Array, " n"],
+    step: Float[Array, " n"] | None,
+    rtol: Tolerance,
+    atol: Tolerance,
     *,
     kind: str,
-    start_norm,
-    y0,
+    start_norm: Float[Array, ""],
+    y0: Float[Array, " n"],
 ) -> tuple[Bool[Array, ""], Bool[Array, ""]]:
     """`(converged, residual_ok)` for one iterate of a fixed-point or root problem.
 

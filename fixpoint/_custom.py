@@ -1,6 +1,8 @@
 """`custom_fixed_point` / `custom_root`: our gradient rules for a user's own solver."""
 
 import functools as ft
+from collections.abc import Callable
+from typing import Protocol, TypeAlias
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -9,17 +11,28 @@ from jax.flatten_util import ravel_pytree
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._checks import as_float_pytree, check_bool, check_instance, check_output
 from ._convergence import converged
+from ._custom_types import Args, Fn, Y
 from ._fixed_point_setup import residual_fn, setup
 from ._fixed_point_solver import check_relative_tolerance, check_tolerance
 from ._manual import hoist
 from ._norm import max_norm
 
 
+class Solver(Protocol):
+    """A solver decorated by `custom_fixed_point` / `custom_root`: `(y0, args) -> y`."""
+
+    def __call__(self, y0: Y, args: Args = None) -> Y: ...
+
+
+# What `custom_fixed_point(fn)` returns: it decorates `solver(y0, args) -> y`.
+Decorator: TypeAlias = Callable[[Callable[[Y, Args], Y]], Solver]
+
+
 def _default_tolerances(dtype):
     return (1e-10, 1e-10) if jnp.finfo(dtype).bits >= 64 else (1e-6, 1e-6)
 
 
-def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol, throw):
+def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol, throw) -> Decorator:
     check_instance(adjoint, AbstractAdjoint, "adjoint")
     check_bool(throw, "throw")
     for label, value in (("rtol", rtol), ("atol", atol)):
@@ -27,7 +40,7 @@ def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol, throw):
             check_tolerance(value, f"{name}: `{label}`")
     check_relative_tolerance(rtol, f"{name}: `rtol`")
 
-    def decorator(solver_fn):
+    def decorator(solver_fn: Callable[[Y, Args], Y]) -> Solver:
         @ft.wraps(solver_fn)
         def wrapped(y0, args=None):
             y0_flat, unravel, inputs, _ = setup(name, fn, y0, args, has_aux)
@@ -74,14 +87,14 @@ def _decorator(kind, name, fn, has_aux, adjoint, rtol, atol, throw):
 
 
 def custom_fixed_point(
-    fn,
+    fn: Fn,
     *,
-    has_aux=False,
+    has_aux: bool = False,
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     rtol: float | None = None,
     atol: float | None = None,
     throw: bool = True,
-):
+) -> Decorator:
     """Give your own solver fixpoint's gradient rule for the fixed point of `fn`.
 
     ```python
@@ -118,14 +131,14 @@ def custom_fixed_point(
 
 
 def custom_root(
-    fn,
+    fn: Fn,
     *,
-    has_aux=False,
+    has_aux: bool = False,
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     rtol: float | None = None,
     atol: float | None = None,
     throw: bool = True,
-):
+) -> Decorator:
     """As `custom_fixed_point`, for a solver returning `y` with `fn(y, args) ≈ 0`.
 
     The check of the returned point is `max_norm(g(y) / (atol + rtol·‖g(y0)‖)) < 1`.

@@ -17,12 +17,15 @@ prefix and, on the cached path, each call sees only the window's tokens.
 """
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple, TypeAlias, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, Real, UInt32
 
 from ._checks import check_bool, check_int
 from ._decode_loop import decode_loop, scores
@@ -37,22 +40,85 @@ _HINT = (
 )
 
 
+# `model(tokens) -> logits`, causal (see `decode`).
+Model: TypeAlias = Callable[[Int[Array, " L"]], Float[Array, "L V"]]
+# One PRNG key per row of a batched prompt (or one for all), new-style or raw.
+KeyLike: TypeAlias = Key[Array, "*B"] | UInt32[ArrayLike, "*B 2"]
+
+
+@overload
 def decode(
-    model,
-    prompt,
+    model: Model,
+    prompt: Int[ArrayLike, "*B P"],
     max_new_tokens: int,
     *,
     solver: AbstractDecodingSolver,
     eos_id: int | None = None,
-    key=None,
-    temperature=1.0,
-    prompt_lengths=None,
+    key: KeyLike | None = None,
+    temperature: Real[ArrayLike, ""] = 1.0,
+    prompt_lengths: Int[ArrayLike, " B"] | None = None,
+    fill_id: int = 0,
+    cached: bool | None = None,
+    return_solution: Literal[False] = False,
+    record_trajectory: bool = False,
+    throw: bool = True,
+) -> Int[Array, "*B N"]: ...
+
+
+@overload
+def decode(
+    model: Model,
+    prompt: Int[ArrayLike, "*B P"],
+    max_new_tokens: int,
+    *,
+    solver: AbstractDecodingSolver,
+    eos_id: int | None = None,
+    key: KeyLike | None = None,
+    temperature: Real[ArrayLike, ""] = 1.0,
+    prompt_lengths: Int[ArrayLike, " B"] | None = None,
+    fill_id: int = 0,
+    cached: bool | None = None,
+    return_solution: Literal[True],
+    record_trajectory: bool = False,
+    throw: bool = True,
+) -> tuple[Int[Array, "*B N"], Solution]: ...
+
+
+@overload
+def decode(
+    model: Model,
+    prompt: Int[ArrayLike, "*B P"],
+    max_new_tokens: int,
+    *,
+    solver: AbstractDecodingSolver,
+    eos_id: int | None = None,
+    key: KeyLike | None = None,
+    temperature: Real[ArrayLike, ""] = 1.0,
+    prompt_lengths: Int[ArrayLike, " B"] | None = None,
     fill_id: int = 0,
     cached: bool | None = None,
     return_solution: bool = False,
     record_trajectory: bool = False,
     throw: bool = True,
-):
+) -> Int[Array, "*B N"] | tuple[Int[Array, "*B N"], Solution]: ...
+
+
+def decode(
+    model: Model,
+    prompt: Int[ArrayLike, "*B P"],
+    max_new_tokens: int,
+    *,
+    solver: AbstractDecodingSolver,
+    eos_id: int | None = None,
+    key: KeyLike | None = None,
+    temperature: Real[ArrayLike, ""] = 1.0,
+    prompt_lengths: Int[ArrayLike, " B"] | None = None,
+    fill_id: int = 0,
+    cached: bool | None = None,
+    return_solution: bool = False,
+    record_trajectory: bool = False,
+    throw: bool = True,
+) -> Int[Array, "*B N"] | tuple[Int[Array, "*B N"], Solution]:
     """Decode `max_new_tokens` tokens after `prompt` in parallel; the output is
     the sequential (autoregressive) one.
 
@@ -325,7 +391,15 @@ class Disagreement(NamedTuple):
     scale: float  # max |score| at that position: the margin's yardstick
 
 
-def first_disagreement(model, prompt, tokens, reference, *, key=None, temperature=1.0):
+def first_disagreement(
+    model: Model,
+    prompt: Int[ArrayLike, " P"],
+    tokens: Int[ArrayLike, " N"],
+    reference: Int[ArrayLike, " N"],
+    *,
+    key: PRNGKeyArray | None = None,
+    temperature: Real[ArrayLike, ""] = 1.0,
+) -> Disagreement:
     """Where `tokens` first differs from `reference` (two decodings of `prompt`),
     and by how much the model preferred one there.
 

@@ -5,6 +5,8 @@ import abc
 
 import equinox as eqx
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 
 class AbstractDecodingSolver(eqx.Module):
@@ -48,7 +50,7 @@ class AbstractDecodingSolver(eqx.Module):
     def max_window(self) -> int:
         """The widest window this solver proposes (static)."""
 
-    def window_at(self, accepted):
+    def window_at(self, accepted: Int[Array, ""]) -> Int[Array, ""]:
         """The window width at this iteration, given `accepted` new tokens."""
         del accepted
         return jnp.array(self.max_window, jnp.int32)
@@ -58,16 +60,27 @@ class AbstractDecodingSolver(eqx.Module):
         """The number of guess branches scored beside the main window (static)."""
         return 0
 
-    def init_state(self, tokens, prompt_length, vocab_size):
+    def init_state(
+        self, tokens: Int[Array, " L"], prompt_length: Int[Array, ""], vocab_size: int
+    ) -> PyTree[Array] | None:
         """The guessing state before the first call (`None` for no guesses)."""
         del tokens, prompt_length, vocab_size
         return None
 
-    def propose(self, state, last_token):
+    def propose(
+        self, state: PyTree[Array], last_token: Int[Array, ""]
+    ) -> tuple[Int[Array, "G m"], Bool[Array, " G"]]:
         """`(guesses: int32[G, m], real: bool[G])` after `last_token`."""
         raise NotImplementedError(f"{type(self).__name__} has num_guesses > 0 but no `propose`.")
 
-    def observe(self, state, tokens, lo, hi, count):
+    def observe(
+        self,
+        state: PyTree[Array],
+        tokens: Int[Array, " L"],
+        lo: Int[Array, ""],
+        hi: Int[Array, ""],
+        count: int,
+    ) -> PyTree[Array]:
         """The state after a call (see the class docstring)."""
         del tokens, lo, hi, count
         return state
@@ -97,13 +110,15 @@ class AbstractCachedModel(eqx.Module):
     """
 
     @abc.abstractmethod
-    def __call__(self, tokens):
+    def __call__(self, tokens: Int[Array, " L"]) -> Float[Array, "L V"]:
         """Logits `float[L, V]` for `int32[L]` tokens (causal)."""
 
     @abc.abstractmethod
-    def init_cache(self, capacity: int):
+    def init_cache(self, capacity: int) -> PyTree[Array]:
         """An empty cache for positions `0 … capacity-1`."""
 
     @abc.abstractmethod
-    def extend(self, tokens, start, cache):
+    def extend(
+        self, tokens: Int[Array, " W"], start: Int[ArrayLike, ""], cache: PyTree[Array]
+    ) -> tuple[Float[Array, "W V"], PyTree[Array]]:
         """Logits of `tokens` placed at `start …`, and the cache with their entries."""

@@ -1,6 +1,7 @@
 """Raising readable errors from inside compiled code."""
 
 import functools as ft
+from typing import TypeVar
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -8,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float, Int, PyTree
 
 from ._manual import vary_like
 from ._solution import RESULTS
@@ -76,8 +79,18 @@ except ImportError:  # pragma: no cover
     _JVPTracer = _BatchTracer = ()
 
 
+_T = TypeVar("_T")
+
+
 @ft.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
-def raise_if_failed(value, codes, num_steps, residual, what: str, hint: str = _SOLVE_HINT):
+def raise_if_failed(
+    value: PyTree[Array],
+    codes: Int[ArrayLike, "*batch"],
+    num_steps: Int[ArrayLike, "*batch"],
+    residual: Float[ArrayLike, "*batch"],
+    what: str,
+    hint: str = _SOLVE_HINT,
+) -> PyTree[Array]:
     """Return `value`; at run time, raise `SolveError` if any `codes` is a failure.
 
     The message names the result code, the number of steps and the residual of
@@ -123,7 +136,14 @@ def _raise_if_failed_jvp(what, hint, primals, tangents):
     return raise_if_failed(value, codes, num_steps, residual, what, hint), tangents[0]
 
 
-def checked(outputs, codes, num_steps, residual, what: str, hint: str = _SOLVE_HINT):
+def checked(
+    outputs: _T,
+    codes: Int[ArrayLike, "*batch"],
+    num_steps: Int[ArrayLike, "*batch"],
+    residual: Float[ArrayLike, "*batch"],
+    what: str,
+    hint: str = _SOLVE_HINT,
+) -> _T:
     """`outputs` (any pytree), made to depend on a run-time check of `codes`.
 
     The check (`raise_if_failed`) runs on a scalar token, 0 unless it raises,

@@ -6,6 +6,8 @@ import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
+from jaxtyping import Array, Bool, Float
 
 from ._compact import Compaction, compacted_while_loop
 from ._convergence import decide, measure
@@ -57,7 +59,7 @@ class LoopScalars(NamedTuple):
     # copies, gathers and selects touch them.
 
     @staticmethod
-    def initial(dtype) -> jax.Array:
+    def initial(dtype: DTypeLike) -> Float[Array, " 6"]:
         """The packed scalars before the first step (residual norms of `dtype`)."""
         return LoopScalars(
             residual=jnp.asarray(jnp.inf),
@@ -69,7 +71,7 @@ class LoopScalars(NamedTuple):
         ).pack(dtype)
 
     @staticmethod
-    def read(packed, dtype) -> "LoopScalars":
+    def read(packed: Float[Array, " 6"], dtype: DTypeLike) -> "LoopScalars":
         fdtype, idtype = _pack_dtypes(dtype)
 
         def ints(x):
@@ -84,7 +86,7 @@ class LoopScalars(NamedTuple):
             running=ints(packed[5]).astype(bool),
         )
 
-    def pack(self, dtype) -> jax.Array:
+    def pack(self, dtype: DTypeLike) -> Float[Array, " 6"]:
         fdtype, idtype = _pack_dtypes(dtype)
 
         def bits(x):
@@ -93,11 +95,18 @@ class LoopScalars(NamedTuple):
         floats = [jnp.asarray(x).astype(fdtype) for x in (self.residual, self.best, self.start)]
         return jnp.stack(floats + [bits(self.step), bits(self.result), bits(self.running)])
 
-    def first_norm(self, rnorm) -> jax.Array:
+    def first_norm(self, rnorm: Float[Array, ""]) -> Float[Array, ""]:
         """The starting residual norm, given this step's `rnorm`."""
         return jnp.where(self.step == 0, rnorm, self.start)
 
-    def advance(self, rnorm, start, result: RESULTS, done, dtype) -> jax.Array:
+    def advance(
+        self,
+        rnorm: Float[Array, ""],
+        start: Float[Array, ""],
+        result: RESULTS,
+        done: Bool[Array, ""],
+        dtype: DTypeLike,
+    ) -> Float[Array, " 6"]:
         """The packed scalars after a step that measured `rnorm` and decided `done`."""
         finite = jnp.isfinite(rnorm)
         return LoopScalars(
@@ -110,7 +119,7 @@ class LoopScalars(NamedTuple):
         ).pack(dtype)
 
     @staticmethod
-    def outcome(packed, dtype) -> tuple[RESULTS, dict]:
+    def outcome(packed: Float[Array, " 6"], dtype: DTypeLike) -> tuple[RESULTS, dict[str, Array]]:
         """`(result, {"num_steps", "residual"})` of a finished loop."""
         s = LoopScalars.read(packed, dtype)
         result = result_from_code(s.result)
@@ -124,7 +133,13 @@ def _pack_dtypes(dtype):
     return jnp.float32, jnp.int32
 
 
-def termination(converged, finite, diverged, out_of_steps, solver_result=None):
+def termination(
+    converged: Bool[Array, ""],
+    finite: Bool[Array, ""],
+    diverged: Bool[Array, ""],
+    out_of_steps: Bool[Array, ""],
+    solver_result: RESULTS | None = None,
+) -> tuple[RESULTS, Bool[Array, ""]]:
     """`(result, done)` for one step of a loop, in order of precedence.
 
     Converged beats everything; then a non-finite residual, divergence, a failure

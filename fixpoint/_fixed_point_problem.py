@@ -15,6 +15,8 @@ from typing import Any, Literal
 import equinox as eqx
 from jaxtyping import Array, Float
 
+from ._custom_types import Args, Aux
+
 
 class Evaluation(eqx.Module):
     """`fn` evaluated at one iterate `y`."""
@@ -30,13 +32,13 @@ class Problem(eqx.Module):
     fn: Callable
     kind: Literal["fixed_point", "root"] = eqx.field(static=True)
 
-    def evaluate(self, y, args) -> Evaluation:
+    def evaluate(self, y: Float[Array, " n"], args: Args) -> Evaluation:
         out, aux = self.fn(y, args)
         if self.kind == "fixed_point":
             return Evaluation(fy=out, residual=y - out, aux=aux)
         return Evaluation(fy=y - out, residual=out, aux=aux)
 
-    def residual(self, y, args):
+    def residual(self, y: Float[Array, " n"], args: Args) -> tuple[Float[Array, " n"], Aux]:
         """`(G(y), aux)`: the root form, e.g. for Jacobians."""
         out, aux = self.fn(y, args)
         if self.kind == "fixed_point":

@@ -7,8 +7,9 @@ import equinox as eqx
 import numpy as np
 from equinox import AbstractVar
 from jax.core import Tracer
+from jaxtyping import Array, Float
 
-from ._custom_types import Norm
+from ._custom_types import Args, HasTolerances, Norm
 from ._fixed_point_problem import Evaluation, Problem
 from ._solution import RESULTS
 
@@ -61,15 +62,15 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     step_estimates_error: ClassVar[bool] = True
 
     @abc.abstractmethod
-    def init(self, problem: Problem, y, args) -> _State:
+    def init(self, problem: Problem, y: Float[Array, " n"], args: Args) -> _State:
         """Initial solver state for starting point `y` (must not call `fn`)."""
 
     @abc.abstractmethod
-    def step(self, problem: Problem, y, args, state: _State) -> Step:
+    def step(self, problem: Problem, y: Float[Array, " n"], args: Args, state: _State) -> Step:
         """Evaluate the problem once at `y` and propose the next iterate."""
 
 
-def check_tolerance(value, what: str) -> None:
+def check_tolerance(value: object, what: str) -> None:
     """A tolerance must be a static, finite, non-negative real number."""
     if isinstance(value, Tracer):
         raise TypeError(
@@ -83,7 +84,7 @@ def check_tolerance(value, what: str) -> None:
         raise ValueError(f"{what} must be a non-negative, finite number, got {value!r}.")
 
 
-def check_relative_tolerance(value, what: str) -> None:
+def check_relative_tolerance(value: float | None, what: str) -> None:
     """A relative tolerance must be below 1 (after `check_tolerance`).
 
     `|Δy| <= rtol·|y|` with `rtol >= 1` accepts nearly any step, and a number
@@ -98,7 +99,7 @@ def check_relative_tolerance(value, what: str) -> None:
         )
 
 
-def check_tolerances(solver, allow_default: bool = False) -> None:
+def check_tolerances(solver: HasTolerances, allow_default: bool = False) -> None:
     """Shared `__check_init__` body: readable errors for bad tolerances.
 
     With `allow_default=True` a tolerance may be `None` (a default resolved at

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
+from ._compact import Compaction
+from ._custom_types import LinearSolve
 from ._errors import checked
 from ._gmres import gmres
 from ._manual import fori_loop
@@ -37,8 +39,13 @@ def _target(b, rtol, atol):
 
 
 def gmres_solve(
-    rtol: float, atol: float, restart: int, max_restarts: int, throw: bool, compaction=None
-):
+    rtol: float,
+    atol: float,
+    restart: int,
+    max_restarts: int,
+    throw: bool,
+    compaction: Compaction | None = None,
+) -> LinearSolve:
     """`solve(matvec, b)` by our restarted GMRES (`_gmres.py`): matrix-free.
 
     GMRES aims at `|A x - b|₂ <= max(atol, rtol |b|₂)`; the solve counts as
@@ -71,7 +78,9 @@ _ITERATIVE = tuple(
 )
 
 
-def lineax_solve(solver: lx.AbstractLinearSolver, rtol: float, atol: float, throw: bool):
+def lineax_solve(
+    solver: lx.AbstractLinearSolver, rtol: float, atol: float, throw: bool
+) -> LinearSolve:
     """`solve(matvec, b, transpose_of=None)` by a lineax solver.
 
     Iterative lineax solvers work on the matrix-free operator. Dense ones (LU,
@@ -115,7 +124,7 @@ _SERIES_HINT = (
 )
 
 
-def series_solve(steps: int, damping: float, throw: bool):
+def series_solve(steps: int, damping: float, throw: bool) -> LinearSolve:
     """`x_k = damping * sum_{i<k} (I - damping*A)^i b`: damped Richardson from zero.
 
     With `A = I - J_f` (a fixed-point problem) this is the k-step phantom

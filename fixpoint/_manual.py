@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Int
 
 
 class Hoisted(eqx.Module):
@@ -83,7 +84,7 @@ def while_loop(cond: Callable[[_T], Any], body: Callable[[_T], _T], init: _T) ->
     return jax.lax.while_loop(cond, body, match_varying(body, init))
 
 
-def fori_loop(lower: int, upper: int, body: Callable, init):
+def fori_loop(lower: int, upper: int, body: Callable[[Int[Array, ""], _T], _T], init: _T) -> _T:
     """`lax.fori_loop`, with `init` made to vary as `body` makes it (see above)."""
     init = match_varying(lambda x: body(jnp.asarray(lower), x), init)
     return jax.lax.fori_loop(lower, upper, body, init)

@@ -2,6 +2,7 @@
 
 import functools as ft
 from collections.abc import Callable
+from typing import Literal, TypeAlias, overload
 
 import equinox as eqx
 import jax
@@ -9,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float, PyTree
 
 from ._checks import as_float_pytree, check_instance, check_int
 from ._errors import checked
@@ -20,23 +23,83 @@ from ._scan_solver import AbstractScanSolver, ScanProblem, scan_tolerances
 from ._solution import Solution
 from ._time import Time
 
+# `f(carry, x) -> (carry, y)`, as for `lax.scan`.
+Cell: TypeAlias = Callable[[PyTree[Array], PyTree[Array]], tuple[PyTree[Array], PyTree[Array]]]
 
+
+@overload
 def scan(
-    f: Callable,
-    init,
-    xs=None,
+    f: Cell,
+    init: PyTree[Float[ArrayLike, "..."]],
+    xs: PyTree[ArrayLike] = None,
     length: int | None = None,
     *,
     solver: AbstractScanSolver,
     reverse: bool = False,
-    guess=None,
+    guess: PyTree[ArrayLike] = None,
+    max_steps: int | None = None,
+    throw: bool = True,
+    adjoint_solver: AbstractScanSolver | None = None,
+    record_residuals: bool = False,
+    return_solution: Literal[False] = False,
+    mesh: Mesh | None = None,
+) -> tuple[PyTree[Array], PyTree[Array]]: ...
+
+
+@overload
+def scan(
+    f: Cell,
+    init: PyTree[Float[ArrayLike, "..."]],
+    xs: PyTree[ArrayLike] = None,
+    length: int | None = None,
+    *,
+    solver: AbstractScanSolver,
+    reverse: bool = False,
+    guess: PyTree[ArrayLike] = None,
+    max_steps: int | None = None,
+    throw: bool = True,
+    adjoint_solver: AbstractScanSolver | None = None,
+    record_residuals: bool = False,
+    return_solution: Literal[True],
+    mesh: Mesh | None = None,
+) -> tuple[PyTree[Array], PyTree[Array], Solution]: ...
+
+
+@overload
+def scan(
+    f: Cell,
+    init: PyTree[Float[ArrayLike, "..."]],
+    xs: PyTree[ArrayLike] = None,
+    length: int | None = None,
+    *,
+    solver: AbstractScanSolver,
+    reverse: bool = False,
+    guess: PyTree[ArrayLike] = None,
     max_steps: int | None = None,
     throw: bool = True,
     adjoint_solver: AbstractScanSolver | None = None,
     record_residuals: bool = False,
     return_solution: bool = False,
     mesh: Mesh | None = None,
-):
+) -> tuple[PyTree[Array], PyTree[Array]] | tuple[PyTree[Array], PyTree[Array], Solution]: ...
+
+
+def scan(
+    f: Cell,
+    init: PyTree[Float[ArrayLike, "..."]],
+    xs: PyTree[ArrayLike] = None,
+    length: int | None = None,
+    *,
+    solver: AbstractScanSolver,
+    reverse: bool = False,
+    guess: PyTree[ArrayLike] = None,
+    max_steps: int | None = None,
+    throw: bool = True,
+    adjoint_solver: AbstractScanSolver | None = None,
+    record_residuals: bool = False,
+    return_solution: bool = False,
+    mesh: Mesh | None = None,
+) -> tuple[PyTree[Array], PyTree[Array]] | tuple[PyTree[Array], PyTree[Array], Solution]:
     """`jax.lax.scan(f, init, xs, length, reverse)`, solved in parallel over time.
 
     The carries `h_1, ..., h_T` of `h_t, y_t = f(h_{t-1}, x_t)` are the fixed

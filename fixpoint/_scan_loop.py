@@ -5,8 +5,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from ._convergence import row_sizes, rows_meet
+from ._custom_types import Tolerance
 from ._fixed_point_loop import termination
 from ._linear import flag_failure
 from ._manual import while_loop
@@ -33,14 +35,14 @@ class _Carry(eqx.Module):
 def iterate_scan(
     solver: AbstractScanSolver,
     problem: ScanProblem,
-    h,
+    h: Float[Array, "T D"],
     *,
-    rtol,
-    atol,
+    rtol: Tolerance,
+    atol: Tolerance,
     max_steps: int,
     record_residuals: bool = False,
     extrapolate: bool = False,
-):
+) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
     """Iterate `solver` on the trajectory `h` (`(T, D)`, or a device's chunk).
 
     Each iteration evaluates `F(H)` once (`solver.linearise`) and measures

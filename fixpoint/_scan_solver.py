@@ -16,7 +16,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from equinox import AbstractVar
-from jaxtyping import Array, Float
+from jax.typing import DTypeLike
+from jaxtyping import Array, Bool, Float, PyTree
 
 from ._custom_types import Norm
 from ._time import Time, linear_recurrence
@@ -39,15 +40,17 @@ class ScanProblem(eqx.Module):
     # cell): it changes only how `refinement` runs by default.
     linear: bool = eqx.field(static=True, default=False)
 
-    def prev(self, h):
+    def prev(self, h: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """Each step's previous state in scan order (`h0` for the first step)."""
         return self.time.shift(h, self.h0, self.reverse)
 
-    def evaluate(self, h):
+    def evaluate(self, h: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """`F(H)`: every step from its predecessor, all in parallel."""
         return jax.vmap(self.cell)(self.prev(h), self.xs)
 
-    def jacobians(self, h):
+    def jacobians(
+        self, h: Float[Array, "T D"]
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T D D"]]:
         """`(F(H), J)` with the dense per-step Jacobians `J_t = ∂cell/∂h` `(T, D, D)`."""
 
         def one(hp, x):
@@ -57,7 +60,9 @@ class ScanProblem(eqx.Module):
         jac, fh = jax.vmap(jax.jacfwd(one, has_aux=True))(self.prev(h), self.xs)
         return fh, jac
 
-    def diagonals(self, h, assume_diagonal: bool, batch_size: int):
+    def diagonals(
+        self, h: Float[Array, "T D"], assume_diagonal: bool, batch_size: int
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T D"]]:
         """`(F(H), diag J)` with the diagonals of the per-step Jacobians, `(T, D)`.
 
         With `assume_diagonal=True` the Jacobian is taken to be diagonal and its
@@ -95,7 +100,7 @@ class ScanProblem(eqx.Module):
 
         return jax.vmap(one_step)(hp, self.xs)
 
-    def sweep(self, length: int):
+    def sweep(self, length: int) -> Float[Array, "T D"]:
         """The sequential answer itself: `lax.scan` of the cell from `h0`, `length` steps.
 
         Depth `T`, memory `O(T·D)`; needs an unsharded time axis.
@@ -124,7 +129,7 @@ class ScanProblem(eqx.Module):
         """Whether `refinement(h, method)` is the sequential answer itself (a sweep)."""
         return self.refinement_method(method) == "sweep"
 
-    def refinement(self, h, method: str = "auto"):
+    def refinement(self, h: Float[Array, "T D"], method: str = "auto") -> Float[Array, "T D"]:
         """A trajectory accurate to (at least) first order in the residuals of `h`.
 
         What the `refine` of solvers without dense Jacobians returns, and so the
@@ -159,7 +164,7 @@ class ScanProblem(eqx.Module):
         unsharded = self.time.axis_name is None
         return "sequential" if cpu and unsharded and self.h0.shape[-1] >= 16 else "parallel"
 
-    def newton_step(self, h, method: str = "auto"):
+    def newton_step(self, h: Float[Array, "T D"], method: str = "auto") -> Float[Array, "T D"]:
         """`H - E`: one Newton step on the whole trajectory.
 
         `E` solves `E_t = A_t E_{t-1} + r_t` (`A_t = ∂cell/∂h`, `r = H - F(H)`),
@@ -263,15 +268,25 @@ class AbstractScanSolver(eqx.Module):
         return False, False
 
     @abc.abstractmethod
-    def init(self, problem: ScanProblem, h) -> Any:
+    def init(self, problem: ScanProblem, h: Float[Array, "T D"]) -> PyTree:
         """Initial state for the trajectory guess `h`."""
 
     @abc.abstractmethod
-    def linearise(self, problem: ScanProblem, h, state) -> tuple[Any, Any]:
+    def linearise(
+        self, problem: ScanProblem, h: Float[Array, "T D"], state: PyTree
+    ) -> tuple[Float[Array, "T D"], PyTree]:
         """`(F(h), derivatives)`: one evaluation, and what `update` needs (or None)."""
 
     @abc.abstractmethod
-    def update(self, problem: ScanProblem, h, fh, derivatives, frozen, state) -> tuple[Any, Any]:
+    def update(
+        self,
+        problem: ScanProblem,
+        h: Float[Array, "T D"],
+        fh: Float[Array, "T D"],
+        derivatives: PyTree,
+        frozen: Bool[Array, " T"],
+        state: PyTree,
+    ) -> tuple[Float[Array, "T D"], PyTree]:
         """`(h_next, state)`: the proposed trajectory, given `F(h)` and the frozen mask."""
 
     def linear_solver(self, problem: ScanProblem) -> "AbstractScanSolver":
@@ -285,7 +300,14 @@ class AbstractScanSolver(eqx.Module):
         return self
 
     @abc.abstractmethod
-    def refine(self, problem: ScanProblem, h, fh, derivatives, state) -> tuple[Any, Any]:
+    def refine(
+        self,
+        problem: ScanProblem,
+        h: Float[Array, "T D"],
+        fh: Float[Array, "T D"],
+        derivatives: PyTree,
+        state: PyTree,
+    ) -> tuple[Float[Array, "T D"], PyTree]:
         """`(h_refined, state)` once every step of `h` meets the per-step tolerance.
 
         `h_refined` must be accurate to first order in the residuals `h - F(h)`
@@ -309,7 +331,7 @@ class AbstractScanSolver(eqx.Module):
 SCAN_TOLERANCES = {"float64": 1e-6, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 
 
-def scan_tolerances(solver: AbstractScanSolver, dtype) -> tuple[float, float]:
+def scan_tolerances(solver: AbstractScanSolver, dtype: DTypeLike) -> tuple[float, float]:
     """`(rtol, atol)` of `solver` for a carry of `dtype`: its own, or the dtype's default.
 
     The defaults (`SCAN_TOLERANCES`): `1e-6` for float64, `1e-4` for float32,

@@ -10,11 +10,15 @@ scalar for a reduction. So the solvers are written once and run either way.
 """
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, Bool, Float, Int, Shaped
+
+_T = TypeVar("_T")
 
 
 class Time(eqx.Module):
@@ -23,18 +27,20 @@ class Time(eqx.Module):
     axis_name: str | None = eqx.field(static=True, default=None)
     size: int = eqx.field(static=True, default=1)
 
-    def _index(self):
+    def _index(self) -> Int[Array, ""]:
         # In the default int dtype, as `jnp.arange` (int32 is a strict-promotion
         # error against int64 positions under x64).
         return lax.axis_index(self.axis_name).astype(jax.dtypes.canonicalize_dtype(jnp.int_))
 
-    def offset(self, local_length: int):
+    def offset(self, local_length: int) -> Int[Array, ""]:
         """Global index of this chunk's first step."""
         if self.axis_name is None:
             return jnp.array(0)
         return self._index() * local_length
 
-    def shift(self, x, fill, reverse: bool = False):
+    def shift(
+        self, x: Shaped[Array, " T *rest"], fill: Shaped[Array, "*rest"], reverse: bool = False
+    ) -> Shaped[Array, " T *rest"]:
         """Each step's predecessor in scan order.
 
         Forward: `[fill, x_0, ..., x_{T-2}]`; `reverse=True`: `[x_1, ..., x_{T-1}, fill]`.
@@ -53,14 +59,14 @@ class Time(eqx.Module):
         head = jnp.where(self._index() == 0, fill, incoming)
         return jnp.concatenate([head[None], x[:-1]])
 
-    def order(self, local_length: int, reverse: bool = False):
+    def order(self, local_length: int, reverse: bool = False) -> Int[Array, " T"]:
         """Each local step's position in scan order (0 is the first step computed)."""
         index = self.offset(local_length) + jnp.arange(local_length)
         if reverse:
             return local_length * self.size - 1 - index
         return index
 
-    def associative_scan(self, fn: Callable, elems, reverse: bool = False):
+    def associative_scan(self, fn: Callable[[_T, _T], _T], elems: _T, reverse: bool = False) -> _T:
         """`lax.associative_scan` over the whole (possibly sharded) time axis.
 
         `fn(a, b)` combines `a`, earlier in scan order, with `b`, and must work on
@@ -84,25 +90,25 @@ class Time(eqx.Module):
         combined = fn(carry, local)
         return jax.tree.map(lambda c, x: jnp.where(has_carry, c, x), combined, local)
 
-    def all(self, x):
+    def all(self, x: Shaped[Array, "T ..."]) -> Bool[Array, ""]:
         out = jnp.all(x)
         if self.axis_name is None:
             return out
         return lax.pmin(out.astype(jnp.int32), self.axis_name).astype(bool)
 
-    def max(self, x):
+    def max(self, x: Shaped[Array, "T ..."]) -> Shaped[Array, ""]:
         out = jnp.max(x)
         if self.axis_name is None:
             return out
         return lax.pmax(out, self.axis_name)
 
-    def sum(self, x):
+    def sum(self, x: Shaped[Array, "T ..."]) -> Shaped[Array, ""]:
         out = jnp.sum(x)
         if self.axis_name is None:
             return out
         return lax.psum(out, self.axis_name)
 
-    def min(self, x, axis=None):
+    def min(self, x: Shaped[Array, "T ..."], axis: int | None = None) -> Shaped[Array, "..."]:
         """The minimum over time (and, with `axis=None`, every other axis too)."""
         out = jnp.min(x, axis=axis)
         if self.axis_name is None:
@@ -123,7 +129,12 @@ def _dense_combine(a, b):
     )
 
 
-def linear_recurrence(time: Time, a, b, reverse: bool = False):
+def linear_recurrence(
+    time: Time,
+    a: Float[Array, "T D D"] | Float[Array, "T D"],
+    b: Float[Array, "T D"],
+    reverse: bool = False,
+) -> Float[Array, "T D"]:
     """Solve `x_t = A_t x_{t-1} + b_t` (from `x_{-1} = 0`) by an associative scan.
 
     `a` is `(T, D, D)` (dense) or `(T, D)` (diagonal); `b` is `(T, D)`. With
