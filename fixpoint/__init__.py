@@ -11,6 +11,7 @@ from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint import NeumannAdjoint as NeumannAdjoint
 from ._adjoint import PhantomAdjoint as PhantomAdjoint
 from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
+from ._cache import uncached as uncached
 from ._compact import Compaction as Compaction
 from ._custom import custom_fixed_point as custom_fixed_point
 from ._custom import custom_root as custom_root

@@ -20,6 +20,7 @@ import functools
 from collections.abc import Callable
 from typing import Literal, NamedTuple, TypeAlias, overload
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,7 @@ from jax.core import Tracer
 from jax.typing import ArrayLike
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, Real, UInt32
 
+from ._cache import may_cache, once_per_shapes
 from ._checks import check_bool, check_int
 from ._decode_loop import decode_loop, scores
 from ._decode_solver import AbstractCachedModel, AbstractDecodingSolver
@@ -249,26 +251,30 @@ def decode(
                 f"the model's vocabulary 0 … {vocab - 1}."
             )
     lengths = _lengths(prompt_lengths, prompt)
+    # Greedy: no temperature (another value must not recompile). Sampled: an array,
+    # an input of the compiled loop rather than part of its cache key.
+    temp = None
     if key is not None:
         key = _check_key(key, prompt)
-        temperature = _check_temperature(temperature)
-    run = functools.partial(
-        decode_loop,
+        temp = jnp.asarray(_check_temperature(temperature))
+    # Compiled once per model, as `jax.jit` would (see `_cache.py`).
+    core = _compiled if may_cache(model, solver) else _decode_core
+    tokens, stats, result = core(
         model,
+        prompt,
+        lengths,
+        key,
+        temp,
+        batched=batched,
         n=max_new_tokens,
         solver=solver,
         window=window,
         vocab=vocab,
         eos_id=eos_id,
         fill_id=fill_id,
-        temperature=temperature,
         cached=cached,
         record=record_trajectory,
     )
-    if batched:
-        tokens, stats, result = jax.vmap(run)(prompt, lengths, key)
-    else:
-        tokens, stats, result = run(prompt, lengths, key)
     if throw:
         tokens, stats, result = checked(
             (tokens, stats, result),
@@ -283,8 +289,20 @@ def decode(
     return tokens, Solution(value=tokens, result=result, aux=None, stats=stats)
 
 
+def _decode_core(model, prompt, lengths, key, temperature, *, batched, **options):
+    run = functools.partial(decode_loop, model, temperature=temperature, **options)
+    if batched:
+        return jax.vmap(run)(prompt, lengths, key)
+    return run(prompt, lengths, key)
+
+
+_compiled = eqx.filter_jit(_decode_core)
+
+
+@once_per_shapes
 def _check_model(model, length, window, cached):
-    """The vocabulary size, after checking the model's shapes at trace time."""
+    """The vocabulary size, after checking the model's shapes (once per model and
+    shapes, so that a repeated call does not trace the model again)."""
     tokens = jax.ShapeDtypeStruct((length,), jnp.int32)
     out = jax.eval_shape(model, tokens)
     if not _is_logits(out, length):

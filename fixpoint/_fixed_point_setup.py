@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._adjoint import AbstractAdjoint, explain_forward_mode
+from ._cache import may_cache
 from ._checks import (
     as_float_pytree,
     check_bool,
@@ -68,10 +69,9 @@ def solve(
     divergence_ratio = check_number(divergence_ratio, "divergence_ratio", "> 1")
     options = LoopOptions(max_steps, divergence_ratio, record_residuals)
     y0 = as_float_pytree(y0)
-    # An Equinox module's arrays are inputs of the compiled loop, so its cached
-    # compilation can be reused safely; a plain function may read globals or
-    # mutable state that a cache would freeze, so it is traced on every call.
-    run = _compiled if cacheable(fn, args) else _core
+    # Compiled once per function, as `jax.jit` would (see `_cache.py`).
+    statics = (fn, args, solver, adjoint, options, compaction)
+    run = _compiled if may_cache(*statics) else _core
     try:
         sol = run(name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction, throw)
     except TypeError as e:
@@ -83,27 +83,6 @@ def solve(
             sol, sol.result._value, sol.stats["num_steps"], sol.stats["residual"], f"`{name}`"
         )
     return sol
-
-
-def cacheable(fn, args=None) -> bool:
-    """Whether compiled work for `fn(y, args)` may be cached across calls.
-
-    Yes when `fn` is an Equinox module and every function inside `args` is one
-    too (or comes from JAX/Equinox itself): then every array they use is an input
-    of the compiled loop. A plain Python function may read globals or mutable
-    state that a cache would freeze, so it is traced again on every call.
-    """
-    if not isinstance(fn, eqx.Module):
-        return False
-    # Flattening goes through modules: their callable fields (an MLP's
-    # activation) are leaves too.
-    leaves = jax.tree.leaves((fn, args))
-    return all(_library_function(x) for x in leaves if callable(x) and not eqx.is_array(x))
-
-
-def _library_function(x) -> bool:
-    module = getattr(x, "__module__", None) or ""
-    return module.split(".")[0] in ("jax", "jaxlib", "equinox", "numpy")
 
 
 def _core(

@@ -13,9 +13,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 from jaxtyping import Array, Float, PyTree
 
+from ._cache import may_cache
 from ._checks import as_float_pytree, check_instance, check_int
 from ._errors import checked
-from ._fixed_point_setup import _strong, cacheable, failed_at
+from ._fixed_point_setup import _strong, failed_at
 from ._implicit import implicit_solve
 from ._manual import hoist
 from ._scan_loop import EXTRA_STEPS, iterate_scan, scan_linear_solve
@@ -120,7 +121,7 @@ def scan(
     - `length`: the number of steps, if `xs` is `None` (checked against `xs`
       otherwise).
     - `solver`: a scan solver: `fixpoint.solvers.Sequential()`, `Jacobi()`,
-      `GaussSeidel(block)`, `PicardSum()`, `DEER()`, `QuasiDEER()`, `ELK()`.
+      `GaussSeidel(block_size=...)`, `PicardSum()`, `DEER()`, `QuasiDEER()`, `ELK()`.
       `Jacobi(window=w)` and `PicardSum(window=w)` evaluate a sliding window
       of `w` steps per iteration (not with `mesh=`).
     - `reverse`: run from the last step to the first, as `lax.scan`.
@@ -183,9 +184,7 @@ def scan(
     steps = _length(xs, length)
     if max_steps is not None:
         check_int(max_steps, "max_steps", 1)
-    x0 = jax.tree.map(lambda a: a[0], xs)
     h0, unravel = ravel_pytree(init)
-    _check_carry(f, init, x0, h0.dtype)
     h_guess = _guess(guess, init, steps, h0)
     devices = 1 if mesh is None else mesh.devices.size
     for name, s in (("solver", solver), ("adjoint_solver", adjoint_solver)):
@@ -197,8 +196,9 @@ def scan(
             )
     if max_steps is None:
         max_steps = steps + (-steps % devices) + EXTRA_STEPS  # padded steps converge too
-    # Cached across eager calls only for an Equinox module `f` (see `fixed_point`).
-    run = _compiled if cacheable(f, xs) else _scan_core
+    # Compiled once per function, as `jax.jit` would (see `_cache.py`).
+    statics = (f, init, xs, solver, adjoint_solver, mesh)
+    run = _compiled if may_cache(*statics) else _scan_core
     h, ys, result, stats = run(
         f,
         init,
@@ -228,6 +228,8 @@ def scan(
 def _scan_core(f, init, xs, h_guess, *, steps, mesh, reverse, **options):
     x0 = jax.tree.map(lambda a: a[0], xs)
     h0, unravel = ravel_pytree(init)
+    # At trace time, so that a cached call does not trace `f` again.
+    _check_carry(f, init, x0, h0.dtype)
     cell = hoist(_Flat(f, unravel), h0, x0)
     inputs = jax.tree.map(_strong, (cell, xs, h0))
     devices = 1 if mesh is None else mesh.devices.size

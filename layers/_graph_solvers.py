@@ -496,6 +496,12 @@ def perron_root(
 
     **Returns:** `float[num_graphs]`.
     """
+    # Compiled once (for these shapes), also when called eagerly on its own.
+    return _perron_root(graph, edge_weights, self_weights, max_iterations)
+
+
+@eqx.filter_jit
+def _perron_root(graph, edge_weights, self_weights, max_iterations):
     ids, g = graph.node_graph(), graph.num_graphs
     ew, sw = jax.lax.stop_gradient(edge_weights), jax.lax.stop_gradient(self_weights)
     v, u, bound, _ = _perron_iteration(graph, ew, sw, max_iterations)

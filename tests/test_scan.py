@@ -609,9 +609,9 @@ def test_bad_inputs_fail_at_trace_time():
         fixpoint.scan(f, init, {"a": 1.0}, solver=s)
     with pytest.raises(ValueError, match="mesh"):
         fixpoint.scan(f, init, xs, solver=s, mesh="devices")
-    with pytest.raises(ValueError, match="block"):
+    with pytest.raises(ValueError, match="block_size"):
         solvers.GaussSeidel(block_size=0)
-    with pytest.raises(ValueError, match="damping"):
+    with pytest.raises(ValueError, match="lambda_0"):
         solvers.ELK(lambda_0=-1.0)
     with pytest.raises(ValueError, match="rtol"):
         solvers.DEER(rtol=-1.0)
