@@ -123,7 +123,8 @@ def spread_spectrum(rng: np.random.Generator, d: int, top: float) -> np.ndarray:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "equinox", "lineax", "optimistix", "jaxopt", "fixpoint-jax"):
+    peers = ("optimistix", "jaxopt", "banax", "brainevent")
+    for pkg in ("jax", "jaxlib", "equinox", "lineax", *peers, "fixpoint-jax"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -25,6 +25,16 @@ phantom/JFB; GMRES for implicit, which runs to the forward tolerance).
     python bench/deq_training.py --task mnist1d-convmondeq --adjoint implicit --epochs 10
 
 Writes `bench/results/deq_training_<task>.json` and prints a table.
+
+`--peers` (digits-mlp only) trains nothing: it times one training step (the batch's
+forward solves under `vmap`, the gradient, an AdamW update) of our `layers.DEQ` against
+banax (`banax.adjoint.Implicit` / `NeumannPhantom` / `JFB` around `banax.solver.Anderson`,
+depth 5, rtol = atol = 1e-4, 40 steps) on the same cell, weights and batch, and reads
+XLA's memory analysis of each step (`BanaxClassifier`, `banax_adjoint`). banax needs
+Python >= 3.12: run it from a 3.12 environment (README, Benchmarks); elsewhere its rows
+say why it is unavailable. Writes `bench/results/deq_training_peers_<task>.json`.
+
+    python bench/deq_training.py --task digits-mlp --peers --adjoint implicit phantom jfb
 """
 
 import argparse
@@ -269,6 +279,180 @@ def train(task, adjoint, epochs, batch, lr, seed=0, progress=True):
     }
 
 
+# ---- peers: one training step against banax ------------------------------------
+
+
+def _import_banax():
+    """`(banax.adjoint, banax.solver)`, or `None` and why not (banax needs Python >= 3.12)."""
+    try:
+        from banax import adjoint, solver
+    except Exception as e:  # reported in the table and the JSON, never dropped
+        import platform
+
+        ver = platform.python_version()
+        return None, f"unavailable ({type(e).__name__}: {e}; needs Python >= 3.12, here {ver})"
+    return (adjoint, solver), None
+
+
+class BanaxClassifier(eqx.Module):
+    """Our `Classifier`'s cell and head, the equilibrium found and differentiated by banax.
+
+    The cell is spectrally normalised once per forward pass (as `layers.DEQ(normalise=...)`
+    does), then banax's adjoint solves `z = f(z, x)` from `z = 0` for one sample.
+    """
+
+    f: MLPCell
+    head: eqx.nn.Linear
+    adjoint: eqx.Module = eqx.field(static=True)
+    z_size: int = eqx.field(static=True)
+
+    def __call__(self, x):
+        f = layers.spectral_norm(self.f, bound=0.9)
+        sol = self.adjoint((lambda z, f, x: f(z, x), (f, x)), jnp.zeros(self.z_size, x.dtype))
+        return self.head(sol.value), sol
+
+
+def banax_adjoint(kind, bx_adjoint, bx_solver):
+    """banax's counterpart of `ADJOINTS[kind]`: the same forward solver (Anderson, history
+    5, rtol = atol = 1e-4, 40 steps; banax tests the Euclidean norm of `f(z) - z` against
+    atol *or* relative to `|f(z)|` against rtol, ours the max-norm against `atol + rtol |z|`);
+    implicit: banax's `Implicit` solves the backward linear system by the same Anderson
+    iteration (ours: GMRES to 1e-4); phantom: `NeumannPhantom` with `Relaxed(damp=0.5,
+    max_steps=5)`, which is our `PhantomAdjoint(steps=5, damping=0.5)`; jfb: `JFB`."""
+    solver = bx_solver.Anderson(depth=5, damp=1.0, atol=1e-4, rtol=1e-4, max_steps=40)
+    if kind == "implicit":
+        return bx_adjoint.Implicit(solver=solver, b_solver=solver)
+    if kind == "phantom":
+        return bx_adjoint.NeumannPhantom(
+            solver=solver, b_solver=bx_solver.Relaxed(damp=0.5, max_steps=5)
+        )
+    return bx_adjoint.JFB(solver=solver)
+
+
+def _step_fn(model, opt, x, y, stats):
+    """`step(params, opt_state) -> (params, opt_state, loss, grads, z, steps, ok)` for one
+    fixed batch; `stats(sol) -> (steps, converged)` reads the library's own solution."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_fn(params):
+        logits, sol = jax.vmap(eqx.combine(params, static))(x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, sol
+
+    def step(params, opt_state):
+        (loss, sol), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        steps, ok = stats(sol)
+        new = optax.apply_updates(params, updates)
+        return new, opt_state, loss, grads, sol.value, steps, ok
+
+    return step, params, opt.init(params)
+
+
+def compare_step(task, adjoints, batch, seed, reps):
+    """Time and memory of one training step (forward solve, gradient, AdamW update) on a
+    batch of `batch` digits: ours (`layers.DEQ`) against banax, same cell and weights.
+    Both steps are compiled first, then timed in alternation (`reps` rounds), so that a
+    change in the machine's load hits both alike."""
+    from _common import memory_of
+
+    if task != "digits-mlp":
+        raise SystemExit("--peers: only --task digits-mlp (banax has no MonDEQ / conv layers)")
+    (xtr, ytr), _ = load_digits(seed)
+    x, y = jnp.asarray(xtr[:batch]), jnp.asarray(ytr[:batch])
+    opt = optax.adamw(3e-3, weight_decay=1e-4)
+    bx, missing = _import_banax()
+    rows = []
+    for kind in adjoints:
+        ours = make_model(task, kind, jax.random.key(seed))
+        variants = {
+            "ours": (
+                ours,
+                ours.deq.f,
+                lambda sol: (sol.stats["num_steps"], sol.result == fixpoint.RESULTS.successful),
+            )
+        }
+        if bx is not None:
+            peer = BanaxClassifier(ours.deq.f, ours.head, banax_adjoint(kind, *bx), 64)
+            variants["banax"] = (peer, peer.f, lambda sol: (sol.stats.steps, sol.result == 0))
+        else:
+            rows.append({"library": "banax", "adjoint": kind, "unavailable": missing})
+        ready, out = {}, {}
+        for lib, (model, _, stats) in variants.items():
+            step, params, opt_state = _step_fn(model, opt, x, y, stats)
+            try:
+                t0 = time.perf_counter()
+                compiled = jax.jit(step).lower(params, opt_state).compile()
+                compile_s = time.perf_counter() - t0
+                out[lib] = jax.block_until_ready(compiled(params, opt_state))  # warm-up
+            except Exception as e:  # a peer failing to trace is a result, not a crash
+                rows.append({"library": lib, "adjoint": kind, "error": f"{type(e).__name__}: {e}"})
+                continue
+            ready[lib] = (compiled, (params, opt_state), compile_s)
+        times = {lib: [] for lib in ready}
+        for _ in range(reps):  # the same weights every call: the same work every call
+            for lib, (compiled, args, _) in ready.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled(*args))
+                times[lib].append(time.perf_counter() - t0)
+        for lib, (compiled, _, compile_s) in ready.items():
+            _, _, loss, g, z, steps, ok = out[lib]
+            f = layers.spectral_norm(variants[lib][1], bound=0.9)
+            res = jnp.max(jnp.abs(jax.vmap(f)(z, x) - z))  # the same check for both
+            rows.append(
+                {
+                    "library": lib,
+                    "adjoint": kind,
+                    "compile_s": compile_s,
+                    "step_s": float(np.median(times[lib])),
+                    "step_best_s": min(times[lib]),
+                    "reps": reps,
+                    "memory": memory_of(compiled),
+                    "loss": float(loss),
+                    "fwd_steps_mean": float(jnp.mean(steps)),
+                    "fwd_steps_max": int(jnp.max(steps)),
+                    "converged": float(jnp.mean(ok)),
+                    "residual_max": float(res),
+                }
+            )
+        if len(ready) == 2:  # the gradients of the cell's weights: where the adjoints differ
+            a = jax.tree.leaves(out["ours"][3].deq.f)
+            b = jax.tree.leaves(out["banax"][3].f)
+            num = max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(a, b, strict=True))
+            rows[-1]["grad_rel_diff_vs_ours"] = num / max(float(jnp.max(jnp.abs(u))) for u in a)
+    return rows
+
+
+def print_peer_rows(rows):
+    ours = {r["adjoint"]: r for r in rows if r["library"] == "ours" and "step_s" in r}
+    print(
+        f"\n{'gradient':<9} {'library':<7} {'step':>9} {'vs ours':>8} {'temp mem':>9} "
+        f"{'vs ours':>8} {'fwd steps':>10} {'max|f(z)-z|':>11} {'grad diff':>9}  compile"
+    )
+    for r in rows:
+        head = f"{r['adjoint']:<9} {r['library']:<7}"
+        if "step_s" not in r:
+            print(f"{head} {r.get('unavailable') or 'ERROR ' + r['error']}")
+            continue
+        base = ours.get(r["adjoint"], r)
+        mem, base_mem = r["memory"].get("temp_size", 0), base["memory"].get("temp_size", 0)
+        diff = r.get("grad_rel_diff_vs_ours")
+        print(
+            f"{head} {r['step_s'] * 1e3:7.2f}ms {r['step_s'] / base['step_s']:7.2f}x "
+            f"{mem / 2**20:7.2f}MB {mem / max(base_mem, 1):7.2f}x "
+            f"{r['fwd_steps_mean']:5.1f}/{r['fwd_steps_max']:<4d} {r['residual_max']:11.1e} "
+            f"{'-' if diff is None else f'{diff:9.1e}':>9}  {r['compile_s']:.1f}s"
+        )
+    print(
+        "\nstep: median steady-state time of one jitted training step (vmapped forward solve,"
+        "\ngradient, AdamW update) on the same batch, same weights, ours and banax timed in"
+        "\nalternation; CPU figures vary with load, compare within a run. temp mem: XLA's"
+        "\ntemp_size_in_bytes for that step. fwd steps: mean/max over the batch; max|f(z)-z|"
+        "\nrecomputed the same way for both. grad diff:"
+        "\nmax|g_banax - g_ours| / max|g_ours| over the cell's weights (W, U, b)."
+    )
+
+
 def main():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -283,7 +467,22 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--peers", action="store_true", help="time one training step against banax instead"
+    )
+    p.add_argument("--reps", type=int, default=10, help="timed steps with --peers (median)")
     a = p.parse_args()
+    if a.peers:
+        rows = compare_step(a.task, a.adjoint, a.batch, a.seed, a.reps)
+        print_peer_rows(rows)
+        RESULTS_DIR.mkdir(exist_ok=True)
+        out = RESULTS_DIR / f"deq_training_peers_{a.task}.json"
+        from _common import device_info, git_state, versions
+
+        info = {"device": device_info(), "versions": versions(), "git": git_state()}
+        out.write_text(json.dumps({**info, "batch": a.batch, "rows": rows}, indent=1))
+        print(f"wrote {out}")
+        return
     epochs = a.epochs or (30 if a.task.startswith("mnist1d") else 40)
     lr = a.lr or 3e-3
     rows = []

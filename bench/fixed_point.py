@@ -41,6 +41,11 @@ allow: `atol = tol`, `rtol = 0` wherever there is a choice):
   jaxopt's default `unroll="auto"` turns the loop into a `scan` over all `maxiter`
   steps (under `vmap` every step is then executed); `jaxopt-AA[auto]` shows that default
   on the smallest configurations;
+- `banax-Picard` / `banax-Anderson` / `banax-Broyden`: banax's solvers (`depth=5`,
+  `history_size=20`, as ours) with `atol=tol`, `rtol=0`, through `banax.adjoint.JFB`;
+  their test is `|f(y) - y|_2 <= atol` (Euclidean, like jaxopt's). banax needs Python
+  >= 3.12: run the script from a 3.12 virtual environment to include it (README, Benchmarks);
+  elsewhere its rows say why it is unavailable;
 - `bare-loop`: a `jax.lax.while_loop` Picard on the whole batch, stopping when
   `max|f(z) - z| <= tol` over the batch: the floor for one-evaluation-per-step methods.
 
@@ -240,6 +245,61 @@ def jaxopt_solver(kind: str, unroll: bool | str = False):
     return build
 
 
+def _import_banax():
+    """`(banax.adjoint, banax.solver)`, or `None` and why not (banax needs Python >= 3.12)."""
+    try:
+        from banax import adjoint, solver
+    except Exception as e:  # a missing peer is a row in the table, not a crash
+        import platform
+
+        ver = platform.python_version()
+        return None, f"unavailable ({type(e).__name__}: {e}; needs Python >= 3.12, here {ver})"
+    return (adjoint, solver), None
+
+
+_BANAX, _BANAX_MISSING = _import_banax()
+
+
+def banax_solver(kind: str):
+    """banax's `Picard` / `Anderson(depth=5)` / `Broyden(history_size=20)`, `atol=tol`,
+    `rtol=0`; its test is on the Euclidean norm (`|f(y) - y|_2 <= atol`), as jaxopt's.
+    Called through `banax.adjoint.JFB` (its forward is the plain `lax` loop)."""
+
+    def build(cfg: Config):
+        bx_adjoint, bx_solver = _BANAX
+        common = dict(atol=cfg.tol, rtol=0.0, max_steps=cfg.max_steps)
+        solver = {
+            "picard": lambda: bx_solver.Picard(**common),
+            "anderson": lambda: bx_solver.Anderson(depth=5, damp=1.0, **common),
+            "broyden": lambda: bx_solver.Broyden(history_size=20, **common),
+        }[kind]()
+        adjoint, fn = bx_adjoint.JFB(solver=solver), per_sample_fn(cfg)
+
+        def one(w, c):
+            sol = adjoint((fn, ((w, c),)), jnp.zeros_like(c))  # banax calls fn(z, (w, c))
+            return sol.value, sol.stats.steps, sol.result
+
+        return _vmapped(one)
+
+    return build
+
+
+def _banax_methods() -> list:
+    details = {"Picard": "", "Anderson": "m=5", "Broyden": "mem=20"}
+    codes = {0: "successful", 1: "max_steps_reached", 2: "diverged"}
+    return [
+        Method(
+            f"banax-{name}",
+            banax_solver(name.lower()),
+            "l2|r|",
+            codes=codes,
+            detail=lambda cfg, d=detail: d,
+            skip=lambda cfg: _BANAX_MISSING,
+        )
+        for name, detail in details.items()
+    ]
+
+
 def bare_loop(cfg: Config):
     act = activation(cfg)
 
@@ -354,6 +414,7 @@ METHODS = [
         detail=lambda cfg: "m=5 unroll=auto(scan)",
         applies=lambda cfg: cfg.problem == "deq" and cfg.d == 64 and cfg.rho == 0.9,
     ),
+    *_banax_methods(),
     Method("bare-loop", bare_loop, "max|r| (batch)", detail=lambda cfg: "lax.while_loop"),
 ]
 
@@ -522,7 +583,8 @@ def main() -> None:
         "\nStopping tests: ours, optx-FPI, bare-loop: max-norm of f(z)-z < tol (atol=tol, rtol=0;"
         "\nours also needs its proposed step < tol);"
         "\noptx-Newton: max-norm of the Newton step AND of f(z)-z < tol;"
-        "\njaxopt: Euclidean norm of the step (FPI) / of f(z)-z (AA) <= tol (stricter)."
+        "\njaxopt: Euclidean norm of the step (FPI) / of f(z)-z (AA) <= tol (stricter);"
+        "\nbanax: Euclidean norm of f(z)-z <= tol."
         "\n'ok' = fraction of samples the method reports converged; 'note': the other result"
         "\ncodes (count×name) and, if not all, the fraction of samples whose residual recomputed"
         "\nin float64 is <= tol ('≤tol'). ×n = fewer timed repetitions (time guard)."

@@ -38,6 +38,15 @@ Measured per (configuration, scale):
 - mem: `compiled.memory_analysis()`: temp + argument + output - alias bytes (all fields
   are kept in the JSON; on CPU `peak_memory_in_bytes` is only arguments + outputs).
 
+Peer (after the grid; `bench` extra): brainevent's `pararnn.parallel_rnn` (after ParaRNN:
+Newton over time, a fixed number of iterations, Jacobians by `jax.jacobian` of the cell,
+their structure detected: dense for the GRU, diagonal for the diagonal GRU) on the same
+cells, inputs and scale 1 as our DEER (GRU, D = 8, T = 1e3) and diagonal QuasiDEER rows
+(D = 64, T = 1e3 and 1e4): as shipped with its default 3 iterations, and with its Jacobian's
+sign patched (see `PEER_NOTE`: brainevent 0.1.x solves each Newton step with the negated
+Jacobian) at as many iterations as ours took; time, error against lax.scan, time / ours.
+If brainevent cannot be imported, the table says why.
+
 Configurations whose estimated memory exceeds `--mem-gb`, whose lax.scan reference is
 estimated to take longer than `--max-ref-s`, or whose fixpoint call is estimated to take
 longer than `--max-run-s` are skipped and recorded with the reason. Estimates come from a
@@ -81,6 +90,7 @@ import argparse
 import json
 import math
 import statistics
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -880,6 +890,147 @@ def print_targets(targets: list[dict], platform: str) -> None:
     )
 
 
+# ------------------------------------------------------------------------------ peers
+
+
+def _import_brainevent():
+    """`brainevent.pararnn`, or `None` and why not."""
+    try:
+        from brainevent import pararnn
+    except Exception as e:  # reported in the table and the JSON, never dropped
+        return None, f"unavailable ({type(e).__name__}: {e})"
+    return pararnn, None
+
+
+def brainevent_fn(pararnn, static, d: int, max_its: int, fix_sign: bool):
+    """`states(params, xs)` by brainevent's `parallel_rnn` (Newton, `max_its` iterations,
+    no convergence test; Jacobian structure detected: dense for the GRU, diagonal for the
+    diagonal GRU). `fix_sign`: negate the Jacobian it hands its linear solve (see
+    `PEER_NOTE`), through its own `AutoRNNCell` and the helper `parallel_rnn` calls."""
+
+    def states(params, x):
+        leaves, treedef = jax.tree.flatten(params)
+
+        def cell_fn(h, xt, *leaves):
+            return eqx.combine(jax.tree.unflatten(treedef, list(leaves)), static)(xt, h)
+
+        xb = x if x.ndim == 3 else x[None]  # parallel_rnn wants (B, T, input)
+        config = pararnn.NewtonConfig(max_its=max_its)
+        if not fix_sign:
+            out = pararnn.parallel_rnn(cell_fn, xb, *leaves, state_dim=d, newton_config=config)
+        else:
+            from brainevent.pararnn._auto_cell import _apply_parallel_auto
+
+            class SignFixed(pararnn.AutoRNNCell):
+                def compute_jacobians(self, h, x, *params):
+                    return -super().compute_jacobians(h, x, *params)
+
+            cell = SignFixed(cell_fn)
+            cell._resolve_structure(d, xb.shape[-1], tuple(leaves))
+            cell.num_array_params = len(leaves)
+            out = _apply_parallel_auto(cell, xb, d, config, tuple(leaves))
+        return out if x.ndim == 3 else out[0]
+
+    return states
+
+
+PEER_NOTE = (
+    "brainevent 0.1.x parallel_rnn hands its linear solve (which solves h[t] = jac[t] h[t-1]"
+    " + rhs[t]) the *negated* Jacobian -df/dh, so each Newton step solves the wrong system:"
+    " even on the linear cell h = 0.5 h + x its error grows with the iterations (1.4 after 1,"
+    " 193 after 10; exact after 1 with the sign fixed). Rows 'as shipped' show that; rows"
+    " '+J' negate the Jacobian back (our patch, not brainevent's code) to time its machinery"
+    " at its intended accuracy. brainevent >= 0.2 has no pararnn."
+)
+
+
+def peer_cases(mode: str) -> list[tuple[str, str, int, int, int]]:
+    """(cell, our solver, D, T, B) at scale 1, each one also in the main plan."""
+    out = [("gru", "DEER", 8, 10**3, b) for b in (1, 16)]
+    out += [("diag-gru", "QuasiDEER-diag", 64, 10**3, 1)]
+    out += [("diag-gru", "QuasiDEER-diag", 64, 10**4, b) for b in (1, 16)]
+    if mode == "full":
+        out += [("diag-gru", "QuasiDEER-diag", 64, 10**5, b) for b in (1, 16)]
+    return out
+
+
+def run_peers(cli, runner: Runner, mode: str) -> list[dict]:
+    """brainevent's `parallel_rnn` on the same cells, inputs and scale as our rows: as
+    shipped with its default 3 Newton iterations, and sign-patched with as many iterations
+    as ours took; time, error against lax.scan."""
+    pararnn, missing = _import_brainevent()
+    if pararnn is None:
+        print(f"brainevent: {missing}")
+        return [{"library": "brainevent", "status": "unavailable", "reason": missing}]
+    rows = []
+    for kind, ours_solver, d, t, b in peer_cases(mode):
+        case = Case(kind, ours_solver, d, t, b)
+        ours = runner.find(case, 1.0, "fwd")
+        cell = make_cell(kind, d, cli.seed)
+        params, static = eqx.partition(cell, eqx.is_inexact_array)
+        xs = make_inputs(t, b, cli.seed)
+        ref_states, _ = reference_fns(static, d, b)
+        ref_exe, _, _ = compile_fn(ref_states, params, xs)
+        ref_times, _, ref_out, _ = run_timed(ref_exe, (params, xs), cli.reps, cli.guard)
+        ref_s = statistics.median(ref_times)
+        ran = ours is not None and ours.get("status") == "ran"
+        # As shipped at its default 3 iterations; sign-patched with as many as ours took.
+        variants = [(3, False), (max(ours["iters_max"], 1) if ran else 3, True)]
+        for max_its, fix in variants:
+            row = {"library": "brainevent", "cell": kind, "d": d, "t": t, "b": b, "scale": 1.0}
+            row.update(max_its=max_its, variant="+J (sign patched)" if fix else "as shipped")
+            row.update(ours_solver=ours_solver, ref_time_s=ref_s)
+            if ran:
+                row.update(ours_time_s=ours["time_s"], ours_iters=ours["iters_max"])
+                row.update(ours_err=ours["err"])
+            try:
+                fn = brainevent_fn(pararnn, static, d, max_its, fix)
+                exe, comp_s, mem = compile_fn(fn, params, xs)
+                times, _, out, warm = run_timed(exe, (params, xs), cli.reps, cli.guard)
+            except Exception as e:  # a peer failing is a result, not a crash
+                row.update(status="error", reason=short_error(e))
+                rows.append(row)
+                print(f"  brainevent {kind} D={d} T={fmt_t(t)} B={b}: {row['reason']}")
+                continue
+            med = statistics.median(times)
+            err = float(max_abs_diff(out, ref_out))
+            row.update(status="ran", time_s=med, compile_s=comp_s, memory=mem, warmup_only=warm)
+            row.update(err=err, ok=bool(err <= ERR_TARGET), speedup=ref_s / med)
+            if ran:
+                row["time_vs_ours"] = med / ours["time_s"]
+            rows.append(row)
+    return rows
+
+
+def print_peers(rows: list[dict]) -> None:
+    table = []
+    for r in rows:
+        if r.get("status") != "ran":
+            table.append([r.get("library", "?"), r.get("reason", "?"), *["-"] * 10])
+            continue
+        table.append(
+            [
+                f"{r['cell']} D={r['d']} T={fmt_t(r['t'])} B={r['b']}",
+                f"{r['variant']}, {r['max_its']} its",
+                fmt_time(r["time_s"]),
+                fmt_speedup(r["speedup"]),
+                fmt_sci(r["err"]),
+                "yes" if r["ok"] else "NO",
+                f"{r['ours_solver']} {r.get('ours_iters', '-')} its",
+                fmt_time(r.get("ours_time_s")),
+                fmt_sci(r.get("ours_err")),
+                "-" if "time_vs_ours" not in r else f"{r['time_vs_ours']:.2f}",
+                fmt_time(r["ref_time_s"]),
+                fmt_time(r["compile_s"]),
+            ]
+        )
+    headers = ["config (scale 1)", "brainevent parallel_rnn", "time", "vs lax", "max err"]
+    headers += [f"<={ERR_TARGET:g}", "ours", "ours time", "ours err", "time/ours", "lax.scan"]
+    headers += ["compile"]
+    print_table(headers, table, title="Peers, forward: brainevent.pararnn.parallel_rnn")
+    print("\n" + textwrap.fill(PEER_NOTE, 90))
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -954,9 +1105,12 @@ def main() -> None:
         )
         runner.run_group(kind, d, t, b, groups[(kind, d, t, b)])
     rows = runner.rows
+    print("peers (brainevent)", flush=True)
+    peers = run_peers(cli, runner, mode_name)
     print_results(rows)
     targets = target_rows(rows, platform)
     print_targets(targets, platform)
+    print_peers(peers)
     elapsed = time.perf_counter() - t_start
     payload = {
         "benchmark": "scan",
@@ -981,6 +1135,8 @@ def main() -> None:
         ),
         "targets": targets,
         "rows": rows,
+        "peers": peers,
+        "peer_note": PEER_NOTE,
         "elapsed_s": elapsed,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
