@@ -51,6 +51,17 @@ allow: `atol = tol`, `rtol = 0` wherever there is a choice):
 
 After the table, the time per iteration of `ours-Picard` is compared with the bare loop.
 
+One state (issue 35; `--one-state only` runs just this, `--one-state skip` leaves it out):
+`z = tanh(z Wᵀ + x Uᵀ)` with `W = Q diag(linspace(0.5, 0.99, 256)) Qᵀ` (Q orthogonal, from
+the QR factorisation of a Gaussian matrix), `U ~ N(0, 1)/16`, `x ~ N(0, 1)·1e-3` of shape
+(64, 256), solved as ONE state of 64 × 256 (no `vmap`), float32, from `z0 = 0`,
+`rtol = atol = 1e-6`. Methods: `ours-Anderson` (history 5, max-norm), `ours-Picard`,
+`optx-FPI` (`FixedPointIteration(rtol=atol=1e-6)`, max-norm), `jaxopt-FPI` / `jaxopt-AA`
+(history 5; `tol=1e-6` on the Euclidean norm: stricter) and the bare `lax.while_loop`
+(`max|f(z) - z| <= 1e-6`). Reported: compile time (apart), time per solve (median of the
+timed calls, each ended with `block_until_ready`), steps, time per step, the residual
+recomputed in float64, and each method's time as a multiple of `ours-Anderson`'s.
+
 Run (from the repository root):
 
     .venv/bin/python bench/fixed_point.py --quick   # d in {64, 256}, batch in {1, 64}
@@ -537,6 +548,150 @@ def per_iteration(rows: list[dict]) -> list[dict]:
     return out
 
 
+# --------------------------------------------------------------------------- one state
+# Issue 35: one (64, 256) state, no `vmap`; the headline of Anderson against the peers.
+
+ONE_STATE_TOL = 1e-6
+
+
+def one_state_data(seed: int):
+    """`(W, U, X)` of the one-state problem (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    d, batch = 256, 64
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    w = (q * np.linspace(0.5, 0.99, d)) @ q.T
+    u = rng.standard_normal((d, d)) / 16
+    x = rng.standard_normal((batch, d)) * 1e-3
+    return tuple(jnp.asarray(a, jnp.float32) for a in (w, u, x))
+
+
+def _one_state_fn(z, args):
+    w, u, x = args
+    return jnp.tanh(z @ w.T + x @ u.T)
+
+
+def _one_state_methods(max_steps: int) -> dict[str, tuple[str, Callable]]:
+    """`{name: (stopping test, run(args) -> (z, steps))}`."""
+    tol, fn = ONE_STATE_TOL, _one_state_fn
+
+    def ours(solver):
+        def run(args):
+            z0 = jnp.zeros_like(args[2])
+            sol = fixpoint.fixed_point(
+                fn, z0, args, solver=solver, max_steps=max_steps, throw=False
+            )
+            return sol.value, sol.stats["num_steps"]
+
+        return run
+
+    def optx_run(args):
+        solver = optx.FixedPointIteration(rtol=tol, atol=tol)
+        z0 = jnp.zeros_like(args[2])
+        sol = optx.fixed_point(fn, solver, z0, args, max_steps=max_steps, throw=False)
+        return sol.value, sol.stats["num_steps"]
+
+    def jaxopt_run(kind):
+        def run(args):
+            common = dict(fixed_point_fun=fn, maxiter=max_steps, tol=tol, implicit_diff=False)
+            if kind == "fpi":
+                solver = jaxopt.FixedPointIteration(unroll=False, **common)
+            else:
+                solver = jaxopt.AndersonAcceleration(
+                    history_size=5, ridge=1e-5, unroll=False, **common
+                )
+            params, state = solver.run(jnp.zeros_like(args[2]), args)
+            return params, state.iter_num
+
+        return run
+
+    def bare(args):
+        def cond(s):
+            z, fz, k = s
+            return (jnp.max(jnp.abs(fz - z)) > tol) & (k < max_steps)
+
+        def body(s):
+            _, fz, k = s
+            return fz, fn(fz, args), k + 1
+
+        z0 = jnp.zeros_like(args[2])
+        z, _, k = jax.lax.while_loop(cond, body, (z0, fn(z0, args), jnp.array(0)))
+        return z, k
+
+    anderson = solvers.Anderson(rtol=tol, atol=tol, history=5, norm=fixpoint.max_norm)
+    picard = solvers.Picard(rtol=tol, atol=tol, norm=fixpoint.max_norm)
+    return {
+        "ours-Anderson": ("max|r|, rtol=atol", ours(anderson)),
+        "ours-Picard": ("max|r|, rtol=atol", ours(picard)),
+        "optx-FPI": ("max|r|, rtol=atol", optx_run),
+        "jaxopt-FPI": ("l2|dy| <= tol", jaxopt_run("fpi")),
+        "jaxopt-AA": ("l2|r| <= tol", jaxopt_run("aa")),
+        "bare-loop": ("max|r| <= tol", bare),
+    }
+
+
+def one_state(reps: int, guard: float, seed: int, wanted: set[str]) -> list[dict]:
+    """Time every method on the one-state problem; ratios against `ours-Anderson`."""
+    args = one_state_data(seed)
+    rows = []
+    for name, (norm, run) in _one_state_methods(max_steps=5000).items():
+        if wanted and name not in wanted:
+            continue
+        row: dict = {"method": name, "norm": norm}
+        try:
+            timing = time_jitted(run, args, reps=reps, guard_s=guard)
+        except Exception as e:  # a peer failing is a result, not a crash
+            row["error"] = short_error(e)
+            rows.append(row)
+            continue
+        z, steps = timing.out
+        w, u, x = (np.asarray(a, np.float64) for a in args)
+        zz = np.asarray(z, np.float64)
+        steps = int(steps)
+        row.update(
+            compile_s=timing.compile_s,
+            run_s=timing.median,
+            run_best_s=timing.best,
+            reps=len(timing.times),
+            steps=steps,
+            per_step_s=timing.median / max(steps, 1),
+            residual=float(np.max(np.abs(np.tanh(zz @ w.T + x @ u.T) - zz))),
+        )
+        rows.append(row)
+    base = next((r for r in rows if r["method"] == "ours-Anderson" and "run_s" in r), None)
+    for r in rows:
+        if base is not None and "run_s" in r:
+            r["time_vs_ours_anderson"] = r["run_s"] / base["run_s"]
+    return rows
+
+
+def print_one_state(rows: list[dict]) -> None:
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["method"], r["norm"], "-", "-", "-", "-", "-", f"ERROR {r['error']}"])
+            continue
+        ratio = r.get("time_vs_ours_anderson")
+        table.append(
+            [
+                r["method"],
+                r["norm"],
+                fmt_time(r["compile_s"]),
+                fmt_time(r["run_s"]),
+                str(r["steps"]),
+                fmt_time(r["per_step_s"]),
+                fmt_sci(r["residual"]),
+                "-" if ratio is None else f"{ratio:.2f}x",
+            ]
+        )
+    print_table(
+        ["method", "stopping test", "compile", "run (median)", "steps", "per step"]
+        + ["max|f(z)-z|", "time / ours-Anderson"],
+        table,
+        title="One state: tanh(z Wᵀ + x Uᵀ), z of 64×256, float32, tol 1e-6 (no vmap)",
+        left=(0, 1),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -552,13 +707,21 @@ def main() -> None:
     parser.add_argument(
         "--configs", default="", help="keep configs whose label contains one of these (comma-sep.)"
     )
+    parser.add_argument(
+        "--one-state",
+        choices=("run", "only", "skip"),
+        default="run",
+        help="the one-state problem of issue 35: with the grid (run), alone (only), or not",
+    )
     cli = parser.parse_args()
     mode_name = "full" if cli.full else "quick"
+    # The one-state problem alone does not overwrite the grid's results.
+    out_name = "fixed_point_one_state" if cli.one_state == "only" else "fixed_point"
     wanted = {m for m in cli.methods.split(",") if m}
 
     info = device_info()
     print(f"fixed_point benchmark ({mode_name}) on {info['platform']} ({info['device_kind']})")
-    cfgs = configs(mode_name, cli.tol)
+    cfgs = [] if cli.one_state == "only" else configs(mode_name, cli.tol)
     if cli.configs:
         keys = cli.configs.split(",")
         cfgs = [c for c in cfgs if any(k in c.label for k in keys)]
@@ -574,7 +737,16 @@ def main() -> None:
                 continue
             rows.append(run_one(m, cfg, w, c, cli.reps, cli.guard))
         payload["elapsed_s"] = time.perf_counter() - t_start
-        write_json("fixed_point", payload)  # after every config: partial results survive
+        write_json(out_name, payload)  # after every config: partial results survive
+
+    if cli.one_state != "skip":
+        payload["one_state"] = one_state(cli.reps, cli.guard, cli.seed, wanted)
+        write_json(out_name, payload)
+    if not cfgs:
+        print_one_state(payload["one_state"])
+        payload["elapsed_s"] = time.perf_counter() - t_start
+        print(f"\nwrote {write_json(out_name, payload)} (total {payload['elapsed_s']:.0f}s)")
+        return
 
     headers = ["config", "method", "compile", "run (median)", "steps mean/max"]
     headers += ["max|f(z)-z|", "ok", "note"]
@@ -611,8 +783,10 @@ def main() -> None:
             ],
             title="Time per iteration, one evaluation per step: run time / (max steps + 1)",
         )
+    if "one_state" in payload:
+        print_one_state(payload["one_state"])
     payload["elapsed_s"] = time.perf_counter() - t_start
-    path = write_json("fixed_point", payload)
+    path = write_json(out_name, payload)
     print(f"\nwrote {path} (total {payload['elapsed_s']:.0f}s)")
 
 

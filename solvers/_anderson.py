@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
@@ -13,10 +14,10 @@ from fixpoint import internal
 class _AndersonState(eqx.Module):
     fys: Float[Array, "m n"]  # f(y_i) for the stored iterates
     res: Float[Array, "m n"]  # f(y_i) - y_i
+    gram: Float[Array, "m m"]  # r_i · r_j (entries of invalid rows are stale)
     valid: Bool[Array, " m"]
     slot: Int[Array, ""]
     restarts: Int[Array, ""]
-    y_good: Float[Array, " n"]  # the last iterate with a finite residual
     has_good: Bool[Array, ""]
 
 
@@ -65,55 +66,87 @@ class Anderson(internal.AbstractSolver):
         return _AndersonState(
             fys=jnp.zeros((m, n), y.dtype),
             res=jnp.zeros((m, n), y.dtype),
+            gram=jnp.zeros((m, m), _work_dtype(y.dtype)),
             valid=jnp.zeros(m, bool),
             slot=jnp.array(0),
             restarts=jnp.array(0),
-            y_good=y,
             has_good=jnp.array(False),
         )
 
     def step(self, problem, y, args, state):
         ev = problem.evaluate(y, args)
         r = ev.fy - y
+        m, slot = self.history, state.slot
         # A non-finite evaluation (e.g. an extrapolation out of the domain) is not
         # stored; the next point backs off halfway towards the last good iterate.
-        good = jnp.all(jnp.isfinite(r))
-        newest = (jnp.arange(self.history) == state.slot) & good
-        fys = jnp.where(newest[:, None], ev.fy, state.fys)
-        res = jnp.where(newest[:, None], r, state.res)
+        # `max_norm` is NaN for any NaN entry, at any size (a plain `jnp.max` drops
+        # NaNs on XLA:CPU from 4096 entries).
+        good = jnp.isfinite(fixpoint.max_norm(r))
+        newest = (jnp.arange(m) == slot) & good
+        # The new pair overwrites one row in place (the oldest, or the slot a
+        # non-finite evaluation left unused); a non-finite one leaves it as it was.
+        fys = state.fys.at[slot].set(jnp.where(good, ev.fy, state.fys[slot]))
+        res = state.res.at[slot].set(jnp.where(good, r, state.res[slot]))
         valid = state.valid | newest
 
-        # The small least-squares system is solved in at least float32 (LAPACK
-        # has no bfloat16/float16 kernels, and the Gram matrix needs the range).
-        work = y.dtype if jnp.finfo(y.dtype).bits >= 32 else jnp.dtype(jnp.float32)
-        alpha = self._weights(res.astype(work), valid).astype(y.dtype)
+        # The Gram matrix `RRᵀ` is kept up to date one row at a time: only the
+        # new residual's products with the stored ones are computed (m, not m²,
+        # dot products: the whole matrix each step cost ~25 µs of ~165 at
+        # n = 16384, m = 5). It is accumulated in at least float32 (LAPACK has no
+        # bfloat16/float16 kernels, and the Gram matrix needs the range).
+        work = state.gram.dtype
+        row = res.astype(work) @ res[slot].astype(work)
+        fresh = newest[:, None] | newest[None, :]
+        gram = jnp.where(fresh, jnp.where(newest[:, None], row[None, :], row[:, None]), state.gram)
+        alpha = self._weights(gram, valid).astype(y.dtype)
         ok = jnp.all(jnp.isfinite(alpha)) & (jnp.sum(jnp.abs(alpha)) <= self.max_weight)
         alpha = jnp.where(ok, alpha, newest.astype(y.dtype))
-        y_next = alpha @ fys - (1 - self.damping) * (alpha @ res)
-        y_next = jnp.where(good, y_next, 0.5 * (state.y_good + y))
+        # After a non-finite evaluation, the next point is halfway back to the last
+        # good iterate, recovered from its stored pair as `f(y) - r` (to rounding).
+        # A branch keeps that rare case off the common path: no iterate to copy
+        # into the state each step, no select over the extrapolation.
+        prev = (slot - 1) % m
+
+        def extrapolate():
+            # Type II: `Σ α_i f(y_i) - (1 - damping) Σ α_i r_i`; undamped, the
+            # second sum is not formed (one pass over the history, not two).
+            y_next = alpha @ fys
+            if self.damping != 1:
+                y_next = y_next - (1 - self.damping) * (alpha @ res)
+            return y_next
+
+        def back_off():
+            return 0.5 * ((fys[prev] - res[prev]) + y)
+
+        y_next = jax.lax.cond(good, extrapolate, back_off)
         state = _AndersonState(
             fys=fys,
             res=res,
+            gram=gram,
             valid=jnp.where(ok, valid, newest),
-            slot=jnp.where(good, (state.slot + 1) % self.history, state.slot),
+            slot=jnp.where(good, (slot + 1) % m, slot),
             restarts=state.restarts + jnp.where(ok, 0, 1),
-            y_good=jnp.where(good, y, state.y_good),
             has_good=state.has_good | good,
         )
         return internal.Step(y_next, state, ev, trial=~good & state.has_good)
 
-    def _weights(self, res, valid):
-        """Solve `min |Σ α_i r_i|² + λ|α|²` s.t. `Σ α_i = 1` over the valid rows."""
+    def _weights(self, gram, valid):
+        """Solve `min |Σ α_i r_i|² + λ|α|²` s.t. `Σ α_i = 1` over the valid rows,
+        given the Gram matrix `gram[i, j] = r_i · r_j`."""
         m = self.history
-        gram = jnp.where(valid[:, None] & valid[None, :], res @ res.T, 0)
+        dtype = gram.dtype
+        gram = jnp.where(valid[:, None] & valid[None, :], gram, 0)
         # Normalise by the mean squared residual so the ridge is relative and the
         # bordered system below is well balanced at any residual size.
-        scale = jnp.maximum(
-            jnp.trace(gram) / jnp.sum(valid, dtype=res.dtype), jnp.finfo(res.dtype).tiny
-        )
+        scale = jnp.maximum(jnp.trace(gram) / jnp.sum(valid, dtype=dtype), jnp.finfo(dtype).tiny)
         # Invalid rows get a unit diagonal and no constraint: their weights are zero.
         gram = gram / scale + jnp.diag(jnp.where(valid, self.ridge, 1.0))
-        ones = valid.astype(res.dtype)
-        system = jnp.block([[gram, ones[:, None]], [ones[None, :], jnp.zeros((1, 1), res.dtype)]])
-        rhs = jnp.zeros(m + 1, res.dtype).at[m].set(1.0)
+        ones = valid.astype(dtype)
+        system = jnp.block([[gram, ones[:, None]], [ones[None, :], jnp.zeros((1, 1), dtype)]])
+        rhs = jnp.zeros(m + 1, dtype).at[m].set(1.0)
         return jnp.linalg.solve(system, rhs)[:m]
+
+
+def _work_dtype(dtype):
+    """The dtype of the least-squares work: `dtype`, but at least float32."""
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)

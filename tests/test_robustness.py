@@ -57,6 +57,22 @@ def test_backs_off_from_nonfinite_trial(solver):
     np.testing.assert_allclose(sol.value, 1.0, rtol=1e-7)
 
 
+@pytest.mark.parametrize("n", [64, 5000, 300_000])
+def test_anderson_backs_off_from_one_nan_entry(n):
+    # One entry of a large state leaves the domain (log of a negative number):
+    # the evaluation is non-finite however many entries there are (XLA:CPU's
+    # float max-reduction drops NaNs from 4096 entries), and after backing off
+    # the solve converges; the history has wrapped around (more steps than 5).
+    def g(y, a):
+        return (y - 1).at[7].set(jnp.log(y[7]))
+
+    y0 = 10 * jnp.ones(n, jnp.float32)
+    sol = fixpoint.root_find(g, y0, solver=solvers.Anderson(1e-5, 1e-5), throw=False)
+    assert bool(sol.result == fixpoint.RESULTS.successful)
+    assert int(sol.stats["num_steps"]) > 5
+    np.testing.assert_allclose(sol.value, 1.0, atol=1e-4)
+
+
 # ---- 10. zero-size states -------------------------------------------------------
 
 
