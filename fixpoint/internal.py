@@ -11,8 +11,9 @@ solver needs beyond that (as `optimistix.internal` does):
   `scaled_size`), result bookkeeping (`termination`, `LoopScalars`), the scan
   loop (`iterate_scan`, `linear_recurrence`), compaction of finished samples
   (`compacted_while_loop`), loops that also work inside `shard_map`
-  (`while_loop`, `fori_loop`), and errors under `jit` (`checked`,
-  `raise_if_failed`);
+  (`while_loop`, `fori_loop`), errors under `jit` (`checked`,
+  `raise_if_failed`), and `once_per_shapes` for a trace-time check of a user's
+  function that a repeated call should not trace again;
 - **option validators** with messages that name the argument (`check_int`,
   `check_number`, `check_bool`, `check_instance`, `check_tolerances`,
   `check_compaction`, `scan_tolerances`) and `as_python_number`, the field
@@ -22,6 +23,7 @@ Every name here is documented where it is defined. These names may change
 between minor versions more freely than `fixpoint`'s own.
 """
 
+from ._cache import once_per_shapes as once_per_shapes
 from ._checks import as_python_number as as_python_number
 from ._checks import check_bool as check_bool
 from ._checks import check_instance as check_instance

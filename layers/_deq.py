@@ -171,23 +171,9 @@ class DEQ(AbstractConfigurable):
         return jnp.zeros(shape, x.dtype)
 
     def check(self, f: Callable, x: Array, z0: Array) -> None:
-        """Trace-time check that `f(z, x)` accepts `z0` and returns its shape and dtype."""
-        where = "`z_shape`" if self.z_shape is not None else "`x`'s shape (no `z_shape` given)"
-        try:
-            out = eqx.filter_eval_shape(f, z0, x)
-        except Exception as e:
-            raise ValueError(
-                f"DEQ: calling `f(z, x)` with `z` of shape {tuple(z0.shape)} (from {where}) "
-                f"and `x` of shape {tuple(jnp.shape(x))} failed. If the state has another "
-                "shape than the input, pass `z_shape=` (or `z0=`)." + _BATCH_HINT
-            ) from e
-        if getattr(out, "shape", None) != z0.shape or getattr(out, "dtype", None) != z0.dtype:
-            raise ValueError(
-                f"DEQ: `f(z, x)` must return the shape and dtype of `z`: `z` is "
-                f"{z0.dtype}{list(z0.shape)} (from {where}), `f` returned "
-                f"{getattr(out, 'dtype', type(out).__name__)}{list(getattr(out, 'shape', []))}. "
-                "Pass `z_shape=` with the shape `f` returns." + _BATCH_HINT
-            )
+        """Trace-time check that `f(z, x)` accepts `z0` and returns its shape and dtype
+        (once per `f` and shapes: a repeated call does not trace `f` again)."""
+        _check_f(self.z_shape is not None, f, x, z0)
 
     def solve(
         self,
@@ -225,3 +211,23 @@ class DEQ(AbstractConfigurable):
     ) -> Array:
         """The equilibrium `z*` for one input `x`."""
         return self.solve(x, z0, key=key, inference=inference).value
+
+
+@internal.once_per_shapes
+def _check_f(z_shape_given: bool, f: Callable, x: Array, z0: Array) -> None:
+    where = "`z_shape`" if z_shape_given else "`x`'s shape (no `z_shape` given)"
+    try:
+        out = eqx.filter_eval_shape(f, z0, x)
+    except Exception as e:
+        raise ValueError(
+            f"DEQ: calling `f(z, x)` with `z` of shape {tuple(z0.shape)} (from {where}) "
+            f"and `x` of shape {tuple(jnp.shape(x))} failed. If the state has another "
+            "shape than the input, pass `z_shape=` (or `z0=`)." + _BATCH_HINT
+        ) from e
+    if getattr(out, "shape", None) != z0.shape or getattr(out, "dtype", None) != z0.dtype:
+        raise ValueError(
+            f"DEQ: `f(z, x)` must return the shape and dtype of `z`: `z` is "
+            f"{z0.dtype}{list(z0.shape)} (from {where}), `f` returned "
+            f"{getattr(out, 'dtype', type(out).__name__)}{list(getattr(out, 'shape', []))}. "
+            "Pass `z_shape=` with the shape `f` returns." + _BATCH_HINT
+        )

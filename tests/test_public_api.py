@@ -27,7 +27,7 @@ API = {
         LoopScalars Problem ScanProblem Step Time as_python_number check_bool
         check_compaction check_instance check_int check_number check_tolerances checked
         compacted_while_loop converged fori_loop iterate_scan linear_recurrence meets
-        raise_if_failed scaled_size scan_tolerances termination while_loop""",
+        once_per_shapes raise_if_failed scaled_size scan_tolerances termination while_loop""",
     "fixpoint.datasets": """ASCII_VOCAB ChainsDataset ClassificationExample FlowExample
         GRAPH_FAMILIES GVIExample batch_gvi chains_dataset count_params decode_text encode
         flow_dataset flow_mse graph_classification_dataset gvi_backup gvi_dataset
