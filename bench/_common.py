@@ -15,7 +15,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# `FIXPOINT_BENCH_RESULTS` redirects every script's JSON (bench/gpu.py sets it per run).
+RESULTS_DIR = Path(
+    os.environ.get("FIXPOINT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 
 
 class Timing:
@@ -119,6 +122,17 @@ def spread_spectrum(rng: np.random.Generator, d: int, top: float) -> np.ndarray:
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     lam = np.linspace(0.0, top, d)
     return (q * lam) @ q.T
+
+
+def import_peer(name: str):
+    """`(module, None)`, or `(None, why not)` where the peer cannot be imported (the GPU
+    machine lacks jaxopt, say): its rows then say why, and the script runs on."""
+    import importlib
+
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # a missing peer is a row in the table, not a crash
+        return None, f"unavailable ({type(e).__name__}: {e})"
 
 
 def versions() -> dict[str, str]:
