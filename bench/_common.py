@@ -178,8 +178,15 @@ def device_info() -> dict[str, str]:
 def write_json(name: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}_{jax.default_backend()}.json"
-    path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    write_text_atomic(path, json.dumps(payload, indent=1, default=_jsonable))
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a run stopped mid-write leaves the last copy)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _jsonable(x):

@@ -115,6 +115,7 @@ from _common import (
     print_table,
     short_error,
     versions,
+    write_text_atomic,
 )
 
 import fixpoint
@@ -1155,7 +1156,7 @@ def main() -> None:
         payload.update(peers=peers or [], peer_note=PEER_NOTE, elapsed_s=elapsed)
         payload["complete"] = peers is not None
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+        write_text_atomic(out_path, json.dumps(payload, indent=1, default=_jsonable))
         return elapsed
 
     order = sorted(groups, key=lambda k: (k[2] * k[3], k[2], k[1], k[0]))
