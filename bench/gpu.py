@@ -281,17 +281,8 @@ def decode_argv(c: Ctx):
 def batch_argv(c: Ctx):
     argv = [*_script("batch.py"), "--keep-going"]
     if c.tiny:
-        return argv + [
-            "--part",
-            "stragglers",
-            "overhead",
-            "--d",
-            "16",
-            "--batch",
-            "8",
-            "--rounds",
-            "1",
-        ]
+        argv += ["--part", "stragglers", "overhead"]
+        return argv + ["--d", "16", "--batch", "8", "--rounds", "1"]
     argv += ["--part", "stragglers", "epoch", "overhead", "--d", "1024", "--batch", "1024"]
     return argv + ["--rounds", "5", "--epochs", "3"]
 
@@ -315,17 +306,8 @@ def gradients_argv(c: Ctx):
 def diffusion_argv(c: Ctx):
     argv = _script("diffusion.py")
     if c.tiny:
-        return argv + [
-            "--dims",
-            "4",
-            "--steps",
-            "50",
-            "--reps",
-            "1",
-            "--solvers",
-            "PicardSum",
-            "DEER",
-        ]
+        argv += ["--dims", "4", "--steps", "50", "--reps", "1"]
+        return argv + ["--solvers", "PicardSum", "DEER"]
     return argv + ["--dims", "64", "--steps", "10000"]
 
 
