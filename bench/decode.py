@@ -36,7 +36,7 @@ in `bench/models/` as well. Every row carries its model's validation loss.
 
 Run: `python bench/decode.py` (trains on first use: about 6 + 6 minutes on 2 CPU cores).
 `--weights cached` uses the cached weights and stops (exit status 3) where they are
-missing instead of training; `--weights untrained` decodes the randomly initialised
+missing or stale instead of training; `--weights untrained` decodes the randomly initialised
 model (rows labelled `untrained`; no training, nothing read from `bench/models/`).
 `--paths` and `--solvers` (kinds: sequential, jacobi, gs-jacobi, lookahead) pick a subset;
 the JSON is rewritten after every row (`"complete": false` until the end).
@@ -113,7 +113,12 @@ def train(train_ids, val_ids, steps, batch, seq_len, lr, seed):
     return model
 
 
-def load_or_train(retrain=False):
+def _no_training(what):
+    print(f"--weights cached: no usable cached weights for {what}; not training", file=sys.stderr)
+    raise SystemExit(3)
+
+
+def load_or_train(retrain=False, allow_training=True):
     """The benchmark's model and its metadata (trained and cached on first use)."""
     MODELS.mkdir(exist_ok=True)
     weights, meta_path = MODELS / "char_transformer.eqx", MODELS / "char_transformer.json"
@@ -124,6 +129,8 @@ def load_or_train(retrain=False):
         meta = json.loads(meta_path.read_text())
         if meta["config"] == CONFIG and meta["train"] == TRAIN:
             return eqx.tree_deserialise_leaves(weights, skeleton), meta, val_ids
+    if not allow_training:
+        _no_training("the AR model")
     t0 = time.perf_counter()
     model = train(train_ids, val_ids, **TRAIN)
     meta = dict(
@@ -192,13 +199,15 @@ def consistency_tune(
     return model, stats
 
 
-def load_or_tune(model, meta, val_ids, retrain=False):
+def load_or_tune(model, meta, val_ids, retrain=False, allow_training=True):
     """The consistency-tuned model and its metadata (tuned and cached on first use)."""
     weights, meta_path = MODELS / "char_transformer_cllm.eqx", MODELS / "char_transformer_cllm.json"
     if weights.exists() and meta_path.exists() and not retrain:
         tuned_meta = json.loads(meta_path.read_text())
         if tuned_meta["base"] == dict(config=CONFIG, train=TRAIN) and tuned_meta["cllm"] == CLLM:
             return eqx.tree_deserialise_leaves(weights, model), tuned_meta
+    if not allow_training:
+        _no_training("the consistency-trained model")
     train_ids = datasets.encode(datasets.stdlib_text()[0])
     tuned, stats = consistency_tune(model, train_ids, **CLLM)
     tuned_meta = dict(
@@ -213,12 +222,6 @@ def load_or_tune(model, meta, val_ids, retrain=False):
     return tuned, tuned_meta
 
 
-def cached_weights() -> list[Path]:
-    """The files `--weights cached` needs (the AR model's and the tuned model's)."""
-    names = ("char_transformer", "char_transformer_cllm")
-    return [MODELS / f"{n}{ext}" for n in names for ext in (".eqx", ".json")]
-
-
 def _models(args):
     """`(models, meta, tuned_meta, val_ids)`: `[(name, model, validation loss)]`."""
     if args.weights == "untrained":
@@ -228,14 +231,10 @@ def _models(args):
         meta["val_loss"] = val_loss(model, val_ids, batches=1)
         print(f"model: {CONFIG}, UNTRAINED; validation loss {meta['val_loss']:.3f} nats/char")
         return [("untrained", model, meta["val_loss"])], meta, None, val_ids
-    if args.weights == "cached":
-        missing = [str(p) for p in cached_weights() if not p.exists()]
-        if missing:
-            print(f"--weights cached: missing {missing}", file=sys.stderr)
-            raise SystemExit(3)
-    model, meta, val_ids = load_or_train(args.retrain)
+    allow = args.weights == "auto"
+    model, meta, val_ids = load_or_train(args.retrain, allow_training=allow)
     print(f"model: {CONFIG}; validation loss {meta['val_loss']:.3f} nats/char")
-    tuned, tuned_meta = load_or_tune(model, meta, val_ids, args.retrain)
+    tuned, tuned_meta = load_or_tune(model, meta, val_ids, args.retrain, allow_training=allow)
     print(
         f"consistency-tuned: validation loss {tuned_meta['val_loss']:.3f} nats/char "
         f"({tuned_meta['val_loss'] / meta['val_loss'] - 1:+.1%} against the AR model)"
