@@ -15,7 +15,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# `FIXPOINT_BENCH_RESULTS` redirects every script's JSON (bench/gpu.py sets it per run).
+RESULTS_DIR = Path(
+    os.environ.get("FIXPOINT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 
 
 class Timing:
@@ -121,6 +124,17 @@ def spread_spectrum(rng: np.random.Generator, d: int, top: float) -> np.ndarray:
     return (q * lam) @ q.T
 
 
+def import_peer(name: str):
+    """`(module, None)`, or `(None, why not)` where the peer cannot be imported (the GPU
+    machine lacks jaxopt, say): its rows then say why, and the script runs on."""
+    import importlib
+
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # a missing peer is a row in the table, not a crash
+        return None, f"unavailable ({type(e).__name__}: {e})"
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     peers = ("optimistix", "jaxopt", "banax", "brainevent")
@@ -164,8 +178,15 @@ def device_info() -> dict[str, str]:
 def write_json(name: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}_{jax.default_backend()}.json"
-    path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    write_text_atomic(path, json.dumps(payload, indent=1, default=_jsonable))
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a run stopped mid-write leaves the last copy)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _jsonable(x):

@@ -35,6 +35,11 @@ random 160-character windows of the training text (every position scored). Cache
 in `bench/models/` as well. Every row carries its model's validation loss.
 
 Run: `python bench/decode.py` (trains on first use: about 6 + 6 minutes on 2 CPU cores).
+`--weights cached` uses the cached weights and stops (exit status 3) where they are
+missing or stale instead of training; `--weights untrained` decodes the randomly initialised
+model (rows labelled `untrained`; no training, nothing read from `bench/models/`).
+`--paths` and `--solvers` (kinds: sequential, jacobi, gs-jacobi, lookahead) pick a subset;
+the JSON is rewritten after every row (`"complete": false` until the end).
 """
 
 from __future__ import annotations
@@ -108,7 +113,12 @@ def train(train_ids, val_ids, steps, batch, seq_len, lr, seed):
     return model
 
 
-def load_or_train(retrain=False):
+def _no_training(what):
+    print(f"--weights cached: no usable cached weights for {what}; not training", file=sys.stderr)
+    raise SystemExit(3)
+
+
+def load_or_train(retrain=False, allow_training=True):
     """The benchmark's model and its metadata (trained and cached on first use)."""
     MODELS.mkdir(exist_ok=True)
     weights, meta_path = MODELS / "char_transformer.eqx", MODELS / "char_transformer.json"
@@ -119,6 +129,8 @@ def load_or_train(retrain=False):
         meta = json.loads(meta_path.read_text())
         if meta["config"] == CONFIG and meta["train"] == TRAIN:
             return eqx.tree_deserialise_leaves(weights, skeleton), meta, val_ids
+    if not allow_training:
+        _no_training("the AR model")
     t0 = time.perf_counter()
     model = train(train_ids, val_ids, **TRAIN)
     meta = dict(
@@ -187,13 +199,15 @@ def consistency_tune(
     return model, stats
 
 
-def load_or_tune(model, meta, val_ids, retrain=False):
+def load_or_tune(model, meta, val_ids, retrain=False, allow_training=True):
     """The consistency-tuned model and its metadata (tuned and cached on first use)."""
     weights, meta_path = MODELS / "char_transformer_cllm.eqx", MODELS / "char_transformer_cllm.json"
     if weights.exists() and meta_path.exists() and not retrain:
         tuned_meta = json.loads(meta_path.read_text())
         if tuned_meta["base"] == dict(config=CONFIG, train=TRAIN) and tuned_meta["cllm"] == CLLM:
             return eqx.tree_deserialise_leaves(weights, model), tuned_meta
+    if not allow_training:
+        _no_training("the consistency-trained model")
     train_ids = datasets.encode(datasets.stdlib_text()[0])
     tuned, stats = consistency_tune(model, train_ids, **CLLM)
     tuned_meta = dict(
@@ -208,34 +222,51 @@ def load_or_tune(model, meta, val_ids, retrain=False):
     return tuned, tuned_meta
 
 
-def run(args):
-    model, meta, val_ids = load_or_train(args.retrain)
+def _models(args):
+    """`(models, meta, tuned_meta, val_ids)`: `[(name, model, validation loss)]`."""
+    if args.weights == "untrained":
+        val_ids = datasets.encode(datasets.stdlib_text()[1])
+        model = layers.CausalTransformer(datasets.ASCII_VOCAB, **CONFIG, key=jax.random.key(0))
+        meta = dict(config=CONFIG, weights="untrained (random initialisation, seed 0)")
+        meta["val_loss"] = val_loss(model, val_ids, batches=1)
+        print(f"model: {CONFIG}, UNTRAINED; validation loss {meta['val_loss']:.3f} nats/char")
+        return [("untrained", model, meta["val_loss"])], meta, None, val_ids
+    allow = args.weights == "auto"
+    model, meta, val_ids = load_or_train(args.retrain, allow_training=allow)
     print(f"model: {CONFIG}; validation loss {meta['val_loss']:.3f} nats/char")
-    tuned, tuned_meta = load_or_tune(model, meta, val_ids, args.retrain)
+    tuned, tuned_meta = load_or_tune(model, meta, val_ids, args.retrain, allow_training=allow)
     print(
         f"consistency-tuned: validation loss {tuned_meta['val_loss']:.3f} nats/char "
         f"({tuned_meta['val_loss'] / meta['val_loss'] - 1:+.1%} against the AR model)"
     )
-    models = [("ar", model, meta["val_loss"]), ("cllm", tuned, tuned_meta["val_loss"])]
-    models = [m for m in models if m[0] in args.models]
+    named = {"ar": (model, meta["val_loss"]), "cllm": (tuned, tuned_meta["val_loss"])}
+    models = [(name, *named[name]) for name in args.models if name in named]
+    return models, meta, tuned_meta, val_ids
+
+
+def run(args):
+    models, meta, tuned_meta, val_ids = _models(args)
     rng = np.random.default_rng(7)
     starts = rng.integers(0, len(val_ids) - args.prompt_len, args.prompts)
     prompts = jnp.asarray(np.stack([val_ids[s : s + args.prompt_len] for s in starts]))
     n = args.new_tokens
-    configs = [("sequential", solvers.SequentialDecoding())]
-    for w in args.windows:
-        configs.append((f"jacobi-{w}", solvers.JacobiDecoding(window=w)))
-    for w in args.windows:
-        configs.append((f"gs-jacobi-{w}", solvers.GSJacobiDecoding(block_size=w)))
-    for w in args.windows:
-        la = solvers.LookaheadDecoding(window=w, ngram=min(args.ngram, w + 1), guesses=args.guesses)
-        configs.append((f"lookahead-{w}", la))
+    configs = [("sequential", solvers.SequentialDecoding())]  # always: the reference
+    if "jacobi" in args.solvers:
+        for w in args.windows:
+            configs.append((f"jacobi-{w}", solvers.JacobiDecoding(window=w)))
+    if "gs-jacobi" in args.solvers:
+        for w in args.windows:
+            configs.append((f"gs-jacobi-{w}", solvers.GSJacobiDecoding(block_size=w)))
+    if "lookahead" in args.solvers:
+        for w in args.windows:
+            ngram = min(args.ngram, w + 1)
+            la = solvers.LookaheadDecoding(window=w, ngram=ngram, guesses=args.guesses)
+            configs.append((f"lookahead-{w}", la))
     rows = []
-    for model_name, model, loss in models:
-        rows += _rows(model, model_name, loss, configs, prompts, n, args)
     payload = dict(
         model=meta,
         tuned=tuned_meta,
+        weights=args.weights,
         prompts=args.prompts,
         prompt_len=args.prompt_len,
         new_tokens=n,
@@ -243,14 +274,24 @@ def run(args):
         versions=_common.versions(),
         git=_common.git_state(),
         device=_common.device_info(),
+        complete=False,
     )
-    print("wrote", _common.write_json(args.name, payload))
+
+    def save():  # after every row: a run stopped from outside keeps what it measured
+        return _common.write_json(args.name, payload)
+
+    for model_name, model, loss in models:
+        _rows(model, model_name, loss, configs, prompts, n, args, rows, save)
+    payload["complete"] = True
+    print("wrote", save())
 
 
-def _rows(model, model_name, loss, configs, prompts, n, args):
-    rows, reference = [], {}
-    for cached in (True, False):
-        path = "cached" if cached else "plain"
+def _rows(model, model_name, loss, configs, prompts, n, args, rows, save):
+    reference = {}
+    for path in ("cached", "plain"):
+        if path not in args.paths:
+            continue
+        cached = path == "cached"
         for name, solver in configs:
             one = lambda p, s=solver, c=cached: fixpoint.decode(
                 model, p, n, solver=s, cached=c, return_solution=True
@@ -283,7 +324,7 @@ def _rows(model, model_name, loss, configs, prompts, n, args):
                     time_s=timing.median,
                     speedup=ref_time / timing.median,
                 )
-                if path == "plain":
+                if path == "plain" and ("cached", 1) in reference:
                     cached_tokens = reference[("cached", 1)][0]
                     divs = [
                         fixpoint.first_disagreement(model, prompts[i], cached_tokens[i], tokens[i])
@@ -295,6 +336,7 @@ def _rows(model, model_name, loss, configs, prompts, n, args):
                         (abs(d.margin) / d.scale for d in hit), default=0.0
                     )
                 rows.append(row)
+                save()
                 print(
                     f"{model_name:4} (val {loss:.3f}) {path:6} {name:13} B={batch}  "
                     f"tok/call {row['tokens_per_call']:5.2f}  "
@@ -302,7 +344,6 @@ def _rows(model, model_name, loss, configs, prompts, n, args):
                     f"{_common.fmt_time(row['time_s'])}  speedup {row['speedup']:.2f}x",
                     flush=True,
                 )
-    return rows
 
 
 def main():
@@ -316,7 +357,20 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--ngram", type=int, default=5)
     parser.add_argument("--guesses", type=int, default=4)
-    parser.add_argument("--models", nargs="+", default=["ar", "cllm"])
+    parser.add_argument("--models", nargs="+", default=["ar", "cllm"], help="in this order")
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "cached", "untrained"),
+        default="auto",
+        help="auto: cached, else train; cached: never train; untrained: random initialisation",
+    )
+    parser.add_argument("--paths", nargs="+", default=["cached", "plain"])
+    parser.add_argument(
+        "--solvers",
+        nargs="+",
+        default=["sequential", "jacobi", "gs-jacobi", "lookahead"],
+        help="kinds to run (sequential always runs: it is the reference)",
+    )
     parser.add_argument("--name", default="decode", help="results/<name>_<platform>.json")
     run(parser.parse_args())
 

@@ -25,7 +25,8 @@ the iteration counts are the result that carries over to an accelerator (GPU
 times: unmeasured).
 
 Run: `.venv/bin/python bench/diffusion.py` (about a minute on 2 CPU cores);
-writes `bench/results/diffusion_<backend>.json`.
+writes `bench/results/diffusion_<backend>.json` (after every solver; `--solvers` keeps
+a subset).
 """
 
 import argparse
@@ -71,13 +72,21 @@ def sampler(d, steps, dtype, seed=0):
     return step, x0, (grid[:-1], grid[1:])
 
 
-def run(d, steps, reps):
+def run(d, steps, reps, wanted=(), on_record=None):
+    """The records of one setting; `on_record(record)` is called as each one is done."""
     step, x0, xs = sampler(d, steps, jnp.float32)
     step64, x0_64, xs64 = sampler(d, steps, jnp.float64)
     exact = jax.jit(lambda x0, xs: jax.lax.scan(step64, x0, xs)[1])(x0_64, xs64)
     seq = time_jitted(lambda x0, xs: jax.lax.scan(step, x0, xs)[1], x0, xs, reps=reps)
     floor = float(jnp.max(jnp.abs(seq.out - exact)))
-    records = [
+    records = []
+
+    def done(record):
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+
+    done(
         {
             "d": d,
             "steps": steps,
@@ -86,8 +95,10 @@ def run(d, steps, reps):
             "compile_s": seq.compile_s,
             "max_error_vs_float64": floor,
         }
-    ]
+    )
     for name, (cls, per_dim, split) in SOLVERS.items():
+        if wanted and name not in wanted:
+            continue
         solver = cls() if split is None else cls(window=steps // split)
 
         def solve(x0, xs, solver=solver):
@@ -98,7 +109,7 @@ def run(d, steps, reps):
 
         t = time_jitted(solve, x0, xs, reps=reps)
         ys, code, iters = t.out
-        records.append(
+        done(
             {
                 "d": d,
                 "steps": steps,
@@ -124,11 +135,19 @@ def main():
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--solvers", nargs="+", default=[], help=f"a subset of {list(SOLVERS)}")
     args = parser.parse_args()
     records = []
+    payload = {"versions": versions(), "git": git_state(), "device": device_info()}
+    payload.update(settings=vars(args), records=records, complete=False)
     settings = [(d, s) for d in args.dims for s in args.steps]
+
+    def save(record):  # after every record: a run stopped from outside keeps them
+        records.append(record)
+        write_json("diffusion", payload)
+
     for d, steps in tqdm(settings, desc="settings"):
-        records += run(d, steps, args.reps)
+        run(d, steps, args.reps, tuple(args.solvers), on_record=save)
     rows = []
     for r in records:
         ours = r["solver"] != "lax.scan"
@@ -149,8 +168,7 @@ def main():
         rows,
         title="probability-flow ODE sampler, float32, default tolerance (1e-4)",
     )
-    payload = {"versions": versions(), "git": git_state(), "device": device_info()}
-    payload["records"] = records
+    payload["complete"] = True
     print("wrote", write_json("diffusion", payload))
 
 

@@ -89,15 +89,14 @@ from dataclasses import asdict, dataclass, field
 
 import jax
 import jax.numpy as jnp
-import jaxopt
 import lineax as lx
 import numpy as np
-import optimistix as optx
 from _common import (
     device_info,
     fmt_sci,
     fmt_time,
     git_state,
+    import_peer,
     print_table,
     short_error,
     spread_spectrum,
@@ -110,6 +109,10 @@ from tqdm import tqdm
 
 import fixpoint
 from fixpoint import solvers
+
+# Peers: where one cannot be imported (the GPU machine has no jaxopt), its rows say why.
+jaxopt, _JAXOPT_MISSING = import_peer("jaxopt")
+optx, _OPTX_MISSING = import_peer("optimistix")
 
 
 @dataclass(frozen=True)
@@ -362,7 +365,7 @@ def _newton_detail(cfg: Config) -> str:
 
 
 OURS = _code_names(fixpoint.RESULTS)
-OPTX = _code_names(optx.RESULTS)
+OPTX = _code_names(optx.RESULTS) if optx is not None else {}
 
 METHODS = [
     Method(
@@ -394,14 +397,14 @@ METHODS = [
         codes=OURS,
         detail=lambda cfg: "mem=20",
     ),
-    Method("optx-FPI", optx_fpi, "max|r|", codes=OPTX),
+    Method("optx-FPI", optx_fpi, "max|r|", codes=OPTX, skip=lambda cfg: _OPTX_MISSING),
     Method(
         "optx-Newton",
         optx_newton(None),
         "max|dy|&max|r|",
         codes=OPTX,
         detail=lambda cfg: "Auto→LU",
-        skip=_dense_newton_skip,
+        skip=lambda cfg: _OPTX_MISSING or _dense_newton_skip(cfg),
     ),
     Method(
         "optx-Newton-GMRES",
@@ -410,13 +413,21 @@ METHODS = [
         codes=OPTX,
         detail=lambda cfg: "GMRES(1e-3)",
         applies=lambda cfg: cfg.d > 256,
+        skip=lambda cfg: _OPTX_MISSING,
     ),
-    Method("jaxopt-FPI", jaxopt_solver("fpi"), "l2|dy|", detail=lambda cfg: "unroll=False"),
+    Method(
+        "jaxopt-FPI",
+        jaxopt_solver("fpi"),
+        "l2|dy|",
+        detail=lambda cfg: "unroll=False",
+        skip=lambda cfg: _JAXOPT_MISSING,
+    ),
     Method(
         "jaxopt-AA",
         jaxopt_solver("aa"),
         "l2|r|",
         detail=lambda cfg: "m=5 unroll=False",
+        skip=lambda cfg: _JAXOPT_MISSING,
     ),
     Method(
         "jaxopt-AA[auto]",
@@ -424,6 +435,7 @@ METHODS = [
         "l2|r|",
         detail=lambda cfg: "m=5 unroll=auto(scan)",
         applies=lambda cfg: cfg.problem == "deq" and cfg.d == 64 and cfg.rho == 0.9,
+        skip=lambda cfg: _JAXOPT_MISSING,
     ),
     *_banax_methods(),
     Method("bare-loop", bare_loop, "max|r| (batch)", detail=lambda cfg: "lax.while_loop"),
@@ -637,6 +649,11 @@ def one_state(reps: int, guard: float, seed: int, wanted: set[str]) -> list[dict
         if wanted and name not in wanted:
             continue
         row: dict = {"method": name, "norm": norm}
+        missing = {"optx": _OPTX_MISSING, "jaxopt": _JAXOPT_MISSING}.get(name.split("-")[0])
+        if missing:
+            row["error"] = missing
+            rows.append(row)
+            continue
         try:
             timing = time_jitted(run, args, reps=reps, guard_s=guard)
         except Exception as e:  # a peer failing is a result, not a crash

@@ -49,8 +49,10 @@ Run (from the repository root):
     .venv/bin/python bench/gradients.py --quick --x64    # float64
 
 `--quick` uses n in {64, 256} for the comparison (the memory table uses n = 1024 in both
-modes); `--full` adds n = 1024. Results go to `bench/results/gradients_<platform>.json`
-(`gradients_x64_<platform>.json` with `--x64`).
+modes); `--full` adds n = 1024. `--methods ours,optx` keeps the rows whose method and
+backward solve begin so; a peer that cannot be imported gets rows saying why. Results go
+to `bench/results/gradients_<platform>.json` (`gradients_x64_<platform>.json` with
+`--x64`), rewritten after every row.
 """
 
 from __future__ import annotations
@@ -70,15 +72,14 @@ if __name__ == "__main__":
         jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp
-import jaxopt
 import lineax as lx
 import numpy as np
-import optimistix as optx
 from _common import (
     device_info,
     fmt_sci,
     fmt_time,
     git_state,
+    import_peer,
     print_table,
     short_error,
     symmetric_contraction,
@@ -90,6 +91,10 @@ from tqdm import tqdm
 
 import fixpoint
 from fixpoint import solvers
+
+# Peers: where one cannot be imported (the GPU machine has no jaxopt), its rows say why.
+jaxopt, _JAXOPT_MISSING = import_peer("jaxopt")
+optx, _OPTX_MISSING = import_peer("optimistix")
 
 RHO = 0.9
 MAX_STEPS = 500
@@ -253,7 +258,10 @@ def rel_err(g, ref) -> float:
 # ------------------------------------------------------------------------- comparison
 
 
-def compare(n: int, tol: float, dtype, reps: int, guard: float, seed: int) -> list[dict]:
+def compare(
+    n: int, tol: float, dtype, reps: int, guard: float, seed: int, wanted=(), on_row=None
+) -> list[dict]:
+    """One row per method; `on_row(row)` is called as each one is done."""
     rng = np.random.default_rng(seed)
     w_np = symmetric_contraction(rng, n, RHO)
     x_np = 0.1 * rng.standard_normal(n)
@@ -263,9 +271,22 @@ def compare(n: int, tol: float, dtype, reps: int, guard: float, seed: int) -> li
     _, gxb_ref, gwb_ref = reference_grads(xb_np, w_np)
 
     rows = []
+
+    def done(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
     for m in tqdm(METHODS, desc=f"n={n}", unit="method", leave=False):
-        solve = m.build(tol)
         row = {"n": n, "method": m.name, "backward": m.backward, "tol": tol}
+        missing = {"optx": _OPTX_MISSING, "jaxopt": _JAXOPT_MISSING}.get(m.name.split()[0])
+        if wanted and not f"{m.name} {m.backward}".startswith(wanted):
+            continue
+        if missing:
+            row["error"] = missing
+            done(row)
+            continue
+        solve = m.build(tol)
 
         def loss(x, w, solve=solve):
             return jnp.sum(solve(x, w) ** 2)
@@ -281,7 +302,7 @@ def compare(n: int, tol: float, dtype, reps: int, guard: float, seed: int) -> li
             )
         except Exception as e:  # a failure is a result; keep going
             row["error"] = short_error(e)
-            rows.append(row)
+            done(row)
             continue
         gx, gw = grad.out
         gxb, gwb = vgrad.out
@@ -299,7 +320,7 @@ def compare(n: int, tol: float, dtype, reps: int, guard: float, seed: int) -> li
             err_vmap64=max(rel_err(gxb, gxb_ref), rel_err(gwb, gwb_ref)),
             finite=bool(np.all(np.isfinite(np.asarray(gx))) and np.all(np.isfinite(gw))),
         )
-        rows.append(row)
+        done(row)
     return rows
 
 
@@ -396,6 +417,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="", help="comma-separated n, overrides the mode")
     parser.add_argument("--mem-n", type=int, default=1024, help="n for the memory table (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated prefixes of 'method backward' to keep (ours, optx, ours Picard LU)",
+    )
     cli = parser.parse_args()
     if cli.x64 and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
@@ -409,7 +435,7 @@ def main() -> None:
 
     # What optimistix's default adjoint actually solves with, for this operator.
     op = lx.FunctionLinearOperator(lambda v: v, jax.ShapeDtypeStruct((4,), dtype))
-    optx_default = type(optx.ImplicitAdjoint().linear_solver).__name__
+    optx_default = "n/a" if optx is None else type(optx.ImplicitAdjoint().linear_solver).__name__
     resolved = type(lx.AutoLinearSolver(well_posed=None).select_solver(op)).__name__
     print(
         f"gradients benchmark ({mode_name}, {jnp.dtype(dtype).name}, tol={tol:g}) on "
@@ -420,11 +446,36 @@ def main() -> None:
     )
     t_start = time.perf_counter()
     rows: list[dict] = []
+    mem_rows: list[dict] = []
+    wanted = tuple(m for m in cli.methods.split(",") if m)
+    payload = {
+        "benchmark": "gradients",
+        "mode": mode_name,
+        "dtype": jnp.dtype(dtype).name,
+        "tol": tol,
+        "rho": RHO,
+        "device": info,
+        "versions": versions(),
+        "git": git_state(),
+        "settings": vars(cli),
+        "optimistix_default_adjoint_solver": f"{optx_default}(well_posed=None) -> {resolved}",
+        "jaxopt_default_implicit_solve": "solve_normal_cg",
+        "rows": rows,
+        "memory": mem_rows,
+        "complete": False,
+    }
+    name = "gradients_x64" if cli.x64 else "gradients"
+
+    # Written after every row: a run stopped from outside keeps what it measured.
+    def save(row):
+        rows.append(row)
+        payload["elapsed_s"] = time.perf_counter() - t_start
+        write_json(name, payload)
+
     for i, n in enumerate(tqdm(ns, desc="sizes", unit="n")):
-        rows += compare(n, tol, dtype, cli.reps, cli.guard, cli.seed + i)
-    mem_rows = []
+        compare(n, tol, dtype, cli.reps, cli.guard, cli.seed + i, wanted, on_row=save)
     if cli.mem_n:
-        mem_rows = memory_rows(cli.mem_n, (10, 100, 1000), dtype, cli.reps, cli.guard, cli.seed)
+        mem_rows += memory_rows(cli.mem_n, (10, 100, 1000), dtype, cli.reps, cli.guard, cli.seed)
 
     headers = ["n", "method", "backward solve", "compile", "fwd", "grad", "bwd", "vmap64"]
     headers += ["err x", "err W", "err v64"]
@@ -486,23 +537,8 @@ def main() -> None:
             f"{fmt_bytes(mem_rows[0]['output_bytes'])} come on top; XLA:CPU reports "
             "peak_memory_in_bytes as their sum only, so it is kept in the JSON, not shown.)"
         )
-    payload = {
-        "benchmark": "gradients",
-        "mode": mode_name,
-        "dtype": jnp.dtype(dtype).name,
-        "tol": tol,
-        "rho": RHO,
-        "device": info,
-        "versions": versions(),
-        "git": git_state(),
-        "settings": vars(cli),
-        "optimistix_default_adjoint_solver": f"{optx_default}(well_posed=None) -> {resolved}",
-        "jaxopt_default_implicit_solve": "solve_normal_cg",
-        "rows": rows,
-        "memory": mem_rows,
-        "elapsed_s": time.perf_counter() - t_start,
-    }
-    path = write_json("gradients_x64" if cli.x64 else "gradients", payload)
+    payload.update(complete=True, elapsed_s=time.perf_counter() - t_start)
+    path = write_json(name, payload)
     print(f"\nwrote {path} (total {payload['elapsed_s']:.0f}s)")
 
 

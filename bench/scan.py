@@ -78,7 +78,12 @@ and D = 64 (diagonal), Jacobi / GaussSeidel at D = 8, plus the target configurat
 are listed as skipped, with the estimate that excluded them). `--full`: D in
 {1, 2, 8, 64, 256} (plus the D = 16 DEER target line), T in {1e3, 1e4, 1e5, 1e6}, batch 1
 and 16, scales 1, 3, 6, forward and gradient everywhere: some 400 executables to compile
-(seconds each) on top of the runs. Results go to `bench/results/scan_<platform>.json` (`--out`).
+(seconds each) on top of the runs. `--targets`: the four target configurations alone,
+forward and gradient at scale 1, no peers (what `bench/gpu.py` runs on a GPU); `--tiny`:
+the diagonal GRU (D = 8, batch 2) and DEER's dense GRU (D = 4) at T = 300, the same code
+paths in seconds (`bench/gpu.py --tiny`). The JSON is rewritten after every
+(cell, D, T, batch) group with `"complete": false`, so a run stopped from outside keeps
+what it measured. Results go to `bench/results/scan_<platform>.json` (`--out`).
 Matmul precision is `highest` (`--precision`), as in the reference runs; it is recorded.
 Defaults on CPU / GPU: `--mem-gb` 8 / 85% of the device's memory, `--max-run-s` 5 / 60,
 `--max-ref-s` 8 / 120, `--guard` 2 / 10 seconds; `--max-steps` 200, `--reps` 5.
@@ -110,6 +115,7 @@ from _common import (
     print_table,
     short_error,
     versions,
+    write_text_atomic,
 )
 
 import fixpoint
@@ -148,6 +154,15 @@ TARGETS = [
     Target("dense GRU, DEER", "gru", "DEER", 16, 10**6, 1, 100),
     Target("dense GRU, QuasiDEER", "gru", "QuasiDEER", 64, 10**5, 1, 50),
 ]
+# `--tiny` (bench/gpu.py's CPU smoke run): the same cells and solvers at small sizes.
+TINY_TARGETS = [
+    Target("diag GRU, QuasiDEER(diag), batch 2 (tiny)", "diag-gru", "QuasiDEER-diag", 8, 300, 2, 0),
+    Target("dense GRU, DEER (tiny)", "gru", "DEER", 4, 300, 1, 0),
+]
+
+
+def targets_for(mode: str) -> list[Target]:
+    return TINY_TARGETS if mode == "tiny" else TARGETS
 
 
 @dataclass
@@ -192,7 +207,7 @@ def build_plan(mode: str) -> list[Case]:
         for s in dense:
             add("gru", s, 8, 10**3, 1, (), (1.0,))
         add("diag-gru", "QuasiDEER-diag", 64, 10**3, 1, (), (1.0,))
-    else:
+    elif mode == "full":
         scales = (1.0, 3.0, 6.0)
         for t in (10**3, 10**4, 10**5, 10**6):
             for d in (1, 2, 8, 64, 256):
@@ -205,7 +220,8 @@ def build_plan(mode: str) -> list[Case]:
             for d in (8, 64):
                 for s in ("Jacobi", "GaussSeidel16"):
                     add("gru", s, d, t, 1, scales, scales)
-    for tg in TARGETS:
+    # "targets" and "tiny": the target configurations alone, forward and gradient.
+    for tg in targets_for(mode):
         add(tg.cell, tg.solver, tg.d, tg.t, tg.b, (tg.scale,), (tg.scale,), tag="target")
     return list(cases.values())
 
@@ -548,9 +564,12 @@ class Runner:
         ref_fwd_est = est.ref_s(kind, d, t, b, False)
         need_grad = any(m == "grad" for (_, _, m) in todo)
         ref_grad_est = est.ref_s(kind, d, t, b, True) if need_grad else 0.0
-        if max(ref_fwd_est, ref_grad_est) > cli.max_ref_s:
-            for (i, s, mode), secs in todo.items():
-                ref = ref_grad_est if mode == "grad" else ref_fwd_est
+        # Only the modes whose reference is too slow are skipped (a forward whose
+        # reference fits runs even when the gradient's does not).
+        for (i, s, mode), secs in list(todo.items()):
+            ref = ref_grad_est if mode == "grad" else ref_fwd_est
+            if ref > cli.max_ref_s:
+                del todo[(i, s, mode)]
                 self.skip(
                     cases[i],
                     s,
@@ -558,6 +577,7 @@ class Runner:
                     f"lax.scan reference estimated {ref:.0f}s > --max-ref-s {cli.max_ref_s:g}",
                     est_s=secs,
                 )
+        if not todo:
             return
 
         cell0 = make_cell(kind, d, cli.seed)
@@ -811,9 +831,9 @@ def print_results(rows: list[dict]) -> None:
             print(progress_line(r))
 
 
-def target_rows(rows: list[dict], platform: str) -> list[dict]:
+def target_rows(rows: list[dict], platform: str, mode: str = "quick") -> list[dict]:
     out = []
-    for tg in TARGETS:
+    for tg in targets_for(mode):
         match = {
             m: [
                 r
@@ -946,6 +966,8 @@ PEER_NOTE = (
 
 def peer_cases(mode: str) -> list[tuple[str, str, int, int, int]]:
     """(cell, our solver, D, T, B) at scale 1, each one also in the main plan."""
+    if mode in ("targets", "tiny"):
+        return []
     out = [("gru", "DEER", 8, 10**3, b) for b in (1, 16)]
     out += [("diag-gru", "QuasiDEER-diag", 64, 10**3, 1)]
     out += [("diag-gru", "QuasiDEER-diag", 64, 10**4, b) for b in (1, 16)]
@@ -958,6 +980,9 @@ def run_peers(cli, runner: Runner, mode: str) -> list[dict]:
     """brainevent's `parallel_rnn` on the same cells, inputs and scale as our rows: as
     shipped with its default 3 Newton iterations, and sign-patched with as many iterations
     as ours took; time, error against lax.scan."""
+    if not peer_cases(mode):
+        reason = f"no peer rows in the {mode} plan"
+        return [{"library": "brainevent", "status": "skipped", "reason": reason}]
     pararnn, missing = _import_brainevent()
     if pararnn is None:
         print(f"brainevent: {missing}")
@@ -1059,6 +1084,8 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="CPU subset (default)")
     mode.add_argument("--full", action="store_true", help="the whole grid (for a GPU)")
+    mode.add_argument("--targets", action="store_true", help="the target configurations only")
+    mode.add_argument("--tiny", action="store_true", help="the targets' cells at tiny sizes")
     parser.add_argument("--out", default=None, help="JSON path (default results/scan_<plat>)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--guard", type=float, default=None, help="seconds of timed calls")
@@ -1076,7 +1103,9 @@ def main() -> None:
     cli.mem_gb = cli.mem_gb if cli.mem_gb is not None else default_budget_gb()
     cli.max_run_s = cli.max_run_s if cli.max_run_s is not None else (5.0 if on_cpu else 60.0)
     cli.max_ref_s = cli.max_ref_s if cli.max_ref_s is not None else (8.0 if on_cpu else 120.0)
-    mode_name = "full" if cli.full else "quick"
+    mode_name = (
+        "full" if cli.full else "targets" if cli.targets else "tiny" if cli.tiny else "quick"
+    )
     out_path = Path(cli.out) if cli.out else RESULTS_DIR / f"scan_{platform}.json"
     info = device_info()
     print(
@@ -1096,22 +1125,6 @@ def main() -> None:
     for c in plan:
         groups.setdefault((c.cell, c.d, c.t, c.b), []).append(c)
     runner = Runner(cli, est, cli.mem_gb * 2**30)
-    order = sorted(groups, key=lambda k: (k[2] * k[3], k[2], k[1], k[0]))
-    for n, (kind, d, t, b) in enumerate(order, 1):
-        print(
-            f"[{n}/{len(order)}] {kind} D={d} T={fmt_t(t)} B={b} "
-            f"({time.perf_counter() - t_start:.0f}s)",
-            flush=True,
-        )
-        runner.run_group(kind, d, t, b, groups[(kind, d, t, b)])
-    rows = runner.rows
-    print("peers (brainevent)", flush=True)
-    peers = run_peers(cli, runner, mode_name)
-    print_results(rows)
-    targets = target_rows(rows, platform)
-    print_targets(targets, platform)
-    print_peers(peers)
-    elapsed = time.perf_counter() - t_start
     payload = {
         "benchmark": "scan",
         "mode": mode_name,
@@ -1133,14 +1146,37 @@ def main() -> None:
             "speedup = lax.scan median time / fixpoint median time, same run; targets are "
             "GPU (H100) targets" + ("; this is a CPU run, for reference only" if on_cpu else "")
         ),
-        "targets": targets,
-        "rows": rows,
-        "peers": peers,
-        "peer_note": PEER_NOTE,
-        "elapsed_s": elapsed,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+
+    def save(peers: list[dict] | None) -> float:
+        """Write the JSON; after every group too (`complete: false`), so that a run
+        stopped from outside keeps what it measured."""
+        elapsed = time.perf_counter() - t_start
+        payload.update(targets=target_rows(runner.rows, platform, mode_name), rows=runner.rows)
+        payload.update(peers=peers or [], peer_note=PEER_NOTE, elapsed_s=elapsed)
+        payload["complete"] = peers is not None
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_path, json.dumps(payload, indent=1, default=_jsonable))
+        return elapsed
+
+    order = sorted(groups, key=lambda k: (k[2] * k[3], k[2], k[1], k[0]))
+    if mode_name == "targets":  # T = 1e6, whose lax.scan reference takes longest, last
+        order = sorted(groups, key=lambda k: (k[2], k[2] * k[3], k[1], k[0]))
+    for n, (kind, d, t, b) in enumerate(order, 1):
+        print(
+            f"[{n}/{len(order)}] {kind} D={d} T={fmt_t(t)} B={b} "
+            f"({time.perf_counter() - t_start:.0f}s)",
+            flush=True,
+        )
+        runner.run_group(kind, d, t, b, groups[(kind, d, t, b)])
+        save(None)
+    rows = runner.rows
+    print("peers (brainevent)", flush=True)
+    peers = run_peers(cli, runner, mode_name)
+    print_results(rows)
+    print_targets(payload["targets"], platform)
+    print_peers(peers)
+    elapsed = save(peers)
     print(f"\nwrote {out_path} (total {elapsed:.0f}s)")
 
 
