@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -118,7 +119,13 @@ class Anderson(internal.AbstractSolver):
         def back_off():
             return 0.5 * ((fys[prev] - res[prev]) + y)
 
-        y_next = jax.lax.cond(good, extrapolate, back_off)
+        def either():
+            return jnp.where(good, extrapolate(), back_off())
+
+        # Under `vmap` a batched predicate would turn the branch into a select that
+        # computes both sides at every step: branch on "every sample is good" instead
+        # (unbatched), and select per sample only when one is not.
+        y_next = jax.lax.cond(eqxi.unvmap_all(good), extrapolate, either)
         state = _AndersonState(
             fys=fys,
             res=res,

@@ -71,6 +71,24 @@ def test_anderson_backs_off_from_one_nan_entry(n):
     np.testing.assert_allclose(sol.value, 1.0, atol=1e-4)
 
 
+def test_anderson_back_off_under_vmap_matches_each_sample():
+    # Under `vmap` the back-off is taken per sample (only the samples whose
+    # evaluation was not finite back off): the batch equals the samples solved alone.
+    def g(y, a):
+        return (y - a).at[0].set(jnp.log(y[0]) - jnp.log(a))
+
+    y0 = jnp.array([[10.0, 10.0], [0.5, 3.0]])  # the first sample overshoots below 0
+    a = jnp.array([1.0, 2.0])
+    solver = solvers.Anderson(1e-10, 1e-10)
+    run = lambda y, a: fixpoint.root_find(g, y, a, solver=solver, throw=False)  # noqa: E731
+    batch = jax.vmap(run)(y0, a)
+    for i in range(2):
+        alone = run(y0[i], a[i])
+        assert bool(alone.result == fixpoint.RESULTS.successful)
+        np.testing.assert_allclose(batch.value[i], alone.value, rtol=1e-9)
+        assert int(batch.stats["num_steps"][i]) == int(alone.stats["num_steps"])
+
+
 # ---- 10. zero-size states -------------------------------------------------------
 
 
