@@ -75,6 +75,10 @@ def _f64(x) -> np.ndarray:
 class GVIExample(NamedTuple):
     """One MDP of `gvi_dataset` (or several, from `batch_gvi`).
 
+    A `NamedTuple`.
+
+    **Arguments:**
+
     - `graph`: nodes `[1, na / 10]` (a constant and the in-degree), edges
       `[reward, discount]`; the edge `j → i` is the action "move from `j` to `i`".
     - `value`: `float64[N]`, the optimal values `V*`.
@@ -115,9 +119,15 @@ def gvi_backup(
     **Arguments:**
 
     - `value`: `float[N]`, the values `V`.
-    - `rewards`, `discount`: `float[E]` (or a scalar discount), the edge rewards and discounts.
-    - `senders`, `receivers`: `int[E]`, the edges.
+    - `rewards`: `float[E]`, the edge rewards.
+    - `discount`: `float[E]` (or a scalar), the edge discounts.
+    - `senders`: `int[E]`, each edge's source state `j`.
+    - `receivers`: `int[E]`, each edge's target state `i`.
     - `num_nodes`: `N`.
+
+    **Returns:**
+
+    `float64[N]`, `T V` (`-inf` at a state that receives no edge).
     """
     q = _f64(rewards) + _f64(discount) * _f64(value)[np.asarray(senders)]
     return _segment_max_np(q, np.asarray(receivers), num_nodes)
@@ -149,9 +159,20 @@ def gvi_dataset(
     **Arguments:**
 
     - `num_graphs`: the number of MDPs.
-    - `states`, `actions`: inclusive ranges of `ns` and `na` (needs `na < ns`).
-    - `discount`: the discount factor, in `[0, 1)`.
+
+    Keyword-only:
+
+    - `states`: the inclusive range of `ns` (default `(20, 50)`).
+    - `actions`: the inclusive range of `na` (default `(5, 10)`; needs every
+      `na < ns`).
+    - `discount`: the discount factor, in `[0, 1)` (default 0.9).
     - `seed`: the NumPy seed.
+
+    The graph value iteration task of Park, Choo & Park, *Convergent Graph Solvers*, ICLR 2022.
+
+    **Returns:**
+
+    A list of `num_graphs` `GVIExample`s.
     """
     s_lo, s_hi = _range("states", states)
     a_lo, a_hi = _range("actions", actions)
@@ -190,7 +211,16 @@ def gvi_dataset(
 
 def batch_gvi(examples: Iterable[GVIExample]) -> GVIExample:
     """Several `GVIExample`s as one: the graphs batched (`batch_graphs`), `value`
-    concatenated, `policy` shifted to the batched edge indices."""
+    concatenated, `policy` shifted to the batched edge indices.
+
+    **Arguments:**
+
+    - `examples`: the examples (at least one).
+
+    **Returns:**
+
+    One `GVIExample` holding them all.
+    """
     examples = list(examples)
     if not examples:
         raise ValueError("batch_gvi: `examples` is empty.")
@@ -222,6 +252,10 @@ def gvi_metrics(
 
     - `value_pred`: `float[N]` (or `[N, 1]`), the predicted values.
     - `example`: a `GVIExample` (one, or a batch from `batch_gvi`) or a list of them.
+
+    **Returns:**
+
+    A dict `{"mape", "mae", "policy_accuracy"}` of Python floats.
     """
     if not isinstance(example, GVIExample):
         example = batch_gvi(example)
@@ -256,6 +290,10 @@ def gvi_metrics(
 class FlowExample(NamedTuple):
     """One network of `flow_dataset`.
 
+    A `NamedTuple`.
+
+    **Arguments:**
+
     - `graph`: nodes `[x, y, is_inlet, is_outlet, boundary_value]`, edges
       `[conductance / max conductance, length]`, both directions of every throat.
     - `pressure`: `float64[N]`, the exact steady-state pressure.
@@ -282,8 +320,16 @@ def flow_dataset(
     **Arguments:**
 
     - `num_graphs`: the number of networks.
-    - `nodes`: inclusive range of the number of pores (at least 4).
+
+    Keyword-only:
+
+    - `nodes`: inclusive range of the number of pores (at least 4; default
+      `(30, 60)`).
     - `seed`: the NumPy seed.
+
+    **Returns:**
+
+    A list of `num_graphs` `FlowExample`s.
     """
     _require("scipy", "flow_dataset")
     import scipy.sparse as sp
@@ -337,8 +383,13 @@ def flow_mse(
 
     **Arguments:**
 
-    - `pred`, `target`: `float[N]` (or `[N, 1]`).
+    - `pred`: the predicted pressures, `float[N]` (or `[N, 1]`).
+    - `target`: the true pressures, `float[N]` (or `[N, 1]`).
     - `mask`: optional `bool[N]`, e.g. the interior nodes (`~(is_inlet | is_outlet)`).
+
+    **Returns:**
+
+    The mean squared error, a Python float (computed in float64).
     """
     pred, target = _f64(pred).reshape(-1), _f64(target).reshape(-1)
     sq = (pred - target) ** 2
@@ -352,9 +403,15 @@ def flow_mse(
 class ChainsDataset(NamedTuple):
     """The chains of `chains_dataset`, all in one batched `Graph` (one graph per chain).
 
+    A `NamedTuple`.
+
+    **Arguments:**
+
     - `graph`: nodes `float[N, feature_size]`, edges `float[E, 1]` (ones).
     - `labels`: `int[N]`, the class of each node's chain.
-    - `train_mask`, `test_mask`: `bool[N]`, disjoint, whole chains each.
+    - `train_mask`: `bool[N]`, the training nodes (whole chains).
+    - `test_mask`: `bool[N]`, the test nodes (whole chains; disjoint from
+      `train_mask`).
     """
 
     graph: Graph
@@ -379,9 +436,21 @@ def chains_dataset(
     **Arguments:**
 
     - `length`: nodes per chain (`>= 1`); information must travel `length − 1` hops.
-    - `num_chains_per_class`: chains per class (`>= 2`, so both splits hold both classes).
+
+    Keyword-only:
+
+    - `num_chains_per_class`: chains per class (`>= 2`, so both splits hold both
+      classes; default 20).
     - `seed`: the NumPy seed.
-    - `feature_size`: node feature width (`>= 2`; columns past 1 are zero).
+    - `feature_size`: node feature width (`>= 2`; columns past 1 are zero;
+      default 2).
+
+    The chains task of Gu, Chang, Zhu, Sojoudi & El Ghaoui, *Implicit Graph Neural Networks*,
+    NeurIPS 2020.
+
+    **Returns:**
+
+    A `ChainsDataset`.
     """
     if length < 1 or num_chains_per_class < 2 or feature_size < 2:
         raise ValueError(
@@ -420,8 +489,12 @@ def node_accuracy(
     **Arguments:**
 
     - `pred`: `float[N, C]` logits (argmax taken) or `int[N]` predicted classes.
-    - `labels`: `int[N]`.
-    - `mask`: optional `bool[N]`.
+    - `labels`: `int[N]`, the true classes.
+    - `mask`: optional `bool[N]`, the nodes scored.
+
+    **Returns:**
+
+    The fraction of correct nodes, a Python float.
     """
     classes = np.asarray(pred)
     if classes.ndim == 2:
@@ -435,14 +508,25 @@ def node_accuracy(
 
 
 class ClassificationExample(NamedTuple):
-    """One graph of `graph_classification_dataset`: nodes `[1, degree / 10]`, edges
-    `[1]` (both directions of every undirected edge), and its family `label`."""
+    """One graph of `graph_classification_dataset`.
+
+    A `NamedTuple`.
+
+    **Arguments:**
+
+    - `graph`: nodes `[1, degree / 10]`, edges `[1]` (both directions of every
+      undirected edge).
+    - `label`: its family, an index into `GRAPH_FAMILIES`.
+    """
 
     graph: Graph
     label: int
 
 
 GRAPH_FAMILIES = ("erdos_renyi", "barabasi_albert", "watts_strogatz", "random_geometric")
+"""The families of `graph_classification_dataset`, by label: `GRAPH_FAMILIES[label]`
+names the networkx generator of a `ClassificationExample` (0 Erdős–Rényi, 1
+Barabási–Albert, 2 Watts–Strogatz, 3 random geometric)."""
 
 
 def _family_graph(label: int, n: int, seed: int):
@@ -476,8 +560,16 @@ def graph_classification_dataset(
     **Arguments:**
 
     - `num_graphs`: the number of graphs.
-    - `nodes`: inclusive range of the number of nodes (at least 5).
+
+    Keyword-only:
+
+    - `nodes`: inclusive range of the number of nodes (at least 5; default
+      `(20, 40)`).
     - `seed`: the NumPy seed.
+
+    **Returns:**
+
+    A list of `num_graphs` `ClassificationExample`s.
     """
     lo, hi = _range("nodes", nodes)
     if lo < 5:
@@ -499,7 +591,17 @@ def graph_classification_dataset(
 
 def count_params(module: PyTree) -> int:
     """The number of scalar parameters (inexact array entries) in `module`; also
-    for an abstract module (`eqx.filter_eval_shape`), whose leaves are shapes."""
+    for an abstract module (`eqx.filter_eval_shape`), whose leaves are shapes.
+
+    **Arguments:**
+
+    - `module`: any pytree (an Equinox module); leaves with a floating or
+      complex dtype count, integer and boolean arrays and non-arrays do not.
+
+    **Returns:**
+
+    The total number of entries, a Python int.
+    """
     leaves = jax.tree_util.tree_leaves(module)
     inexact = (x for x in leaves if hasattr(x, "dtype") and hasattr(x, "shape"))
     return int(sum(x.size for x in inexact if jnp.issubdtype(x.dtype, jnp.inexact)))

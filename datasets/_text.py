@@ -9,7 +9,8 @@ import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Int, PRNGKeyArray
 
-ASCII_VOCAB = 128  # the vocabulary of `encode`: ASCII codes 0 … 127
+ASCII_VOCAB = 128
+"""The vocabulary size of `encode` and `decode_text`: the ASCII codes `0 … 127`."""
 
 
 def stdlib_text(max_chars: int | None = None) -> tuple[str, str]:
@@ -23,7 +24,13 @@ def stdlib_text(max_chars: int | None = None) -> tuple[str, str]:
 
     - `max_chars`: truncate each text to this many characters (default: no limit).
 
-    **Returns:** `(train_text, val_text)`.
+    **Returns:**
+
+    `(train_text, val_text)`, two ASCII strings.
+
+    **Raises:**
+
+    `FileNotFoundError` when no standard-library sources are on disk.
     """
     paths = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))
     if not paths:
@@ -43,12 +50,30 @@ def stdlib_text(max_chars: int | None = None) -> tuple[str, str]:
 
 
 def encode(text: str) -> Int[np.ndarray, " N"]:
-    """ASCII codes `int32[len(text)]` (non-ASCII characters become `?`), vocab `ASCII_VOCAB`."""
+    """ASCII codes `int32[len(text)]` (non-ASCII characters become `?`), vocab `ASCII_VOCAB`.
+
+    **Arguments:**
+
+    - `text`: a string.
+
+    **Returns:**
+
+    A NumPy `int32[len(text)]` array (one code per character).
+    """
     return np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).astype(np.int32)
 
 
 def decode_text(ids: Int[ArrayLike, " N"]) -> str:
-    """The text of ASCII codes `ids` (ids outside `0 … 127` become `?`)."""
+    """The text of ASCII codes `ids` (ids outside `0 … 127` become `?`).
+
+    **Arguments:**
+
+    - `ids`: `int[N]` token ids (a NumPy or JAX array, or a list).
+
+    **Returns:**
+
+    The string of `N` characters.
+    """
     return "".join(chr(i) if 0 <= i < ASCII_VOCAB else "?" for i in np.asarray(ids).tolist())
 
 
@@ -65,10 +90,13 @@ def random_batches(
     **Arguments:**
 
     - `ids`: `int[N]`, `N > seq_len`, e.g. `encode(stdlib_text()[0])`.
-    - `batch_size`, `seq_len`: the batch's shape is `(batch_size, seq_len + 1)`.
+    - `batch_size`: the number of windows.
+    - `seq_len`: each window holds `seq_len + 1` ids (inputs and shifted targets).
     - `key`: a `jax.random` key or a `numpy.random.Generator`.
 
-    **Returns:** a NumPy `int32[batch_size, seq_len + 1]` array.
+    **Returns:**
+
+    A NumPy `int32[batch_size, seq_len + 1]` array.
     """
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.shape[0] <= seq_len:

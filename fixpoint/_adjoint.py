@@ -16,18 +16,18 @@ from ._linear import gmres_solve, lineax_solve, series_solve
 
 
 class AbstractAdjoint(eqx.Module):
-    """How to differentiate a solve.
+    """How to differentiate a solve: the base class of every adjoint.
 
-    `apply(primal, residual, inputs, y0, tolerances, failed, throw)` returns
-    `(y, rest)` where `primal(inputs, y0, loop, checkpoints)` runs the forward
-    loop (`loop` is `"lax"` or `"checkpointed"`), `residual` is the root form
-    `G(y, inputs)` of the problem, and `failed(y, rest, inputs)` (or `None`) says
-    whether the forward solve failed: the derivative of a failed solve must be
-    NaN wherever its cotangent is nonzero (and zero where it is zero). `throw`
-    is the entry point's: a failed backward solve raises `fixpoint.SolveError`
-    (`True`) or gives NaN derivatives (`False`). An adjoint has no `throw` of
-    its own: the entry point's one switch covers the forward and the backward
-    solve.
+    An adjoint is passed as `adjoint=` to `fixpoint.fixed_point`,
+    `fixpoint.root_find`, `fixpoint.custom_fixed_point`, `fixpoint.custom_root`
+    and the layers. The ones provided are `ImplicitAdjoint`, `PhantomAdjoint`,
+    `NeumannAdjoint` and `UnrolledAdjoint`.
+
+    A subclass must implement `apply` (below): run the forward loop and attach a
+    derivative rule to its output. The derivative of a failed solve must be NaN
+    wherever its cotangent is nonzero (and zero where it is zero). An adjoint has
+    no `throw` of its own: the entry point's one switch covers the forward and
+    the backward solve.
     """
 
     @abc.abstractmethod
@@ -41,7 +41,34 @@ class AbstractAdjoint(eqx.Module):
         failed: Failed | None = None,
         throw: bool = True,
     ) -> tuple[FlatY, Rest]:
-        """Run `primal` and attach this adjoint's derivative rule."""
+        """Run `primal` and attach this adjoint's derivative rule.
+
+        Called by the entry points, with the problem in flat form.
+
+        **Arguments:**
+
+        - `primal`: `primal(inputs, y0, loop, checkpoints) -> (y, rest)` runs the
+          forward loop; `loop` is `"lax"` (a `lax.while_loop`, not
+          reverse-differentiable) or `"checkpointed"` (reverse-differentiable,
+          with `checkpoints` checkpoints, `None` for a default).
+        - `residual`: `residual(y, inputs)`, the root form `G(y, inputs)` of the
+          problem (`y - f(y)` for a fixed point, `g(y)` for a root), flat.
+        - `inputs`: a pytree of every array a gradient may flow to (the user's
+          `args` and the closed-over parameters of `fn`).
+        - `y0`: the flat initial guess, shape `(n,)`.
+        - `tolerances`: the forward solver's `(rtol, atol)`, from which an
+          adjoint may take default backward tolerances.
+        - `failed`: `failed(y, rest, inputs) -> bool` says whether the forward
+          solve failed (then the derivative must be NaN where its cotangent is
+          nonzero); `None`: never.
+        - `throw`: the entry point's `throw`: a failed backward solve raises
+          `fixpoint.SolveError` (`True`) or gives NaN derivatives (`False`).
+
+        **Returns:**
+
+        `(y, rest)` as `primal` returns them, with `y` (flat, shape `(n,)`)
+        carrying this adjoint's derivative rule.
+        """
 
 
 class _AbstractImplicit(AbstractAdjoint):
@@ -94,6 +121,11 @@ class ImplicitAdjoint(_AbstractImplicit):
     A failed backward solve (true residual above ten times the tolerance, or
     non-finite) raises `fixpoint.SolveError` or gives a NaN gradient, by the
     entry point's `throw`.
+
+    Implicit differentiation of an equilibrium as in Bai, Kolter & Koltun, *Deep
+    Equilibrium Models*, NeurIPS 2019; GMRES is Saad & Schultz, *GMRES: A
+    generalized minimal residual algorithm for solving nonsymmetric linear
+    systems*, SIAM J. Sci. Stat. Comput. 1986.
     """
 
     rtol: float | None = eqx.field(default=None, converter=as_python_number)
@@ -128,13 +160,26 @@ class ImplicitAdjoint(_AbstractImplicit):
 
 
 class PhantomAdjoint(_AbstractImplicit):
-    """The k-step phantom gradient (Geng et al. 2021): cheap, approximate.
+    """The k-step phantom gradient: cheap, approximate.
 
     Equal to differentiating `steps` damped iterations
     `z <- (1 - damping) z + damping f(z)` started at the solution, with the
     Jacobians taken at the solution. `steps=1, damping=1` is the Jacobian-free
-    (one-step, JFB) gradient of Fung et al. 2022. The error shrinks as `steps`
-    grows on a contraction. For `root_find` the map is `y - g(y)`.
+    (one-step, JFB) gradient. The error shrinks as `steps` grows on a
+    contraction. For `root_find` the map is `y - g(y)`.
+
+    Phantom gradients: Geng, Zhang, Bai, Wang & Lin, *On Training Implicit
+    Models*, NeurIPS 2021. Jacobian-free backpropagation: Fung, Heaton, Li,
+    McKenzie, Osher & Yin, *JFB: Jacobian-Free Backpropagation for Implicit
+    Networks*, AAAI 2022.
+
+    **Arguments:**
+
+    Keyword-only:
+
+    - `steps`: the number `k` of damped iterations differentiated, an integer
+      `>= 1` (default 5).
+    - `damping`: the damping `λ` in `(0, 1]` of those iterations (default 0.5).
     """
 
     steps: int = eqx.field(default=5, converter=as_python_number, kw_only=True)
@@ -152,7 +197,14 @@ class NeumannAdjoint(_AbstractImplicit):
     """Truncated Neumann series `(I - J_f)⁻¹ ≈ Σ_{i<terms} J_f^i`.
 
     Exact as `terms → ∞` when the spectral radius of `J_f` at the solution is
-    below one; the error decays like `ρ^terms`.
+    below one; the error decays like `ρ^terms`. For `root_find` the map is
+    `y - g(y)`.
+
+    **Arguments:**
+
+    Keyword-only:
+
+    - `terms`: the number of terms of the series, an integer `>= 1` (default 10).
     """
 
     terms: int = eqx.field(default=10, converter=as_python_number, kw_only=True)
@@ -168,8 +220,16 @@ class UnrolledAdjoint(AbstractAdjoint):
     """Backpropagate through every iteration (reverse mode only).
 
     Memory is bounded by recursive checkpointing (`equinox.internal.while_loop`
-    with `kind="checkpointed"`): `checkpoints=None` picks a number that grows
-    with `log(max_steps)`. Also gives a gradient with respect to `y0`.
+    with `kind="checkpointed"`). Also gives a gradient with respect to `y0`.
+    Forward mode (`jax.jvp`) is refused with a message that points to
+    `ImplicitAdjoint`.
+
+    **Arguments:**
+
+    Keyword-only:
+
+    - `checkpoints`: the number of checkpoints, an integer `>= 1`; `None`
+      (default) picks a number that grows with `log(max_steps)`.
     """
 
     checkpoints: int | None = eqx.field(default=None, converter=as_python_number, kw_only=True)

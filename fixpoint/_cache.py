@@ -41,6 +41,13 @@ def uncached() -> Iterator[None]:
     globals sees their current values. (A `lambda` written inline in each call
     is a new function each time, so it is traced and compiled each time under
     either rule.)
+
+    The setting is a context variable: it holds in this thread (or task) until
+    the block ends, also when the block raises.
+
+    **Returns:**
+
+    A context manager; it yields `None`.
     """
     token = _UNCACHED.set(True)
     try:
@@ -77,7 +84,17 @@ def once_per_shapes(check: Callable[..., _T]) -> Callable[..., _T]:
     The result is remembered (the last 256) under the key `filter_jit` would use:
     the non-array parts of `args` (a function by identity) and the shapes and
     dtypes of their arrays. Not remembered inside `uncached()` or for unhashable
-    arguments.
+    arguments. An exception raised by `check` is not remembered: the next call
+    runs it again.
+
+    **Arguments:**
+
+    - `check`: the check, called with positional arguments only.
+
+    **Returns:**
+
+    A function of the same positional arguments that returns `check`'s result,
+    calling `check` only for a key it has not seen (among the last 256).
     """
     results: OrderedDict = OrderedDict()
 

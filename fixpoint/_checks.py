@@ -96,6 +96,15 @@ def as_python_number(value: Any) -> Any:
     Use it as an option field's converter (`eqx.field(default=1.0,
     converter=as_python_number)`): an option then never carries a NumPy dtype
     into the computation (a `np.float64` option would promote float32 iterates).
+
+    **Arguments:**
+
+    - `value`: anything.
+
+    **Returns:**
+
+    `bool`, `int` or `float` for a NumPy bool, integer or floating scalar;
+    otherwise `value` itself.
     """
     if isinstance(value, np.bool_):
         return bool(value)
@@ -114,8 +123,25 @@ def check_int(
     value: object, name: str, minimum: int | None = None, *, owner: str | None = None
 ) -> int:
     """`value` as a Python int; a readable error unless it is an integer (Python
-    or NumPy, not a bool) of at least `minimum`. `owner` prefixes the message
-    (`"Anderson: `history` must be ..."`)."""
+    or NumPy, not a bool) of at least `minimum`.
+
+    **Arguments:**
+
+    - `value`: the option to check.
+    - `name`: the option's name, for the message.
+    - `minimum`: the smallest value allowed; `None` (default): no bound.
+    - `owner`: prefixes the message (`"Anderson: `history` must be ..."`);
+      `None` (default): no prefix.
+
+    **Returns:**
+
+    `value` as a Python `int`.
+
+    **Raises:**
+
+    `TypeError` if `value` is not an integer; `ValueError` if it is below
+    `minimum`.
+    """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{_who(name, owner)} must be an int, got {value!r}.")
     if minimum is not None and value < minimum:
@@ -133,8 +159,23 @@ def check_number(
     """`value` as a Python number; a readable error unless it is a real number
     (Python or NumPy, not a bool, not a JAX array) in `allowed`.
 
-    `allowed` is an interval, `"(0, 1]"`, `"[0, 1)"`, or a bound, `"> 0"`,
-    `">= 0"`, `"< 1"`; `None` admits every real number but NaN.
+    **Arguments:**
+
+    - `value`: the option to check.
+    - `name`: the option's name, for the message.
+    - `allowed`: an interval, `"(0, 1]"`, `"[0, 1)"`, or a bound, `"> 0"`,
+      `">= 0"`, `"<= 1"`, `"< 1"`; `None` (default) admits every real number
+      but NaN.
+    - `owner`: prefixes the message (e.g. `"Anderson"`); `None`: no prefix.
+
+    **Returns:**
+
+    `value` as a Python `int` or `float`.
+
+    **Raises:**
+
+    `TypeError` if `value` is not a real number; `ValueError` if it lies outside
+    `allowed` (or `allowed` cannot be read).
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
@@ -171,14 +212,42 @@ def check_number(
 
 
 def check_bool(value: object, name: str, *, owner: str | None = None) -> bool:
-    """`value` as a Python bool; a readable error unless it is one (or `np.bool_`)."""
+    """`value` as a Python bool; a readable error unless it is one (or `np.bool_`).
+
+    **Arguments:**
+
+    - `value`: the option to check.
+    - `name`: the option's name, for the message.
+    - `owner`: prefixes the message; `None` (default): no prefix.
+
+    **Returns:**
+
+    `value` as a Python `bool`.
+
+    **Raises:**
+
+    `TypeError` unless `value` is a `bool` or `np.bool_`.
+    """
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{_who(name, owner)} must be a bool, got {value!r}.")
     return bool(value)
 
 
 def check_instance(value: object, cls: type, name: str, *, owner: str | None = None) -> None:
-    """A readable error naming `name` unless `value` is an instance of `cls`."""
+    """A readable error naming `name` unless `value` is an instance of `cls`.
+
+    **Arguments:**
+
+    - `value`: the option to check.
+    - `cls`: the class it must be an instance of (a subclass's instance passes);
+      the message names it where users find it (`fixpoint.solvers.X`, ...).
+    - `name`: the option's name, for the message.
+    - `owner`: prefixes the message; `None` (default): no prefix.
+
+    **Raises:**
+
+    `TypeError` unless `isinstance(value, cls)`.
+    """
     if not isinstance(value, cls):
         raise TypeError(
             f"{_who(name, owner)} must be an instance of `{_public_name(cls)}` (or a "

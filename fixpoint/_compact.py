@@ -61,7 +61,17 @@ class Compaction(eqx.Module):
             check_int(getattr(self, name), name, low, owner="Compaction")
 
     def sizes(self, batch: int) -> list[int]:
-        """The bucket sizes for a batch of `batch` samples, largest first."""
+        """The bucket sizes for a batch of `batch` samples, largest first.
+
+        **Arguments:**
+
+        - `batch`: the batch size.
+
+        **Returns:**
+
+        `[batch, ceil(batch/factor), ...]` down to `min_bucket`; just `[batch]`
+        when `batch < min_batch` (no compaction).
+        """
         sizes = [batch]
         if batch < self.min_batch:
             return sizes
@@ -73,8 +83,18 @@ class Compaction(eqx.Module):
 
 
 def check_compaction(value: object, what: str = "`compaction`") -> None:
-    """A readable error unless `value` is `None` or a `fixpoint.Compaction`
-    (`what` names the argument in the message, e.g. "DEQ: `compaction`")."""
+    """A readable error unless `value` is `None` or a `fixpoint.Compaction`.
+
+    **Arguments:**
+
+    - `value`: the option to check.
+    - `what`: names the argument in the message, e.g. "DEQ: `compaction`"
+      (default "`compaction`").
+
+    **Raises:**
+
+    `TypeError` if `value` is neither `None` nor a `fixpoint.Compaction`.
+    """
     if value is not None and not isinstance(value, Compaction):
         raise TypeError(
             f"{what} must be a `fixpoint.Compaction(...)` or None (off), got {value!r}."
@@ -102,6 +122,24 @@ def compacted_while_loop(
     buckets cannot follow: then the plain loop runs where compaction would not
     have been used (`min_batch`), and tracing raises, naming `compaction=None`,
     where it would.
+
+    **Arguments:**
+
+    - `cond`: `cond(carry) -> bool scalar`, whether a sample's loop continues.
+    - `body`: `body(carry) -> carry`, one iteration.
+    - `init_val`: the initial carry, a pytree (Python numbers in it become
+      arrays, as `lax.while_loop` makes them).
+    - `compaction`: a `fixpoint.Compaction` (the bucket sizes), or `None` for
+      the plain loop.
+
+    **Returns:**
+
+    The final carry, as `lax.while_loop` returns it (per sample under `vmap`).
+
+    **Raises:**
+
+    `ValueError` at trace time for a collective over a `vmap` axis in a loop that
+    would be compacted.
     """
     if compaction is None:
         return while_loop(cond, body, init_val)

@@ -48,7 +48,20 @@ def scaled_size(
     rtol: Tolerance,
     atol: Tolerance,
 ) -> Float[Array, ""]:
-    """`norm(v / (atol + rtol·|ref|))`, with `0/0 = 0` and `v/0 = inf` for `v ≠ 0`."""
+    """`norm(v / (atol + rtol·|ref|))`, with `0/0 = 0` and `v/0 = inf` for `v ≠ 0`.
+
+    **Arguments:**
+
+    - `norm`: the norm, e.g. `fixpoint.max_norm`.
+    - `v`: the vector measured (a residual, a step, an error estimate).
+    - `ref`: the reference whose magnitude scales `rtol`, same shape as `v`.
+    - `rtol`: the relative tolerance (a float or a traced scalar).
+    - `atol`: the absolute tolerance (a float or a traced scalar).
+
+    **Returns:**
+
+    The scaled size, a scalar; below 1 when `v` meets the tolerance.
+    """
     return norm(_ratio(v, ref, rtol, atol))
 
 
@@ -59,7 +72,20 @@ def meets(
     rtol: Tolerance,
     atol: Tolerance,
 ) -> Bool[Array, ""]:
-    """Whether `v` meets the tolerance relative to `ref` (False for NaN)."""
+    """Whether `v` meets the tolerance relative to `ref` (False for NaN).
+
+    **Arguments:**
+
+    - `norm`: the norm, e.g. `fixpoint.max_norm`.
+    - `v`: the vector measured.
+    - `ref`: the reference whose magnitude scales `rtol`, same shape as `v`.
+    - `rtol`: the relative tolerance.
+    - `atol`: the absolute tolerance.
+
+    **Returns:**
+
+    `scaled_size(norm, v, ref, rtol, atol) < 1`, a boolean scalar.
+    """
     return scaled_size(norm, v, ref, rtol, atol) < 1
 
 
@@ -180,13 +206,22 @@ def converged(
     - `residual`: `G(y)`: `y - f(y)` (`kind="fixed_point"`) or `g(y)` (`"root"`).
     - `y`: the current iterate.
     - `step`: the solver's proposed update `y_next - y` (or `None` to skip that test).
+    - `rtol`: the relative tolerance.
+    - `atol`: the absolute tolerance.
+    - `kind`: `"fixed_point"` (the residual is measured against `|y|` and must
+      have fallen, see above) or `"root"` (against `atol + rtol·start_norm`).
     - `start_norm`: `norm(G(y0))`, the residual norm at the starting point.
     - `y0`: the starting point.
 
-    `residual_ok` is the residual test alone (used to tell a residual within
-    tolerance from a diverging one). All the norms are taken in one reduction;
-    a loop that needs `norm(residual)` first (to set `start_norm`) calls
-    `measure` and `decide` itself.
+    All the norms are taken in one reduction; a loop that needs
+    `norm(residual)` first (to set `start_norm`) calls `measure` and `decide`
+    itself.
+
+    **Returns:**
+
+    `(converged, residual_ok)`, two boolean scalars: whether the iterate passes
+    the whole test, and the residual test alone (used to tell a residual within
+    tolerance from a diverging one).
     """
     sizes = measure(norm, residual, y, step, rtol, atol, kind=kind, y0=y0)
     return decide(sizes, rtol, atol, kind=kind, start_norm=start_norm)

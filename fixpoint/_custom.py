@@ -122,10 +122,36 @@ def custom_fixed_point(
     batch). `rtol`, `atol` default to `sqrt(eps)` of the dtype (3.5e-4 in
     float32, 1.5e-8 in float64): pass your solver's tolerances.
 
-    `throw`: a failed backward solve raises `fixpoint.SolveError` (`True`,
-    default) or gives NaN derivatives (`False`). The returned point itself has
-    no result code to report, so a point that fails the check above always
-    gives NaN derivatives (where the cotangent is nonzero), whatever `throw`.
+    The returned point itself has no result code to report, so a point that
+    fails the check above always gives NaN derivatives (where the cotangent is
+    nonzero), whatever `throw`.
+
+    **Arguments:**
+
+    - `fn`: `fn(y, args) -> y` (or `(y, aux)` with `has_aux=True`), the map whose
+      fixed point the decorated solver finds; same pytree structure, shapes and
+      dtypes as `y0`.
+
+    Keyword-only:
+
+    - `has_aux`: whether `fn` also returns auxiliary data (ignored here: only
+      its first output is used). Default `False`.
+    - `adjoint`: how to differentiate: `fixpoint.ImplicitAdjoint()` (default),
+      `PhantomAdjoint`, `NeumannAdjoint` or `UnrolledAdjoint`.
+    - `rtol`, `atol`: the tolerances of the check of the returned point;
+      `None` (default): `sqrt(eps)` of the dtype.
+    - `throw`: a failed backward solve raises `fixpoint.SolveError` (`True`,
+      default) or gives NaN derivatives (`False`).
+
+    **Returns:**
+
+    A decorator: it takes `solver(y0, args) -> y` and returns a function
+    `(y0, args=None) -> y` with the same value and the gradient rule above.
+
+    **Raises:**
+
+    `TypeError` or `ValueError` at once for a bad `adjoint`, `throw`, `rtol` or
+    `atol`.
     """
     return _decorator("fixed_point", "custom_fixed_point", fn, has_aux, adjoint, rtol, atol, throw)
 
@@ -142,5 +168,26 @@ def custom_root(
     """As `custom_fixed_point`, for a solver returning `y` with `fn(y, args) ≈ 0`.
 
     The check of the returned point is `max_norm(g(y) / (atol + rtol·‖g(y0)‖)) < 1`.
+
+    **Arguments:**
+
+    - `fn`: `fn(y, args) -> g` (or `(g, aux)` with `has_aux=True`), whose root
+      the decorated solver finds; same pytree structure, shapes and dtypes as
+      `y0`.
+
+    Keyword-only:
+
+    - `has_aux`: whether `fn` also returns auxiliary data (ignored here).
+      Default `False`.
+    - `adjoint`: how to differentiate (default `fixpoint.ImplicitAdjoint()`).
+    - `rtol`, `atol`: the tolerances of the check of the returned point;
+      `None` (default): `sqrt(eps)` of the dtype.
+    - `throw`: a failed backward solve raises `fixpoint.SolveError` (`True`,
+      default) or gives NaN derivatives (`False`).
+
+    **Returns:**
+
+    A decorator: it takes `solver(y0, args) -> y` and returns a function
+    `(y0, args=None) -> y` with the same value and the gradient rule above.
     """
     return _decorator("root", "custom_root", fn, has_aux, adjoint, rtol, atol, throw)

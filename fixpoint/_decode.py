@@ -171,6 +171,12 @@ def decode(
       point does on a failed solve (default `True`). With `False`, read
       `solution.result` (`return_solution=True`).
 
+    Greedy decoding as a fixed point solved by Jacobi-type iterations: Santilli
+    et al., *Accelerating Transformer Inference for Translation via Parallel
+    Decoding*, ACL 2023; sampling with pre-drawn noise as the same deterministic
+    problem: Song, Meng, Liao & Ermon, *Accelerating Feedforward Computation via
+    Parallel Nonlinear Equation Solving*, ICML 2021.
+
     **Non-finite logits.** `-inf` entries are allowed and never chosen (greedy
     or sampled): they ban tokens, as in constrained decoding. A row with a NaN,
     a `+inf` or no finite entry at all is non-finite: no token is chosen from it.
@@ -400,7 +406,19 @@ def _check_temperature(temperature):
 
 
 class Disagreement(NamedTuple):
-    """Where two decodings first differ (see `fixpoint.first_disagreement`)."""
+    """Where two decodings first differ (see `fixpoint.first_disagreement`).
+
+    A `NamedTuple` of Python numbers.
+
+    **Arguments:**
+
+    - `index`: the first new position where the two decodings differ, `-1` if
+      they agree everywhere (then the other fields are `-1` or NaN).
+    - `token`: the token of `tokens` there.
+    - `reference_token`: the token of `reference` there.
+    - `margin`: `score(reference_token) - score(token)` at that position.
+    - `scale`: `max |score|` at that position: the margin's yardstick.
+    """
 
     index: int  # first differing new position, -1 if none
     token: int  # the token of `tokens` there
@@ -430,12 +448,28 @@ def first_disagreement(
     the two decodings differ only by a near-tie that the two call shapes broke
     differently; a large margin means one of them is wrong.
 
-    **Arguments:** `model`, `prompt` (`int[P]`) as in `fixpoint.decode`;
-    `tokens`, `reference`: `int[N]`; `key`/`temperature` as in `decode` (for
-    row `b` of a batched call with a single key, pass
-    `jax.random.fold_in(key, b)`: the key that row used).
+    Runs eagerly (NumPy on the host), with one call of `model`.
 
-    **Returns:** a `fixpoint.Disagreement` (`index == -1` when they agree).
+    **Arguments:**
+
+    - `model`: `model(tokens) -> logits`, as in `fixpoint.decode`.
+    - `prompt`: the prompt, `int[P]` (one row, not a batch).
+    - `tokens`: one decoding's new tokens, `int[N]`.
+    - `reference`: the other decoding's new tokens, `int[N]` (the one whose
+      context is used).
+    - `key`: `None` for greedy decoding, or the PRNG key of the sampled
+      decodings, as in `decode` (for row `b` of a batched call with a single
+      key, pass `jax.random.fold_in(key, b)`: the key that row used).
+    - `temperature`: as in `decode` (default 1.0); used only with a `key`.
+
+    **Returns:**
+
+    A `fixpoint.Disagreement` (`index == -1` when they agree).
+
+    **Raises:**
+
+    `ValueError` unless `tokens` and `reference` are `int[N]` of one shape and
+    `prompt` is one-dimensional.
     """
     prompt = np.asarray(prompt)
     tokens, reference = np.asarray(tokens), np.asarray(reference)

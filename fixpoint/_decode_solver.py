@@ -48,29 +48,78 @@ class AbstractDecodingSolver(eqx.Module):
     @property
     @abc.abstractmethod
     def max_window(self) -> int:
-        """The widest window this solver proposes (static)."""
+        """The widest window this solver proposes (static). Abstract: every
+        solver provides it.
+
+        **Returns:**
+
+        A Python int `>= 1`.
+        """
 
     def window_at(self, accepted: Int[Array, ""]) -> Int[Array, ""]:
-        """The window width at this iteration, given `accepted` new tokens."""
+        """The window width at this iteration, given `accepted` new tokens.
+
+        The default is `max_window` every time.
+
+        **Arguments:**
+
+        - `accepted`: the number of new tokens accepted so far, a traced int32
+          scalar (per row in a batch).
+
+        **Returns:**
+
+        The window width, an int32 scalar in `1 … max_window`.
+        """
         del accepted
         return jnp.array(self.max_window, jnp.int32)
 
     @property
     def num_guesses(self) -> int:
-        """The number of guess branches scored beside the main window (static)."""
+        """The number of guess branches scored beside the main window (static).
+
+        **Returns:**
+
+        A Python int `>= 0` (default 0: no guesses).
+        """
         return 0
 
     def init_state(
         self, tokens: Int[Array, " L"], prompt_length: Int[Array, ""], vocab_size: int
     ) -> PyTree[Array] | None:
-        """The guessing state before the first call (`None` for no guesses)."""
+        """The guessing state before the first call (`None` for no guesses).
+
+        **Arguments:**
+
+        - `tokens`: `int32[L]`, the prompt at `[:prompt_length]`, then guesses.
+        - `prompt_length`: the prompt's length, a traced int32 scalar.
+        - `vocab_size`: the model's vocabulary size `V` (static).
+
+        **Returns:**
+
+        A pytree of arrays (per row in a batch), or `None` (the default).
+        """
         del tokens, prompt_length, vocab_size
         return None
 
     def propose(
         self, state: PyTree[Array], last_token: Int[Array, ""]
     ) -> tuple[Int[Array, "G m"], Bool[Array, " G"]]:
-        """`(guesses: int32[G, m], real: bool[G])` after `last_token`."""
+        """`(guesses: int32[G, m], real: bool[G])` after `last_token`.
+
+        Needed only when `num_guesses > 0`; the default raises
+        `NotImplementedError`.
+
+        **Arguments:**
+
+        - `state`: the guessing state (from `init_state` or `observe`).
+        - `last_token`: the last accepted token, an int32 scalar.
+
+        **Returns:**
+
+        `(guesses, real)`: `G = num_guesses` guesses of the `m` tokens that
+        follow `last_token` (`m` static; only the first `window_at(...)` are
+        used), and whether each guess is real (an unreal one changes nothing).
+        """
         raise NotImplementedError(f"{type(self).__name__} has num_guesses > 0 but no `propose`.")
 
     def observe(
@@ -81,7 +130,25 @@ class AbstractDecodingSolver(eqx.Module):
         hi: Int[Array, ""],
         count: int,
     ) -> PyTree[Array]:
-        """The state after a call (see the class docstring)."""
+        """The state after a call (see the class docstring).
+
+        The default returns `state` unchanged.
+
+        **Arguments:**
+
+        - `state`: the guessing state before the call.
+        - `tokens`: `int32[L]` after the call: the accepted prefix, then the
+          model's predictions.
+        - `lo`: the position of the last token accepted before the call, an
+          int32 scalar.
+        - `hi`: one past the last position of the window just scored, an int32
+          scalar.
+        - `count`: a static bound on `hi - lo`.
+
+        **Returns:**
+
+        The new state, with the structure of `state`.
+        """
         del tokens, lo, hi, count
         return state
 
@@ -111,14 +178,47 @@ class AbstractCachedModel(eqx.Module):
 
     @abc.abstractmethod
     def __call__(self, tokens: Int[Array, " L"]) -> Float[Array, "L V"]:
-        """Logits `float[L, V]` for `int32[L]` tokens (causal)."""
+        """Logits `float[L, V]` for `int32[L]` tokens (causal).
+
+        **Arguments:**
+
+        - `tokens`: `int32[L]`.
+
+        **Returns:**
+
+        `float[L, V]`: row `t` depends only on `tokens[:t+1]` and scores the
+        token at `t + 1`.
+        """
 
     @abc.abstractmethod
     def init_cache(self, capacity: int) -> PyTree[Array]:
-        """An empty cache for positions `0 … capacity-1`."""
+        """An empty cache for positions `0 … capacity-1`.
+
+        **Arguments:**
+
+        - `capacity`: the number of positions the cache holds (static).
+
+        **Returns:**
+
+        The cache, a pytree of arrays.
+        """
 
     @abc.abstractmethod
     def extend(
         self, tokens: Int[Array, " W"], start: Int[ArrayLike, ""], cache: PyTree[Array]
     ) -> tuple[Float[Array, "W V"], PyTree[Array]]:
-        """Logits of `tokens` placed at `start …`, and the cache with their entries."""
+        """Logits of `tokens` placed at `start …`, and the cache with their entries.
+
+        **Arguments:**
+
+        - `tokens`: `int32[W]` (`W` static); `tokens[i]` sits at position
+          `start + i`.
+        - `start`: the position of `tokens[0]`, an int32 scalar (traced).
+        - `cache`: the cache, exact at positions `< start`.
+
+        **Returns:**
+
+        `(logits, cache)`: `float[W, V]`, row `i` equal to row `start + i` of
+        `__call__` on a sequence that agrees with the cache before `start` and
+        with `tokens` after; and the cache holding these `W` positions' entries.
+        """

@@ -23,6 +23,12 @@ class SolveError(RuntimeError):
     itself. Inside `jax.jit` the check runs as a host callback when the compiled
     code executes, and JAX re-raises it as `jax.errors.JaxRuntimeError` whose
     message contains this one (catch `JaxRuntimeError`, or `Exception`, there).
+
+    It carries one message (its only argument): the entry point or layer that
+    failed, the `RESULTS` member by name with its explanation, the number of
+    steps and the residual of the first failing sample, how many samples failed
+    under `vmap`, and a hint (by default: pass `throw=False` to get the result
+    code instead). A failed backward (gradient) solve raises it the same way.
     """
 
 
@@ -96,7 +102,30 @@ def raise_if_failed(
     The message names the result code, the number of steps and the residual of
     the first failing sample, and how many samples failed under `vmap`. The check
     is a `lax.cond` around a host callback whose output `value` depends on, so it
-    cannot be optimised away.
+    cannot be optimised away. When the codes are concrete (an eager call, also
+    under eager `vmap`/`grad`) the check runs in Python and raises at once. A
+    `jax.custom_jvp`: tangents pass through unchanged.
+
+    **Arguments:**
+
+    - `value`: any pytree of arrays, returned unchanged.
+    - `codes`: the `RESULTS` codes (`result._value`), an integer array of any
+      batch shape.
+    - `num_steps`: the step counts, an integer array broadcastable to `codes`.
+    - `residual`: the residual norms, a float array broadcastable to `codes`
+      (NaN where there is none, as for a decode).
+    - `what`: what failed, for the message, e.g. "`fixed_point`".
+    - `hint`: the advice that ends the message (default: pass `throw=False` to
+      get the result code instead of an error).
+
+    **Returns:**
+
+    `value`, made to depend on the check.
+
+    **Raises:**
+
+    `SolveError` (wrapped in `jax.errors.JaxRuntimeError` under `jit`) if any
+    code is not `RESULTS.successful`.
     """
     known = [_concrete(x) for x in (codes, num_steps, residual)]
     if all(k is not None for k in known):
@@ -150,6 +179,28 @@ def checked(
     that is combined with *every* array leaf: so whichever output a caller uses
     (the value, the result code, a step count) keeps the check alive under
     `jit`, and a sharded output is never gathered to one device for it.
+
+    **Arguments:**
+
+    - `outputs`: any pytree; its array leaves are made to depend on the check,
+      other leaves are returned as they are.
+    - `codes`: the `RESULTS` codes (`result._value`), an integer array of any
+      batch shape.
+    - `num_steps`: the step counts, an integer array broadcastable to `codes`.
+    - `residual`: the residual norms, a float array broadcastable to `codes`;
+      its dtype is the token's.
+    - `what`: what failed, for the message, e.g. "`fixed_point`".
+    - `hint`: the advice that ends the message (default: pass `throw=False` to
+      get the result code instead of an error).
+
+    **Returns:**
+
+    `outputs` with the same structure and values (the token is zero unless the
+    check raises; it is added with `stop_gradient`, or xor-ed into booleans).
+
+    **Raises:**
+
+    `SolveError` (as `raise_if_failed`) if any code is not `RESULTS.successful`.
     """
     dtype = jnp.result_type(residual)
     token = raise_if_failed(jnp.zeros((), dtype), codes, num_steps, residual, what, hint)

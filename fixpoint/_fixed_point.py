@@ -50,7 +50,10 @@ def fixed_point(
       its slowest sample is done). The answer, result codes and step counts do
       not change. Not used by `UnrolledAdjoint`, which differentiates the loop.
 
-    **Returns:** a `fixpoint.Solution`.
+    **Returns:**
+
+    A `fixpoint.Solution`: `value` (same structure as `y0`), `result`, `aux`
+    and `stats` (`num_steps`, `residual`, and `residual_history` if recorded).
     """
     return solve(
         "fixed_point",
@@ -90,7 +93,30 @@ def root_find(
     problems whose Jacobian is close to the identity; `Newton` and `Broyden`
     work on `fn` directly.
 
-    **Returns:** a `fixpoint.Solution`; `stats["residual"]` is the norm of `fn`.
+    **Arguments:**
+
+    - `fn`: `fn(y, args) -> g` (or `(g, aux)` with `has_aux=True`), with the
+      same pytree structure, shapes and dtypes as `y0`.
+    - `y0`: the starting point: a pytree of floating-point arrays.
+    - `args`: any pytree passed through to `fn`; gradients flow to its arrays.
+    - `solver`: one of `fixpoint.solvers`, e.g. `Newton(rtol, atol)`,
+      `Broyden(...)`, `Anderson(...)`.
+    - `max_steps`: the largest number of updates (default 256).
+    - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if
+      any sample fails). With `False`, read `sol.result` instead (per sample).
+    - `has_aux`: whether `fn` also returns auxiliary data.
+    - `adjoint`: how to differentiate: `ImplicitAdjoint()` (default),
+      `PhantomAdjoint`, `NeumannAdjoint`, `UnrolledAdjoint`.
+    - `record_residuals`: also return `stats["residual_history"]`, the residual
+      norm at each step (length `max_steps + 1`, NaN-padded).
+    - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
+      exceeds this multiple of the smallest residual norm seen (default 1e4).
+    - `compaction`: under `jax.vmap`, gather the still-running samples into
+      smaller batches (`fixpoint.Compaction`, default; `None`: off).
+
+    **Returns:**
+
+    A `fixpoint.Solution`; `stats["residual"]` is the norm of `fn` at `value`.
     """
     return solve(
         "root_find",

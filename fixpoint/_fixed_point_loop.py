@@ -41,6 +41,19 @@ class LoopScalars(NamedTuple):
     `LoopScalars.initial(dtype)` is the packed start, `LoopScalars.read(packed,
     dtype)` unpacks at the top of the body, `advance(...)` makes the next one,
     `outcome(...)` gives the `RESULTS` item and the stats at the end.
+
+    A `NamedTuple` of scalar arrays; the packed form is a `(6,)` float array
+    (float64 for float64 residual norms, else float32) in which the counters
+    travel as the bits of a float of the same width.
+
+    **Arguments:**
+
+    - `residual`: the last residual norm.
+    - `best`: the smallest finite residual norm so far.
+    - `start`: the first residual norm.
+    - `step`: the number of updates made (an integer).
+    - `result`: the value of a `RESULTS` item (an integer code).
+    - `running`: whether the loop goes on (a bool).
     """
 
     residual: jax.Array  # the last residual norm
@@ -60,7 +73,17 @@ class LoopScalars(NamedTuple):
 
     @staticmethod
     def initial(dtype: DTypeLike) -> Float[Array, " 6"]:
-        """The packed scalars before the first step (residual norms of `dtype`)."""
+        """The packed scalars before the first step (residual norms of `dtype`).
+
+        **Arguments:**
+
+        - `dtype`: the dtype of the residual norms.
+
+        **Returns:**
+
+        The packed `(6,)` array: norms `inf`, step 0, `RESULTS.successful`,
+        running.
+        """
         return LoopScalars(
             residual=jnp.asarray(jnp.inf),
             best=jnp.asarray(jnp.inf),
@@ -72,6 +95,17 @@ class LoopScalars(NamedTuple):
 
     @staticmethod
     def read(packed: Float[Array, " 6"], dtype: DTypeLike) -> "LoopScalars":
+        """Unpack the scalars (the inverse of `pack`).
+
+        **Arguments:**
+
+        - `packed`: the packed `(6,)` array.
+        - `dtype`: the dtype of the residual norms (the norms come back in it).
+
+        **Returns:**
+
+        A `LoopScalars` of scalar arrays.
+        """
         fdtype, idtype = _pack_dtypes(dtype)
 
         def ints(x):
@@ -87,6 +121,16 @@ class LoopScalars(NamedTuple):
         )
 
     def pack(self, dtype: DTypeLike) -> Float[Array, " 6"]:
+        """Pack the scalars into one array (the inverse of `LoopScalars.read`).
+
+        **Arguments:**
+
+        - `dtype`: the dtype of the residual norms (it picks the packed width).
+
+        **Returns:**
+
+        The packed `(6,)` float array.
+        """
         fdtype, idtype = _pack_dtypes(dtype)
 
         def bits(x):
@@ -96,7 +140,16 @@ class LoopScalars(NamedTuple):
         return jnp.stack(floats + [bits(self.step), bits(self.result), bits(self.running)])
 
     def first_norm(self, rnorm: Float[Array, ""]) -> Float[Array, ""]:
-        """The starting residual norm, given this step's `rnorm`."""
+        """The starting residual norm, given this step's `rnorm`.
+
+        **Arguments:**
+
+        - `rnorm`: the residual norm measured at this step.
+
+        **Returns:**
+
+        `rnorm` at step 0, else the recorded `start`.
+        """
         return jnp.where(self.step == 0, rnorm, self.start)
 
     def advance(
@@ -107,7 +160,21 @@ class LoopScalars(NamedTuple):
         done: Bool[Array, ""],
         dtype: DTypeLike,
     ) -> Float[Array, " 6"]:
-        """The packed scalars after a step that measured `rnorm` and decided `done`."""
+        """The packed scalars after a step that measured `rnorm` and decided `done`.
+
+        **Arguments:**
+
+        - `rnorm`: the residual norm measured at this step.
+        - `start`: the starting residual norm (`first_norm(rnorm)`).
+        - `result`: this step's `RESULTS` item (from `termination`).
+        - `done`: whether the loop stops here (then the step count stays).
+        - `dtype`: the dtype of the residual norms.
+
+        **Returns:**
+
+        The packed `(6,)` array: `best` updated with a finite `rnorm`, `step`
+        incremented unless `done`, `running = ~done`.
+        """
         finite = jnp.isfinite(rnorm)
         return LoopScalars(
             residual=rnorm,
@@ -120,7 +187,18 @@ class LoopScalars(NamedTuple):
 
     @staticmethod
     def outcome(packed: Float[Array, " 6"], dtype: DTypeLike) -> tuple[RESULTS, dict[str, Array]]:
-        """`(result, {"num_steps", "residual"})` of a finished loop."""
+        """`(result, {"num_steps", "residual"})` of a finished loop.
+
+        **Arguments:**
+
+        - `packed`: the packed `(6,)` array after the last step.
+        - `dtype`: the dtype of the residual norms.
+
+        **Returns:**
+
+        `(result, stats)`: the `RESULTS` item and a dict with `num_steps` and
+        `residual` (the last residual norm).
+        """
         s = LoopScalars.read(packed, dtype)
         result = result_from_code(s.result)
         return result, {"num_steps": s.step, "residual": s.residual}
@@ -145,6 +223,20 @@ def termination(
     Converged beats everything; then a non-finite residual, divergence, a failure
     the solver reported (`solver_result`, if any), and running out of steps.
     Shared by every loop that reports `RESULTS` (also the splitting solvers).
+
+    **Arguments:**
+
+    - `converged`: whether this step's convergence test passed.
+    - `finite`: whether the residual (norm) is finite.
+    - `diverged`: whether the residual has grown past the divergence bound.
+    - `out_of_steps`: whether the step limit is reached.
+    - `solver_result`: a failure the solver reported at this step (a `RESULTS`
+      item, e.g. from `Step.result`), or `None` (default) for none.
+
+    **Returns:**
+
+    `(result, done)`: the `RESULTS` item (`successful` while running on) and
+    whether the loop stops (a boolean scalar).
     """
     failed = jnp.array(False) if solver_result is None else solver_result != RESULTS.successful
     if solver_result is None:

@@ -19,7 +19,14 @@ from ._custom_types import Args, Aux
 
 
 class Evaluation(eqx.Module):
-    """`fn` evaluated at one iterate `y`."""
+    """`fn` evaluated at one iterate `y`, in both forms (`Problem.evaluate`).
+
+    **Arguments:**
+
+    - `fy`: the fixed-point map `f(y)`, flat, shape `(n,)`.
+    - `residual`: the root form `G(y)`, flat, shape `(n,)`; zero at the solution.
+    - `aux`: the auxiliary output of `fn` at `y` (`None` without `has_aux`).
+    """
 
     fy: Float[Array, " n"]  # the fixed-point map f(y)
     residual: Float[Array, " n"]  # the root form G(y); zero at the solution
@@ -27,19 +34,51 @@ class Evaluation(eqx.Module):
 
 
 class Problem(eqx.Module):
-    """`fn(y_flat, args) -> (out_flat, aux)` together with which form `out` is in."""
+    """`fn(y_flat, args) -> (out_flat, aux)` together with which form `out` is in.
+
+    What every solver is handed: it evaluates the problem through `evaluate`
+    (both forms from one call of `fn`) or `residual` (the root form only).
+
+    **Arguments:**
+
+    - `fn`: `fn(y_flat, args) -> (out_flat, aux)`, the user's function on flat
+      vectors.
+    - `kind`: `"fixed_point"` (`out` is `f(y)`, and `G(y) = y - f(y)`) or
+      `"root"` (`out` is `G(y)`, and `f(y) = y - G(y)`).
+    """
 
     fn: Callable
     kind: Literal["fixed_point", "root"] = eqx.field(static=True)
 
     def evaluate(self, y: Float[Array, " n"], args: Args) -> Evaluation:
+        """Call `fn` once at `y` and return both forms.
+
+        **Arguments:**
+
+        - `y`: the iterate, flat, shape `(n,)`.
+        - `args`: the user's `args`, passed on to `fn`.
+
+        **Returns:**
+
+        An `Evaluation`: `f(y)`, `G(y)` and `fn`'s auxiliary output.
+        """
         out, aux = self.fn(y, args)
         if self.kind == "fixed_point":
             return Evaluation(fy=out, residual=y - out, aux=aux)
         return Evaluation(fy=y - out, residual=out, aux=aux)
 
     def residual(self, y: Float[Array, " n"], args: Args) -> tuple[Float[Array, " n"], Aux]:
-        """`(G(y), aux)`: the root form, e.g. for Jacobians."""
+        """`(G(y), aux)`: the root form, e.g. for Jacobians.
+
+        **Arguments:**
+
+        - `y`: the iterate, flat, shape `(n,)`.
+        - `args`: the user's `args`, passed on to `fn`.
+
+        **Returns:**
+
+        `(G(y), aux)`: the root form (shape `(n,)`) and `fn`'s auxiliary output.
+        """
         out, aux = self.fn(y, args)
         if self.kind == "fixed_point":
             return y - out, aux

@@ -17,17 +17,20 @@ _State = TypeVar("_State")
 
 
 class Step(eqx.Module):
-    """What one solver step reports to the loop.
+    """What one solver step reports to the loop (the return of `AbstractSolver.step`).
 
-    - `y_next`: the proposed next iterate;
-    - `state`: the solver state for the next step;
-    - `evaluation`: `fn` evaluated at the current iterate (the loop tests
-      convergence on its residual);
-    - `result`: `RESULTS.successful` unless the solver itself failed at this
-      iterate (e.g. a linear solve);
+    **Arguments:**
+
+    - `y_next`: the proposed next iterate, flat, shape `(n,)`.
+    - `state`: the solver state for the next step.
+    - `evaluation`: `fn` evaluated at the current iterate, an `Evaluation` (the
+      loop tests convergence on its residual).
+    - `result`: a `fixpoint.RESULTS`: `RESULTS.successful` (default) unless the
+      solver itself failed at this iterate (e.g. a linear solve).
     - `trial`: whether the current iterate was only a trial point that the solver
-      rejected (a line search backtracking). A rejected trial never counts as
-      divergence: the solver is already stepping back from it.
+      rejected (a line search backtracking), a bool or a boolean scalar array
+      (default `False`). A rejected trial never counts as divergence: the solver
+      is already stepping back from it.
     """
 
     y_next: Any
@@ -54,6 +57,14 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     proposed step `y_next - y` estimates the distance to the solution, so that
     the loop also requires it to meet the tolerance. Set it to False where the
     step need not vanish at a fixed point (Halpern's pull towards its anchor).
+
+    A subclass (a final `eqx.Module`) provides:
+
+    - the fields `rtol`, `atol` (floats) and `norm` (a `Norm`, e.g.
+      `fixpoint.max_norm`), declared as `AbstractVar`s here, conventionally
+      validated in `__check_init__` by `fixpoint.internal.check_tolerances`;
+    - `init(problem, y, args)`, returning the initial state;
+    - `step(problem, y, args, state)`, returning a `Step`.
     """
 
     rtol: AbstractVar[float]
@@ -63,11 +74,37 @@ class AbstractSolver(eqx.Module, Generic[_State]):
 
     @abc.abstractmethod
     def init(self, problem: Problem, y: Float[Array, " n"], args: Args) -> _State:
-        """Initial solver state for starting point `y` (must not call `fn`)."""
+        """Initial solver state for starting point `y` (must not call `fn`).
+
+        **Arguments:**
+
+        - `problem`: the `Problem` being solved (not to be evaluated here).
+        - `y`: the starting point, flat, shape `(n,)`.
+        - `args`: the user's `args`.
+
+        **Returns:**
+
+        The solver's state: a pytree of arrays whose structure, shapes and dtypes
+        stay the same from step to step (it is a `while_loop` carry).
+        """
 
     @abc.abstractmethod
     def step(self, problem: Problem, y: Float[Array, " n"], args: Args, state: _State) -> Step:
-        """Evaluate the problem once at `y` and propose the next iterate."""
+        """Evaluate the problem once at `y` and propose the next iterate.
+
+        **Arguments:**
+
+        - `problem`: the `Problem` being solved; call `problem.evaluate(y, args)`
+          once.
+        - `y`: the current iterate, flat, shape `(n,)`.
+        - `args`: the user's `args`.
+        - `state`: the state returned by `init` or the previous `step`.
+
+        **Returns:**
+
+        A `Step`: the proposed next iterate, the next state, the evaluation at
+        `y` and a result code.
+        """
 
 
 def check_tolerance(value: object, what: str) -> None:
@@ -102,8 +139,21 @@ def check_relative_tolerance(value: float | None, what: str) -> None:
 def check_tolerances(solver: HasTolerances, allow_default: bool = False) -> None:
     """Shared `__check_init__` body: readable errors for bad tolerances.
 
-    With `allow_default=True` a tolerance may be `None` (a default resolved at
-    trace time from the dtype, as the scan solvers' `fixpoint.internal.scan_tolerances`).
+    Each of `rtol` and `atol` must be a static, finite, non-negative real number
+    (a traced value is refused), `rtol` must be below 1, they cannot both be
+    zero, and `norm` must be callable.
+
+    **Arguments:**
+
+    - `solver`: the solver (anything with `rtol`, `atol` and `norm` attributes);
+      its class name starts every message.
+    - `allow_default`: whether a tolerance may be `None` (a default resolved at
+      trace time from the dtype, as the scan solvers'
+      `fixpoint.internal.scan_tolerances`). Default `False`.
+
+    **Raises:**
+
+    `TypeError` or `ValueError` naming the offending field.
     """
     for name in ("rtol", "atol"):
         value = getattr(solver, name)

@@ -80,12 +80,42 @@ def hoist(fn: Callable, *args) -> Hoisted:
 
 
 def while_loop(cond: Callable[[_T], Any], body: Callable[[_T], _T], init: _T) -> _T:
-    """`lax.while_loop`, with `init` made to vary as `body` makes it (see above)."""
+    """`lax.while_loop`, with `init` made to vary as `body` makes it.
+
+    Inside `jax.shard_map`, the initial carry is first cast (`lax.pcast`) to vary
+    over the mesh axes that one step of `body` makes it vary over; outside
+    `shard_map` this is `lax.while_loop`, untouched.
+
+    **Arguments:**
+
+    - `cond`: `cond(carry) -> bool scalar`.
+    - `body`: `body(carry) -> carry`.
+    - `init`: the initial carry, a pytree.
+
+    **Returns:**
+
+    The final carry.
+    """
     return jax.lax.while_loop(cond, body, match_varying(body, init))
 
 
 def fori_loop(lower: int, upper: int, body: Callable[[Int[Array, ""], _T], _T], init: _T) -> _T:
-    """`lax.fori_loop`, with `init` made to vary as `body` makes it (see above)."""
+    """`lax.fori_loop`, with `init` made to vary as `body` makes it.
+
+    Inside `jax.shard_map` the initial carry is cast as in `while_loop`;
+    outside it this is `lax.fori_loop`.
+
+    **Arguments:**
+
+    - `lower`: the first index.
+    - `upper`: one past the last index.
+    - `body`: `body(i, carry) -> carry`, `i` an integer scalar.
+    - `init`: the initial carry, a pytree.
+
+    **Returns:**
+
+    The final carry.
+    """
     init = match_varying(lambda x: body(jnp.asarray(lower), x), init)
     return jax.lax.fori_loop(lower, upper, body, init)
 

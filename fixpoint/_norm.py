@@ -6,7 +6,19 @@ from jaxtyping import Array, Float
 
 
 def max_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
-    """The infinity norm: the largest absolute entry."""
+    """The infinity norm: the largest absolute entry.
+
+    The default `norm` of every solver. A NaN entry gives NaN (never hidden by
+    the maximum), and an empty vector gives 0.
+
+    **Arguments:**
+
+    - `x`: a vector (any shape is flattened), floating point.
+
+    **Returns:**
+
+    `max |x_i|`, a scalar of `x`'s dtype.
+    """
     if x.size == 0:
         return jnp.zeros((), x.dtype)
     return _max(jnp.abs(jnp.ravel(x)))
@@ -62,12 +74,33 @@ def _max(a):
 
 
 def rms_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
-    """The root-mean-square norm: the 2-norm divided by sqrt(size)."""
+    """The root-mean-square norm: the 2-norm divided by sqrt(size).
+
+    Independent of the size of `x`, so a tolerance means the same for a small
+    and a large state. An empty vector gives 0.
+
+    **Arguments:**
+
+    - `x`: a vector, floating point.
+
+    **Returns:**
+
+    `sqrt(mean(x²))`, a scalar of `x`'s dtype.
+    """
     if x.size == 0:
         return jnp.zeros((), x.dtype)
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
 def two_norm(x: Float[Array, " n"]) -> Float[Array, ""]:
-    """The Euclidean norm."""
+    """The Euclidean norm.
+
+    **Arguments:**
+
+    - `x`: a vector, floating point.
+
+    **Returns:**
+
+    `sqrt(sum(x²))`, a scalar of `x`'s dtype (0 for an empty vector).
+    """
     return jnp.sqrt(jnp.sum(jnp.square(x)))

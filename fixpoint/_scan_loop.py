@@ -88,12 +88,29 @@ def iterate_scan(
     `p` is not finite (the sequential scan itself would produce it);
     `max_steps_reached` after `max_steps` updates.
 
-    Returns `(h, result, stats)`: `h` is the certified refinement on success
-    (the last Newton update, within tolerance of the measured trajectory) or the
-    exact proposal, else the measured trajectory; `stats` has `num_steps`, `residual` (the largest
-    per-step residual norm, measured at the trajectory before refinement),
-    `converged_steps` (how many leading steps met the tolerance) and, if asked,
-    `residual_history`.
+    **Arguments:**
+
+    - `solver`: the scan solver.
+    - `problem`: the `ScanProblem` (cell, `h0`, inputs, time axis).
+    - `h`: the initial trajectory guess, `(T, D)` (a device's chunk when
+      sharded).
+    - `rtol`, `atol`: the per-step tolerances (resolved: not `None`; `atol` may
+      be a traced scalar, as the scan adjoint scales it).
+    - `max_steps`: the largest number of updates.
+    - `record_residuals`: also return `stats["residual_history"]` (default
+      `False`).
+    - `extrapolate`: with a sliding window, start a step the window has never
+      reached from the latest state evaluated (default `False`: keep its guess;
+      `fixpoint.scan` sets it when no `guess` is given).
+
+    **Returns:**
+
+    `(h, result, stats)`: `h` is the certified refinement on success (the last
+    Newton update, within tolerance of the measured trajectory) or the exact
+    proposal, else the measured trajectory; `result` a `fixpoint.RESULTS`;
+    `stats` has `num_steps`, `residual` (the largest per-step residual norm,
+    measured at the trajectory before refinement), `converged_steps` (how many
+    leading steps met the tolerance) and, if asked, `residual_history`.
     """
     time = problem.time
     length = h.shape[0]

@@ -29,6 +29,19 @@ class ScanProblem(eqx.Module):
     Trajectories are `(T, D)` arrays (a device's chunk of time when sharded).
     With `reverse=True` the recurrence runs from the last step to the first:
     `h_t = cell(h_{t+1}, x_t)`, as `lax.scan(..., reverse=True)`.
+
+    Built by `fixpoint.scan` and handed to the scan solvers.
+
+    **Arguments:**
+
+    - `cell`: `cell(h, x) -> h_next` on flat states `float[D]`.
+    - `h0`: the initial state, `float[D]`.
+    - `xs`: the inputs, a pytree with time on every leaf's leading axis.
+    - `time`: the time axis (`Time`), local or sharded.
+    - `reverse`: run from the last step to the first (default `False`).
+    - `linear`: whether `cell` is affine in `h` (an adjoint's recurrence, a JVP
+      or VJP of the forward cell); it changes only how `refinement` runs by
+      default. Default `False`.
     """
 
     cell: Callable
@@ -227,6 +240,11 @@ class AbstractScanSolver(eqx.Module):
     `v_t = h_t - cell(h_{t-1}, x_t)` and for the refinement's move. A tolerance
     of `None` (every built-in solver's default) is resolved at trace time from
     the carry's dtype by `fixpoint.internal.scan_tolerances`.
+
+    A subclass (a final `eqx.Module`) provides the fields `rtol`, `atol`
+    (`float | None`) and `norm`, and implements `init`, `linearise`, `update`
+    and `refine`; it may override `refine_by_update`, `window_length`, `exact`
+    and `linear_solver`.
     """
 
     rtol: AbstractVar[float | None]
@@ -240,6 +258,10 @@ class AbstractScanSolver(eqx.Module):
         Then the loop calls `update` alone, with the frozen mask cleared once
         every step meets the tolerance, instead of choosing between `update` and
         `refine` by a `lax.cond` (cheaper: XLA fuses across no branch).
+
+        **Returns:**
+
+        A Python bool (static).
         """
         return False
 
@@ -252,6 +274,14 @@ class AbstractScanSolver(eqx.Module):
         whose `h0` is the state before the window, and `state` is None (a
         windowed solver keeps no state). Certification still covers the whole
         trajectory. Needs an unsharded time axis.
+
+        **Arguments:**
+
+        - `length`: the length `T` of the (local) trajectory.
+
+        **Returns:**
+
+        `None`, or the window length, an int below `length`.
         """
         del length
         return None
@@ -264,18 +294,50 @@ class AbstractScanSolver(eqx.Module):
         stops `successful` (a refinement that is `problem.sweep(T)`, an update
         that sweeps the whole sequence from `h0`). Otherwise the loop measures
         the next trajectory, or certifies against the refinement.
+
+        **Arguments:**
+
+        - `problem`: the `ScanProblem` being solved (read statically).
+
+        **Returns:**
+
+        `(update_exact, refine_exact)`, two Python bools.
         """
         return False, False
 
     @abc.abstractmethod
     def init(self, problem: ScanProblem, h: Float[Array, "T D"]) -> PyTree:
-        """Initial state for the trajectory guess `h`."""
+        """Initial state for the trajectory guess `h`.
+
+        **Arguments:**
+
+        - `problem`: the `ScanProblem` being solved.
+        - `h`: the initial trajectory guess, `(T, D)`.
+
+        **Returns:**
+
+        The solver state, a pytree of arrays (a loop carry: fixed structure,
+        shapes and dtypes), or `None`.
+        """
 
     @abc.abstractmethod
     def linearise(
         self, problem: ScanProblem, h: Float[Array, "T D"], state: PyTree
     ) -> tuple[Float[Array, "T D"], PyTree]:
-        """`(F(h), derivatives)`: one evaluation, and what `update` needs (or None)."""
+        """`(F(h), derivatives)`: one evaluation, and what `update` needs (or None).
+
+        **Arguments:**
+
+        - `problem`: the `ScanProblem` being solved.
+        - `h`: the current trajectory, `(T, D)`.
+        - `state`: the solver state.
+
+        **Returns:**
+
+        `(fh, derivatives)`: `F(h)`, i.e. `cell(h_{t-1}, x_t)` at every step,
+        `(T, D)`; and whatever `update`/`refine` need (e.g. Jacobians), or
+        `None`.
+        """
 
     @abc.abstractmethod
     def update(
@@ -287,7 +349,22 @@ class AbstractScanSolver(eqx.Module):
         frozen: Bool[Array, " T"],
         state: PyTree,
     ) -> tuple[Float[Array, "T D"], PyTree]:
-        """`(h_next, state)`: the proposed trajectory, given `F(h)` and the frozen mask."""
+        """`(h_next, state)`: the proposed trajectory, given `F(h)` and the frozen mask.
+
+        **Arguments:**
+
+        - `problem`: the `ScanProblem` being solved.
+        - `h`: the current trajectory, `(T, D)`.
+        - `fh`: `F(h)` from `linearise`, `(T, D)`.
+        - `derivatives`: what `linearise` returned besides `F(h)`.
+        - `frozen`: `bool[T]`, the leading steps (in scan order) that already
+          meet the tolerance; treat them as exact.
+        - `state`: the solver state.
+
+        **Returns:**
+
+        `(h_next, state)`: the proposed trajectory, `(T, D)`, and the new state.
+        """
 
     def linear_solver(self, problem: ScanProblem) -> "AbstractScanSolver":
         """The solver of the adjoint's linear recurrences on `problem` (default: itself).
@@ -296,6 +373,14 @@ class AbstractScanSolver(eqx.Module):
         transpose) through the same loop, with `adjoint_solver` (default: the
         forward solver). A solver may hand that linear problem to another one
         that is cheaper on it.
+
+        **Arguments:**
+
+        - `problem`: the adjoint's (linear) `ScanProblem`.
+
+        **Returns:**
+
+        An `AbstractScanSolver` (default: `self`).
         """
         return self
 
@@ -318,6 +403,19 @@ class AbstractScanSolver(eqx.Module):
         error accumulated along the sequence is within the tolerance too, and
         then returns `h_refined`. A refinement that `exact` declares exact is
         returned as soon as it is finite, without that comparison.
+
+        **Arguments:**
+
+        - `problem`: the `ScanProblem` being solved.
+        - `h`: the current trajectory, `(T, D)`, every step within tolerance.
+        - `fh`: `F(h)` from `linearise`, `(T, D)`.
+        - `derivatives`: what `linearise` returned besides `F(h)`.
+        - `state`: the solver state.
+
+        **Returns:**
+
+        `(h_refined, state)`: the refined trajectory, `(T, D)`, and the new
+        state.
         """
 
 
@@ -336,6 +434,19 @@ def scan_tolerances(solver: AbstractScanSolver, dtype: DTypeLike) -> tuple[float
 
     The defaults (`SCAN_TOLERANCES`): `1e-6` for float64, `1e-4` for float32,
     `1e-2` for float16 and bfloat16 — the same for `rtol` and `atol`.
+
+    **Arguments:**
+
+    - `solver`: a scan solver; a tolerance of `None` takes the default.
+    - `dtype`: the carry's dtype.
+
+    **Returns:**
+
+    `(rtol, atol)` as Python floats.
+
+    **Raises:**
+
+    `TypeError` when a tolerance is `None` and `dtype` has no default.
     """
     default = SCAN_TOLERANCES.get(jnp.dtype(dtype).name)
     if default is None and (solver.rtol is None or solver.atol is None):

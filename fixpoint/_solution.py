@@ -9,7 +9,24 @@ from jaxtyping import Array, PyTree
 
 
 class RESULTS(eqx.Enumeration):
-    """Why a solve stopped. Compare with `==`: `sol.result == RESULTS.successful`."""
+    """Why a solve stopped. Compare with `==`: `sol.result == RESULTS.successful`.
+
+    An `equinox.Enumeration`; each member's value is the message a
+    `fixpoint.SolveError` shows. Under `jax.vmap` a result holds one code per
+    sample, and `sol.result == RESULTS.successful` is a boolean array. Combine
+    results with `RESULTS.where(pred, a, b)`.
+
+    **Members:**
+
+    - `successful`: the solve met its tolerance (or a decode finished).
+    - `max_steps_reached`: the step limit (`max_steps`) was reached before the
+      residual met the tolerance.
+    - `diverged`: the residual grew far beyond the smallest residual seen so far
+      (by the entry point's `divergence_ratio`, or a splitting solver's own).
+    - `nonfinite`: a NaN or Inf appeared in the iterate or in the residual.
+    - `linear_solve_failed`: a linear solve inside the solver failed (e.g. a
+      Newton step's).
+    """
 
     successful = ""
     max_steps_reached = (
@@ -25,9 +42,12 @@ class RESULTS(eqx.Enumeration):
 
 
 class Solution(eqx.Module):
-    """The result of `fixpoint.fixed_point` or `fixpoint.root_find`.
+    """The result of `fixpoint.fixed_point` or `fixpoint.root_find` (and of the
+    layers' `solve` methods).
 
-    **Attributes:**
+    Built by the library; the constructor's arguments are its attributes.
+
+    **Arguments:**
 
     - `value`: the solution, with the same pytree structure as `y0`. It is the
       iterate at which the reported residual was measured.

@@ -22,7 +22,20 @@ _T = TypeVar("_T")
 
 
 class Time(eqx.Module):
-    """The time axis: local (`axis_name=None`) or split over `size` devices."""
+    """The time axis: local (`axis_name=None`) or split over `size` devices.
+
+    Every scan solver touches the time axis only through a `Time`: shifts
+    (`shift`, `order`, `offset`), associative scans (`associative_scan`) and
+    reductions (`all`, `max`, `sum`, `min`). Sharded, each device holds one
+    contiguous chunk of time and the calls exchange what crosses a chunk
+    boundary (inside `jax.shard_map`).
+
+    **Arguments:**
+
+    - `axis_name`: the mesh axis time is split over, or `None` (default) for a
+      local time axis.
+    - `size`: the number of devices along `axis_name` (default 1).
+    """
 
     axis_name: str | None = eqx.field(static=True, default=None)
     size: int = eqx.field(static=True, default=1)
@@ -33,7 +46,16 @@ class Time(eqx.Module):
         return lax.axis_index(self.axis_name).astype(jax.dtypes.canonicalize_dtype(jnp.int_))
 
     def offset(self, local_length: int) -> Int[Array, ""]:
-        """Global index of this chunk's first step."""
+        """Global index of this chunk's first step.
+
+        **Arguments:**
+
+        - `local_length`: the number of steps each device holds.
+
+        **Returns:**
+
+        An integer scalar: 0 locally, `device index · local_length` sharded.
+        """
         if self.axis_name is None:
             return jnp.array(0)
         return self._index() * local_length
@@ -44,6 +66,17 @@ class Time(eqx.Module):
         """Each step's predecessor in scan order.
 
         Forward: `[fill, x_0, ..., x_{T-2}]`; `reverse=True`: `[x_1, ..., x_{T-1}, fill]`.
+
+        **Arguments:**
+
+        - `x`: the trajectory (this device's chunk), time on the leading axis.
+        - `fill`: what the first step in scan order gets (e.g. `h0`), shaped
+          as one step of `x`.
+        - `reverse`: whether the scan runs backwards in time (default `False`).
+
+        **Returns:**
+
+        The shifted trajectory, the shape of `x`.
         """
         if self.axis_name is None:
             if reverse:
@@ -60,7 +93,17 @@ class Time(eqx.Module):
         return jnp.concatenate([head[None], x[:-1]])
 
     def order(self, local_length: int, reverse: bool = False) -> Int[Array, " T"]:
-        """Each local step's position in scan order (0 is the first step computed)."""
+        """Each local step's position in scan order (0 is the first step computed).
+
+        **Arguments:**
+
+        - `local_length`: the number of steps each device holds.
+        - `reverse`: whether the scan runs backwards in time (default `False`).
+
+        **Returns:**
+
+        An integer array of shape `(local_length,)`.
+        """
         index = self.offset(local_length) + jnp.arange(local_length)
         if reverse:
             return local_length * self.size - 1 - index
@@ -74,6 +117,16 @@ class Time(eqx.Module):
         each device scans its chunk, the chunk totals are gathered and scanned
         (one element per device), and each chunk is combined with the total of
         the chunks before it in scan order.
+
+        **Arguments:**
+
+        - `fn`: the associative combination `fn(a, b)`.
+        - `elems`: a pytree of arrays, time on the leading axis.
+        - `reverse`: scan from the last step backwards (default `False`).
+
+        **Returns:**
+
+        The inclusive scan, with the structure and shapes of `elems`.
         """
         local = lax.associative_scan(fn, elems, reverse=reverse)
         if self.axis_name is None:
@@ -91,25 +144,67 @@ class Time(eqx.Module):
         return jax.tree.map(lambda c, x: jnp.where(has_carry, c, x), combined, local)
 
     def all(self, x: Shaped[Array, "T ..."]) -> Bool[Array, ""]:
+        """Whether every entry is true, over the whole time axis.
+
+        **Arguments:**
+
+        - `x`: an array with time on its leading axis (this device's chunk).
+
+        **Returns:**
+
+        A boolean scalar (`jnp.all`, then across devices).
+        """
         out = jnp.all(x)
         if self.axis_name is None:
             return out
         return lax.pmin(out.astype(jnp.int32), self.axis_name).astype(bool)
 
     def max(self, x: Shaped[Array, "T ..."]) -> Shaped[Array, ""]:
+        """The maximum entry over the whole time axis.
+
+        **Arguments:**
+
+        - `x`: an array with time on its leading axis (this device's chunk).
+
+        **Returns:**
+
+        A scalar (`jnp.max`, then across devices).
+        """
         out = jnp.max(x)
         if self.axis_name is None:
             return out
         return lax.pmax(out, self.axis_name)
 
     def sum(self, x: Shaped[Array, "T ..."]) -> Shaped[Array, ""]:
+        """The sum of every entry over the whole time axis.
+
+        **Arguments:**
+
+        - `x`: an array with time on its leading axis (this device's chunk).
+
+        **Returns:**
+
+        A scalar (`jnp.sum`, then across devices).
+        """
         out = jnp.sum(x)
         if self.axis_name is None:
             return out
         return lax.psum(out, self.axis_name)
 
     def min(self, x: Shaped[Array, "T ..."], axis: int | None = None) -> Shaped[Array, "..."]:
-        """The minimum over time (and, with `axis=None`, every other axis too)."""
+        """The minimum over time (and, with `axis=None`, every other axis too).
+
+        **Arguments:**
+
+        - `x`: an array with time on its leading axis (this device's chunk).
+        - `axis`: the axis of `jnp.min`; `None` (default): every axis. Sharded,
+          the result is then reduced across devices (so `axis` should include
+          time, axis 0).
+
+        **Returns:**
+
+        The minimum: a scalar for `axis=None`, else `jnp.min(x, axis)`'s shape.
+        """
         out = jnp.min(x, axis=axis)
         if self.axis_name is None:
             return out
@@ -141,6 +236,21 @@ def linear_recurrence(
     `reverse=True` the recurrence runs backwards: `x_t = A_t x_{t+1} + b_t`.
     Matrix products run at the highest precision: with a TF32-like default on a
     GPU the Newton iterations of DEER stall short of the tolerance.
+
+    A linear recurrence as a parallel scan: Blelloch, *Prefix sums and their
+    applications*, CMU technical report, 1990; Martin & Cundy, *Parallelizing
+    linear recurrent neural nets over sequence length*, ICLR 2018.
+
+    **Arguments:**
+
+    - `time`: the time axis (`Time()` locally; sharded inside `shard_map`).
+    - `a`: the matrices `A_t`, `(T, D, D)`, or their diagonals, `(T, D)`.
+    - `b`: the offsets `b_t`, `(T, D)`.
+    - `reverse`: run backwards in time (default `False`).
+
+    **Returns:**
+
+    The solution `x`, `(T, D)`.
     """
     combine = _diagonal_combine if a.ndim == b.ndim else _dense_combine
     return time.associative_scan(combine, (a, b), reverse=reverse)[1]

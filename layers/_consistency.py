@@ -36,9 +36,25 @@ def jacobi_trajectories(
     `fixpoint.solvers.JacobiDecoding(window=max_new_tokens)`: one window over all the new tokens,
     CLLM's setting; a sliding `JacobiDecoding(window=16)` records the states that
     decoding with that window meets), greedy or, with `key`, sampled as `decode`
-    samples. `cached` as in `decode`.
+    samples.
 
-    **Returns:** `(fixed_points: int32[B, N], states: int32[B, N, N],
+    Kou, Hu, He, Deng & Zhang, *CLLMs: Consistency Large Language Models*, ICML
+    2024.
+
+    **Arguments:**
+
+    - `model`: `model(tokens) -> logits`, as in `fixpoint.decode`.
+    - `prompts`: `int[B, P]`, one prompt per row.
+    - `max_new_tokens`: `N`, the number of new tokens per row.
+    - `solver`: a decoding solver (default
+      `JacobiDecoding(window=max_new_tokens)`).
+    - `key`: `None` for greedy decoding, or a PRNG key to sample as `decode`.
+    - `temperature`: as in `decode` (default 1.0; used only with `key`).
+    - `cached`: as in `decode` (default `None`: the cache when the model has one).
+
+    **Returns:**
+
+    `(fixed_points: int32[B, N], states: int32[B, N, N],
     windows: bool[B, N, N], calls: int32[B])`: row `b`'s output; the new tokens
     as each of its calls saw them (`states[b, :calls[b]]` are real, later rows
     repeat the fixed point); the positions each call judged (its window, the
@@ -91,6 +107,21 @@ def consistency_loss(
     model itself at the fixed point). It is zero at `state = fixed_point`. A token
     the model bans at the fixed point (a `-inf` logit) adds nothing.
     Batched inputs (`[B, P]`, `[B, N]`) give the mean over the batch.
+
+    Kou, Hu, He, Deng & Zhang, *CLLMs: Consistency Large Language Models*, ICML
+    2024.
+
+    **Arguments:**
+
+    - `model`: `model(tokens) -> logits`, as in `fixpoint.decode`.
+    - `prompt`: `int[P]` (or `int[B, P]`).
+    - `state`: `int[N]` (or `int[B, N]`), a point of the trajectory.
+    - `fixed_point`: `int[N]` (or `int[B, N]`), the trajectory's fixed point.
+    - `mask`: `bool[N]` (or `bool[B, N]`), the positions scored; `None`: all.
+
+    **Returns:**
+
+    The loss, a scalar.
     """
     if mask is None:
         mask = jnp.ones(state.shape, bool)
@@ -115,7 +146,21 @@ def ar_loss(
 ) -> Float[Array, ""]:
     """CLLM's AR loss: the mean next-token cross entropy of `target` after
     `prompt` (teacher forcing; the prompt's own tokens are not scored). Batched
-    inputs give the mean over the batch."""
+    inputs give the mean over the batch.
+
+    Kou, Hu, He, Deng & Zhang, *CLLMs: Consistency Large Language Models*, ICML
+    2024.
+
+    **Arguments:**
+
+    - `model`: `model(tokens) -> logits`, as in `fixpoint.decode`.
+    - `prompt`: `int[P]` (or `int[B, P]`).
+    - `target`: `int[N]` (or `int[B, N]`), the tokens that follow the prompt.
+
+    **Returns:**
+
+    The mean cross entropy, a scalar.
+    """
 
     def one(prompt, target):
         logp = jax.nn.log_softmax(_logits_after(model, prompt, target), axis=-1)

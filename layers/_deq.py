@@ -54,24 +54,31 @@ class DEQ(AbstractConfigurable):
     the whole `fixpoint.Solution`, with `stats["num_steps"]`, `stats["residual"]`
     and `result` per sample.
 
+    Bai, Kolter & Koltun, *Deep Equilibrium Models*, NeurIPS 2019.
+
     **Arguments:**
 
     - `f`: an Equinox module (or any callable pytree) called as `f(z, x)`.
+
+    Keyword-only:
+
     - `solver`: any solver from `solvers` (default `Anderson(1e-4, 1e-4)`).
     - `adjoint`: any adjoint from `fixpoint` (default `ImplicitAdjoint()`).
-    - `max_steps`: the solver's step budget.
-    - `throw`: raise on a failed forward solve (`True`), or return the last
+    - `max_steps`: the solver's step budget (default 50).
+    - `throw`: raise on a failed forward solve (`True`, default), or return the last
       iterate with its result code (`False`: read `deq.solve(x).result`; a failed
       solve is never silent in the stats).
     - `z_shape`: the shape of `z`; default: the shape of `x`.
-    - `dropout`: variational dropout rate: one mask per forward pass (per sample),
-      applied to `f`'s output at every iteration, so the map stays the same map
-      during the solve. Needs `key=` in training; pass `inference=True` to turn
-      it off.
+    - `dropout`: variational dropout rate in `[0, 1)` (default 0): one mask per
+      forward pass (per sample), applied to `f`'s output at every iteration, so
+      the map stays the same map during the solve. Needs `key=` in training;
+      pass `inference=True` to turn it off.
     - `normalise`: a function applied to `f` once per forward pass before the
-      solve, e.g. `fixpoint.layers.spectral_norm` (gradients flow through it).
+      solve, e.g. `fixpoint.layers.spectral_norm` (gradients flow through it);
+      `None` (default): none.
     - `compaction`: as for `fixpoint.fixed_point`: under `jax.vmap`, samples
-      that have converged stop costing (`None`: off).
+      that have converged stop costing (default `fixpoint.Compaction()`;
+      `None`: off).
 
     The settings (`solver` … `compaction`) are static fields: checkpoints never
     hold them, and `deq.with_settings(solver=..., max_steps=...)` returns a copy
@@ -144,12 +151,34 @@ class DEQ(AbstractConfigurable):
         self._store("compaction", compaction)
 
     def prepared(self) -> Callable:
-        """`f` after `normalise` (what one forward pass iterates)."""
+        """`f` after `normalise` (what one forward pass iterates).
+
+        **Returns:**
+
+        `normalise(f)`, or `f` itself without `normalise`.
+        """
         return self.f if self.normalise is None else self.normalise(self.f)
 
     def mask(
         self, z0: Array, key: PRNGKeyArray | None, inference: bool
     ) -> Float[Array, "..."] | None:
+        """The variational dropout mask of one forward pass (or `None`).
+
+        **Arguments:**
+
+        - `z0`: the starting state; the mask has its shape and dtype.
+        - `key`: the PRNG key of this pass (needed when `dropout > 0`).
+        - `inference`: `True` turns dropout off.
+
+        **Returns:**
+
+        `None` when `dropout == 0` or `inference`; else a mask of kept entries
+        scaled by `1 / (1 - dropout)`.
+
+        **Raises:**
+
+        `ValueError` when `dropout > 0`, not `inference`, and no `key`.
+        """
         if self.dropout == 0 or inference:
             return None
         if key is None:
@@ -158,6 +187,18 @@ class DEQ(AbstractConfigurable):
         return keep.astype(z0.dtype) / (1 - self.dropout)
 
     def initial(self, x: Array, z0: Array | None) -> Array:
+        """The starting state: `z0` if given, else zeros.
+
+        **Arguments:**
+
+        - `x`: the input (floating point); the zeros take its dtype, and its
+          shape unless `z_shape` is set.
+        - `z0`: a starting state, or `None`.
+
+        **Returns:**
+
+        `z0`, or zeros of shape `z_shape` (default `x.shape`) and `x`'s dtype.
+        """
         if z0 is not None:
             return z0
         x_dtype = getattr(x, "dtype", None)
@@ -172,7 +213,19 @@ class DEQ(AbstractConfigurable):
 
     def check(self, f: Callable, x: Array, z0: Array) -> None:
         """Trace-time check that `f(z, x)` accepts `z0` and returns its shape and dtype
-        (once per `f` and shapes: a repeated call does not trace `f` again)."""
+        (once per `f` and shapes: a repeated call does not trace `f` again).
+
+        **Arguments:**
+
+        - `f`: the (prepared) map.
+        - `x`: the input.
+        - `z0`: the starting state.
+
+        **Raises:**
+
+        `ValueError` naming the shapes when the call fails or changes the shape
+        or dtype of `z`.
+        """
         _check_f(self.z_shape is not None, f, x, z0)
 
     def solve(
@@ -184,7 +237,21 @@ class DEQ(AbstractConfigurable):
         inference: bool = False,
         record_residuals: bool = False,
     ) -> fixpoint.Solution:
-        """Solve for the equilibrium of one input; returns the `fixpoint.Solution`."""
+        """Solve for the equilibrium of one input; returns the `fixpoint.Solution`.
+
+        **Arguments:**
+
+        - `x`: one input (floating point).
+        - `z0`: the starting state (warm start); default zeros (see `initial`).
+        - `key`: the PRNG key for dropout (needed when `dropout > 0`).
+        - `inference`: turn dropout off (default `False`).
+        - `record_residuals`: also record `stats["residual_history"]` (default
+          `False`).
+
+        **Returns:**
+
+        A `fixpoint.Solution` whose `value` is `z*`.
+        """
         z0 = self.initial(x, z0)
         f = self.prepared()
         self.check(f, x, z0)
@@ -209,7 +276,19 @@ class DEQ(AbstractConfigurable):
         key: PRNGKeyArray | None = None,
         inference: bool = False,
     ) -> Array:
-        """The equilibrium `z*` for one input `x`."""
+        """The equilibrium `z*` for one input `x`.
+
+        **Arguments:**
+
+        - `x`: one input (floating point).
+        - `z0`: the starting state; default zeros.
+        - `key`: the PRNG key for dropout (needed when `dropout > 0`).
+        - `inference`: turn dropout off (default `False`).
+
+        **Returns:**
+
+        `z*`, the shape of `z0` (`z_shape`, default `x.shape`).
+        """
         return self.solve(x, z0, key=key, inference=inference).value
 
 

@@ -37,6 +37,13 @@ def gcn_aggregate(
     - `h`: `float[N, K]` node values.
     - `graph`: the graph.
     - `edge_weight`: optional `float[E]` edge weights (default: all ones).
+
+    Kipf & Welling, *Semi-Supervised Classification with Graph Convolutional
+    Networks*, ICLR 2017.
+
+    **Returns:**
+
+    `float[N, K]`, the aggregated node values.
     """
     n = graph.num_nodes
     w = (
@@ -52,7 +59,10 @@ def gcn_aggregate(
 
 
 class GCN(eqx.Module):
-    """A finite-depth graph convolutional network (Kipf & Welling 2017), per node.
+    """A finite-depth graph convolutional network, per node.
+
+    Kipf & Welling, *Semi-Supervised Classification with Graph Convolutional
+    Networks*, ICLR 2017.
 
     `depth` layers `h ← relu(Â h W + b)` with `Â = D^-1/2 (A + I) D^-1/2`
     (`gcn_aggregate`, sparse), then a linear readout: `gcn(graph) -> float[N, out_size]`.
@@ -61,9 +71,14 @@ class GCN(eqx.Module):
 
     **Arguments:**
 
-    - `node_size`, `edge_size`: the graph's node and edge feature widths.
+    - `node_size`: the graph's node feature width.
+    - `edge_size`: the graph's edge feature width.
     - `out_size`: outputs per node.
-    - `hidden`: hidden width; `depth`: the number of graph convolutions (`>= 1`).
+
+    Keyword-only:
+
+    - `hidden`: hidden width (default 64).
+    - `depth`: the number of graph convolutions, `>= 1` (default 3).
     - `key`: a JAX PRNG key.
     - `edge_weight_column`: the column of `graph.edges` to use as (non-negative)
       edge weights, e.g. `0` for the flow conductances; `None`: unit weights.
@@ -104,6 +119,16 @@ class GCN(eqx.Module):
         self.edge_weight_column = edge_weight_column
 
     def __call__(self, graph: Graph) -> Float[Array, "N out"]:
+        """Apply the network to every node of `graph`.
+
+        **Arguments:**
+
+        - `graph`: a `fixpoint.layers.Graph` with `node_size` node features.
+
+        **Returns:**
+
+        `float[N, out_size]`.
+        """
         dtype = self.readout.weight.dtype
         h = graph.nodes.astype(dtype)
         w = None
@@ -125,11 +150,21 @@ class GIN(eqx.Module):
 
     **Arguments:**
 
-    - `node_size`, `edge_size`: the graph's node and edge feature widths.
+    - `node_size`: the graph's node feature width.
+    - `edge_size`: the graph's edge feature width.
     - `out_size`: outputs per node.
-    - `hidden`: hidden width; `depth`: the number of GIN layers (`>= 1`).
+
+    Keyword-only:
+
+    - `hidden`: hidden width (default 64).
+    - `depth`: the number of GIN layers, `>= 1` (default 3).
     - `key`: a JAX PRNG key.
     - `dtype`: parameter dtype (default float32).
+
+    Xu, Hu, Leskovec & Jegelka, *How Powerful are Graph Neural Networks?*, ICLR
+    2019 (GIN); with edge features as in Hu, Liu, Gomes, Zitnik, Liang, Pande &
+    Leskovec, *Strategies for Pre-training Graph Neural Networks*, ICLR 2020
+    (GINE).
     """
 
     encoder: eqx.nn.Linear
@@ -164,6 +199,16 @@ class GIN(eqx.Module):
         self.readout = lin(hidden, out_size, k_out)
 
     def __call__(self, graph: Graph) -> Float[Array, "N out"]:
+        """Apply the network to every node of `graph`.
+
+        **Arguments:**
+
+        - `graph`: a `fixpoint.layers.Graph` with `node_size` node features.
+
+        **Returns:**
+
+        `float[N, out_size]`.
+        """
         dtype = self.readout.weight.dtype
         s, r, n = graph.senders, graph.receivers, graph.num_nodes
         e = graph.edges.astype(dtype)
@@ -185,7 +230,12 @@ def graph_readout(
 
     - `node_values`: `float[N, K]`.
     - `graph`: the (batched) graph; nodes are assigned by `graph.node_graph()`.
-    - `reduce`: `"mean"`, `"sum"` or `"max"` (an empty graph gives 0, 0, `-inf`).
+    - `reduce`: `"mean"` (default), `"sum"` or `"max"` (an empty graph gives
+      0, 0, `-inf`).
+
+    **Returns:**
+
+    `float[num_graphs, K]`, one row per graph.
     """
     if reduce not in ("mean", "sum", "max"):
         raise ValueError(f'graph_readout: `reduce` must be "mean", "sum" or "max", got {reduce!r}.')

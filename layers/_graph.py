@@ -31,7 +31,8 @@ class Graph(eqx.Module):
 
     - `nodes`: `float[N, F]` node features.
     - `edges`: `float[E, G]` edge features (`G` may be 0).
-    - `senders`, `receivers`: `int[E]`, the edge `e` goes `senders[e] → receivers[e]`.
+    - `senders`: `int[E]`, the edge `e` goes `senders[e] → receivers[e]`.
+    - `receivers`: `int[E]`, where each edge's message is aggregated.
     - `n_node`: `int[num_graphs]`, the number of nodes of each graph when several
       are concatenated (their sum is `N`); `None` for a single graph.
 
@@ -136,14 +137,32 @@ class Graph(eqx.Module):
 
     @property
     def num_nodes(self) -> int:
+        """The number of nodes `N` (static: the first dimension of `nodes`).
+
+        **Returns:**
+
+        A Python int.
+        """
         return jnp.shape(self.nodes)[0]
 
     @property
     def num_edges(self) -> int:
+        """The number of edges `E` (static: the length of `senders`).
+
+        **Returns:**
+
+        A Python int.
+        """
         return jnp.shape(self.senders)[0]
 
     @property
     def num_graphs(self) -> int:
+        """The number of graphs in the batch: 1 without `n_node`, else its length.
+
+        **Returns:**
+
+        A Python int.
+        """
         return 1 if self.n_node is None else jnp.shape(self.n_node)[0]
 
     def check_indices(self) -> None:
@@ -216,7 +235,25 @@ def _concat(arrays, like):
 
 
 def batch_graphs(graphs: Iterable[Graph]) -> Graph:
-    """Concatenate graphs into one disconnected `Graph` with `n_node` set (NumPy, eager)."""
+    """Concatenate graphs into one disconnected `Graph` with `n_node` set (NumPy, eager).
+
+    Node indices of each graph are shifted by the number of nodes before it; a
+    graph that is itself a batch contributes each of its graphs to `n_node`.
+    Concrete inputs are joined on the host (NumPy), traced ones with `jnp`.
+
+    **Arguments:**
+
+    - `graphs`: the graphs, an iterable of `Graph` (at least one) with the same
+      node-feature and edge-feature widths.
+
+    **Returns:**
+
+    One `Graph` with int32 `senders`/`receivers` and `n_node` the node counts.
+
+    **Raises:**
+
+    `ValueError` for no graphs or differing feature widths.
+    """
     graphs = list(graphs)
     if not graphs:
         raise ValueError("batch_graphs: `graphs` is empty.")
@@ -256,6 +293,21 @@ def pad_graph(graph: Graph, num_nodes: int, num_edges: int) -> Graph:
     padding node) and `num_edges >= graph.num_edges`. Drop the padding graph's
     outputs with `graph.n_node` (the last entry) or a mask of the first
     `graph.num_nodes` nodes.
+
+    **Arguments:**
+
+    - `graph`: the `Graph` (or batch) to pad.
+    - `num_nodes`: the node count after padding, `> graph.num_nodes`.
+    - `num_edges`: the edge count after padding, `>= graph.num_edges`.
+
+    **Returns:**
+
+    A `Graph` with `num_nodes` nodes, `num_edges` edges and `n_node` ending with
+    the padding graph's size.
+
+    **Raises:**
+
+    `ValueError` when there is no room for a padding node or too few edges.
     """
     n, e = graph.num_nodes, graph.num_edges
     if num_nodes <= n or num_edges < e:

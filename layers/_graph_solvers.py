@@ -154,31 +154,53 @@ class _GraphEquilibrium(AbstractConfigurable):
 
 
 class CGS(_GraphEquilibrium):
-    """A convergent graph solver (Park, Choo & Park, ICLR 2022) on sparse graphs.
+    """A convergent graph solver on sparse graphs.
+
+    Park, Choo & Park, *Convergent Graph Solvers*, ICLR 2022.
 
     An attention message-passing encoder turns the graph into, per head `h`,
-    edge weights `w_e ∈ [0, 1]` and a node vector `b`; the weights are divided by
-    the in-degree of the receiving node, so every row of `A` sums to at most 1 and
-    `γ·A` is a contraction in the ∞-norm for *any* parameters (a unique fixed
-    point, found by Picard iteration from any start). The layer solves
+    edge weights `w_e ∈ [0, 1]` and a node vector `b`. Edge `e` carries node
+    `s_e`'s state to node `r_e` (sender to receiver): `(A z)_i = Σ_{e: r_e = i}
+    A_e z_{s_e}`, so each node aggregates over its *predecessors*. With the
+    default normalisation each weight is divided by the in-degree of its
+    receiver, so every row of `A` sums to at most 1 and `γ·A` is a contraction
+    in the ∞-norm for *any* parameters (a unique fixed point, found by Picard
+    iteration from any start). The layer solves
 
         `z = γ A z + b`     (or `z = tanh(γ A z + b)` with `nonlinear=True`)
 
     for all heads at once and decodes `[z, encoder features]` per node.
 
+    **Edge direction and the paper.** Park et al.'s code divides each weight by
+    the *sender's* out-degree and stores it at `A[src, dst]`, so each node
+    aggregates over its *successors*. Our `"degree"` (divide by the receiver's
+    in-degree, aggregate over predecessors) is their construction on the graph
+    with its edges reversed; on a graph that holds every edge in both directions
+    (an undirected graph) the two coincide. To reproduce the paper on a directed
+    graph, reverse its edges (swap `senders` and `receivers`).
+
     **Arguments:**
 
-    - `node_size`, `edge_size`, `out_size`: feature sizes in and out per node.
-    - `hidden`: width of the encoder and decoder MLPs.
-    - `heads`: the number of fixed-point systems (the state is `float[N, heads]`).
-    - `gamma`: the contraction factor in `(0, 1)`.
+    - `node_size`: the number of input features per node (`graph.nodes`' width).
+    - `edge_size`: the number of features per edge (`graph.edges`' width; may
+      be 0).
+    - `out_size`: the number of output features per node.
+
+    Keyword-only:
+
+    - `hidden`: width of the encoder and decoder MLPs (default 64).
+    - `heads`: the number of fixed-point systems (the state is `float[N, heads]`;
+      default 16).
+    - `gamma`: the contraction factor in `(0, 1)` (default 0.5).
     - `nonlinear`: iterate `tanh(γ A z + b)` instead (tanh is 1-Lipschitz, so the
-      map is still a γ-contraction).
-    - `normalisation`: `"degree"` divides each weight by the receiver's in-degree
-      (CGS's choice); `"sum"` divides a receiver's weights by their total where it
+      map is still a γ-contraction). Default `False`.
+    - `normalisation` (default `"degree"`): `"degree"` divides each weight by
+      the in-degree (the number of incoming edges, at least 1) of its receiver:
+      the paper's normalisation applied to the graph with its edges reversed
+      (see above). `"sum"` divides a receiver's weights by their total where it
       exceeds 1, so one edge can carry weight up to 1 (a max over incoming edges,
-      as in value iteration, becomes representable). Rows sum to at most 1 either way.
-      `"max"` replaces the sum by a max-plus map,
+      as in value iteration, becomes representable); not in the paper. Rows sum
+      to at most 1 either way. `"max"` replaces the sum by a max-plus map,
       `z_i = b_i + max_{e→i} (γ w_e z_{s_e} + c_e)` with learned edge offsets `c_e`
       (0 for nodes without incoming edges): a max of γ-Lipschitz maps, so again a
       γ-contraction in the ∞-norm for any parameters, and value iteration itself
@@ -187,14 +209,14 @@ class CGS(_GraphEquilibrium):
       (`τ = temperature`): logsumexp is monotone and shifts with its arguments,
       so this is a γ-contraction as well; it lies within `τ log(in-degree)` of
       the max, and unlike the max it passes gradient to every incoming edge.
-    - `temperature`: `τ > 0` of `"softmax"` (default 0.1).
+    - `temperature`: `τ > 0` of `"softmax"` (default 0.1; unused otherwise).
     - `solver`: default `Picard(1e-5, 1e-5)`; any matrix-free solver. Newton with a
       dense linear solver is refused (it would form an N×N-sized Jacobian).
     - `adjoint`: default `ImplicitAdjoint()` (matrix-free GMRES); dense backward
       solves are refused likewise.
     - `max_steps`: default enough for Picard to reach 1e-8 at rate `gamma`.
     - `throw`: raise on a failed solve (`True`) or report it (`cgs.solve(graph).result`).
-    - `key`: initialisation key.
+    - `key`: the PRNG key for the initial parameters.
 
     `cgs(graph) -> float[N, out_size]`; `cgs.solve(graph)` returns the
     `fixpoint.Solution` of the fixed point (`value: float[N, heads]`); graph
@@ -281,8 +303,21 @@ class CGS(_GraphEquilibrium):
         tuple[Float[Array, "E heads"], Float[Array, "E heads"] | None],
         Float[Array, "N heads"],
     ]:
-        """Node features `h[N, hidden]`, normalised edge weights `A[E, heads]` (each
-        receiver's incoming weights sum to at most 1) and `b[N, heads]`."""
+        """The encoder: node features, the edge terms of the map, and `b`.
+
+        **Arguments:**
+
+        - `graph`: a `fixpoint.layers.Graph` with `node_size` node features and
+          `edge_size` edge features.
+
+        **Returns:**
+
+        `(h, (weights, offsets), b)`: node features `h[N, hidden]`; edge weights
+        `[E, heads]`, normalised for `"degree"` and `"sum"` (each receiver's
+        incoming weights sum to at most 1) and in `[0, 1]` as they are for
+        `"max"` and `"softmax"`; the edge offsets `c[E, heads]` of `"max"` and
+        `"softmax"` (`None` otherwise); and `b[N, heads]`.
+        """
         nodes, edges = _features(graph, self.node_size, self.edge_size, "CGS", self._dtype())
         h = jax.vmap(self.node_encoder)(nodes)
         pair = lambda h: jnp.concatenate([h[graph.senders], h[graph.receivers], edges], axis=-1)
@@ -310,8 +345,19 @@ class CGS(_GraphEquilibrium):
     def solve(
         self, graph: Graph, *, z0: Array | None = None, record_residuals: bool = False
     ) -> fixpoint.Solution:
-        """The fixed point `z[N, heads]` as a `fixpoint.Solution` (with
-        `record_residuals=True`, `stats["residual_history"]` per iteration)."""
+        """The fixed point `z[N, heads]` as a `fixpoint.Solution`.
+
+        **Arguments:**
+
+        - `graph`: a `fixpoint.layers.Graph`.
+        - `z0`: the starting point, `float[N, heads]` (default zeros).
+        - `record_residuals`: also record `stats["residual_history"]`, the
+          residual norm per iteration (default `False`).
+
+        **Returns:**
+
+        A `fixpoint.Solution` with `value: float[N, heads]`.
+        """
         _, edge_terms, b = self.encode(graph)
         return self._solve(edge_terms, b, graph, z0, record_residuals)
 
@@ -322,6 +368,16 @@ class CGS(_GraphEquilibrium):
         return self._fixed_point(fn, z0, (*edge_terms, b, graph), record_residuals)
 
     def __call__(self, graph: Graph) -> Array:
+        """Encode, solve from zero and decode.
+
+        **Arguments:**
+
+        - `graph`: a `fixpoint.layers.Graph`.
+
+        **Returns:**
+
+        The node outputs, `float[N, out_size]`.
+        """
         h, edge_terms, b = self.encode(graph)
         z = self._solve(edge_terms, b, graph, None).value
         return jax.vmap(self.decoder)(jnp.concatenate([z, h], axis=-1))
@@ -378,7 +434,9 @@ def normalised_adjacency(
     - `weight_column`: the column of `graph.edges` holding the weights; `None`: 1.
     - `dtype`: of the result; default `graph.nodes.dtype`.
 
-    **Returns:** `(edge_weights[E], self_weights[N])`.
+    **Returns:**
+
+    `(edge_weights[E], self_weights[N])`.
     """
     dtype = graph.nodes.dtype if dtype is None else dtype
     w = _edge_weights(graph, weight_column, dtype, "normalised_adjacency", "weight_column")
@@ -494,7 +552,9 @@ def perron_root(
     - `self_weights`: `float[N]`, non-negative.
     - `max_iterations`: the most power-iteration steps per graph.
 
-    **Returns:** `float[num_graphs]`.
+    **Returns:**
+
+    `float[num_graphs]`, one value per graph.
     """
     # Compiled once (for these shapes), also when called eagerly on its own.
     return _perron_root(graph, edge_weights, self_weights, max_iterations)
@@ -522,7 +582,10 @@ class _IGNNMap(eqx.Module):
 
 
 class IGNN(_GraphEquilibrium):
-    """An implicit graph neural network (Gu et al. 2020) on sparse graphs.
+    """An implicit graph neural network on sparse graphs.
+
+    Gu, Chang, Zhu, Sojoudi & El Ghaoui, *Implicit Graph Neural Networks*,
+    NeurIPS 2020.
 
     The node states `X[N, hidden]` solve `X = relu(Â X Wᵀ + Â U Ωᵀ)` (node-major
     form of IGNN's `X = φ(W X A + Ω U A)`), with `Â` the normalised adjacency
@@ -538,15 +601,26 @@ class IGNN(_GraphEquilibrium):
 
     **Arguments:**
 
-    - `node_size`, `out_size`: input and output features per node.
-    - `hidden`: the state width `m`.
-    - `kappa`: in `(0, 1)`; the well-posedness margin.
+    - `node_size`: the number of input features per node.
+    - `out_size`: the number of output features per node.
+
+    Keyword-only:
+
+    - `hidden`: the state width `m` (default 64).
+    - `kappa`: in `(0, 1)`; the well-posedness margin (default 0.9).
     - `edge_weight_column`: use `graph.edges[:, column]` as the adjacency weights;
       gradients reach them. They must be finite and non-negative (checked when the
-      layer is called; under `jit` at run time). `None`: unweighted.
-    - `solver`, `adjoint`, `max_steps`, `throw`: as in `CGS` (defaults: Picard,
-      `ImplicitAdjoint()`, enough Picard steps for rate `kappa`).
-    - `key`: initialisation key.
+      layer is called; under `jit` at run time). `None` (default): unweighted.
+    - `solver`: as in `CGS` (default `Picard(1e-5, 1e-5)`; dense Newton refused).
+    - `adjoint`: as in `CGS` (default `ImplicitAdjoint()`; dense backward
+      solves refused).
+    - `max_steps`: default enough Picard steps to reach 1e-8 at rate `kappa`.
+    - `throw`: raise on a failed solve (`True`, default) or report it
+      (`ignn.solve(graph).result`).
+    - `key`: the PRNG key for the initial parameters.
+
+    `ignn(graph) -> float[N, out_size]`; `ignn.solve(graph)` returns the
+    `fixpoint.Solution` of the node states.
     """
 
     omega: eqx.nn.Linear
@@ -603,7 +677,17 @@ class IGNN(_GraphEquilibrium):
         return nodes, (self.w, scale, edge_w, self_w, injected, graph)
 
     def solve(self, graph: Graph, *, z0: Array | None = None) -> fixpoint.Solution:
-        """The node states `X[N, hidden]` as a `fixpoint.Solution`."""
+        """The node states `X[N, hidden]` as a `fixpoint.Solution`.
+
+        **Arguments:**
+
+        - `graph`: a `fixpoint.layers.Graph`.
+        - `z0`: the starting point, `float[N, hidden]` (default zeros).
+
+        **Returns:**
+
+        A `fixpoint.Solution` with `value: float[N, hidden]`.
+        """
         return self._solve(self._args(graph)[1], z0)
 
     def _solve(self, args, z0):
@@ -611,6 +695,16 @@ class IGNN(_GraphEquilibrium):
         return self._fixed_point(_IGNNMap(), z0, args)
 
     def __call__(self, graph: Graph) -> Array:
+        """Solve from zero and read out `[X, U]` per node.
+
+        **Arguments:**
+
+        - `graph`: a `fixpoint.layers.Graph`.
+
+        **Returns:**
+
+        The node outputs, `float[N, out_size]`.
+        """
         nodes, args = self._args(graph)
         x = self._solve(args, None).value
         return jax.vmap(self.readout)(jnp.concatenate([x, nodes], axis=-1))

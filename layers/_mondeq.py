@@ -88,6 +88,8 @@ def _check_input(name, x, shape, dtype):
 class MonDEQ(_AbstractMonotone):
     """A fully connected monotone equilibrium layer: `x ↦ z* = relu(W z* + U x + b)`.
 
+    Winston & Kolter, *Monotone operator equilibrium networks*, NeurIPS 2020.
+
     `W = (1 - m) I - AᵀA + B - Bᵀ` (see `W()`), so `sym(I - W) ⪰ m I` by
     construction (`monotonicity()` checks it). The forward pass runs `solver` on
     stop-gradient inputs; gradients with respect to the parameters and `x` come
@@ -252,6 +254,16 @@ class CircularConvMonotone(AbstractMonotoneLinear):
       inverses per frequency, formed once per solve; each application is an FFT
       pair and a batched matvec;
     - `‖I - W‖₂ = max_k ‖I - Ŵ_k‖₂` and `λ_min(sym(I - W)) = min_k λ_min(herm(I - Ŵ_k))`.
+
+    By construction `sym(I - W) = m I + AᵀA ⪰ m I`. Built by `ConvMonDEQ.operator()`.
+    Winston & Kolter, *Monotone operator equilibrium networks*, NeurIPS 2020.
+
+    **Arguments:**
+
+    - `A`: the kernel of the convolution `A`, shape `(c, c, *k)`.
+    - `B`: the kernel of the convolution `B`, shape `(c, c, *k)`.
+    - `m`: the monotonicity parameter, a number `> 0` (not checked here).
+    - `spatial`: the spatial shape of `z` (a tuple of ints).
     """
 
     A: Float[Array, "c c *k"]
@@ -260,8 +272,6 @@ class CircularConvMonotone(AbstractMonotoneLinear):
     spatial: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(self, A: Array, B: Array, m: float, spatial: tuple[int, ...]):
-        """**Arguments:** kernels `A`, `B` of shape `(c, c, *k)`, the monotonicity
-        `m > 0`, and the spatial shape of `z`."""
         self.A, self.B, self.m, self.spatial = A, B, float(m), tuple(spatial)
 
     def mv(self, z: Array) -> Array:
@@ -315,6 +325,8 @@ class CircularConvMonotone(AbstractMonotoneLinear):
 
 class ConvMonDEQ(_AbstractMonotone):
     """A convolutional monotone equilibrium layer on 1-D or 2-D signals.
+
+    Winston & Kolter, *Monotone operator equilibrium networks*, NeurIPS 2020.
 
     `z* = relu(W z* + U x + b)` where `x` has shape `(channels_in, *shape)`, `z`
     has shape `(channels_hidden, *shape)`, `U` is a circular convolution from the

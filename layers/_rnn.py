@@ -27,7 +27,21 @@ class DiagonalGRUCell(eqx.Module):
     method (the construction of ParaRNN, Danieli et al. 2025). Dimensions mix
     through the inputs (and through stacked layers).
 
-    Called as `cell(x, h)`, like `equinox.nn.GRUCell`.
+    Called as `cell(x, h)`, like `equinox.nn.GRUCell`. The GRU: Cho, van
+    Merriënboer, Gulcehre, Bahdanau, Bougares, Schwenk & Bengio, *Learning Phrase
+    Representations using RNN Encoder–Decoder for Statistical Machine
+    Translation*, EMNLP 2014.
+
+    **Arguments:**
+
+    - `input_size`: the width of `x`.
+    - `hidden_size`: the width of the state `h`.
+
+    Keyword-only:
+
+    - `key`: the PRNG key for the initial parameters (uniform, as
+      `equinox.nn.GRUCell`; the diagonal recurrent weights in `[-1, 1]`).
+    - `dtype`: the parameters' dtype (default float32).
     """
 
     weight_ih: Float[Array, "gates input"]
@@ -60,6 +74,17 @@ class DiagonalGRUCell(eqx.Module):
     def __call__(
         self, x: Float[Array, " input"], h: Float[Array, " hidden"]
     ) -> Float[Array, " hidden"]:
+        """One step of the cell.
+
+        **Arguments:**
+
+        - `x`: the input, `float[input_size]`.
+        - `h`: the state, `float[hidden_size]`.
+
+        **Returns:**
+
+        The next state `h'`, `float[hidden_size]`.
+        """
         gx = self.weight_ih @ x + self.bias
         uz, ur, un = jnp.split(self.weight_hh, 3)
         gz, gr, gn = jnp.split(gx, 3)
@@ -83,6 +108,12 @@ class ParallelRNN(AbstractConfigurable):
 
     Equal to the sequential loop `h_t = cell(x_t, h_{t-1})` to the solver's
     tolerance, and differentiable by the implicit rule of `fixpoint.scan`.
+
+    Parallel evaluation by Newton's method over time: Lim, Zhu, Selfridge &
+    Kasim, *Parallelizing non-linear sequential models over the sequence
+    length*, ICLR 2024 (DEER); Gonzalez, Warrington, Smith & Linderman, *Towards
+    Scalable and Stable Parallelization of Nonlinear RNNs*, NeurIPS 2024
+    (quasi-DEER).
 
     **Arguments:**
 

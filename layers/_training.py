@@ -19,11 +19,28 @@ _M = TypeVar("_M")
 def jacobian_penalty(
     f: Callable[[Array, Array], Array], z: Array, x: Array, key: PRNGKeyArray, samples: int = 1
 ) -> Float[Array, ""]:
-    """Hutchinson estimate of `‖∂f/∂z‖_F²` at `(z, x)` (Bai et al. 2021).
+    """Hutchinson estimate of `‖∂f/∂z‖_F²` at `(z, x)`.
 
     `E_ε ‖εᵀ J‖² = ‖J‖_F²` for `ε ~ N(0, I)`; each sample costs one VJP. Unbiased;
     add `λ · penalty / z.size` to the loss to keep the equilibrium well
     conditioned (fewer solver steps).
+
+    Bai, Koltun & Kolter, *Stabilizing Equilibrium Models by Jacobian
+    Regularization*, ICML 2021; the estimator: Hutchinson, *A stochastic
+    estimator of the trace of the influence matrix for Laplacian smoothing
+    splines*, Commun. Stat. Simul. Comput. 1989.
+
+    **Arguments:**
+
+    - `f`: the map, `f(z, x) -> z`.
+    - `z`: the point (usually the equilibrium) at which `J = ∂f/∂z` is taken.
+    - `x`: the input passed to `f`.
+    - `key`: the PRNG key for the probe vectors `ε`.
+    - `samples`: the number of probe vectors averaged (default 1).
+
+    **Returns:**
+
+    The estimate of `‖J‖_F²`, a scalar (differentiable in `f`'s parameters).
     """
     _, vjp = jax.vjp(lambda z: f(z, x), z)
     eps = jax.random.normal(key, (samples, *z.shape), z.dtype)
@@ -40,6 +57,19 @@ def spectral_radius(
     growth factors `‖J v_k‖` of normalised power iterates over the second half of
     `iters` steps. Unlike the last growth factor alone, this also converges when
     the dominant eigenvalues are a complex pair.
+
+    **Arguments:**
+
+    - `f`: the map, `f(z, x) -> z`.
+    - `z`: the point at which `∂f/∂z` is taken (no gradient flows to it).
+    - `x`: the input passed to `f`.
+    - `key`: the PRNG key for the random start vector.
+    - `iters`: the number of power-iteration steps (default 100; the second
+      half is averaged).
+
+    **Returns:**
+
+    The estimated spectral radius, a scalar.
     """
     z = jax.lax.stop_gradient(z)
 
@@ -64,12 +94,29 @@ def spectral_radius(
 def correction_iterates(
     deq: DEQ, x: Array, steps: Sequence[int], z0: Array | None = None
 ) -> list[Array]:
-    """Intermediate iterates for the fixed-point correction loss (Bai et al. 2022).
+    """Intermediate iterates for the fixed-point correction loss.
 
     Runs `deq`'s solver from `z0` for each budget in `steps` (no gradient through
-    the solve) and applies one differentiable step of `f` to each, so a loss on
+    the solve; a solve that does not converge within its budget is not an
+    error) and applies one differentiable step of `f` to each, so a loss on
     them trains `f` to reach the equilibrium in fewer steps:
     `sum_i γ^(N-i) · loss(correction_iterates(deq, x, steps)[i])`.
+
+    Bai, Geng, Savani & Kolter, *Deep Equilibrium Optical Flow Estimation*, CVPR
+    2022.
+
+    **Arguments:**
+
+    - `deq`: the `DEQ` layer (its `f` after `normalise`, and its solver).
+    - `x`: one input.
+    - `steps`: the step budgets, a sequence of ints (each a separate solve from
+      `z0`).
+    - `z0`: the starting state; default as `deq.initial` (zeros).
+
+    **Returns:**
+
+    A list with one array per budget: `f(z_k, x)` for the iterate `z_k` reached
+    with that budget.
     """
     f = deq.prepared()
     z0 = deq.initial(x, z0)
@@ -120,7 +167,13 @@ def spectral_norm(module: _M, bound: float | Float[Array, ""] = 1.0) -> _M:
       wrapper renormalises it when called, so no bound holds there.
     - `bound`: the largest spectral norm allowed, `> 0`.
 
-    **Returns:** `module` with its weights rescaled.
+    Miyato, Kataoka, Koyama & Yoshida, *Spectral Normalization for Generative
+    Adversarial Networks*, ICLR 2018 (which estimates `σ` by power iteration;
+    here it is computed exactly).
+
+    **Returns:**
+
+    `module` with its weights rescaled.
     """
     if not isinstance(bound, jax.Array):  # a traced bound is the caller's to check
         bound = internal.check_number(bound, "bound", "> 0", owner="spectral_norm")
@@ -153,7 +206,20 @@ def spectral_norm(module: _M, bound: float | Float[Array, ""] = 1.0) -> _M:
 
 
 def weight_norm(module: PyTree) -> PyTree:
-    """Wrap every `Linear`/`Conv` in `module` in `equinox.nn.WeightNorm`."""
+    """Wrap every `Linear`/`Conv` in `module` in `equinox.nn.WeightNorm`.
+
+    Salimans & Kingma, *Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks*, NeurIPS 2016.
+
+    **Arguments:**
+
+    - `module`: any pytree; every `equinox.nn.Linear` and `equinox.nn.Conv` in
+      it is wrapped, everything else is left as it is.
+
+    **Returns:**
+
+    `module` with those layers wrapped.
+    """
     return jax.tree.map(
         lambda x: eqx.nn.WeightNorm(x) if _is_weighted(x) else x, module, is_leaf=_is_weighted
     )

@@ -94,6 +94,9 @@ class CausalTransformer(fixpoint.AbstractCachedModel):
     - `key`: a `jax.random` key for the initial weights (normal, std 0.02; the
       output projections of the residual branches scaled by `1/sqrt(2 num_layers)`).
     - `dtype`: the parameters' dtype (default `float32`); computations run in it.
+
+    Vaswani, Shazeer, Parmar, Uszkoreit, Jones, Gomez, Kaiser & Polosukhin,
+    *Attention Is All You Need*, NeurIPS 2017.
     """
 
     tok_emb: Float[Array, "vocab d"]
@@ -206,6 +209,17 @@ def lm_loss(
     model: Callable[[Int[Array, " L"]], Float[Array, "L V"]], batch: Int[Array, "B L+1"]
 ) -> Float[Array, ""]:
     """Mean next-token cross entropy of `model` on `batch` (inputs `batch[:, :-1]`,
-    targets `batch[:, 1:]`)."""
+    targets `batch[:, 1:]`).
+
+    **Arguments:**
+
+    - `model`: `model(tokens) -> logits`, mapping `int[L]` to `float[L, V]`
+      (mapped over the batch with `jax.vmap`).
+    - `batch`: `int[B, L + 1]` token ids.
+
+    **Returns:**
+
+    The cross entropy averaged over every position of every row, a scalar.
+    """
     logits = jax.vmap(model)(batch[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()

@@ -23,7 +23,7 @@ class _AndersonState(eqx.Module):
 
 
 class Anderson(internal.AbstractSolver):
-    """Anderson acceleration (Walker & Ni 2011, type II / "AA-II").
+    """Anderson acceleration (type II, "AA-II").
 
     Keeps the last `history` pairs `(f(y_i), r_i = f(y_i) - y_i)` and picks
     weights `α` (summing to one) minimising `|Σ α_i r_i|`:
@@ -41,8 +41,23 @@ class Anderson(internal.AbstractSolver):
       `max_weight` (an ill-conditioned least-squares problem), the step falls
       back to a (damped) Picard step and the history restarts from the newest pair.
 
-    **Arguments:** `rtol`, `atol`, `norm`; keyword-only: `history` (≥ 1),
-    `damping` in (0, 1], `ridge` (relative, ≥ 0), `max_weight` (> 1).
+    Anderson, *Iterative procedures for nonlinear integral equations*, J. ACM
+    1965; Walker & Ni, *Anderson acceleration for fixed-point iterations*, SIAM
+    J. Numer. Anal. 2011.
+
+    **Arguments:**
+
+    - `rtol`: the relative tolerance, a number in `[0, 1)`.
+    - `atol`: the absolute tolerance, a number `>= 0` (not both zero).
+    - `norm`: the norm of the convergence test (default `fixpoint.max_norm`).
+
+    Keyword-only:
+
+    - `history`: the number `m >= 1` of pairs kept (default 5).
+    - `damping`: in `(0, 1]` (default 1: no damping).
+    - `ridge`: the relative Tikhonov ridge, `>= 0` (default 1e-10).
+    - `max_weight`: the bound on `Σ|α_i|`, `> 1`, beyond which the step falls
+      back to Picard (default 1e4).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)

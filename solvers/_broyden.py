@@ -41,8 +41,19 @@ class Broyden(internal.AbstractSolver):
     cleared, `γ` kept); an update whose denominator is tiny or non-finite is
     skipped.
 
-    **Arguments:** `rtol`, `atol`, `norm`; keyword-only: `history` (≥ 1, the number of
-    rank-one updates kept), `min_step` in (0, 1).
+    Broyden, *A class of methods for solving nonlinear simultaneous equations*,
+    Math. Comp. 1965.
+
+    **Arguments:**
+
+    - `rtol`: the relative tolerance, a number in `[0, 1)`.
+    - `atol`: the absolute tolerance, a number `>= 0` (not both zero).
+    - `norm`: the norm of the convergence test (default `fixpoint.max_norm`).
+
+    Keyword-only:
+
+    - `history`: the number of rank-one updates kept, `>= 1` (default 20).
+    - `min_step`: the smallest line-search step, in `(0, 1)` (default 1e-3).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)

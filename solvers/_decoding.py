@@ -18,7 +18,10 @@ from fixpoint import internal
 
 
 class SequentialDecoding(internal.AbstractDecodingSolver):
-    """One token per model call: ordinary autoregressive decoding, the reference."""
+    """One token per model call: ordinary autoregressive decoding, the reference.
+
+    Pass it as `solver=` to `fixpoint.decode`. It takes no arguments.
+    """
 
     @property
     def max_window(self) -> int:
@@ -26,7 +29,7 @@ class SequentialDecoding(internal.AbstractDecodingSolver):
 
 
 class JacobiDecoding(internal.AbstractDecodingSolver):
-    """Jacobi decoding (Santilli et al. 2023): `window` positions per model call.
+    """Jacobi decoding: `window` positions per model call.
 
     Every call re-predicts the `window` positions after the accepted prefix from
     the current guesses; the first is always exact, and each further one is
@@ -34,7 +37,16 @@ class JacobiDecoding(internal.AbstractDecodingSolver):
     accepted prefix. `window ≥ max_new_tokens` is the paper's plain Jacobi over
     the whole output.
 
-    **Arguments** (keyword-only): `window` (≥ 1), the number of positions proposed per call.
+    Santilli, Severino, Postolache, Maiorca, Mancusi, Marin & Rodolà,
+    *Accelerating Transformer Inference for Translation via Parallel Decoding*,
+    ACL 2023.
+
+    **Arguments:**
+
+    Keyword-only:
+
+    - `window`: the number of positions proposed per call, an int `≥ 1`
+      (default 16).
     """
 
     window: int = eqx.field(default=16, converter=internal.as_python_number, kw_only=True)
@@ -48,15 +60,23 @@ class JacobiDecoding(internal.AbstractDecodingSolver):
 
 
 class GSJacobiDecoding(internal.AbstractDecodingSolver):
-    """Gauss–Seidel–Jacobi decoding (Santilli et al. 2023): the output is cut into
-    consecutive blocks of `block_size` positions, solved one after another;
+    """Gauss–Seidel–Jacobi decoding: the output is cut into consecutive blocks
+    of `block_size` positions, solved one after another;
     inside the current block, Jacobi iteration. Unlike `JacobiDecoding`, the
     window never reaches past the end of the current block, so guesses there
     start only once the block before is fixed.
 
     (Not the scan solvers' `GaussSeidel(block_size=...)`, which sweeps a recurrence.)
 
-    **Arguments** (keyword-only): `block_size` (≥ 1).
+    Santilli, Severino, Postolache, Maiorca, Mancusi, Marin & Rodolà,
+    *Accelerating Transformer Inference for Translation via Parallel Decoding*,
+    ACL 2023.
+
+    **Arguments:**
+
+    Keyword-only:
+
+    - `block_size`: the number of positions per block, an int `≥ 1` (default 4).
     """
 
     block_size: int = eqx.field(default=4, converter=internal.as_python_number, kw_only=True)
@@ -73,14 +93,23 @@ class GSJacobiDecoding(internal.AbstractDecodingSolver):
 
 
 class HybridDecoding(internal.AbstractDecodingSolver):
-    """Hybrid GS-Jacobi decoding (Santilli et al. 2023): GS-Jacobi blocks of
+    """Hybrid GS-Jacobi decoding: GS-Jacobi blocks of
     `block_size` over the first `parallel_tokens` new positions, then one token
     per call. The paper uses it when the output length is unknown: parallel
     guesses past the (unknown) end are wasted work, so it goes autoregressive
     after a guessed length.
 
-    **Arguments** (keyword-only): `block_size` (≥ 1); `parallel_tokens` (≥ 1), the number of
-    leading positions decoded in blocks.
+    Santilli, Severino, Postolache, Maiorca, Mancusi, Marin & Rodolà,
+    *Accelerating Transformer Inference for Translation via Parallel Decoding*,
+    ACL 2023.
+
+    **Arguments:**
+
+    Keyword-only:
+
+    - `block_size`: the number of positions per block, an int `≥ 1` (default 4).
+    - `parallel_tokens`: the number of leading new positions decoded in blocks,
+      an int `≥ 1` (default 32); one token per call after them.
     """
 
     block_size: int = eqx.field(default=4, converter=internal.as_python_number, kw_only=True)
@@ -103,7 +132,18 @@ class HybridDecoding(internal.AbstractDecodingSolver):
 class NGramPool(NamedTuple):
     """The n-gram table of `LookaheadDecoding`: for every key token, up to
     `guesses` distinct continuations of `ngram - 1` tokens; when a key's entries
-    are full, a new continuation replaces the one seen least recently."""
+    are full, a new continuation replaces the one seen least recently.
+
+    The guessing state that `LookaheadDecoding.init_state` builds and `observe`
+    updates (one per row of a batch); not built by users.
+
+    **Arguments:**
+
+    - `table`: `int32[V, G, ngram - 1]`, the continuations of each key token
+      (`V` the vocabulary size, `G = guesses`).
+    - `seen_at`: `int32[V, G]`, when each entry was last seen (`-1`: empty).
+    - `clock`: `int32[]`, the number of n-grams observed so far.
+    """
 
     table: jax.Array  # int32[V, G, ngram - 1]
     seen_at: jax.Array  # int32[V, G]: when each entry was last seen (-1: empty)
@@ -111,8 +151,7 @@ class NGramPool(NamedTuple):
 
 
 class LookaheadDecoding(internal.AbstractDecodingSolver):
-    """Jacobi decoding with n-gram guesses (after Fu et al. 2024, "Break the
-    Sequential Dependency of LLM Inference Using Lookahead Decoding").
+    """Jacobi decoding with n-gram guesses (after lookahead decoding).
 
     Besides the Jacobi window of `window` positions, every call scores `guesses`
     alternative windows in the same model call: each writes one remembered
@@ -137,8 +176,22 @@ class LookaheadDecoding(internal.AbstractDecodingSolver):
     vocabulary size): 10 KiB for 128 characters at the defaults, 4 MB for a
     50k-token vocabulary.
 
-    **Arguments** (keyword-only): `window` (≥ 1), `ngram` (≥ 2, the key token plus `ngram - 1`
-    guessed tokens), `guesses` (≥ 1, branches per call = continuations per key).
+    After Fu, Bailis, Stoica & Zhang, *Break the Sequential Dependency of LLM
+    Inference Using Lookahead Decoding*, ICML 2024. Jacobi decoding: Santilli,
+    Severino, Postolache, Maiorca, Mancusi, Marin & Rodolà,
+    *Accelerating Transformer Inference for Translation via Parallel Decoding*,
+    ACL 2023.
+
+    **Arguments:**
+
+    Keyword-only:
+
+    - `window`: the number of positions proposed per call, an int `≥ 1`
+      (default 16).
+    - `ngram`: the n-gram length, an int `≥ 2`: the key token plus `ngram - 1`
+      guessed tokens (default 5).
+    - `guesses`: the number of guess branches per call, which is also the
+      number of continuations kept per key token, an int `≥ 1` (default 4).
     """
 
     window: int = eqx.field(default=16, converter=internal.as_python_number, kw_only=True)

@@ -33,9 +33,16 @@ class DEER(internal.AbstractScanSolver):
     `Sequential` on the CPU at `D >= 16` (time unsharded), where one sweep
     costs far less than an associative scan of `D×D` matrices.
 
-    **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
-    `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`), `norm`
-    (default max-norm).
+    Lim, Zhu, Selfridge & Kasim, *Parallelizing non-linear sequential models
+    over the sequence length*, ICLR 2024 (DEER).
+
+    **Arguments:**
+
+    - `rtol`: the per-step relative tolerance; `None` (default): by the carry's
+      dtype (`1e-6` float64, `1e-4` float32, see
+      `fixpoint.internal.scan_tolerances`).
+    - `atol`: the per-step absolute tolerance; `None` (default): as `rtol`.
+    - `norm`: the per-step norm (default `fixpoint.max_norm`).
     """
 
     # None: the dtype's default (`internal.scan_tolerances`)
@@ -89,17 +96,24 @@ class QuasiDEER(internal.AbstractScanSolver):
     linear recurrences go to `DEER` (memory `O(T·D²)`), or to `Sequential` on
     the CPU at `D >= 16`; with `assume_diagonal=True` they stay with this solver.
 
+    Gonzalez, Warrington, Smith & Linderman, *Towards Scalable and Stable
+    Parallelization of Nonlinear RNNs*, NeurIPS 2024 (quasi-DEER).
+
     **Arguments:**
 
-    - `rtol`, `atol`, `norm`: per-step tolerance (default by the carry's dtype:
-      `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`) and norm
-      (default max-norm).
+    - `rtol`: the per-step relative tolerance; `None` (default): by the carry's
+      dtype (`1e-6` float64, `1e-4` float32, see
+      `fixpoint.internal.scan_tolerances`).
+    - `atol`: the per-step absolute tolerance; `None` (default): as `rtol`.
+    - `norm`: the per-step norm (default `fixpoint.max_norm`).
+
     Keyword-only:
 
     - `assume_diagonal`: take `diag(J) = J · 1` (one JVP); right only for
-      cells with diagonal Jacobians, otherwise a cruder quasi-Newton.
+      cells with diagonal Jacobians, otherwise a cruder quasi-Newton (default
+      `False`).
     - `batch_size`: how many of the `D` JVPs extracting the exact diagonal
-      run at once (memory `O(T·D·batch_size)`).
+      run at once (memory `O(T·D·batch_size)`; default 32).
     """
 
     # None: the dtype's default (`internal.scan_tolerances`)
@@ -162,10 +176,31 @@ class ELK(internal.AbstractScanSolver):
     last accepted trajectory with `λ` grown (×`increase`). Memory `O(T·D)`, except for the
     certifying iteration and the adjoint, which are those of `QuasiDEER`.
 
-    **Arguments:** `rtol`, `atol`, `norm` (as `QuasiDEER`); keyword-only:
-    `lambda_0` (the initial or fixed `λ ≥ 0`: larger is more cautious, the
-    opposite of a fixed-point solver's `damping`), `adaptive`, `decrease`,
-    `increase`, `assume_diagonal`, `batch_size` (as `QuasiDEER`).
+    Gonzalez, Warrington, Smith & Linderman, *Towards Scalable and Stable
+    Parallelization of Nonlinear RNNs*, NeurIPS 2024 (ELK); the
+    smoother is Rauch, Tung & Striebel, *Maximum likelihood estimates of linear
+    dynamic systems*, AIAA J. 1965.
+
+    **Arguments:**
+
+    - `rtol`: the per-step relative tolerance; `None` (default): by the carry's
+      dtype (`1e-6` float64, `1e-4` float32, see
+      `fixpoint.internal.scan_tolerances`).
+    - `atol`: the per-step absolute tolerance; `None` (default): as `rtol`.
+    - `norm`: the per-step norm (default `fixpoint.max_norm`).
+
+    Keyword-only:
+
+    - `lambda_0`: the initial (or, with `adaptive=False`, fixed) `λ ≥ 0`
+      (default 1): larger is more cautious, the opposite of a fixed-point
+      solver's `damping`.
+    - `adaptive`: adapt `λ` as a trust-region parameter (default `True`).
+    - `decrease`: the factor in `(0, 1)` by which `λ` shrinks after a kept
+      step (default 0.3).
+    - `increase`: the factor `> 1` by which `λ` grows after a rejected step
+      (default 4).
+    - `assume_diagonal`: as `QuasiDEER` (default `False`).
+    - `batch_size`: as `QuasiDEER` (default 32).
     """
 
     # None: the dtype's default (`internal.scan_tolerances`)

@@ -38,8 +38,21 @@ class Halpern(internal.AbstractSolver):
     Cost: one evaluation per step (plus one norm with `restart_ratio`). The state
     holds the anchor (one copy of `y`).
 
-    **Arguments:** `rtol`, `atol`, `norm` (default max-norm; it also measures the
-    residual for the restarts); keyword-only: `restart_ratio` (None or in (0, 1)).
+    Halpern, *Fixed points of nonexpanding maps*, Bull. Amer. Math. Soc. 1967;
+    Wittmann, *Approximation of fixed points of nonexpansive mappings*, Arch.
+    Math. 1992; Lieder, *On the convergence rate of the Halpern-iteration*,
+    Optim. Lett. 2021.
+
+    **Arguments:**
+
+    - `rtol`: the relative tolerance, a number in `[0, 1)`.
+    - `atol`: the absolute tolerance, a number `>= 0` (not both zero).
+    - `norm`: the norm of the convergence test (default `fixpoint.max_norm`); it
+      also measures the residual for the restarts.
+
+    Keyword-only:
+
+    - `restart_ratio`: `None` (default) or a number in `(0, 1)`, as above.
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)

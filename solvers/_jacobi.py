@@ -72,12 +72,23 @@ class Jacobi(_AbstractWindowed):
     one more step; recurrences that forget their past quickly (contracting in
     the state) converge in far fewer than `T` iterations.
 
-    **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
-    `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`), `norm`
-    (default max-norm); keyword-only: `window` (default None, the whole sequence; an int
-    `w >= 1`: each iteration evaluates only the `w` steps from the first
-    unconverged one, a window that slides as steps converge; README, "Recurrences
-    in parallel over time").
+    Song, Meng, Liao & Ermon, *Accelerating Feedforward Computation via
+    Parallel Nonlinear Equation Solving*, ICML 2021.
+
+    **Arguments:**
+
+    - `rtol`: the per-step relative tolerance; `None` (default): by the carry's
+      dtype (`1e-6` float64, `1e-4` float32, see
+      `fixpoint.internal.scan_tolerances`).
+    - `atol`: the per-step absolute tolerance; `None` (default): as `rtol`.
+    - `norm`: the per-step norm (default `fixpoint.max_norm`).
+
+    Keyword-only:
+
+    - `window`: `None` (default): the whole sequence; an int `w >= 1`: each
+      iteration evaluates only the `w` steps from the first unconverged one, a
+      window that slides as steps converge (README, "Recurrences in parallel
+      over time").
     """
 
     def update(self, problem, h, fh, derivatives, frozen, state):
@@ -97,8 +108,20 @@ class GaussSeidel(_AbstractEvaluateOnly):
     blocks in parallel. Each iteration fixes at least `block_size` more steps, so
     `ceil(T / block_size)` iterations always suffice; `block_size=1` is Jacobi.
 
-    **Arguments:** `rtol`, `atol`, `norm` (as `Jacobi`); keyword-only: `block_size`
-    (steps per block).
+    Song, Meng, Liao & Ermon, *Accelerating Feedforward Computation via
+    Parallel Nonlinear Equation Solving*, ICML 2021.
+
+    **Arguments:**
+
+    - `rtol`: the per-step relative tolerance; `None` (default): by the carry's
+      dtype (`1e-6` float64, `1e-4` float32, see
+      `fixpoint.internal.scan_tolerances`).
+    - `atol`: the per-step absolute tolerance; `None` (default): as `rtol`.
+    - `norm`: the per-step norm (default `fixpoint.max_norm`).
+
+    Keyword-only:
+
+    - `block_size`: the number of steps per block, an int `>= 1` (default 16).
     """
 
     # None: the dtype's default (`internal.scan_tolerances`)
@@ -137,12 +160,23 @@ class PicardSum(_AbstractWindowed):
     adjoint's recurrences, near the identity too for such cells, go through
     this solver).
 
-    **Arguments:** `rtol`, `atol` (per step; default by the carry's dtype:
-    `1e-6` float64, `1e-4` float32, see `internal.scan_tolerances`), `norm`
-    (default max-norm); keyword-only: `window` (default None, the whole sequence; an int
-    `w >= 1`: each iteration evaluates only the `w` steps from the first
-    unconverged one, a window that slides as steps converge; README, "Recurrences
-    in parallel over time").
+    Shih, Belkhale, Ermon, Sadigh & Anari, *Parallel Sampling of Diffusion
+    Models*, NeurIPS 2023 (ParaDiGMS).
+
+    **Arguments:**
+
+    - `rtol`: the per-step relative tolerance; `None` (default): by the carry's
+      dtype (`1e-6` float64, `1e-4` float32, see
+      `fixpoint.internal.scan_tolerances`).
+    - `atol`: the per-step absolute tolerance; `None` (default): as `rtol`.
+    - `norm`: the per-step norm (default `fixpoint.max_norm`).
+
+    Keyword-only:
+
+    - `window`: `None` (default): the whole sequence; an int `w >= 1`: each
+      iteration evaluates only the `w` steps from the first unconverged one, a
+      window that slides as steps converge (README, "Recurrences in parallel
+      over time").
     """
 
     def update(self, problem, h, fh, derivatives, frozen, state):
@@ -163,6 +197,14 @@ class Sequential(_AbstractEvaluateOnly):
     Unsharded, the first sweep is the answer and the solve stops. When the time
     axis is sharded, each device sweeps its own chunk from the state the
     previous device currently holds, so one iteration per device suffices.
+
+    **Arguments:**
+
+    - `rtol`: the per-step relative tolerance; `None` (default): by the carry's
+      dtype (`1e-6` float64, `1e-4` float32, see
+      `fixpoint.internal.scan_tolerances`).
+    - `atol`: the per-step absolute tolerance; `None` (default): as `rtol`.
+    - `norm`: the per-step norm (default `fixpoint.max_norm`).
     """
 
     # None: the dtype's default (`internal.scan_tolerances`)

@@ -40,8 +40,21 @@ class Newton(internal.AbstractSolver):
     whose direction satisfies the inexact-Newton condition `|J p + G| <= 0.1 |G|`
     is used anyway.
 
-    **Arguments:** `rtol`, `atol`, `norm`; keyword-only: `linear_solver`,
-    `damping` in (0, 1], `min_step` in (0, 1).
+    Newton–Krylov: Knoll & Keyes, *Jacobian-free Newton–Krylov methods: a survey
+    of approaches and applications*, J. Comput. Phys. 2004.
+
+    **Arguments:**
+
+    - `rtol`: the relative tolerance, a number in `[0, 1)`.
+    - `atol`: the absolute tolerance, a number `>= 0` (not both zero).
+    - `norm`: the norm of the convergence test (default `fixpoint.max_norm`).
+
+    Keyword-only:
+
+    - `linear_solver`: a lineax solver for `J_G p = -G(y)` (default
+      `lineax.LU()`; see above).
+    - `damping`: the Newton step's scale, in `(0, 1]` (default 1).
+    - `min_step`: the smallest line-search step, in `(0, 1)` (default 1e-3).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)

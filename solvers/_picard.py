@@ -15,8 +15,19 @@ class Picard(internal.AbstractSolver):
     Krasnoselskii–Mann averaged iteration, which converges for nonexpansive maps
     where plain iteration may oscillate. Cost: one evaluation per step.
 
-    **Arguments:** `rtol`, `atol`, `norm` (default max-norm); keyword-only:
-    `damping` in (0, 1].
+    Picard (Banach) iteration and the Krasnoselskii–Mann iteration are classic;
+    for the averaged iteration see Mann, *Mean value methods in iteration*,
+    Proc. Amer. Math. Soc. 1953.
+
+    **Arguments:**
+
+    - `rtol`: the relative tolerance, a number in `[0, 1)`.
+    - `atol`: the absolute tolerance, a number `>= 0` (not both zero).
+    - `norm`: the norm of the convergence test (default `fixpoint.max_norm`).
+
+    Keyword-only:
+
+    - `damping`: the step `damping` in `(0, 1]` (default 1: plain iteration).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)

@@ -42,26 +42,63 @@ class AbstractMonotoneLinear(eqx.Module):
     - `resolvent(alpha)`: a function `v -> (I + α (I - W))⁻¹ v`, prepared once
       per solve (factorise here, apply cheaply in the returned function);
     - `monotonicity()`: the smallest eigenvalue of `sym(I - W) = (I - W + (I - W)ᵀ)/2`,
-      which must be `≥ m` (a check, not used by the solvers).
+      which must be `≥ m` (a check, not used by the solvers);
+    - the field `m` (an `AbstractVar[float]`): the monotonicity parameter.
+
+    Winston & Kolter, *Monotone operator equilibrium networks*, NeurIPS 2020.
     """
 
     m: AbstractVar[float]
 
     @abc.abstractmethod
     def mv(self, z: Array) -> Array:
-        """`W z`."""
+        """`W z`.
+
+        **Arguments:**
+
+        - `z`: a state of the operator's fixed shape (e.g. `(n,)`).
+
+        **Returns:**
+
+        `W z`, the shape of `z`.
+        """
 
     @abc.abstractmethod
     def lipschitz(self) -> Float[Array, ""]:
-        """`‖I - W‖₂`, or an upper bound on it."""
+        """`‖I - W‖₂`, or an upper bound on it.
+
+        **Returns:**
+
+        A scalar `L`; `ForwardBackward` takes its default step `m / L²` from it.
+        """
 
     @abc.abstractmethod
     def resolvent(self, alpha: Float[Array, ""]) -> Callable[[Array], Array]:
-        """`v -> (I + alpha (I - W))⁻¹ v`."""
+        """`v -> (I + alpha (I - W))⁻¹ v`.
+
+        Called once per solve: factorise here, apply cheaply in the returned
+        function.
+
+        **Arguments:**
+
+        - `alpha`: the step size `α > 0`, a scalar.
+
+        **Returns:**
+
+        A function `v -> (I + α (I - W))⁻¹ v` on states of the operator's shape.
+        """
 
     @abc.abstractmethod
     def monotonicity(self) -> Float[Array, ""]:
-        """`λ_min(sym(I - W))`."""
+        """`λ_min(sym(I - W))`.
+
+        A check of the claim `m` (it should be `>= m`); not used by the solvers.
+
+        **Returns:**
+
+        The smallest eigenvalue of `(I - W + (I - W)ᵀ)/2`, a scalar (or a lower
+        bound on it).
+        """
 
 
 class MonotoneMatrix(AbstractMonotoneLinear):
@@ -309,8 +346,10 @@ class _AbstractSplitting(eqx.Module):
           smaller batches as the others finish (`fixpoint.Compaction`; `None`:
           off). The answers, result codes and step counts do not change.
 
-        **Returns:** a `fixpoint.Solution` with `stats["num_steps"]` and
-        `stats["residual"]`, the norm of `relu(W z + b) - z` at `value`.
+        **Returns:**
+
+        A `fixpoint.Solution` with `stats["num_steps"]` and `stats["residual"]`,
+        the norm of `relu(W z + b) - z` at `value`.
         """
         return _solve(
             self,
@@ -326,7 +365,7 @@ class _AbstractSplitting(eqx.Module):
 
 
 class ForwardBackward(_AbstractSplitting):
-    """Forward–backward splitting for `z = relu(W z + b)` (Winston & Kolter 2020).
+    """Forward–backward splitting for `z = relu(W z + b)`.
 
         z <- relu((1 - α) z + α (W z + b))
 
@@ -336,16 +375,25 @@ class ForwardBackward(_AbstractSplitting):
     steps may diverge, which is reported (`RESULTS.diverged`, `nonfinite` or
     `max_steps_reached`), never silent. One product with `W` per step.
 
+    Called as `solver.solve(operator, b, z0)` (see `solve`), not through
+    `fixpoint.fixed_point`. Winston & Kolter, *Monotone operator equilibrium
+    networks*, NeurIPS 2020; forward–backward splitting: Lions & Mercier,
+    *Splitting algorithms for the sum of two nonlinear operators*, SIAM J.
+    Numer. Anal. 1979.
+
     **Arguments:**
 
-    - `rtol`, `atol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
-      `r = relu(W z + b) - z`.
-    - Keyword-only: `alpha`, `divergence_ratio`.
+    - `rtol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
+      `r = relu(W z + b) - z`; a number in `[0, 1)`.
+    - `atol`: the absolute tolerance of that test, `>= 0`.
+    - `norm`: the residual norm, default `fixpoint.max_norm`.
+
+    Keyword-only:
+
     - `alpha`: the step size. `None` (default) uses `α = m / L²` with `m` the
       operator's monotonicity parameter and `L = operator.lipschitz()`, computed
       at every solve: the step that minimises the contraction bound above (to
       `sqrt(1 - m²/L²)`) and half the largest safe step.
-    - `norm`: the residual norm, default `fixpoint.max_norm`.
     - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
       exceeds this multiple of the smallest seen (default `1e4`).
     """
@@ -364,7 +412,16 @@ class ForwardBackward(_AbstractSplitting):
             internal.check_number(self.alpha, "alpha", "> 0", owner="ForwardBackward")
 
     def step_size(self, operator: AbstractMonotoneLinear) -> Float[Array, ""]:
-        """The step `α` used on `operator`: `alpha`, or `m / L²` when `alpha=None`."""
+        """The step `α` used on `operator`: `alpha`, or `m / L²` when `alpha=None`.
+
+        **Arguments:**
+
+        - `operator`: the `AbstractMonotoneLinear` being solved.
+
+        **Returns:**
+
+        `α`, a scalar array.
+        """
         if self.alpha is not None:
             return jnp.asarray(self.alpha)
         return operator.m / jnp.square(operator.lipschitz())
@@ -382,7 +439,7 @@ class ForwardBackward(_AbstractSplitting):
 
 
 class PeacemanRachford(_AbstractSplitting):
-    """Peaceman–Rachford splitting for `z = relu(W z + b)` (Winston & Kolter 2020, Alg. 2).
+    """Peaceman–Rachford splitting for `z = relu(W z + b)`.
 
     With `V = (I + α (I - W))⁻¹` (the resolvent of the linear part, formed once
     per solve by `operator.resolvent`), starting from `u = z = z0`:
@@ -397,13 +454,23 @@ class PeacemanRachford(_AbstractSplitting):
     `1` is its default). One product with `W` (for the residual) and one resolvent
     application per step.
 
+    Called as `solver.solve(operator, b, z0)` (see `solve`), not through
+    `fixpoint.fixed_point`. Winston & Kolter, *Monotone operator equilibrium
+    networks*, NeurIPS 2020 (Algorithm 2); Peaceman & Rachford, *The numerical
+    solution of parabolic and elliptic differential equations*, J. SIAM 1955;
+    Lions & Mercier, *Splitting algorithms for the sum of two nonlinear
+    operators*, SIAM J. Numer. Anal. 1979.
+
     **Arguments:**
 
-    - `rtol`, `atol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
-      `r = relu(W z + b) - z`.
-    - Keyword-only: `alpha`, `divergence_ratio`.
-    - `alpha`: the step size, a number `> 0` (default `1.0`).
+    - `rtol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
+      `r = relu(W z + b) - z`; a number in `[0, 1)`.
+    - `atol`: the absolute tolerance of that test, `>= 0`.
     - `norm`: the residual norm, default `fixpoint.max_norm`.
+
+    Keyword-only:
+
+    - `alpha`: the step size, a number `> 0` (default `1.0`).
     - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
       exceeds this multiple of the smallest seen (default `1e4`).
     """
