@@ -80,7 +80,12 @@ def test_every_benchmark_marker_renders():
     assert count > 10
 
 
-EXAMPLES = ["README.md", "docs/getting_started.md", "docs/guides/equilibrium_layers.md"]
+EXAMPLES = [
+    "README.md",
+    "docs/getting_started.md",
+    "docs/guides/equilibrium_layers.md",
+    "docs/guides/writing_a_solver.md",
+]
 
 
 @pytest.mark.parametrize("path", EXAMPLES)
