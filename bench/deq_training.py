@@ -31,7 +31,7 @@ forward solves under `vmap`, the gradient, an AdamW update) of our `layers.DEQ` 
 banax (`banax.adjoint.Implicit` / `NeumannPhantom` / `JFB` around `banax.solver.Anderson`,
 depth 5, rtol = atol = 1e-4, 40 steps) on the same cell, weights and batch, and reads
 XLA's memory analysis of each step (`BanaxClassifier`, `banax_adjoint`). banax needs
-Python >= 3.12: run it from a 3.12 environment (README, Benchmarks); elsewhere its rows
+Python >= 3.12: run it from a 3.12 environment (docs, Tests and benchmarks); elsewhere its rows
 say why it is unavailable. Writes `bench/results/deq_training_peers_<task>.json`.
 
     python bench/deq_training.py --task digits-mlp --peers --adjoint implicit phantom jfb

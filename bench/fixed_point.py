@@ -44,7 +44,8 @@ allow: `atol = tol`, `rtol = 0` wherever there is a choice):
 - `banax-Picard` / `banax-Anderson` / `banax-Broyden`: banax's solvers (`depth=5`,
   `history_size=20`, as ours) with `atol=tol`, `rtol=0`, through `banax.adjoint.JFB`;
   their test is `|f(y) - y|_2 <= atol` (Euclidean, like jaxopt's). banax needs Python
-  >= 3.12: run the script from a 3.12 virtual environment to include it (README, Benchmarks);
+  >= 3.12: run the script from a 3.12 virtual environment to include it (docs, Tests
+  and benchmarks);
   elsewhere its rows say why it is unavailable;
 - `bare-loop`: a `jax.lax.while_loop` Picard on the whole batch, stopping when
   `max|f(z) - z| <= tol` over the batch: the floor for one-evaluation-per-step methods.

@@ -34,8 +34,9 @@ MIB = 2**20
 KIB = 2**10
 
 # The command that produced each file. Most files do not record their command line; these
-# are taken from the bench scripts' docstrings and README's "Tests and benchmarks" table,
-# checked against the settings a file records where it records them.
+# were taken from the bench scripts' docstrings and the hand-written benchmark table the
+# README had before this site (the source is kept in the second field), checked against
+# the settings a file records where it records them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "batch_cpu": ("python bench/batch.py --rounds 30", "README; all three parts"),
     "batch_overhead_cpu": (
@@ -211,7 +212,8 @@ def _truthy(v: Any) -> bool:
 def caption(name: str, data: dict[str, Any]) -> str:
     """The line under a table: command, hardware, versions and commit, as recorded."""
     command, source = COMMANDS[name]
-    parts = [f"Command (from {source}): `{command}`."]
+    note = re.sub(r"^(README|script docstring)(; )?", "", source)
+    parts = [f"Command: `{command}`" + (f" ({note})" if note else "") + "."]
     dev = data.get("device")
     if isinstance(dev, dict):
         hw = f"{dev.get('platform', '?')} (device kind {dev.get('device_kind', '?')})"

@@ -50,7 +50,7 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     codes are the loop's job, so every solver gets them the same way.
 
     Every concrete solver has the fields `rtol`, `atol` and `norm`; the loop
-    decides convergence with them by `fixpoint.internal.converged` (see the README's
+    decides convergence with them by `fixpoint.internal.converged` (see the docs,
     convergence rule), the same way for every solver.
 
     `step_estimates_error` (a class attribute, default True): whether the

@@ -87,8 +87,8 @@ class Jacobi(_AbstractWindowed):
 
     - `window`: `None` (default): the whole sequence; an int `w >= 1`: each
       iteration evaluates only the `w` steps from the first unconverged one, a
-      window that slides as steps converge (README, "Recurrences in parallel
-      over time").
+      window that slides as steps converge (the docs, "Parallel
+      scans").
     """
 
     def update(self, problem, h, fh, derivatives, frozen, state):
@@ -175,8 +175,8 @@ class PicardSum(_AbstractWindowed):
 
     - `window`: `None` (default): the whole sequence; an int `w >= 1`: each
       iteration evaluates only the `w` steps from the first unconverged one, a
-      window that slides as steps converge (README, "Recurrences in parallel
-      over time").
+      window that slides as steps converge (the docs, "Parallel
+      scans").
     """
 
     def update(self, problem, h, fh, derivatives, frozen, state):

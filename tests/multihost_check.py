@@ -1,9 +1,9 @@
 """Run by `test_parallel.py::test_two_processes` as 2 processes x 2 CPU devices.
 
 `python tests/multihost_check.py PORT PROCESS_ID`: the multi-host recipe of the
-README on one machine. Both paths on a 4-device mesh that spans the two
-processes: a `layers.DEQ` loss and gradient with the batch split by
-`fixpoint.data_parallel`, and `fixpoint.scan` with the time axis split by
+docs (Training across devices and hosts) on one machine. Both paths on a 4-device
+mesh that spans the two processes: a `layers.DEQ` loss and gradient with the batch
+split by `fixpoint.data_parallel`, and `fixpoint.scan` with the time axis split by
 `mesh=`; each against the same computation on this process alone.
 """
 

@@ -33,7 +33,7 @@ def test_data_parallel():
 
 
 def test_two_processes():
-    """The README's multi-host recipe on one machine: 2 processes x 2 CPU devices."""
+    """The multi-host recipe of the docs on one machine: 2 processes x 2 CPU devices."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
