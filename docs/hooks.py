@@ -17,11 +17,16 @@ import pathlib
 import shutil
 import tomllib
 
+import mkdocs.plugins
+
 _HERE = pathlib.Path(__file__).resolve().parent
 ROOT = _HERE.parent
 PACKAGE = ROOT / "build" / "docs-package"
 
 
+# Before every plugin's own `on_config`: hippogriffe loads the package from its
+# configuration, and on a fresh clone `build/docs-package` does not exist yet.
+@mkdocs.plugins.event_priority(100)
 def on_config(config):
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())
     package_dir = table["tool"]["setuptools"]["package-dir"]
