@@ -42,7 +42,7 @@ def test_renderer_runs(name):
     assert "|---" in text or "|--" in text
     assert text.count("|") > 4
     assert text.startswith("**")
-    assert "Command (from" in text and "Hardware:" in text and "Commit:" in text
+    assert "Command: `" in text and "Hardware:" in text and "Commit:" in text
     for section in [n.split(" ", 1)[1] for n in bt.names() if n.startswith(name + " ")]:
         part = bt.render(name, section)
         assert "|" in part and part in bt.expand(f"<!-- bench: {name} {section} -->")
