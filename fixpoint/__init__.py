@@ -22,6 +22,8 @@ from ._decode_solver import AbstractCachedModel as AbstractCachedModel
 from ._errors import SolveError as SolveError
 from ._fixed_point import fixed_point as fixed_point
 from ._fixed_point import root_find as root_find
+from ._lyapunov import LyapunovEstimate as LyapunovEstimate
+from ._lyapunov import lyapunov_estimate as lyapunov_estimate
 from ._norm import max_norm as max_norm
 from ._norm import rms_norm as rms_norm
 from ._norm import two_norm as two_norm

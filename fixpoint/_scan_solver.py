@@ -423,7 +423,7 @@ class AbstractScanSolver(eqx.Module):
 # float32: measured by `bench/scan_tolerance.py` (GRU, D = 8 and 32, T = 1e3 and
 # 1e4): at 1e-4 the certified answer is as close to float64 `lax.scan` as float32
 # `lax.scan` is (scales 1 and 3), with fewer iterations than at 1e-6, and a
-# chaotic cell (scale 6) converges in 361-502 iterations instead of running to
+# cell near the edge of chaos (scale 6) converges in 361-502 iterations instead of running to
 # T = 1000. float64: the certified answer lies within 1e-10 of `lax.scan`
 # (tested). 16-bit floats: a hundred times float32's, not measured.
 SCAN_TOLERANCES = {"float64": 1e-6, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}

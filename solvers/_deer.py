@@ -269,8 +269,8 @@ class ELK(internal.AbstractScanSolver):
 
 # The relative growth of the merit that `ELK` still accepts (see `ELK.update`).
 # Measured, float32: a 1000-step probability-flow sampler (D = 16) takes 13
-# iterations at 1e-2 (1000 at 1e-3 and with a strict decrease); a chaotic GRU
-# (D = 8, weights ×6, T = 1000) 483 (434 with a strict decrease, 590 at 1e-1).
+# iterations at 1e-2 (1000 at 1e-3 and with a strict decrease); a GRU near the edge
+# of chaos (D = 8, weights ×6, T = 1000) 483 (434 with a strict decrease, 590 at 1e-1).
 _SLACK = 1e-2
 
 

@@ -11,9 +11,10 @@ import fixpoint
 
 API = {
     "fixpoint": """AbstractAdjoint AbstractCachedModel Compaction Disagreement ImplicitAdjoint
-        NeumannAdjoint PhantomAdjoint RESULTS Solution SolveError UnrolledAdjoint
-        custom_fixed_point custom_root data_parallel datasets decode first_disagreement
-        fixed_point internal layers max_norm rms_norm root_find scan solvers two_norm uncached""",
+        LyapunovEstimate NeumannAdjoint PhantomAdjoint RESULTS Solution SolveError
+        UnrolledAdjoint custom_fixed_point custom_root data_parallel datasets decode
+        first_disagreement fixed_point internal layers lyapunov_estimate max_norm rms_norm
+        root_find scan solvers two_norm uncached""",
     "fixpoint.solvers": """AbstractMonotoneLinear Anderson Broyden DEER ELK ForwardBackward
         GSJacobiDecoding GaussSeidel Halpern HybridDecoding Jacobi JacobiDecoding
         LookaheadDecoding MonotoneMatrix NGramPool Newton PeacemanRachford Picard PicardSum

@@ -1,0 +1,196 @@
+"""`fixpoint.lyapunov_estimate`: how fast a recurrence forgets (or amplifies) a
+perturbation of its carry, which decides whether `fixpoint.scan` can solve it in
+parallel in few iterations (Gonzalez, Kozachkov et al. 2025)."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float, PyTree
+
+from ._cache import may_cache
+from ._checks import as_float_pytree, check_instance, check_int
+from ._scan import Cell, _check_carry, _Flat, _length
+
+
+class LyapunovEstimate(eqx.Module):
+    """The largest Lyapunov exponent of a recurrence along one trajectory, as
+    returned by `fixpoint.lyapunov_estimate`.
+
+    **Arguments:** (its fields)
+
+    - `exponent`: the estimate, in nats per step (natural log of the growth of a
+      perturbation of the carry, per step). Negative: perturbations die out and
+      the recurrence is *predictable*; positive: they grow (chaos, or an
+      unstable recurrence). `-inf` when some step maps every perturbation
+      direction it was given to zero (a carry that is forgotten); NaN or `inf`
+      when the trajectory or its Jacobians are not finite.
+    - `error`: the standard error of `exponent`, from the spread of the
+      per-window exponents (`std / sqrt(windows)`); it assumes that windows are
+      much longer than the time over which the growth rates are correlated.
+    - `window_exponents`: the exponent of each window of consecutive steps after
+      the burn-in, in scan order, shape `(windows,)`. A trend across windows
+      says the recurrence is not stationary (or the burn-in is too short).
+    - `amplification`: the largest growth of the tracked perturbation over any
+      stretch of consecutive steps (burn-in included), as a natural log (0 when
+      it never grows). It says whether the trajectory is determined in the
+      working precision at all: a rounding error of relative size `eps` (about
+      `6e-8` in float32, `1.1e-16` in float64) made at one step can reach
+      `eps · exp(amplification)` later, so when that exceeds the scan's
+      tolerance (`amplification > log(tol / eps)`: about 7.4 for float32 at
+      its default `1e-4`) even `lax.scan`'s answer is not determined to the
+      tolerance, and two correct evaluations can differ by more. It is a lower
+      bound: one perturbation direction, not the worst one.
+    - `steps`: how many steps the exponent averages (the length minus the
+      burn-in); a Python int.
+    """
+
+    exponent: Float[Array, ""]
+    error: Float[Array, ""]
+    window_exponents: Float[Array, " windows"]
+    amplification: Float[Array, ""]
+    steps: int = eqx.field(static=True)
+
+
+def lyapunov_estimate(
+    f: Cell,
+    init: PyTree[Float[ArrayLike, "..."]],
+    xs: PyTree[ArrayLike] = None,
+    length: int | None = None,
+    *,
+    reverse: bool = False,
+    windows: int = 10,
+    burn_in: int | None = None,
+    key: Array | None = None,
+) -> LyapunovEstimate:
+    """The largest Lyapunov exponent (LLE) of the recurrence `fixpoint.scan` would
+    solve, along its sequential trajectory.
+
+    ```python
+    est = fixpoint.lyapunov_estimate(lambda h, x: (cell(x, h), None), h0, xs)
+    if est.exponent < 0:  # predictable: DEER-type solvers converge in few iterations
+        _, hs = fixpoint.scan(lambda h, x: (cell(x, h),) * 2, h0, xs, solver=solvers.DEER())
+    ```
+
+    With `h_t = f(h_{t-1}, x_t)[0]` and `J_t = ∂h_t/∂h_{t-1}`, the LLE is
+    `λ = lim (1/T) log ‖J_T ⋯ J_1 v‖` for almost every `v`. It is estimated as
+    Benettin et al. do: one tangent vector `v` (random, unit norm) is pushed
+    through each step by a Jacobian-vector product and renormalised, and the logs
+    of the growth factors are averaged over the steps after `burn_in`; the
+    averages over `windows` blocks of consecutive steps give the error.
+
+    Why it matters (Gonzalez, Kozachkov et al., "Predictability enables
+    parallelization of nonlinear state space models", NeurIPS 2025): the
+    conditioning of the system that `fixpoint.solvers.DEER`, `QuasiDEER` and
+    `ELK` solve is bounded independently of `T` when `λ < 0`, and degrades like
+    `e^{λT}` when `λ > 0`. Predictable recurrences are solved in a number of
+    iterations that hardly grows with `T`; chaotic ones need about `T`
+    iterations, and `fixpoint.solvers.Sequential` is then the faster choice. The
+    "Parallel scans" guide gives the measured rule.
+
+    Cost: one evaluation of `f` with one forward-mode Jacobian-vector product
+    per step, sequential in time (about two to three times `lax.scan` of `f`);
+    memory: the carry, one tangent and `windows + 4` numbers, whatever the length. It
+    works under `jit` and `vmap` (e.g. over sequences, for one estimate each).
+
+    **Arguments:**
+
+    - `f`: `f(carry, x) -> (carry, y)`, as for `lax.scan` and `fixpoint.scan`;
+      only the carry is used. The carry is a pytree of floating-point arrays of
+      one dtype; its perturbations are measured in the 2-norm over all leaves.
+    - `init`: the initial carry.
+    - `xs`: the inputs, a pytree of arrays with a shared leading (time) axis; or
+      `None` with `length`.
+    - `length`: the number of steps, if `xs` is `None` (checked against `xs`
+      otherwise).
+    - `reverse`: run from the last step to the first, as `lax.scan`.
+    - `windows`: the number of blocks the counted steps are split into for the
+      error estimate; at least 2.
+    - `burn_in`: leading steps (in scan order) left out of the average while the
+      tangent turns towards the most expanding direction; default a tenth of
+      the steps. The steps left must be at least `windows`.
+    - `key`: a `jax.random` key for the initial tangent; default
+      `jax.random.key(0)`, so the estimate is deterministic.
+
+    **Returns:**
+
+    A `fixpoint.LyapunovEstimate`: `exponent` (nats per step), `error`,
+    `window_exponents`, `amplification` (whether the trajectory is determined in
+    the working precision) and `steps`.
+    """
+    if not callable(f):
+        raise TypeError(f"`f` must be callable, got {f!r}.")
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise TypeError(f"`reverse` must be a bool, got {reverse!r}.")
+    init = as_float_pytree(init, "init")
+    steps = _length(xs, length)
+    windows = check_int(windows, "windows", 2)
+    if burn_in is None:
+        burn_in = steps // 10
+    burn_in = check_int(burn_in, "burn_in", 0)
+    if steps - burn_in < windows:
+        raise ValueError(
+            f"`lyapunov_estimate` averages the {steps} steps after `burn_in={burn_in}` "
+            f"over `windows={windows}` blocks, so it needs at least one step per block; "
+            "pass a longer sequence, fewer `windows` or a shorter `burn_in`."
+        )
+    if key is None:
+        key = jax.random.key(0)
+    check_instance(key, jax.Array, "key")
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        raise TypeError(f"`key` must be a typed key from `jax.random.key`, got dtype {key.dtype}.")
+    statics = (f, init, xs, key)
+    run = _compiled if may_cache(*statics) else _estimate
+    return run(f, init, xs, key, steps=steps, burn_in=burn_in, windows=windows, reverse=reverse)
+
+
+def _estimate(f, init, xs, key, *, steps, burn_in, windows, reverse):
+    h0, unravel = ravel_pytree(init)
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    _check_carry(f, init, x0, h0.dtype)
+    cell = _Flat(f, unravel)
+    v0 = jax.random.normal(key, h0.shape, h0.dtype)
+    v0 = v0 / jnp.linalg.norm(v0)
+    counted = steps - burn_in
+    # The window of every step, in scan order; burn-in steps go to an extra slot.
+    order = np.arange(steps)
+    window = np.where(order < burn_in, windows, (order - burn_in) * windows // max(counted, 1))
+    sizes = np.bincount(window, minlength=windows + 1)[:windows]
+    if reverse:  # `lax.scan(reverse=True)` meets `xs[T-1]` first
+        window = window[::-1]
+
+    def step(carry, inputs):
+        h, v, sums, log_size, lowest, amplification = carry
+        x, w = inputs
+        h_next, tangent = jax.jvp(lambda h: cell(h, x)[0], (h,), (v,))
+        growth = jnp.linalg.norm(tangent)
+        log_growth = jnp.log(growth)
+        alive = growth > 0
+        # A tangent mapped to zero (the carry forgotten in that direction) counts
+        # as log 0 = -inf; the next step starts again from the initial tangent.
+        v = jnp.where(alive, tangent / jnp.where(alive, growth, 1), v0)
+        # The perturbation's log size since the start, its lowest value so far,
+        # and the largest rise from a low to a later value: the amplification.
+        # An annihilated perturbation starts afresh at 0.
+        log_size = jnp.where(alive, log_size + log_growth, 0)
+        amplification = jnp.maximum(amplification, jnp.where(alive, log_size - lowest, 0))
+        lowest = jnp.where(alive, jnp.minimum(lowest, log_size), 0)
+        sums = sums.at[w].add(log_growth)
+        return (h_next, v, sums, log_size, lowest, amplification), None
+
+    zero = jnp.zeros((), h0.dtype)
+    init = (h0, v0, jnp.zeros(windows + 1, h0.dtype), zero, zero, zero)
+    inputs = (xs, jnp.asarray(window, jnp.int32))
+    final, _ = jax.lax.scan(step, init, inputs, length=steps, reverse=reverse)
+    sums, amplification = final[2], final[5]
+    per_window = sums[:windows] / jnp.asarray(sizes, h0.dtype)
+    exponent = jnp.sum(sums[:windows]) / counted
+    error = jnp.std(per_window, ddof=1) / math.sqrt(windows)
+    return LyapunovEstimate(exponent, error, per_window, amplification, counted)
+
+
+_compiled = eqx.filter_jit(_estimate)
