@@ -109,6 +109,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "scan_reference_cpu": ("python bench/scan_reference.py --reps 20", "README"),
     "scan_tolerance": ("python bench/scan_tolerance.py", "script docstring"),
+    "lyapunov_cpu": ("python bench/lyapunov.py", "script docstring; settings recorded"),
 }
 
 # --------------------------------------------------------------------------- formatting
@@ -1247,6 +1248,60 @@ def _scan_tolerance(d: dict[str, Any]) -> Parts:
 
 # ------------------------------------------------------------------------- registry
 
+
+def _lyapunov(d: dict[str, Any]) -> Parts:
+    summary = d["summary"]
+    solvers = list(dict.fromkeys(r["solver"] for r in summary))
+    keys = list(dict.fromkeys((r["T"], r["scale"]) for r in summary))
+    by = {(r["T"], r["scale"], r["solver"]): r for r in summary}
+    body = []
+    for t, scale in keys:
+        first = by[(t, scale, solvers[0])]
+        cells = []
+        for name in solvers:
+            r = by.get((t, scale, name))
+            if r is None:
+                cells.append("—")
+                continue
+            c = f"{sig(r['iters'])} · {ratio(r['time_over_lax_scan'])}"
+            if r["successful"] < r["seqs"]:
+                c += f" ({r['successful']}/{r['seqs']} converged)"
+            cells.append(c)
+        lle = pm(first["lle"], first["lle_error"])
+        body.append(
+            [
+                t,
+                par(scale),
+                lle,
+                sig(first["amplification"], 2),
+                sig(first["lax_f32_vs_f64"], 2),
+                *cells,
+                ratio(first["lle_over_lax_scan"]),
+            ]
+        )
+    seqs = max(r["seqs"] for r in summary)
+    t = table(
+        [
+            "T",
+            "scale",
+            "LLE (nats/step)",
+            "amplification",
+            "float32 lax.scan error",
+            *solvers,
+            "estimate's time / lax.scan",
+        ],
+        body,
+    )
+    title = (
+        f"Dense GRU (D = {d['settings']['d']}), recurrent weights × scale: the largest "
+        "Lyapunov exponent and the amplification of `fp.lyapunov_estimate`, the largest "
+        "error of float32 `lax.scan` against float64, then per solver iterations to "
+        f"tolerance · time / `lax.scan` (medians over {seqs} input sequences; ± is the "
+        "estimate's largest standard error)"
+    )
+    return [("table", _part(title, t))]
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], Parts]] = {
     "batch_cpu": _batch,
     "batch_overhead_cpu": _batch,
@@ -1273,6 +1328,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Parts]] = {
     "scan_peers_cpu": _scan,
     "scan_reference_cpu": _scan_reference,
     "scan_tolerance": _scan_tolerance,
+    "lyapunov_cpu": _lyapunov,
 }
 
 

@@ -9,6 +9,8 @@
 - Benchmark tables read from `bench/results/*.json` at build time: a line
   `<!-- bench: NAME -->` in a page becomes the table that `docs/bench_tables.py` renders
   from `bench/results/NAME.json`, so no figure on the site is copied by hand.
+- The benchmarks' plots, `bench/results/*.png`, are served as `bench-results/NAME.png`
+  (a guide links them as `../bench-results/NAME.png`), not copied into `docs/`.
 """
 
 import importlib.util
@@ -18,6 +20,7 @@ import shutil
 import tomllib
 
 import mkdocs.plugins
+from mkdocs.structure.files import File
 
 _HERE = pathlib.Path(__file__).resolve().parent
 ROOT = _HERE.parent
@@ -43,6 +46,12 @@ def on_config(config):
         else:
             os.symlink(source, target, target_is_directory=True)
     return config
+
+
+def on_files(files, config):
+    for path in sorted((ROOT / "bench" / "results").glob("*.png")):
+        files.append(File.generated(config, f"bench-results/{path.name}", abs_src_path=str(path)))
+    return files
 
 
 def _bench_tables():
