@@ -181,6 +181,7 @@ def scan(
             f"got {mesh.axis_types[0]}."
         )
     init = as_float_pytree(init, "init")
+    check_carry_dtype(init)
     steps = _length(xs, length)
     if max_steps is not None:
         check_int(max_steps, "max_steps", 1)
@@ -342,13 +343,13 @@ class _Flat(eqx.Module):
         return ravel_pytree(carry)[0], y
 
 
-def _length(xs, length) -> int:
+def _length(xs, length, name: str = "scan") -> int:
     leaves = jax.tree.leaves(xs)
     if length is not None:
-        check_int(length, "length", 1)
+        length = check_int(length, "length", 1)
     if not leaves:
         if length is None:
-            raise ValueError("`scan` needs `xs` with a leading time axis, or `length`.")
+            raise ValueError(f"`{name}` needs `xs` with a leading time axis, or `length`.")
         return length
     lengths = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(xs)[0]:
@@ -369,12 +370,18 @@ def _length(xs, length) -> int:
     return steps
 
 
-def _check_carry(f, init, x0, dtype):
+def check_carry_dtype(init):
+    """Every leaf of `init` has one dtype (before it is raveled: under strict
+    promotion raveling mixed dtypes fails with JAX's own message)."""
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(init)}
     if len(dtypes) > 1:
         raise TypeError(
             f"Every leaf of `init` must have the same dtype, got {sorted(map(str, dtypes))}."
         )
+
+
+def _check_carry(f, init, x0, dtype):
+    check_carry_dtype(init)
     out = eqx.filter_eval_shape(f, init, x0)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(

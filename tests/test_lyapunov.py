@@ -166,3 +166,56 @@ def test_amplification_predicts_when_float32_is_undetermined():
         off = float(jnp.max(jnp.abs(hs[jnp.float32].astype(jnp.float64) - hs[jnp.float64])))
         assert (est.amplification < 4.7) == determined, (gain, est.amplification)
         assert (off < 1e-4) == determined, (gain, off)
+
+
+def test_extreme_growth_factors_are_measured():
+    # The 2-norm is taken after scaling: no underflow of tiny growth, no overflow.
+    tiny = jax.nn.sigmoid(jnp.float32(-50.0))
+    est = fp.lyapunov_estimate(lambda h, x: (tiny * h, None), jnp.ones(4, jnp.float32), length=50)
+    np.testing.assert_allclose(est.exponent, np.log(tiny), rtol=1e-5)
+    huge = fp.lyapunov_estimate(
+        lambda h, x: (jnp.sin(jnp.float32(1e20) * h), None),
+        jnp.full(3, 0.3, jnp.float32),
+        length=50,
+    )
+    assert np.isfinite(huge.exponent) and huge.exponent > 30
+
+
+def test_a_tangent_lost_to_rounding_is_measured_again():
+    # Coordinate 0 grows ×1.5 and is reset to 0 every 500 steps, coordinate 1 grows
+    # ×1.2: in float32 the tangent's coordinate 1 underflows relative to coordinate 0,
+    # and a reset maps it to exactly zero, although the carry is not forgotten.
+    x = np.ones(2000, np.float32)
+    x[499::500] = 0
+
+    def f(h, x):
+        return jnp.stack([1.5 * x, jnp.full_like(x, 1.2)]) * h, None
+
+    est = fp.lyapunov_estimate(f, jnp.zeros(2, jnp.float32), jnp.asarray(x), windows=2)
+    assert np.isfinite(est.exponent) and est.exponent > 0
+
+
+def test_long_float32_sequences_keep_their_accuracy():
+    est = fp.lyapunov_estimate(
+        lambda h, x: (0.9 * h, None), jnp.ones(1, jnp.float32), length=200_000, burn_in=0
+    )
+    np.testing.assert_allclose(est.exponent, np.log(np.float32(0.9)), rtol=2e-6)
+
+
+def test_non_finite_amplification_and_numpy_length():
+    est = fp.lyapunov_estimate(lambda h, x: (h * x, None), jnp.ones(1), jnp.full((30, 1), jnp.nan))
+    assert np.isnan(est.amplification)
+    est = fp.lyapunov_estimate(lambda h, x: (0.5 * h, None), jnp.zeros(1), length=np.int64(40))
+    assert type(est.steps) is int and est.steps == 36
+
+
+@pytest.mark.parametrize(
+    "init, error, match",
+    [
+        (jnp.zeros(0), ValueError, "`init` has no entries"),
+        ({"a": jnp.zeros(1), "b": jnp.zeros(1, jnp.float32)}, TypeError, "same dtype"),
+    ],
+)
+def test_bad_carries_are_named(init, error, match):
+    with pytest.raises(error, match=match):
+        fp.lyapunov_estimate(lambda h, x: (h, None), init, length=20)
