@@ -174,7 +174,7 @@ def _estimate(f, init, xs, key, *, steps, burn_in, windows, reverse):
     # Logs and sums in at least float32 (for float16 carries), summed with
     # Kahan's compensation.
     acc = h0.dtype if jnp.finfo(h0.dtype).bits >= 32 else jnp.dtype(jnp.float32)
-    first, fresh = jax.random.split(key)
+    first, fresh_key = jax.random.split(key)
     v0 = jax.random.normal(first, h0.shape, h0.dtype)
     v0 = v0 / _scaled_norm(v0)
     counted = steps - burn_in
@@ -184,14 +184,14 @@ def _estimate(f, init, xs, key, *, steps, burn_in, windows, reverse):
         return h_next, tangent, _scaled_norm(tangent)
 
     def step(carry, x):
-        h, v, t, sums, comp, log_size, lowest, amplification, key = carry
+        h, v, t, sums, comp, log_size, lowest, amplification = carry
         h_next, tangent, growth = push(h, x, v)
         # A tangent mapped to exactly zero may only have lost, to rounding, the
-        # components this step keeps: measure the step again from a fresh one.
-        key, sub = jax.random.split(key)
+        # components this step keeps: measure the step again from a fresh one
+        # (its key made only then: a split at every step doubled the cost).
 
         def again(_):
-            fresh = jax.random.normal(sub, h.shape, h.dtype)
+            fresh = jax.random.normal(jax.random.fold_in(fresh_key, t), h.shape, h.dtype)
             return push(h, x, fresh / _scaled_norm(fresh))[1:]
 
         tangent, growth = jax.lax.cond(growth == 0, again, lambda _: (tangent, growth), None)
@@ -211,11 +211,11 @@ def _estimate(f, init, xs, key, *, steps, burn_in, windows, reverse):
         total = sums[w] + y
         comp = comp.at[w].set(jnp.where(jnp.isfinite(total), (total - sums[w]) - y, 0))
         sums = sums.at[w].set(total)
-        return (h_next, v, t + 1, sums, comp, log_size, lowest, amplification, key), None
+        return (h_next, v, t + 1, sums, comp, log_size, lowest, amplification), None
 
     zero = jnp.zeros((), acc)
     slots = jnp.zeros(windows + 1, acc)
-    start = (h0, v0, jnp.array(0), slots, slots, zero, zero, zero, fresh)
+    start = (h0, v0, jnp.array(0), slots, slots, zero, zero, zero)
     final, _ = jax.lax.scan(step, start, xs, length=steps, reverse=reverse)
     sums, amplification = final[3][:windows], final[7]
     sizes = np.bincount(np.arange(counted) * windows // counted, minlength=windows)
