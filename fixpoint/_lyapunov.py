@@ -42,8 +42,8 @@ class LyapunovEstimate(eqx.Module):
       working precision at all: rounding errors of relative size `eps` (the
       machine epsilon: `1.19e-7` in float32, `2.2e-16` in float64) grow to
       about `eps · exp(amplification)` (measured on GRUs: float32 `lax.scan`
-      was within a factor of 7 of that from float64, until the error reached
-      the size of the states). When that approaches the scan's tolerance
+      was 0.2 to 11 times that from float64, until the error reached the size
+      of the states). When that approaches the scan's tolerance
       (`amplification > ln(tol / eps) − 2`: 4.7 for float32 at its default
       `1e-4`), even `lax.scan`'s answer is not determined to the tolerance, and
       two correct evaluations can differ by more. It is a lower bound on the
@@ -100,7 +100,7 @@ def lyapunov_estimate(
     "Parallel scans" guide gives the measured rule.
 
     Cost: one evaluation of `f` with one forward-mode Jacobian-vector product
-    per step, sequential in time (on the CPU 3 to 7 times `lax.scan` of the
+    per step, sequential in time (on the CPU 4 to 9 times `lax.scan` of the
     same cell: GRU, D = 8, `bench/lyapunov.py`); memory: the carry, one tangent
     and `2·windows + 6` numbers, whatever the length. It works under `jit`,
     `vmap` (e.g. over sequences, for one estimate each) and `grad`.
