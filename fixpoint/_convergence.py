@@ -142,6 +142,7 @@ class Sizes(NamedTuple):
     vs_y: Float[Array, ""] | None  # scaled residual against |y| (fixed-point form)
     vs_y0: Float[Array, ""] | None  # scaled residual against |y0| (fixed-point form)
     step: Float[Array, ""] | None  # scaled step against |y| (None: no step test)
+    extra: tuple = ()  # the norms of `measure(..., extra=...)`, in order
 
 
 def _misses(v, ref, rtol, atol):
@@ -155,11 +156,13 @@ def _misses(v, ref, rtol, atol):
     return jnp.where((v == 0) | (jnp.abs(v) < scale), 0, 1).astype(v.dtype)
 
 
-def measure(norm, residual, y, step, rtol, atol, *, kind: str, y0) -> Sizes:
+def measure(norm, residual, y, step, rtol, atol, *, kind: str, y0, extra=()) -> Sizes:
     """Every norm of the convergence test at `y`, taken in one reduction.
 
     For the max-norm the scaled rows are `_misses` (no divisions: Picard at
     d = 256 spent more on the test's divisions than on its bookkeeping).
+    `extra`: more vectors (of `y`'s shape) whose plain norms ride along in the
+    same reduction (the infeasibility watch's).
     """
     scaled = _misses if norm is max_norm else _ratio
     rows = [residual]
@@ -167,10 +170,12 @@ def measure(norm, residual, y, step, rtol, atol, *, kind: str, y0) -> Sizes:
         rows += [scaled(residual, y, rtol, atol), scaled(residual, y0, rtol, atol)]
     if step is not None:
         rows.append(scaled(step, y, rtol, atol))
+    rows += list(extra)
     sizes = list(norms(norm, rows))
     rnorm = sizes.pop(0)
     vs_y, vs_y0 = (sizes.pop(0), sizes.pop(0)) if kind != "root" else (None, None)
-    return Sizes(rnorm, vs_y, vs_y0, sizes.pop(0) if step is not None else None)
+    step_size = sizes.pop(0) if step is not None else None
+    return Sizes(rnorm, vs_y, vs_y0, step_size, tuple(sizes))
 
 
 def decide(sizes: Sizes, rtol, atol, *, kind: str, start_norm):

@@ -30,8 +30,80 @@ class _Carry(eqx.Module):
     y: Any
     state: Any
     aux: Any
-    scalars: jax.Array  # `LoopScalars`, packed
+    scalars: jax.Array  # `LoopScalars`, packed, then the watch's numbers (if any)
     history: Any
+
+
+# Infeasibility detection (`AbstractSolver.drift_rate`). It only ever replaces
+# `max_steps_reached`: a solve that converges within its budget is never called
+# infeasible. (Stopping early at step 64 on a steady drift was tried and
+# refused by review: gradient descent on logcosh from 100, `tanh(z + 1e-4)`
+# from 0, Halpern on a rotation by 0.003 rad, value iteration with γ = 0.9999
+# all look like translations for hundreds of steps and converge later.)
+#
+# At every checkpoint `k = 8, 16, 32, ...` and at the last step the loop looks
+# at the drift `d_k = (y_0 − y_k) / (k · rate)`, which estimates the infimal
+# displacement vector `v`. A check *agrees* when
+# - the distance travelled grows in proportion to the steps: `‖y_0 − y_k‖` is
+#   `k / k'` times its value at the previous checkpoint `k'`, within 5 %;
+# - the residual matches the drift, in direction and size: `‖r_k − d_k‖ ≤ 5 %`
+#   of `‖d_k‖` (on an averaged map with no fixed point `r_k → v` as well);
+# - the residual has stopped falling: `‖r_k‖ ≥ 99.5 %` of `‖r_{k'}‖`.
+# When the budget runs out, the last step's check and the two checkpoints
+# before it all agreeing make the result `infeasible` instead of
+# `max_steps_reached`. What it says: the iterates were drifting steadily when
+# the budget ended, so a fixed point, if any, lies at least half the distance
+# travelled away (Fejér-monotone iterates stay within `2‖y_0 − y*‖` of `y_0`).
+# The norms are the solver's own.
+#
+# Cost: two more vectors in the convergence test's one reduction and four
+# numbers at the end of the packed scalars, at every step: `bench/batch.py
+# --part overhead` (Picard, batch 1) 0.23-0.25 -> 0.25-0.28 µs per step at
+# d = 64, 2.64-2.65 -> 2.68-2.77 at d = 256. (A `lax.cond` taken only at checkpoints made a step 20x
+# slower; carrying the last drift as a vector, or a reduction of its own, 2-3x.)
+_FIRST_MARK = 8
+_AGREEING = 3
+_DRIFT_TOL = 0.05
+_FLAT = 0.995
+
+
+def _new_watch(rdtype):
+    """The watch's carry: at the last checkpoint, `‖y_0 − y‖` and the residual
+    norm; the count of agreeing checkpoints in a row; and `1 / (k · rate)` for
+    the coming step `k` (carried as a float: scaling by the step count, which
+    the loop unpacks from its scalars, held the convergence test's reduction
+    back). It travels at the end of the loop's packed scalars (one carried
+    array: as an array of its own it cost more again)."""
+    return jnp.array([0, jnp.inf, 0, 1], _pack_dtypes(rdtype)[0])
+
+
+def _watch_vectors(watch, y0, y, residual):
+    """The vectors whose norms the watch needs: `y_0 − y_k` and `r_k − d_k`."""
+    travelled = y0 - y
+    return (travelled, residual - travelled * watch[3].astype(y.dtype))
+
+
+def _watch_step(watch, sizes, rnorm, rate, k, max_steps):
+    """`(watch, infeasible)` after measuring the residual (norm `rnorm`) at `y_k`;
+    `sizes` are the norms of `_watch_vectors`' vectors."""
+    mark = (k >= _FIRST_MARK) & ((k & (k - 1)) == 0)
+    final = k >= max_steps
+    # The checkpoint before step k: k / 2 at a checkpoint, else the largest
+    # power of two below `max_steps` (the last step's check).
+    before = 1 << (max_steps.bit_length() - 1)
+    before = max(before // 2 if before == max_steps else before, 1)  # max_steps = 1: 1
+    ratio = jnp.where(mark, 2, max_steps / before).astype(watch.dtype)
+    distance, mismatch = (x.astype(watch.dtype) for x in sizes)
+    last_distance, last_rnorm, agree, inv_scale = watch[0], watch[1], watch[2], watch[3]
+    steady = jnp.abs(distance - ratio * last_distance) <= _DRIFT_TOL * distance
+    matched = mismatch <= _DRIFT_TOL * distance * inv_scale
+    flat = rnorm.astype(watch.dtype) >= _FLAT * last_rnorm
+    ok = (k > _FIRST_MARK) & steady & matched & flat & (distance > 0)
+    infeasible = final & ok & (agree >= _AGREEING - 1)
+    agree = jnp.where(ok, agree + 1, 0)
+    kept = jnp.where(mark, jnp.stack([distance, rnorm.astype(watch.dtype), agree]), watch[:3])
+    following = 1 / ((k + 1).astype(watch.dtype) * rate)
+    return jnp.concatenate([kept, following[None]]), infeasible
 
 
 class LoopScalars(NamedTuple):
@@ -217,12 +289,14 @@ def termination(
     diverged: Bool[Array, ""],
     out_of_steps: Bool[Array, ""],
     solver_result: RESULTS | None = None,
+    infeasible: Bool[Array, ""] | None = None,
 ) -> tuple[RESULTS, Bool[Array, ""]]:
     """`(result, done)` for one step of a loop, in order of precedence.
 
     Converged beats everything; then a non-finite residual, divergence, a failure
-    the solver reported (`solver_result`, if any), and running out of steps.
-    Shared by every loop that reports `RESULTS` (also the splitting solvers).
+    the solver reported (`solver_result`, if any), detected infeasibility, and
+    running out of steps. Shared by every loop that reports `RESULTS` (also the
+    splitting solvers).
 
     **Arguments:**
 
@@ -232,6 +306,8 @@ def termination(
     - `out_of_steps`: whether the step limit is reached.
     - `solver_result`: a failure the solver reported at this step (a `RESULTS`
       item, e.g. from `Step.result`), or `None` (default) for none.
+    - `infeasible`: whether the loop detected that the map has no fixed point
+      (`RESULTS.infeasible`), or `None` (default) for no detection.
 
     **Returns:**
 
@@ -241,6 +317,8 @@ def termination(
     failed = jnp.array(False) if solver_result is None else solver_result != RESULTS.successful
     if solver_result is None:
         solver_result = RESULTS.successful
+    if infeasible is None:
+        infeasible = jnp.array(False)
     result = RESULTS.where(
         converged,
         RESULTS.successful,
@@ -253,12 +331,16 @@ def termination(
                 RESULTS.where(
                     failed,
                     solver_result,
-                    RESULTS.where(out_of_steps, RESULTS.max_steps_reached, RESULTS.successful),
+                    RESULTS.where(
+                        infeasible,
+                        RESULTS.infeasible,
+                        RESULTS.where(out_of_steps, RESULTS.max_steps_reached, RESULTS.successful),
+                    ),
                 ),
             ),
         ),
     )
-    done = converged | ~finite | diverged | failed | out_of_steps
+    done = converged | ~finite | diverged | failed | infeasible | out_of_steps
     return result, done
 
 
@@ -286,6 +368,7 @@ def iterate(
     """
     dtype = y0.dtype
     rdtype = jnp.finfo(dtype).dtype  # of the residual norms
+    rate = solver.drift_rate() if problem.kind == "fixed_point" else None
 
     def init(ops):
         problem, y0, args = ops
@@ -297,16 +380,18 @@ def iterate(
             y=y0,
             state=solver.init(problem, y0, args),
             aux=aux0,
-            scalars=LoopScalars.initial(rdtype),
+            scalars=LoopScalars.initial(rdtype)
+            if rate is None
+            else jnp.concatenate([LoopScalars.initial(rdtype), _new_watch(rdtype)]),
             history=history,
         )
 
     def cond(carry):
-        return LoopScalars.read(carry.scalars, rdtype).running
+        return LoopScalars.read(carry.scalars[:6], rdtype).running
 
     def body(carry, ops):
         problem, y0, args = ops
-        prev = LoopScalars.read(carry.scalars, rdtype)
+        prev = LoopScalars.read(carry.scalars[:6], rdtype)
         step = solver.step(problem, carry.y, args, carry.state)
         ev, solver_result = step.evaluation, step.result
         # Every norm of the test in one reduction (`_convergence.py`). The
@@ -323,6 +408,9 @@ def iterate(
             and solver.norm in (max_norm, rms_norm, two_norm)
         )
         tested = solver.step_estimates_error and not same
+        watch, extra = (None, ()) if rate is None else (carry.scalars[6:], ())
+        if watch is not None:
+            extra = _watch_vectors(watch, y0, carry.y, ev.residual)
         sizes = measure(
             solver.norm,
             ev.residual,
@@ -332,6 +420,7 @@ def iterate(
             solver.atol,
             kind=problem.kind,
             y0=y0,
+            extra=extra,
         )
         rnorm = sizes.residual
         start = prev.first_norm(rnorm)
@@ -344,9 +433,16 @@ def iterate(
         # A residual within tolerance is never "diverging" (e.g. after a best of 0).
         diverged = ~trial & ~residual_ok & (rnorm > options.divergence_ratio * prev.best)
         out_of_steps = prev.step >= options.max_steps
+        infeasible = None
+        if watch is not None:
+            watch, infeasible = _watch_step(
+                watch, sizes.extra, rnorm, rate, prev.step, options.max_steps
+            )
         # A non-finite residual at a trial point the solver is already backing off
         # from (a line search) is not the end of the solve.
-        result, done = termination(converged, finite | trial, diverged, out_of_steps, solver_result)
+        result, done = termination(
+            converged, finite | trial, diverged, out_of_steps, solver_result, infeasible
+        )
         history = carry.history
         if history is not None:
             history = history.at[prev.step].set(rnorm)
@@ -354,7 +450,9 @@ def iterate(
             y=jnp.where(done, carry.y, step.y_next),
             state=step.state,
             aux=ev.aux,
-            scalars=prev.advance(rnorm, start, result, done, rdtype),
+            scalars=prev.advance(rnorm, start, result, done, rdtype)
+            if watch is None
+            else jnp.concatenate([prev.advance(rnorm, start, result, done, rdtype), watch]),
             history=history,
         )
 
@@ -380,7 +478,12 @@ def iterate(
             kind="checkpointed",
             checkpoints=checkpoints,
         )
-    result, stats = LoopScalars.outcome(final.scalars, rdtype)
+    result, stats = LoopScalars.outcome(final.scalars[:6], rdtype)
     if options.record_residuals:
         stats["residual_history"] = final.history
+    if rate is not None:
+        # The drift of the returned iterate: on `infeasible`, the estimate of `v`.
+        k = stats["num_steps"]
+        scale = jnp.maximum(k, 1).astype(dtype) * rate
+        stats["displacement"] = jnp.where(k > 0, (y0 - final.y) / scale, jnp.zeros_like(y0))
     return final.y, final.aux, result, stats

@@ -105,6 +105,8 @@ def _core(
         # Evaluated again at the (differentiable) solution so that gradients flow
         # through `aux` under every adjoint.
         aux = inputs[0](y_flat, inputs[1])[1]
+    if "displacement" in stats:
+        stats = {**stats, "displacement": unravel(stats["displacement"])}
     return Solution(value=unravel(y_flat), result=result, aux=aux, stats=stats)
 
 

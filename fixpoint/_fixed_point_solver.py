@@ -72,6 +72,29 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     norm: AbstractVar[Norm]
     step_estimates_error: ClassVar[bool] = True
 
+    def drift_rate(self) -> float | None:
+        """How far the iterates move per step, in units of the infimal displacement
+        vector, on a map without a fixed point; `None` (default): the loop does not
+        try to detect infeasibility for this solver.
+
+        On a nonexpansive map with no fixed point, the infimal displacement vector
+        `v` (the smallest `y − f(y)`) is nonzero and averaged iterations drift:
+        `(y_0 − y_k) / k → rate · v` (Pazy 1971; Park and Ryu 2023). With a rate,
+        the fixed-point loop watches the drift at steps 8, 16, 32, ... and at the
+        last step; when the step limit is reached during a drift that was steady,
+        matched by the residual, with a residual that no longer falls, over the
+        last three checks, the result is `RESULTS.infeasible` instead of
+        `max_steps_reached` (see the results guide). Return it only where the
+        iterates of a map that *has* a fixed point stay bounded (Fejér-monotone
+        methods: Picard / Krasnoselskii–Mann, Halpern); a method whose iterates
+        may wander (Anderson, Newton) must keep `None`.
+
+        **Returns:**
+
+        The rate (Picard with damping `α`: `α`; Halpern: `1/2`), or `None`.
+        """
+        return None
+
     @abc.abstractmethod
     def init(self, problem: Problem, y: Float[Array, " n"], args: Args) -> _State:
         """Initial solver state for starting point `y` (must not call `fn`).

@@ -26,6 +26,13 @@ class RESULTS(eqx.Enumeration):
     - `nonfinite`: a NaN or Inf appeared in the iterate or in the residual.
     - `linear_solve_failed`: a linear solve inside the solver failed (e.g. a
       Newton step's).
+    - `infeasible`: the step limit was reached while the iterates drifted at a
+      constant rate with a constant residual, as on a map with no fixed point
+      (only for the solvers that watch for it, `Picard` and `Halpern`; it
+      replaces `max_steps_reached`, never a success). `sol.stats["displacement"]`
+      estimates the infimal displacement vector `v`, the smallest `y − fn(y)`
+      over all `y`, in the library's residual convention (`fn(y) = y + 1` gives
+      `v = −1`). Detection, not proof: see the results guide.
     """
 
     successful = ""
@@ -39,6 +46,13 @@ class RESULTS(eqx.Enumeration):
     )
     nonfinite = "A NaN or Inf appeared in the iterate or in the residual."
     linear_solve_failed = "A linear solve inside the solver failed."
+    infeasible = (
+        "The maximum number of steps was reached while the iterates drifted at a "
+        "constant rate with a constant residual, as on a map with no fixed point. A "
+        "fixed point, if any, lies at least half the distance travelled from `y0`: raise "
+        "`max_steps` if one may be that far. `stats['displacement']` estimates the "
+        "infimal displacement vector."
+    )
 
 
 class Solution(eqx.Module):
@@ -56,8 +70,12 @@ class Solution(eqx.Module):
     - `aux`: the auxiliary output of `fn` at `value` (`None` unless `has_aux=True`).
     - `stats`: a dict with `num_steps` (the index of the returned iterate: the
       number of updates made), `residual` (the solver's norm of the residual at
-      `value`) and, when `record_residuals=True`, `residual_history` (the residual
-      norm at every step, NaN after the last one).
+      `value`), when `record_residuals=True`, `residual_history` (the residual
+      norm at every step, NaN after the last one) and, for solvers that detect
+      infeasibility (`Picard`, `Halpern`), `displacement` (with `value`'s
+      structure: the average drift per step of the iterates, `(y0 − value) /
+      (num_steps · rate)`; on `RESULTS.infeasible` the estimate of the infimal
+      displacement vector).
     """
 
     value: PyTree[Array]

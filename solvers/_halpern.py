@@ -38,6 +38,14 @@ class Halpern(internal.AbstractSolver):
     Cost: one evaluation per step (plus one norm with `restart_ratio`). The state
     holds the anchor (one copy of `y`).
 
+    On a map with no fixed point the iterates drift by half the infimal
+    displacement vector per step (Park and Ryu, *Accelerated infeasibility
+    detection of constrained optimization and fixed-point iterations*, ICML
+    2023): a solve that runs out of steps during that drift ends
+    `RESULTS.infeasible`, the estimate in `stats["displacement"]` (see the
+    results guide; with restarts the anchors move and it may not be
+    recognised).
+
     Halpern, *Fixed points of nonexpanding maps*, Bull. Amer. Math. Soc. 1967;
     Wittmann, *Approximation of fixed points of nonexpansive mappings*, Arch.
     Math. 1992; Lieder, *On the convergence rate of the Halpern-iteration*,
@@ -69,6 +77,10 @@ class Halpern(internal.AbstractSolver):
         internal.check_tolerances(self)
         if self.restart_ratio is not None:
             internal.check_number(self.restart_ratio, "restart_ratio", "(0, 1)", owner="Halpern")
+
+    def drift_rate(self):
+        # Anchored at y_0 with β_k = 1/(k+2), a map y ↦ y − v gives y_k = y_0 − k v / 2.
+        return 0.5
 
     def init(self, problem, y, args):
         rdtype = jnp.finfo(y.dtype).dtype

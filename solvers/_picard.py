@@ -13,7 +13,11 @@ class Picard(internal.AbstractSolver):
 
     `damping=1` is plain fixed-point iteration; `damping < 1` is the
     Krasnoselskii–Mann averaged iteration, which converges for nonexpansive maps
-    where plain iteration may oscillate. Cost: one evaluation per step.
+    where plain iteration may oscillate. Cost: one evaluation per step. On a map
+    with no fixed point, a solve that runs out of steps during a steady drift
+    of the iterates ends `RESULTS.infeasible`, the infimal displacement vector
+    in `stats["displacement"]` (see the results guide; with `damping=1` only
+    maps whose residual settles, such as averaged ones, are recognised).
 
     Picard (Banach) iteration and the Krasnoselskii–Mann iteration are classic;
     for the averaged iteration see Mann, *Mean value methods in iteration*,
@@ -38,6 +42,11 @@ class Picard(internal.AbstractSolver):
     def __check_init__(self):
         internal.check_tolerances(self)
         internal.check_number(self.damping, "damping", "(0, 1]", owner="Picard")
+
+    def drift_rate(self):
+        # Krasnoselskii–Mann: y_{k+1} = y_k − α r_k, and r_k → v on a map with no
+        # fixed point, so (y_0 − y_k) / k → α v.
+        return self.damping
 
     def init(self, problem, y, args):
         return None
