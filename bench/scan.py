@@ -1134,7 +1134,15 @@ def main() -> None:
         "matmul_precision": cli.precision,
         "input_size": INPUT,
         "loss": "sum of squares of all hidden states",
-        "solver_tolerance": {"rtol": 1e-6, "atol": 1e-6, "norm": "max (per step)"},
+        # The solvers' own defaults for a float32 carry (they pass no tolerances).
+        "solver_tolerance": dict(
+            zip(
+                ("rtol", "atol"),
+                fixpoint.internal.scan_tolerances(solvers.DEER(), jnp.float32),
+                strict=True,
+            ),
+            norm="max (per step)",
+        ),
         "device": info,
         "versions": versions(),
         "git": git_state(),
