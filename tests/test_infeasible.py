@@ -211,3 +211,12 @@ def test_small_budgets(max_steps):
     )
     expected = fp.RESULTS.infeasible if max_steps > 32 else fp.RESULTS.max_steps_reached
     assert sol.result == expected
+
+
+def test_gradient_of_an_infeasible_solve_is_nan():
+    # A failed solve is never differentiated into a plausible number.
+    def loss(c):
+        sol = fp.fixed_point(shift, jnp.zeros(2), c, solver=DETECTING["picard"], throw=False)
+        return jnp.sum(sol.value)
+
+    assert bool(jnp.all(jnp.isnan(jax.grad(loss)(jnp.ones(2)))))

@@ -219,3 +219,17 @@ def test_non_finite_amplification_and_numpy_length():
 def test_bad_carries_are_named(init, error, match):
     with pytest.raises(error, match=match):
         fp.lyapunov_estimate(lambda h, x: (h, None), init, length=20)
+
+
+def test_gradient_against_finite_differences():
+    # The exponent of h ↦ a h + x is log|a|, whose derivative is 1/a.
+    def exponent(a):
+        return fp.lyapunov_estimate(
+            lambda h, x: (a * h + x, None), jnp.zeros(2), jnp.ones((40, 2))
+        ).exponent
+
+    a = 0.7
+    g = jax.grad(exponent)(a)
+    fd = (exponent(a + 1e-6) - exponent(a - 1e-6)) / 2e-6
+    np.testing.assert_allclose(g, 1 / a, rtol=1e-9)
+    np.testing.assert_allclose(g, fd, rtol=1e-6)
