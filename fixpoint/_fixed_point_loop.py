@@ -61,6 +61,7 @@ class _Carry(eqx.Module):
 # --part overhead` (Picard, batch 1) 0.23-0.25 -> 0.25-0.28 µs per step at
 # d = 64, 2.64-2.65 -> 2.68-2.77 at d = 256. (A `lax.cond` taken only at checkpoints made a step 20x
 # slower; carrying the last drift as a vector, or a reduction of its own, 2-3x.)
+_PACKED = 6  # the length of `LoopScalars.pack`; the watch's numbers follow
 _FIRST_MARK = 8
 _AGREEING = 3
 _DRIFT_TOL = 0.05
@@ -387,11 +388,11 @@ def iterate(
         )
 
     def cond(carry):
-        return LoopScalars.read(carry.scalars[:6], rdtype).running
+        return LoopScalars.read(carry.scalars[:_PACKED], rdtype).running
 
     def body(carry, ops):
         problem, y0, args = ops
-        prev = LoopScalars.read(carry.scalars[:6], rdtype)
+        prev = LoopScalars.read(carry.scalars[:_PACKED], rdtype)
         step = solver.step(problem, carry.y, args, carry.state)
         ev, solver_result = step.evaluation, step.result
         # Every norm of the test in one reduction (`_convergence.py`). The
@@ -408,7 +409,7 @@ def iterate(
             and solver.norm in (max_norm, rms_norm, two_norm)
         )
         tested = solver.step_estimates_error and not same
-        watch, extra = (None, ()) if rate is None else (carry.scalars[6:], ())
+        watch, extra = (None, ()) if rate is None else (carry.scalars[_PACKED:], ())
         if watch is not None:
             extra = _watch_vectors(watch, y0, carry.y, ev.residual)
         sizes = measure(
@@ -478,7 +479,7 @@ def iterate(
             kind="checkpointed",
             checkpoints=checkpoints,
         )
-    result, stats = LoopScalars.outcome(final.scalars[:6], rdtype)
+    result, stats = LoopScalars.outcome(final.scalars[:_PACKED], rdtype)
     if options.record_residuals:
         stats["residual_history"] = final.history
     if rate is not None:
