@@ -20,6 +20,7 @@ from ._decode import decode as decode
 from ._decode import first_disagreement as first_disagreement
 from ._decode_solver import AbstractCachedModel as AbstractCachedModel
 from ._errors import SolveError as SolveError
+from ._finite_sum import FiniteSum as FiniteSum
 from ._fixed_point import fixed_point as fixed_point
 from ._fixed_point import root_find as root_find
 from ._lyapunov import LyapunovEstimate as LyapunovEstimate

@@ -433,6 +433,14 @@ def iterate(
         trial = jnp.asarray(step.trial)
         # A residual within tolerance is never "diverging" (e.g. after a best of 0).
         diverged = ~trial & ~residual_ok & (rnorm > options.divergence_ratio * prev.best)
+        recorded = rnorm
+        if step.exact is not True:
+            # An estimated evaluation (a sampled finite sum) neither converges nor
+            # diverges, and the recorded norm stays that of the last exact one.
+            exact = jnp.asarray(step.exact)
+            converged = converged & exact
+            diverged = diverged & exact
+            recorded = jnp.where(exact, rnorm, prev.residual)
         out_of_steps = prev.step >= options.max_steps
         infeasible = None
         if watch is not None:
@@ -446,14 +454,14 @@ def iterate(
         )
         history = carry.history
         if history is not None:
-            history = history.at[prev.step].set(rnorm)
+            history = history.at[prev.step].set(recorded)
         return _Carry(
             y=jnp.where(done, carry.y, step.y_next),
             state=step.state,
             aux=ev.aux,
-            scalars=prev.advance(rnorm, start, result, done, rdtype)
+            scalars=prev.advance(recorded, start, result, done, rdtype)
             if watch is None
-            else jnp.concatenate([prev.advance(rnorm, start, result, done, rdtype), watch]),
+            else jnp.concatenate([prev.advance(recorded, start, result, done, rdtype), watch]),
             history=history,
         )
 
@@ -487,4 +495,8 @@ def iterate(
         k = stats["num_steps"]
         scale = jnp.maximum(k, 1).astype(dtype) * rate
         stats["displacement"] = jnp.where(k > 0, (y0 - final.y) / scale, jnp.zeros_like(y0))
-    return final.y, final.aux, result, stats
+    own = solver.stats(final.state)
+    clash = sorted(set(own) & {"num_steps", "residual", "residual_history", "displacement"})
+    if clash:
+        raise ValueError(f"{type(solver).__name__}.stats: the loop's own stats {clash} taken.")
+    return final.y, final.aux, result, {**stats, **own}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from ._custom_types import Args, Aux
 
@@ -83,3 +83,41 @@ class Problem(eqx.Module):
         if self.kind == "fixed_point":
             return y - out, aux
         return out, aux
+
+    @property
+    def num_components(self) -> int | None:
+        """The number of components `n` when `fn` is a `fixpoint.FiniteSum`, else `None`.
+
+        **Returns:**
+
+        An `int` (static), or `None` for a problem that is not a finite sum.
+        """
+        return getattr(self.fn, "num_components", None)
+
+    def evaluate_components(
+        self, y: Float[Array, " n"], args: Args, indices: Int[Array, " b"]
+    ) -> Float[Array, "b n"]:
+        """Components of a finite sum at `y`, in the problem's own form.
+
+        For `fixed_point` the rows are the maps `T_i(y)`, for `root_find` the
+        operators `F_i(y)`; their mean over every `i` is what `evaluate` calls
+        `out`. Refused (a `TypeError` at trace time) unless `fn` is a
+        `fixpoint.FiniteSum`.
+
+        **Arguments:**
+
+        - `y`: the iterate, flat, shape `(n,)`.
+        - `args`: the user's `args`.
+        - `indices`: which components, an integer array of shape `(b,)` with
+          values in `[0, num_components)`.
+
+        **Returns:**
+
+        The components' outputs, flat and stacked: shape `(b, n)`.
+        """
+        if self.num_components is None:
+            raise TypeError(
+                "this solver evaluates the components of a finite sum one at a time: "
+                "pass `fn` as a `fixpoint.FiniteSum(component, num_components)`."
+            )
+        return self.fn.components(y, args, indices)  # pyright: ignore[reportAttributeAccessIssue]

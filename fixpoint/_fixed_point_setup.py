@@ -20,6 +20,7 @@ from ._checks import (
 )
 from ._compact import check_compaction
 from ._errors import checked
+from ._finite_sum import FiniteSum, FlatComponent, FlatSum
 from ._fixed_point_loop import LoopOptions, iterate
 from ._fixed_point_problem import Problem
 from ._fixed_point_solver import AbstractSolver
@@ -122,12 +123,23 @@ def setup(name, fn, y0, args, has_aux):
     """
     if not callable(fn):
         raise TypeError(f"`fn` must be callable, got {fn!r}.")
+    if has_aux and isinstance(fn, FiniteSum):
+        raise TypeError(
+            f"`{name}`: `has_aux=True` cannot be used with a `fixpoint.FiniteSum` `fn`: "
+            "its components return the value only."
+        )
     y0 = as_float_pytree(y0)
     out_struct = eqx.filter_eval_shape(lambda y, a: outputs_as_arrays(fn(y, a)), y0, args)
     check_output(out_struct, y0, has_aux, name)
     aux_struct = out_struct[1] if has_aux else None
     y0_flat, unravel = ravel_pytree(y0)
-    flat_cc = hoist(_Flat(fn, unravel, has_aux), y0_flat, args)
+    if isinstance(fn, FiniteSum):
+        # One component hoisted: the whole call and every sampled batch of
+        # components share its closed-over arrays (so gradients reach them).
+        component = hoist(FlatComponent(fn.fn, unravel), y0_flat, args, jnp.int32(0))
+        flat_cc = FlatSum(component, fn.num_components)
+    else:
+        flat_cc = hoist(_Flat(fn, unravel, has_aux), y0_flat, args)
     # Weakly typed scalars (e.g. a Python float under `grad`) come back from
     # `custom_jvp` as Python-like scalars; strong-typed arrays stay arrays.
     inputs = jax.tree.map(_strong, (flat_cc, args))

@@ -31,6 +31,12 @@ class Step(eqx.Module):
       rejected (a line search backtracking), a bool or a boolean scalar array
       (default `False`). A rejected trial never counts as divergence: the solver
       is already stepping back from it.
+    - `exact`: whether `evaluation` is `fn` itself at `y` (default `True`), or
+      only an estimate of it (a bool or a boolean scalar array): a solver that
+      samples the components of a `fixpoint.FiniteSum` estimates the mean. The
+      loop never accepts convergence, nor detects divergence, on an estimate,
+      and `stats["residual"]` stays the norm of the last exact evaluation; a
+      non-finite estimate still ends the solve (`RESULTS.nonfinite`).
     """
 
     y_next: Any
@@ -38,6 +44,7 @@ class Step(eqx.Module):
     evaluation: Evaluation
     result: RESULTS = eqx.field(default_factory=lambda: RESULTS.successful)
     trial: Any = False
+    exact: Any = True
 
 
 class AbstractSolver(eqx.Module, Generic[_State]):
@@ -94,6 +101,24 @@ class AbstractSolver(eqx.Module, Generic[_State]):
         The rate (Picard with damping `α`: `α`; Halpern: `1/2`), or `None`.
         """
         return None
+
+    def stats(self, state: _State) -> dict[str, Any]:
+        """Numbers of the solver's own to add to `Solution.stats` (default: none).
+
+        Called once, on the state after the last step. Their names must not be
+        the loop's own (`num_steps`, `residual`, `residual_history`,
+        `displacement`).
+
+        **Arguments:**
+
+        - `state`: the solver state after the last step.
+
+        **Returns:**
+
+        A dict of arrays (e.g. `{"component_evaluations": ...}`); `{}` by default.
+        """
+        del state
+        return {}
 
     @abc.abstractmethod
     def init(self, problem: Problem, y: Float[Array, " n"], args: Args) -> _State:

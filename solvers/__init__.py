@@ -22,3 +22,4 @@ from ._splitting import AbstractMonotoneLinear as AbstractMonotoneLinear
 from ._splitting import ForwardBackward as ForwardBackward
 from ._splitting import MonotoneMatrix as MonotoneMatrix
 from ._splitting import PeacemanRachford as PeacemanRachford
+from ._vr_halpern import VarianceReducedHalpern as VarianceReducedHalpern

@@ -10,15 +10,15 @@ import pytest
 import fixpoint
 
 API = {
-    "fixpoint": """AbstractAdjoint AbstractCachedModel Compaction Disagreement ImplicitAdjoint
-        LyapunovEstimate NeumannAdjoint PhantomAdjoint RESULTS Solution SolveError
+    "fixpoint": """AbstractAdjoint AbstractCachedModel Compaction Disagreement FiniteSum
+        ImplicitAdjoint LyapunovEstimate NeumannAdjoint PhantomAdjoint RESULTS Solution SolveError
         UnrolledAdjoint custom_fixed_point custom_root data_parallel datasets decode
         first_disagreement fixed_point internal layers lyapunov_estimate max_norm rms_norm
         root_find scan solvers two_norm uncached""",
     "fixpoint.solvers": """AbstractMonotoneLinear Anderson Broyden DEER ELK ForwardBackward
         GSJacobiDecoding GaussSeidel Halpern HybridDecoding Jacobi JacobiDecoding
         LookaheadDecoding MonotoneMatrix NGramPool Newton PeacemanRachford Picard PicardSum
-        QuasiDEER Sequential SequentialDecoding""",
+        QuasiDEER Sequential SequentialDecoding VarianceReducedHalpern""",
     "fixpoint.layers": """CGS CausalTransformer CircularConvMonotone ConvMonDEQ DEQ
         DiagonalGRUCell GCN GIN Graph IGNN MonDEQ ParallelRNN ar_loss batch_graphs
         consistency_loss correction_iterates gcn_aggregate graph_readout jacobi_trajectories
@@ -132,6 +132,9 @@ SIGNATURES = {
         "Newton": "rtol, atol, norm, *, linear_solver, damping, min_step",
         "Broyden": "rtol, atol, norm, *, history, min_step",
         "Halpern": "rtol, atol, norm, *, restart_ratio",
+        "VarianceReducedHalpern": (
+            "rtol, atol, norm, *, batch_size, refresh_every, restart_ratio, seed"
+        ),
         "ForwardBackward": "rtol, atol, norm, *, alpha, divergence_ratio",
         "PeacemanRachford": "rtol, atol, norm, *, alpha, divergence_ratio",
         "Sequential": "rtol, atol, norm",
@@ -155,6 +158,7 @@ SIGNATURES = {
         "PhantomAdjoint": "*, steps, damping",
         "NeumannAdjoint": "*, terms",
         "UnrolledAdjoint": "*, checkpoints",
+        "FiniteSum": "fn, num_components",
         "Compaction": "*, factor, min_bucket, min_batch",
     },
 }
