@@ -110,6 +110,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scan_reference_cpu": ("python bench/scan_reference.py --reps 20", "README"),
     "scan_tolerance": ("python bench/scan_tolerance.py", "script docstring"),
     "lyapunov_cpu": ("python bench/lyapunov.py", "script docstring; settings recorded"),
+    "solvers_cpu": ("python bench/solvers.py", "script docstring; settings recorded"),
 }
 
 # --------------------------------------------------------------------------- formatting
@@ -1302,6 +1303,91 @@ def _lyapunov(d: dict[str, Any]) -> Parts:
     return [("table", _part(title, t))]
 
 
+def _solvers(d: dict[str, Any]) -> Parts:
+    steps = d["settings"]["steps"]
+    residuals = table(
+        ["map", "solver", "result", "steps", "last residual"],
+        [
+            [r["problem"], r["solver"], r["result"], r["steps"], sig(r["residual"], 2)]
+            for r in d["residuals"]
+        ],
+    )
+    budgets = d["settings"]["budgets"]
+    detection = table(
+        [
+            "map",
+            "fixed point?",
+            "solver",
+            "smallest budget reported `infeasible`",
+            "error of ‖v‖ there",
+        ],
+        [
+            [
+                r["problem"],
+                sig(r["has_fixed_point"]),
+                r["solver"],
+                sig(r["first_infeasible_budget"]) if r["first_infeasible_budget"] else "never",
+                sig(r["displacement_norm_error"], 2),
+            ]
+            for r in d["infeasible"]
+        ],
+    )
+    sums = table(
+        [
+            "problem",
+            "n",
+            "solver",
+            "result",
+            "steps",
+            "component evaluations",
+            "÷ full batch",
+            "time (ms)",
+        ],
+        [
+            [
+                r["problem"],
+                r["n"],
+                r["solver"],
+                r["result"],
+                r["steps"],
+                r["component_evaluations"],
+                ratio(r["evaluations_over_full_batch"]),
+                ms(r["time_s"]),
+            ]
+            for r in d["finite_sum"]
+        ],
+    )
+    return [
+        (
+            "residuals",
+            _part(
+                f"Nonexpansive maps with a fixed point: {steps} steps at tolerance 1e-12 "
+                "(float64, max-norm)",
+                residuals,
+            ),
+        ),
+        (
+            "infeasible",
+            _part(
+                "Detecting a map without a fixed point: the smallest step budget among "
+                f"{', '.join(map(str, budgets))} whose result is `infeasible`, and the "
+                "relative error of `‖stats['displacement']‖` against `‖v‖` there",
+                detection,
+            ),
+        ),
+        (
+            "finite-sum",
+            _part(
+                f"Finite sums at tolerance {par(d['settings']['tol'])} (max-norm, certified "
+                "on the exact residual): component evaluations, and their ratio to the "
+                "same solver without sampling (÷ full batch: VR-Halpern against Halpern); "
+                "time is the median compiled solve",
+                sums,
+            ),
+        ),
+    ]
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], Parts]] = {
     "batch_cpu": _batch,
     "batch_overhead_cpu": _batch,
@@ -1329,6 +1415,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Parts]] = {
     "scan_reference_cpu": _scan_reference,
     "scan_tolerance": _scan_tolerance,
     "lyapunov_cpu": _lyapunov,
+    "solvers_cpu": _solvers,
 }
 
 

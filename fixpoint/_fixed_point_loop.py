@@ -432,7 +432,8 @@ def iterate(
         converged = finite & converged
         trial = jnp.asarray(step.trial)
         # A residual within tolerance is never "diverging" (e.g. after a best of 0).
-        diverged = ~trial & ~residual_ok & (rnorm > options.divergence_ratio * prev.best)
+        reference = start if solver.diverges_from_start else prev.best
+        diverged = ~trial & ~residual_ok & (rnorm > options.divergence_ratio * reference)
         recorded = rnorm
         if step.exact is not True:
             # An estimated evaluation (a sampled finite sum) neither converges nor

@@ -65,6 +65,13 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     the loop also requires it to meet the tolerance. Set it to False where the
     step need not vanish at a fixed point (Halpern's pull towards its anchor).
 
+    `diverges_from_start` (a class attribute, default False): whether the loop's
+    divergence test (`divergence_ratio`) compares the residual norm with the
+    *first* residual norm instead of the smallest one seen. Set it to True where
+    the residual legitimately dips far below its later values: Halpern's
+    residual on a rotation falls nearly to zero whenever the rotated copies it
+    averages cancel, then rises again on its `O(1/k)` envelope.
+
     A subclass (a final `eqx.Module`) provides:
 
     - the fields `rtol`, `atol` (floats) and `norm` (a `Norm`, e.g.
@@ -78,6 +85,7 @@ class AbstractSolver(eqx.Module, Generic[_State]):
     atol: AbstractVar[float]
     norm: AbstractVar[Norm]
     step_estimates_error: ClassVar[bool] = True
+    diverges_from_start: ClassVar[bool] = False
 
     def drift_rate(self) -> float | None:
         """How far the iterates move per step, in units of the infimal displacement

@@ -72,6 +72,9 @@ class Halpern(internal.AbstractSolver):
     # The pull towards the anchor does not vanish at a fixed point: only the
     # residual is tested.
     step_estimates_error: ClassVar[bool] = False
+    # Its residual dips (nearly to zero on a rotation) and rises again: divergence
+    # is judged against the first residual, not the smallest.
+    diverges_from_start: ClassVar[bool] = True
 
     def __check_init__(self):
         internal.check_tolerances(self)

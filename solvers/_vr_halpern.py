@@ -94,6 +94,9 @@ class VarianceReducedHalpern(internal.AbstractSolver):
     seed: int = eqx.field(default=0, kw_only=True)
     # The pull towards the anchor does not vanish at a fixed point.
     step_estimates_error: ClassVar[bool] = False
+    # Its residual dips (nearly to zero on a rotation) and rises again: divergence
+    # is judged against the first residual, not the smallest.
+    diverges_from_start: ClassVar[bool] = True
 
     def __check_init__(self):
         internal.check_tolerances(self)
