@@ -40,7 +40,11 @@ class VarianceReducedHalpern(internal.AbstractSolver):
     evaluations on average instead of `n`, and the component evaluations to
     reach a residual `ε` are `Õ(n + √n L/ε)` instead of `O(n L/ε)` (the paper's
     bound, for components that are `L`-Lipschitz on average and a mean that is
-    cocoercive, e.g. `T` nonexpansive and each `T_i` Lipschitz).
+    cocoercive, e.g. `T` nonexpansive and each `T_i` Lipschitz). An operator that
+    is only monotone, such as an unregularised bilinear game, is not covered:
+    there the paper runs Halpern on the resolvent `(I + ηF)^{-1}`, solved
+    inexactly by an inner variance-reduced method, which is not built here
+    (add a small `μ‖·‖²` regularisation, which makes the game cocoercive).
 
     The schedule here is deterministic: the gap between full steps is
     `min(max(⌊k/2⌋, 1), refresh_every)`, `k` the steps since the anchor (so
