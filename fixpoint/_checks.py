@@ -51,8 +51,11 @@ def outputs_as_arrays(out, what: str = "fn(y, args)"):
     return jax.tree_util.tree_map_with_path(convert, out)
 
 
-def check_output(out_struct, y0, has_aux: bool, name: str):
-    """Check that `fn(y0, args)` has the structure, shapes and dtypes of `y0`."""
+def check_output(
+    out_struct, y0, has_aux: bool, name: str, fn: str = "`fn`", call: str = "fn(y0, args)"
+):
+    """Check that `fn(y0, args)` has the structure, shapes and dtypes of `y0`
+    (`fn` and `call` name the function and the call in the messages)."""
     if has_aux:
         if not (isinstance(out_struct, tuple) and len(out_struct) == 2):
             raise ValueError(
@@ -65,12 +68,12 @@ def check_output(out_struct, y0, has_aux: bool, name: str):
     if y_struct != o_struct:
         hint = (
             " (did you forget `has_aux=True`?)"
-            if isinstance(out_struct, tuple) and len(out_struct) == 2
+            if isinstance(out_struct, tuple) and len(out_struct) == 2 and call == "fn(y0, args)"
             else ""
         )
         raise ValueError(
-            f"`fn` must return a pytree with the same structure as `y0`{hint}.\n"
-            f"  y0:          {y_struct}\n  fn(y0, args): {o_struct}"
+            f"{fn} must return a pytree with the same structure as `y0`{hint}.\n"
+            f"  y0: {y_struct}\n  {call}: {o_struct}"
         )
     for (path, y), o in zip(
         jax.tree_util.tree_flatten_with_path(y0)[0], jax.tree.leaves(out_struct), strict=True
@@ -78,13 +81,13 @@ def check_output(out_struct, y0, has_aux: bool, name: str):
         where = f"y0{jax.tree_util.keystr(path)}"
         if tuple(o.shape) != tuple(y.shape):
             raise ValueError(
-                f"`fn` changed the shape of `{where}`: y0 has shape {tuple(y.shape)}, "
-                f"fn(y0, args) has shape {tuple(o.shape)}."
+                f"{fn} changed the shape of `{where}`: y0 has shape {tuple(y.shape)}, "
+                f"{call} has shape {tuple(o.shape)}."
             )
         if o.dtype != y.dtype:
             raise TypeError(
-                f"`fn` changed the dtype of `{where}`: y0 has dtype {y.dtype}, "
-                f"fn(y0, args) has dtype {o.dtype}. Make `fn` return the dtype it is "
+                f"{fn} changed the dtype of `{where}`: y0 has dtype {y.dtype}, "
+                f"{call} has dtype {o.dtype}. Make {fn} return the dtype it is "
                 "given (or cast `y0`)."
             )
 

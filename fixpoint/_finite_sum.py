@@ -7,6 +7,7 @@ every solver accepts it; a solver that samples components (e.g.
 form below provides.
 """
 
+import inspect
 from collections.abc import Callable
 
 import equinox as eqx
@@ -53,6 +54,18 @@ class FiniteSum(eqx.Module):
     def __check_init__(self):
         if not callable(self.fn):
             raise TypeError(f"FiniteSum: `fn` must be callable, got {self.fn!r}.")
+        try:
+            signature = inspect.signature(self.fn)
+        except (TypeError, ValueError):  # a builtin without a signature: not checked
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(None, None, None)
+            except TypeError:
+                raise TypeError(
+                    f"FiniteSum: `fn` must take three arguments, `fn(y, args, i)` (`i` "
+                    f"the component's index); its signature is {signature}."
+                ) from None
         check_int(self.num_components, "num_components", 1, owner="FiniteSum")
 
     def __call__(self, y: Y, args: Args) -> Y:

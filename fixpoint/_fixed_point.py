@@ -43,7 +43,8 @@ def fixed_point(
     - `record_residuals`: also return `stats["residual_history"]`, the residual
       norm at each step (length `max_steps + 1`, NaN-padded).
     - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
-      exceeds this multiple of the smallest residual norm seen.
+      exceeds this multiple of the smallest residual norm seen (of the first,
+      for `Halpern` and `VarianceReducedHalpern`, whose residual may dip).
     - `compaction`: under `jax.vmap`, gather the samples that are still running
       into smaller batches as the others finish, so that a finished sample stops
       costing (`fixpoint.Compaction`; `None`: off, the whole batch runs until
@@ -110,7 +111,8 @@ def root_find(
     - `record_residuals`: also return `stats["residual_history"]`, the residual
       norm at each step (length `max_steps + 1`, NaN-padded).
     - `divergence_ratio`: stop with `RESULTS.diverged` once the residual norm
-      exceeds this multiple of the smallest residual norm seen (default 1e4).
+      exceeds this multiple of the smallest residual norm seen (default 1e4;
+      the first, for `Halpern` and `VarianceReducedHalpern`).
     - `compaction`: under `jax.vmap`, gather the still-running samples into
       smaller batches (`fixpoint.Compaction`, default; `None`: off).
 

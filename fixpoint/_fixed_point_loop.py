@@ -437,11 +437,12 @@ def iterate(
         recorded = rnorm
         if step.exact is not True:
             # An estimated evaluation (a sampled finite sum) neither converges nor
-            # diverges, and the recorded norm stays that of the last exact one.
+            # diverges, and the recorded norm stays that of the last exact one
+            # (unless it is not finite: that ends the solve and is reported).
             exact = jnp.asarray(step.exact)
             converged = converged & exact
             diverged = diverged & exact
-            recorded = jnp.where(exact, rnorm, prev.residual)
+            recorded = jnp.where(exact | ~finite, rnorm, prev.residual)
         out_of_steps = prev.step >= options.max_steps
         infeasible = None
         if watch is not None:

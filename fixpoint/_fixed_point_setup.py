@@ -129,6 +129,12 @@ def setup(name, fn, y0, args, has_aux):
             "its components return the value only."
         )
     y0 = as_float_pytree(y0)
+    if isinstance(fn, FiniteSum):
+        # One component first, so that a wrong output is named as the component's.
+        part = eqx.filter_eval_shape(
+            lambda y, a: outputs_as_arrays(fn.fn(y, a, jnp.int32(0)), "fn(y, args, i)"), y0, args
+        )
+        check_output(part, y0, False, name, "the `FiniteSum` component", "fn(y0, args, 0)")
     out_struct = eqx.filter_eval_shape(lambda y, a: outputs_as_arrays(fn(y, a)), y0, args)
     check_output(out_struct, y0, has_aux, name)
     aux_struct = out_struct[1] if has_aux else None

@@ -22,7 +22,8 @@ class RESULTS(eqx.Enumeration):
     - `max_steps_reached`: the step limit (`max_steps`) was reached before the
       residual met the tolerance.
     - `diverged`: the residual grew far beyond the smallest residual seen so far
-      (by the entry point's `divergence_ratio`, or a splitting solver's own).
+      (by the entry point's `divergence_ratio`, or a splitting solver's own;
+      for `Halpern` and `VarianceReducedHalpern`, beyond the first residual).
     - `nonfinite`: a NaN or Inf appeared in the iterate or in the residual.
     - `linear_solve_failed`: a linear solve inside the solver failed (e.g. a
       Newton step's).
@@ -41,8 +42,10 @@ class RESULTS(eqx.Enumeration):
         "tolerance. Raise `max_steps`, loosen `rtol`/`atol`, or use a faster solver."
     )
     diverged = (
-        "The residual grew far beyond the smallest residual seen so far: the "
-        "iteration is diverging (is the map a contraction near the starting point?)."
+        "The residual grew far beyond the smallest residual seen so far (the first, "
+        "for Halpern's solvers): the iteration is diverging (is the map a contraction, "
+        "or nonexpansive, near the starting point? For `VarianceReducedHalpern`: are a "
+        "few components far steeper than the mean? Raise `batch_size`)."
     )
     nonfinite = "A NaN or Inf appeared in the iterate or in the residual."
     linear_solve_failed = "A linear solve inside the solver failed."

@@ -20,7 +20,10 @@ class _State(NamedTuple):
     previous: jnp.ndarray  # the iterate the estimate belongs to
     since: jnp.ndarray  # steps since the last full evaluation
     steps: jnp.ndarray  # steps made (the sampling key's counter)
-    evaluations: jnp.ndarray  # component evaluations made
+    period: jnp.ndarray  # the largest gap between full steps now (halved on a rise)
+    last_full: jnp.ndarray  # the exact residual norm at the last full step
+    full_steps: jnp.ndarray  # full steps made
+    evaluations: jnp.ndarray  # component evaluations made (a float: no int32 overflow)
 
 
 class VarianceReducedHalpern(internal.AbstractSolver):
@@ -47,16 +50,32 @@ class VarianceReducedHalpern(internal.AbstractSolver):
     (add a small `μ‖·‖²` regularisation, which makes the game cocoercive).
 
     The schedule here is deterministic: the gap between full steps is
-    `min(max(⌊k/2⌋, 1), refresh_every)`, `k` the steps since the anchor (so
-    full steps come geometrically often at first, while Halpern's steps are
-    large, then every `refresh_every` steps).
+    `min(max(⌊k/2⌋, 1), period)`, `k` the steps since the anchor (so full
+    steps come geometrically often at first, while Halpern's steps are large,
+    then every `period` steps). `period` starts at `refresh_every` and is
+    halved whenever an exact residual comes out more than twice the one at the
+    previous full step: the sign that the estimate has drifted (components
+    whose Lipschitz constants vary widely make it noisy), down to 1, which is
+    full-batch Halpern; an *estimated* residual that large makes the next step
+    full. A batch of `2b ≥ n` evaluations makes every step full.
 
     **What `successful` means.** The convergence test runs only at full steps,
     on the exact residual `y − T(y)`: a successful solve is certified exactly
     as with `Halpern` (a sampled step never converges, never diverges, and
     `stats["residual"]` is the norm of the last exact residual). So the
     solve stops at most `refresh_every` steps after the tolerance is met.
-    `stats["component_evaluations"]` counts every component evaluated.
+    `stats["component_evaluations"]` counts every component evaluated (a float
+    of the state's precision: exact below `2^53` in float64, `2^24` in
+    float32); `stats["full_steps"]` and `stats["sampled_steps"]` are the exact
+    counts it comes from (`n` evaluations per full step, `2b` per sampled one).
+
+    **When it pays.** The saving needs many steps between restarts: with
+    `restart_ratio` each restart begins a new geometric schedule, so on a fast
+    problem (a few steps per restart) nearly every step is full and the cost is
+    Halpern's. The analysis assumes components that are Lipschitz *on average*
+    (in mean square) with a constant comparable to the mean's; when a few
+    components dominate, the estimate is noisy and the adaptive period falls
+    back towards full steps (a larger `batch_size` keeps more of the saving).
 
     **Where it pays.** In evaluations, for one large finite sum. Under
     `jax.vmap` the choice between a full and a sampled step becomes a select,
@@ -84,7 +103,8 @@ class VarianceReducedHalpern(internal.AbstractSolver):
       `Halpern`, restart from the current iterate once the exact residual norm
       has fallen to this fraction of its value at the anchor (decided at full
       steps); on a contraction this makes the rate linear.
-    - `seed`: the seed of the component sampling, an int `>= 0` (default 0).
+    - `seed`: the seed of the component sampling, an int in `[0, 2^32)`
+      (default 0).
     """
 
     rtol: float = eqx.field(converter=internal.as_python_number)
@@ -111,6 +131,8 @@ class VarianceReducedHalpern(internal.AbstractSolver):
         if self.restart_ratio is not None:
             internal.check_number(self.restart_ratio, "restart_ratio", "(0, 1)", owner=owner)
         internal.check_int(self.seed, "seed", 0, owner=owner)
+        if self.seed >= 2**32:
+            raise ValueError(f"{owner}: `seed` must be an int below 2**32, got {self.seed!r}.")
 
     def sizes(self, num_components: int) -> tuple[int, int]:
         """`(batch_size, refresh_every)` for `num_components` components.
@@ -139,14 +161,18 @@ class VarianceReducedHalpern(internal.AbstractSolver):
             previous=y,
             since=zero,
             steps=zero,
-            evaluations=zero,
+            period=jnp.array(self.sizes(_components(problem))[1]),
+            last_full=jnp.array(jnp.inf, rdtype),
+            full_steps=zero,
+            evaluations=jnp.array(0, rdtype),
         )
 
     def step(self, problem, y, args, state):
         n = _components(problem)
-        b, every = self.sizes(n)
-        gap = jnp.clip(state.count // 2, 1, every)
-        full = (state.count == 0) | (state.since >= gap)
+        b, _ = self.sizes(n)
+        gap = jnp.clip(state.count // 2, 1, state.period)
+        # A sampled step of 2b ≥ n evaluations would cost more than a full one.
+        full = (state.count == 0) | (state.since >= gap) | (2 * b >= n)
         key = jax.random.fold_in(jax.random.key(self.seed), state.steps)
 
         def whole():
@@ -165,8 +191,15 @@ class VarianceReducedHalpern(internal.AbstractSolver):
         else:
             ev = internal.Evaluation(fy=y - out, residual=out, aux=None)
         anchor, count, anchor_norm = state.anchor, state.count, state.anchor_norm
+        rnorm = self.norm(ev.residual)
+        # An exact residual more than twice the last exact one: the estimate
+        # drifted, so full steps come twice as often from now on.
+        # An estimated one that large makes the next step full.
+        rose = rnorm > 2 * state.last_full
+        period = jnp.where(full & rose, jnp.maximum(state.period // 2, 1), state.period)
+        last_full = jnp.where(full, rnorm, state.last_full)
+        since = jnp.where(full, 1, jnp.where(rose, state.period, state.since + 1))
         if self.restart_ratio is not None:
-            rnorm = self.norm(ev.residual)
             anchor_norm = jnp.where(count == 0, rnorm, anchor_norm)
             # Decided on exact residuals only; a NaN never restarts.
             again = full & (count > 0) & (rnorm <= self.restart_ratio * anchor_norm)
@@ -175,21 +208,27 @@ class VarianceReducedHalpern(internal.AbstractSolver):
             anchor_norm = jnp.where(again, rnorm, anchor_norm)
         beta = (1 / (count + 2)).astype(y.dtype)
         y_next = beta * anchor + (1 - beta) * ev.fy
-        cost = jnp.where(full, n, 2 * b).astype(state.evaluations.dtype)
         next_state = _State(
             anchor=anchor,
             count=count + 1,
             anchor_norm=anchor_norm,
             estimate=out,
             previous=y,
-            since=jnp.where(full, 1, state.since + 1),
+            since=since,
             steps=state.steps + 1,
-            evaluations=state.evaluations + cost,
+            period=period,
+            last_full=last_full,
+            full_steps=state.full_steps + full.astype(state.full_steps.dtype),
+            evaluations=state.evaluations + jnp.where(full, n, 2 * b).astype(rnorm.dtype),
         )
         return internal.Step(y_next, next_state, ev, exact=full)
 
     def stats(self, state):
-        return {"component_evaluations": state.evaluations}
+        return {
+            "component_evaluations": state.evaluations,
+            "full_steps": state.full_steps,
+            "sampled_steps": state.steps - state.full_steps,
+        }
 
 
 def _components(problem) -> int:

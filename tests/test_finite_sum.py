@@ -87,6 +87,47 @@ def test_fewer_component_evaluations_than_full_batch(vr_solution):
     assert evaluations < full_evaluations / 2.5, (evaluations, full_evaluations)
 
 
+def test_the_counts_add_up(vr_solution):
+    stats = vr_solution.stats
+    full, sampled = int(stats["full_steps"]), int(stats["sampled_steps"])
+    assert full + sampled == int(stats["num_steps"]) + 1  # every step evaluates once
+    assert 0 < full < sampled
+    b, _ = VR.sizes(N)
+    assert float(stats["component_evaluations"]) == full * N + sampled * 2 * b
+
+
+def test_uneven_components_fall_back_towards_full_steps():
+    # Rows whose norms vary by e^(±2): a few components are ~900 times as
+    # Lipschitz as the mean, and the sampled estimate is too noisy to follow.
+    # Exact (and estimated) residuals that jump make full steps more frequent,
+    # so the solve still converges where it used to end `diverged`.
+    rng = np.random.default_rng(1)
+    n, d = 1000, 5
+    a = rng.normal(size=(n, d)) * np.exp(2 * rng.normal(size=(n, 1)))
+    b = a @ rng.normal(size=d) + 0.01 * rng.normal(size=n)
+    step = 1 / np.linalg.eigvalsh(a.T @ a / n).max()
+
+    def row(y, args, i):
+        a, b = args
+        return y - step * a[i] * (a[i] @ y - b[i])
+
+    sol = fixpoint.fixed_point(
+        fixpoint.FiniteSum(row, n),
+        jnp.zeros(d),
+        (jnp.asarray(a), jnp.asarray(b)),
+        solver=solvers.VarianceReducedHalpern(0, 1e-6, restart_ratio=0.5),
+        max_steps=5000,
+    )
+    np.testing.assert_allclose(sol.value, np.linalg.lstsq(a, b, rcond=None)[0], atol=1e-4)
+
+
+def test_a_batch_as_large_as_the_sum_makes_every_step_full():
+    sol = _solve(solvers.VarianceReducedHalpern(0, 1e-6, batch_size=N // 2, restart_ratio=0.5))
+    assert int(sol.stats["sampled_steps"]) == 0
+    steps = int(sol.stats["num_steps"]) + 1
+    assert float(sol.stats["component_evaluations"]) == N * steps
+
+
 def test_every_other_solver_accepts_a_finite_sum():
     for solver in (solvers.Picard(0, TOL), solvers.Anderson(0, TOL)):
         sol = _solve(solver)
@@ -120,7 +161,7 @@ def test_jit_and_vmap_agree_with_the_plain_call(vr_solution):
     for k in range(2):
         one = vr_solution if k == 0 else _solve(VR, bs[1])
         np.testing.assert_allclose(batched.value[k], one.value, rtol=1e-12, atol=1e-14)
-        for name in ("num_steps", "component_evaluations"):
+        for name in ("num_steps", "component_evaluations", "full_steps"):
             assert int(batched.stats[name][k]) == int(one.stats[name])
 
 
@@ -174,6 +215,7 @@ def test_a_nan_component_is_nonfinite():
         fixpoint.FiniteSum(bad, N), jnp.zeros(D), (A, B), solver=VR, throw=False
     )
     assert sol.result == fixpoint.RESULTS.nonfinite
+    assert np.isnan(float(sol.stats["residual"]))  # reported, not hidden behind an old norm
 
 
 def test_seeds_change_the_path_not_the_answer(vr_solution):
@@ -192,11 +234,21 @@ def test_bad_input_is_named():
         fixpoint.FiniteSum(row_map, 0)
     with pytest.raises(TypeError, match="callable"):
         fixpoint.FiniteSum(3, 2)  # pyright: ignore[reportArgumentType]
+    with pytest.raises(TypeError, match=r"fn\(y, args, i\)"):
+        fixpoint.FiniteSum(lambda y, args: y, 2)
+    wrong = fixpoint.FiniteSum(lambda y, args, i: y[:-1], N)
+    with pytest.raises(ValueError, match=r"`FiniteSum` component.*fn\(y0, args, 0\)"):
+        fixpoint.fixed_point(wrong, jnp.zeros(D), (A, B), solver=VR)
+    pair = fixpoint.FiniteSum(lambda y, args, i: (y, y), N)
+    with pytest.raises(ValueError, match="component") as error:
+        fixpoint.fixed_point(pair, jnp.zeros(D), (A, B), solver=VR)
+    assert "has_aux" not in str(error.value)
     for option, value, error in (
         ("batch_size", 0, ValueError),
         ("refresh_every", 1.5, TypeError),
         ("restart_ratio", 1.0, ValueError),
         ("seed", -1, ValueError),
+        ("seed", 2**32, ValueError),
     ):
         with pytest.raises(error, match=option):
             solvers.VarianceReducedHalpern(0, 1e-6, **{option: value})
