@@ -1,6 +1,8 @@
 """The entry points of the fixed-point family: `fixed_point` (`fn(y, args) = y`)
 and `root_find` (`fn(y, args) = 0`)."""
 
+from jaxtyping import Array, Int
+
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._compact import Compaction
 from ._custom_types import Args, Fn, Y
@@ -15,7 +17,7 @@ def fixed_point(
     args: Args = None,
     *,
     solver: AbstractSolver,
-    max_steps: int = 256,
+    max_steps: int | Int[Array, ""] = 256,
     throw: bool = True,
     has_aux: bool = False,
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
@@ -34,7 +36,11 @@ def fixed_point(
     - `solver`: one of `fixpoint.solvers`, e.g. `Picard(rtol, atol)`, `Anderson(...)`,
       `Newton(...)`, `Broyden(...)`, `Halpern(...)` (for maps that are only
       nonexpansive).
-    - `max_steps`: the largest number of updates.
+    - `max_steps`: the largest number of updates: a Python int, or an integer
+      scalar array, a *run-time budget*: under `jit` it is traced, so a
+      schedule may raise or lower it between calls of the compiled function
+      without compiling again (not with `record_residuals=True` or
+      `UnrolledAdjoint`, which size buffers by it).
     - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if any
       sample fails). With `False`, read `sol.result` instead (per sample).
     - `has_aux`: whether `fn` also returns auxiliary data.
@@ -79,7 +85,7 @@ def root_find(
     args: Args = None,
     *,
     solver: AbstractSolver,
-    max_steps: int = 256,
+    max_steps: int | Int[Array, ""] = 256,
     throw: bool = True,
     has_aux: bool = False,
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
@@ -102,7 +108,8 @@ def root_find(
     - `args`: any pytree passed through to `fn`; gradients flow to its arrays.
     - `solver`: one of `fixpoint.solvers`, e.g. `Newton(rtol, atol)`,
       `Broyden(...)`, `Anderson(...)`.
-    - `max_steps`: the largest number of updates (default 256).
+    - `max_steps`: the largest number of updates (default 256); an integer
+      scalar array is a run-time budget, as in `fixpoint.fixed_point`.
     - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if
       any sample fails). With `False`, read `sol.result` instead (per sample).
     - `has_aux`: whether `fn` also returns auxiliary data.

@@ -19,11 +19,22 @@ from ._solution import RESULTS, result_from_code
 
 
 class LoopOptions(eqx.Module):
-    """Per-call settings of the loop (static)."""
+    """Per-call settings of the loop: static, but for a `max_steps` given as an
+    integer array (a run-time budget, traced under `filter_jit`: changing it
+    compiles nothing again)."""
 
-    max_steps: int = eqx.field(static=True)
+    max_steps: int | jax.Array
     divergence_ratio: float = eqx.field(static=True)
     record_residuals: bool = eqx.field(static=True)
+
+    def static_max_steps(self, what: str) -> int:
+        """`max_steps` as a Python int, for `what` needs one at trace time."""
+        if isinstance(self.max_steps, int):
+            return self.max_steps
+        raise TypeError(
+            f"{what} needs `max_steps` as a Python int (its buffer or checkpoints are "
+            "sized by it), not a run-time budget (an array)."
+        )
 
 
 class _Carry(eqx.Module):
@@ -91,8 +102,12 @@ def _watch_step(watch, sizes, rnorm, rate, k, max_steps):
     final = k >= max_steps
     # The checkpoint before step k: k / 2 at a checkpoint, else the largest
     # power of two below `max_steps` (the last step's check).
-    before = 1 << (max_steps.bit_length() - 1)
-    before = max(before // 2 if before == max_steps else before, 1)  # max_steps = 1: 1
+    if isinstance(max_steps, int):
+        before = 1 << (max_steps.bit_length() - 1)
+        before = max(before // 2 if before == max_steps else before, 1)  # max_steps = 1: 1
+    else:  # a run-time budget: the same, from the bits of `max_steps − 1`
+        below = jnp.maximum(max_steps - 1, 1)
+        before = jnp.left_shift(1, jnp.iinfo(below.dtype).bits - 1 - jax.lax.clz(below))
     ratio = jnp.where(mark, 2, max_steps / before).astype(watch.dtype)
     distance, mismatch = (x.astype(watch.dtype) for x in sizes)
     last_distance, last_rnorm, agree, inv_scale = watch[0], watch[1], watch[2], watch[3]
@@ -375,7 +390,9 @@ def iterate(
         problem, y0, args = ops
         aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
         history = (
-            jnp.full(options.max_steps + 1, jnp.nan, dtype) if options.record_residuals else None
+            jnp.full(options.static_max_steps("`record_residuals=True`") + 1, jnp.nan, dtype)
+            if options.record_residuals
+            else None
         )
         return _Carry(
             y=y0,
@@ -484,7 +501,7 @@ def iterate(
             cond,
             lambda c: body(c, operands),
             match_varying(lambda c: body(c, operands), init(operands)),
-            max_steps=options.max_steps + 1,
+            max_steps=options.static_max_steps("`UnrolledAdjoint`") + 1,
             buffers=buffers,
             kind="checkpointed",
             checkpoints=checkpoints,

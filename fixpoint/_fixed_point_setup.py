@@ -60,7 +60,7 @@ def solve(
     check_instance(solver, AbstractSolver, "solver")
     check_compaction(compaction)
     check_instance(adjoint, AbstractAdjoint, "adjoint")
-    max_steps = check_int(max_steps, "max_steps", 1)
+    max_steps = check_budget(max_steps)
     for label, value in (
         ("throw", throw),
         ("has_aux", has_aux),
@@ -90,13 +90,18 @@ def _core(
     name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction, throw
 ) -> Solution:
     y0_flat, unravel, inputs, aux_struct = setup(name, fn, y0, args, has_aux)
+    if eqx.is_array(options.max_steps):
+        # A run-time budget travels with the inputs: an adjoint's derivative rule
+        # may not close over a traced value (it gets no tangent: an integer).
+        inputs = (*inputs, options.max_steps)
 
     def primal(inputs, y, loop, checkpoints):
-        f, a = inputs
+        f, a = inputs[:2]
+        opts = options
+        if len(inputs) == 3:
+            opts = eqx.tree_at(lambda o: o.max_steps, options, inputs[2])
         return _split(
-            iterate(
-                solver, Problem(f, kind), y, a, aux_struct, options, loop, checkpoints, compaction
-            )
+            iterate(solver, Problem(f, kind), y, a, aux_struct, opts, loop, checkpoints, compaction)
         )
 
     y_flat, (aux, result, stats) = adjoint.apply(
@@ -177,6 +182,20 @@ _failed = failed_at(1)
 def _split(out):
     y, aux, result, stats = out
     return y, (aux, result, stats)
+
+
+def check_budget(max_steps):
+    """`max_steps` as a Python int `>= 1`, or a run-time budget: an integer scalar
+    array (traced under `jit`; changing it compiles nothing again)."""
+    if eqx.is_array(max_steps):
+        if max_steps.shape != () or not jnp.issubdtype(max_steps.dtype, jnp.integer):
+            raise TypeError(
+                "`max_steps` must be a Python int or an integer scalar array (a run-time "
+                f"budget), got an array of shape {max_steps.shape} and dtype {max_steps.dtype}."
+            )
+        # The loop's own counter's dtype (strict promotion refuses a mix).
+        return jnp.asarray(max_steps).astype(jnp.asarray(0).dtype)
+    return check_int(max_steps, "max_steps", 1)
 
 
 def _strong(x):

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import fixpoint
 from fixpoint import internal, solvers
@@ -236,6 +236,7 @@ class DEQ(AbstractConfigurable):
         key: PRNGKeyArray | None = None,
         inference: bool = False,
         record_residuals: bool = False,
+        max_steps: int | Int[Array, ""] | None = None,
     ) -> fixpoint.Solution:
         """Solve for the equilibrium of one input; returns the `fixpoint.Solution`.
 
@@ -247,6 +248,10 @@ class DEQ(AbstractConfigurable):
         - `inference`: turn dropout off (default `False`).
         - `record_residuals`: also record `stats["residual_history"]` (default
           `False`).
+        - `max_steps`: this call's step budget instead of the layer's; an
+          integer array is a run-time budget, which a training schedule may
+          change between calls of a compiled step without compiling again (see
+          `fixpoint.fixed_point`). `None` (default): the layer's `max_steps`.
 
         **Returns:**
 
@@ -262,7 +267,7 @@ class DEQ(AbstractConfigurable):
             args,
             solver=self.solver,
             adjoint=self.adjoint,
-            max_steps=self.max_steps,
+            max_steps=self.max_steps if max_steps is None else max_steps,
             throw=self.throw,
             record_residuals=record_residuals,
             compaction=self.compaction,
@@ -275,6 +280,7 @@ class DEQ(AbstractConfigurable):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool = False,
+        max_steps: int | Int[Array, ""] | None = None,
     ) -> Array:
         """The equilibrium `z*` for one input `x`.
 
@@ -284,12 +290,14 @@ class DEQ(AbstractConfigurable):
         - `z0`: the starting state; default zeros.
         - `key`: the PRNG key for dropout (needed when `dropout > 0`).
         - `inference`: turn dropout off (default `False`).
+        - `max_steps`: this call's step budget (a run-time budget if an integer
+          array), as in `solve`; `None` (default): the layer's.
 
         **Returns:**
 
         `z*`, the shape of `z0` (`z_shape`, default `x.shape`).
         """
-        return self.solve(x, z0, key=key, inference=inference).value
+        return self.solve(x, z0, key=key, inference=inference, max_steps=max_steps).value
 
 
 @internal.once_per_shapes
