@@ -34,6 +34,9 @@ class RESULTS(eqx.Enumeration):
       estimates the infimal displacement vector `v`, the smallest `y − fn(y)`
       over all `y`, in the library's residual convention (`fn(y) = y + 1` gives
       `v = −1`). Detection, not proof: see the results guide.
+    - `path_ended`: `solvers.Homotopy` could not follow its solution path to
+      the target: the step along the path fell below its `min_step` (a fold,
+      where the path turns back, or a singular Jacobian).
     """
 
     successful = ""
@@ -55,6 +58,11 @@ class RESULTS(eqx.Enumeration):
         "fixed point, if any, lies at least half the distance travelled from `y0`: raise "
         "`max_steps` if one may be that far. `stats['displacement']` estimates the "
         "infimal displacement vector."
+    )
+    path_ended = (
+        "The homotopy's solution path could not be followed to the target problem: its "
+        "step fell below `min_step` (a fold, where the path turns back, or a singular "
+        "Jacobian). Try another `y0`, or another solver."
     )
 
 

@@ -12,6 +12,7 @@ from ._deer import DEER as DEER
 from ._deer import ELK as ELK
 from ._deer import QuasiDEER as QuasiDEER
 from ._halpern import Halpern as Halpern
+from ._homotopy import Homotopy as Homotopy
 from ._jacobi import GaussSeidel as GaussSeidel
 from ._jacobi import Jacobi as Jacobi
 from ._jacobi import PicardSum as PicardSum

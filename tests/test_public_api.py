@@ -16,7 +16,7 @@ API = {
         first_disagreement fixed_point internal layers lyapunov_estimate max_norm rms_norm
         root_find scan solvers two_norm uncached""",
     "fixpoint.solvers": """AbstractMonotoneLinear Anderson Broyden DEER ELK ForwardBackward
-        GSJacobiDecoding GaussSeidel Halpern HybridDecoding Jacobi JacobiDecoding
+        GSJacobiDecoding GaussSeidel Halpern Homotopy HybridDecoding Jacobi JacobiDecoding
         LookaheadDecoding MonotoneMatrix NGramPool Newton PeacemanRachford Picard PicardSum
         QuasiDEER Sequential SequentialDecoding VarianceReducedHalpern""",
     "fixpoint.layers": """CGS CausalTransformer CircularConvMonotone ConvMonDEQ DEQ
@@ -132,6 +132,10 @@ SIGNATURES = {
         "Newton": "rtol, atol, norm, *, linear_solver, damping, min_step",
         "Broyden": "rtol, atol, norm, *, history, min_step",
         "Halpern": "rtol, atol, norm, *, restart_ratio",
+        "Homotopy": (
+            "rtol, atol, norm, *, initial_step, max_step, min_step, corrector_rtol, "
+            "max_corrections"
+        ),
         "VarianceReducedHalpern": (
             "rtol, atol, norm, *, batch_size, refresh_every, restart_ratio, seed"
         ),
