@@ -1,8 +1,8 @@
-"""Nonexpansive maps, maps without a fixed point, and finite sums: Halpern against Picard
-and Anderson, detection of infeasibility, and the variance-reduced Halpern solver's
-component evaluations.
+"""Nonexpansive maps, maps without a fixed point, hard starts and finite sums: Halpern
+against Picard and Anderson, detection of infeasibility, homotopy against Newton, and
+the variance-reduced Halpern solver's component evaluations.
 
-Three parts (float64, `max_norm` tolerances, `throw=False`):
+Four parts (float64, `max_norm` tolerances, `throw=False`):
 
 - `residuals`: the residual norm at every step (`record_residuals=True`, 2000 steps, a
   tolerance of 1e-12 so that every method runs until it gets there or the budget ends)
@@ -18,6 +18,11 @@ Three parts (float64, `max_norm` tolerances, `throw=False`):
   `Halpern`: the result at each step budget in `--budgets` (each a compile of its
   own), the smallest budget reported `infeasible`, and the relative error of
   `stats["displacement"]` against `v` there.
+- `homotopy`: root problems from hard starts (`arctan(Ay − b)` from far away, `sin`
+  from (1.4, −1.45), `y³ − 2y + 2` from 0, Freudenstein–Roth from three starts) with
+  `Newton`, `Homotopy` and `Anderson` (500 steps, tolerance 1e-10): the result, the
+  steps, the root reached and whether it is the root the homotopy path from the start
+  leads to.
 - `finite_sum`: least squares `min ‖Ay − b‖²/2n` (d = 20, condition number of `A`
   30, `b` noisy) written as the mean of `n` one-row maps `T_i(y) = y − η a_i (a_iᵀy −
   b_i)`, `η = 1/λ_max(AᵀA/n)`, and a regularised bilinear game (4 + 4 players'
@@ -170,6 +175,59 @@ def infeasible(budgets: list[int]) -> list[dict]:
                     results=results,
                     first_infeasible_budget=first,
                     displacement_norm_error=error,
+                )
+            )
+    return rows
+
+
+def _arctan_system(y, args):
+    a = jnp.array([[2.0, 1.0], [0.5, 1.5]])
+    return jnp.arctan(a @ y - jnp.array([1.0, -1.0]))
+
+
+def _freudenstein_roth(y, args):
+    x1, x2 = y[0], y[1]
+    return jnp.stack([-13 + x1 + ((5 - x2) * x2 - 2) * x2, -29 + x1 + ((x2 + 1) * x2 - 14) * x2])
+
+
+# (name, fn, start, the root the homotopy path from that start leads to, or None)
+HARD_STARTS = [
+    ("arctan(Ay − b)", _arctan_system, [10.0, -8.0], [1.0, -1.0]),
+    ("arctan(Ay − b)", _arctan_system, [-30.0, 40.0], [1.0, -1.0]),
+    ("sin", lambda y, a: jnp.sin(y), [1.4, -1.45], [0.0, 0.0]),
+    ("y³ − 2y + 2", lambda y, a: y**3 - 2 * y + 2, [0.0], None),
+    ("Freudenstein–Roth", _freudenstein_roth, [6.0, 3.0], [5.0, 4.0]),
+    ("Freudenstein–Roth", _freudenstein_roth, [0.5, -2.0], None),
+    ("Freudenstein–Roth", _freudenstein_roth, [-10.0, 10.0], [5.0, 4.0]),
+]
+
+
+def homotopy(steps: int) -> list[dict]:
+    methods = {
+        "Newton": solvers.Newton(1e-10, 1e-10),
+        "Homotopy": solvers.Homotopy(1e-10, 1e-10),
+        "Anderson": solvers.Anderson(1e-10, 1e-10),
+    }
+    rows = []
+    for problem, fn, start, path_root in HARD_STARTS:
+        for name, solver in methods.items():
+            sol = fp.root_find(fn, jnp.asarray(start), solver=solver, max_steps=steps, throw=False)
+            value = np.asarray(sol.value)
+            rows.append(
+                dict(
+                    problem=problem,
+                    start=start,
+                    solver=name,
+                    result=str(sol.result).split(".")[-1],
+                    steps=int(sol.stats["num_steps"]),
+                    value=value.tolist(),
+                    path_root=path_root,
+                    reached_path_root=None
+                    if path_root is None
+                    else bool(np.max(np.abs(value - np.asarray(path_root))) < 1e-6),
+                    path_points=int(sol.stats.get("path_points", -1)),
+                    rejected=int(sol.stats.get("rejected", -1)),
+                    path_lambda=float(sol.stats.get("lambda", float("nan"))),
                 )
             )
     return rows
@@ -355,6 +413,24 @@ def main():
         ],
         title="Infeasibility detection",
     )
+    hom_rows = homotopy(500)
+    print_table(
+        ["problem", "start", "solver", "result", "steps", "value", "path's root?"],
+        [
+            [
+                r["problem"],
+                str(r["start"]),
+                r["solver"],
+                r["result"],
+                str(r["steps"]),
+                str(np.round(r["value"], 4).tolist()),
+                str(r["reached_path_root"]),
+            ]
+            for r in hom_rows
+        ],
+        title="Hard starts (root_find, tolerance 1e-10, 500 steps)",
+        left=(0, 1, 2, 3),
+    )
     fs_rows = finite_sum(args.n, args.tol, args.guard)
     print_table(
         ["problem", "n", "solver", "result", "steps", "evaluations", "÷ full batch", "time"],
@@ -384,6 +460,7 @@ def main():
         settings=vars(args),
         residuals=res_rows,
         infeasible=inf_rows,
+        homotopy=hom_rows,
         finite_sum=fs_rows,
         elapsed_s=time.perf_counter() - t0,
     )

@@ -1332,6 +1332,21 @@ def _solvers(d: dict[str, Any]) -> Parts:
             for r in d["infeasible"]
         ],
     )
+    hard = table(
+        ["problem", "start", "solver", "result", "steps", "root reached", "the path's root?"],
+        [
+            [
+                r["problem"],
+                "(" + ", ".join(par(x) for x in r["start"]) + ")",
+                r["solver"],
+                r["result"],
+                r["steps"],
+                "(" + ", ".join(sig(x, 4) for x in r["value"]) + ")",
+                sig(r["reached_path_root"]) if r["path_root"] is not None else "no path",
+            ]
+            for r in d.get("homotopy", [])
+        ],
+    )
     sums = table(
         [
             "problem",
@@ -1373,6 +1388,15 @@ def _solvers(d: dict[str, Any]) -> Parts:
                 f"{', '.join(map(str, budgets))} whose result is `infeasible`, and the "
                 "relative error of `‖stats['displacement']‖` against `‖v‖` there",
                 detection,
+            ),
+        ),
+        (
+            "homotopy",
+            _part(
+                "Root problems from hard starts (`root_find`, tolerance 1e-10, 500 steps): "
+                "the root reached, and whether it is the one the homotopy path from the "
+                "start leads to (“no path”: the path meets a fold)",
+                hard,
             ),
         ),
         (

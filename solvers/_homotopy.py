@@ -12,7 +12,8 @@ from fixpoint import RESULTS, internal
 
 
 class _State(NamedTuple):
-    lam: jnp.ndarray  # where on the path the current iterate is meant to be
+    lam: jnp.ndarray  # where on the path the next iterate is meant to be
+    at: jnp.ndarray  # λ of the iterate evaluated last
     step: jnp.ndarray  # the current step along the path, in λ
     start: jnp.ndarray  # G(y_0), which the homotopy removes as λ goes 0 -> 1
     started: jnp.ndarray  # whether `start` has been measured (at the first step)
@@ -54,8 +55,8 @@ class Homotopy(internal.AbstractSolver):
     path turns back in `λ`, its tangent blowing up) or a singular Jacobian. The
     solve then ends with `RESULTS.path_ended`. A rejected point counts as a
     trial (never as divergence). `stats["path_points"]` and
-    `stats["rejected"]` count accepted and rejected predictions,
-    `stats["lambda"]` is where the path ended.
+    `stats["rejected"]` count accepted and rejected predictions, and
+    `stats["lambda"]` is the `λ` of the returned point (1 once on the target).
 
     The gradient (`ImplicitAdjoint`) is that of the root reached, which does
     not depend on the path.
@@ -115,6 +116,7 @@ class Homotopy(internal.AbstractSolver):
         zero = jnp.array(0)
         return _State(
             lam=jnp.array(0, rdtype),
+            at=jnp.array(0, rdtype),
             step=jnp.array(self.initial_step, rdtype),
             start=jnp.zeros_like(y),
             started=jnp.array(False),
@@ -170,6 +172,7 @@ class Homotopy(internal.AbstractSolver):
         moved = on_path | reject
         next_state = _State(
             lam=lam_next,
+            at=lam,
             step=step,
             start=start,
             started=jnp.array(True),
@@ -185,4 +188,4 @@ class Homotopy(internal.AbstractSolver):
         return internal.Step(y_next, next_state, ev, result, trial=reject)
 
     def stats(self, state):
-        return {"path_points": state.accepted, "rejected": state.rejected, "lambda": state.lam}
+        return {"path_points": state.accepted, "rejected": state.rejected, "lambda": state.at}

@@ -133,8 +133,7 @@ SIGNATURES = {
         "Broyden": "rtol, atol, norm, *, history, min_step",
         "Halpern": "rtol, atol, norm, *, restart_ratio",
         "Homotopy": (
-            "rtol, atol, norm, *, initial_step, max_step, min_step, corrector_rtol, "
-            "max_corrections"
+            "rtol, atol, norm, *, initial_step, max_step, min_step, corrector_rtol, max_corrections"
         ),
         "VarianceReducedHalpern": (
             "rtol, atol, norm, *, batch_size, refresh_every, restart_ratio, seed"
