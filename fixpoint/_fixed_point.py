@@ -40,7 +40,8 @@ def fixed_point(
       scalar array, a *run-time budget*: under `jit` it is traced, so a
       schedule may raise or lower it between calls of the compiled function
       without compiling again (not with `record_residuals=True` or
-      `UnrolledAdjoint`, which size buffers by it).
+      `UnrolledAdjoint`, which size buffers by it). A concrete budget below 1
+      is refused; a traced one below 1 makes no updates.
     - `throw`: raise `fixpoint.SolveError` if the solve fails (under `vmap`: if any
       sample fails). With `False`, read `sol.result` instead (per sample).
     - `has_aux`: whether `fn` also returns auxiliary data.

@@ -5,6 +5,8 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.core import Tracer
 from jax.flatten_util import ravel_pytree
 
 from ._adjoint import AbstractAdjoint, explain_forward_mode
@@ -186,16 +188,29 @@ def _split(out):
 
 def check_budget(max_steps):
     """`max_steps` as a Python int `>= 1`, or a run-time budget: an integer scalar
-    array (traced under `jit`; changing it compiles nothing again)."""
-    if eqx.is_array(max_steps):
-        if max_steps.shape != () or not jnp.issubdtype(max_steps.dtype, jnp.integer):
-            raise TypeError(
-                "`max_steps` must be a Python int or an integer scalar array (a run-time "
-                f"budget), got an array of shape {max_steps.shape} and dtype {max_steps.dtype}."
+    JAX array (traced under `jit`; changing it compiles nothing again)."""
+    if isinstance(max_steps, np.ndarray) and max_steps.shape == ():
+        max_steps = max_steps[()]  # a NumPy scalar: static, as a NumPy integer is
+    if not isinstance(max_steps, jax.Array):
+        return check_int(max_steps, "max_steps", 1)
+    if max_steps.shape != () or not jnp.issubdtype(max_steps.dtype, jnp.integer):
+        raise TypeError(
+            "`max_steps` must be a Python int or an integer scalar array (a run-time "
+            f"budget), got an array of shape {max_steps.shape} and dtype {max_steps.dtype}."
+        )
+    # The loop's own counter's dtype (strict promotion refuses a mix); larger
+    # values are capped, not wrapped.
+    counter = jnp.asarray(0).dtype
+    if not isinstance(max_steps, Tracer):
+        value = int(max_steps)
+        if not 1 <= value <= jnp.iinfo(counter).max:
+            raise ValueError(
+                f"`max_steps` must be at least 1 (and at most {jnp.iinfo(counter).max}), "
+                f"got {value}."
             )
-        # The loop's own counter's dtype (strict promotion refuses a mix).
-        return jnp.asarray(max_steps).astype(jnp.asarray(0).dtype)
-    return check_int(max_steps, "max_steps", 1)
+    if jnp.iinfo(max_steps.dtype).max > jnp.iinfo(counter).max:
+        max_steps = jnp.minimum(max_steps, jnp.iinfo(counter).max)
+    return max_steps.astype(counter)
 
 
 def _strong(x):

@@ -42,8 +42,9 @@ class Homotopy(internal.AbstractSolver):
     LU:
 
     - **correct**: while `‖H(y, λ)‖ > corrector_rtol · ‖G(y_0)‖`, a Newton step
-      `y ← y + c` at fixed `λ`; a correction that does not shrink `‖H‖`, or more
-      than `max_corrections` of them, rejects the prediction;
+      `y ← y + c` at fixed `λ`; a correction that does not shrink `‖H‖`, more
+      than `max_corrections` of them, or a prediction that lands farther from
+      the path than `‖G(y_0)‖`, rejects the prediction;
     - **predict**: once corrected, the point is accepted and the next one
       predicted along the tangent `dy/dλ = t`: `y ← y + h t`, `λ ← λ + h`. The
       step `h` doubles after a prediction needing at most one correction (up to
@@ -56,7 +57,10 @@ class Homotopy(internal.AbstractSolver):
     solve then ends with `RESULTS.path_ended`. A rejected point counts as a
     trial (never as divergence). `stats["path_points"]` and
     `stats["rejected"]` count accepted and rejected predictions, and
-    `stats["lambda"]` is the `λ` of the returned point (1 once on the target).
+    `stats["lambda"]` is the `λ` of the returned point (1 once on the target;
+    0 when `y_0` already meets the tolerance). A solve that runs out of steps
+    mid-path returns its last iterate, which may be a prediction or correction
+    off the path: `lambda` is where that point was meant to be.
 
     The gradient (`ImplicitAdjoint`) is that of the root reached, which does
     not depend on the path.
@@ -147,11 +151,15 @@ class Homotopy(internal.AbstractSolver):
         finite = jnp.isfinite(h_norm) & jnp.all(jnp.isfinite(correction))
         finite = finite & jnp.all(jnp.isfinite(tangent))
         stalled = (state.corrections > 0) & (h_norm > state.last_norm)
+        # A prediction that lands farther from the path than the start's whole
+        # residual (a nearly singular Jacobian makes the tangent huge) is
+        # rejected at once, as a trial: never taken for divergence.
+        overshot = state.started & (state.corrections == 0) & (h_norm > scale)
         too_many = (state.corrections >= self.max_corrections) & ~at_end
-        reject = ~finite | stalled | too_many
+        reject = ~finite | stalled | too_many | overshot
         on_path = ~at_end & (h_norm <= self.corrector_rtol * scale) & ~reject
         # Accept: a new anchor, and a prediction along the tangent.
-        grow = jnp.where(state.corrections <= 1, 2 * state.step, state.step)
+        grow = jnp.where(state.started & (state.corrections <= 1), 2 * state.step, state.step)
         grow = jnp.minimum(grow, self.max_step)
         ahead = jnp.minimum(grow, 1 - lam)
         # Reject: back to the anchor, with half the step.

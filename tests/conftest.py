@@ -11,8 +11,9 @@ def getkey():
     return lambda: next(keys)
 
 
-# Every compiled XLA:CPU executable maps about three memory regions, and a
-# pytest worker keeps thousands of them alive in JAX's caches. Past the
+# Every compiled XLA:CPU executable maps memory regions (about three for a
+# small `jax.jit`, about 22 for a `fixed_point` solve), and a pytest worker
+# keeps thousands of executables alive in JAX's caches. Past the
 # kernel's `vm.max_map_count` (65530 by default) a new mapping fails and XLA
 # segfaults while compiling (seen in CI as "worker 'gw1' crashed"; a worker had
 # 13,000 regions a third of the way through three test files). Clearing the

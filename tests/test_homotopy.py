@@ -24,8 +24,8 @@ def sine(y, args):
     return jnp.sin(y)
 
 
-def _root(fn, y0, args=None, solver=HOMOTOPY, **kw):
-    return fixpoint.root_find(fn, jnp.asarray(y0), args, solver=solver, max_steps=500, **kw)
+def _root(fn, y0, args=None, solver=HOMOTOPY, max_steps=500, **kw):
+    return fixpoint.root_find(fn, jnp.asarray(y0), args, solver=solver, max_steps=max_steps, **kw)
 
 
 def test_the_path_leads_to_the_root_and_agrees_with_newton_where_both_work():
@@ -55,6 +55,20 @@ def test_a_fold_ends_the_path():
     assert abs(float(sol.stats["lambda"]) - (2 * fold - fold**3) / 2) < 0.01
     with pytest.raises(fixpoint.SolveError, match="path_ended"):
         _root(lambda y, a: y**3 - 2 * y + 2, [0.0])
+
+
+def test_a_nearly_singular_start_is_not_divergence():
+    # At y = 0.01 the slope of y³ − 1 is 3e-4: the first tangent points 666 away,
+    # where the residual is 3e8. That prediction is rejected (a trial), not
+    # "diverged", and the path, with smaller steps, reaches the root 1.
+    sol = _root(lambda y, a: y**3 - 1, [0.01])
+    np.testing.assert_allclose(sol.value, 1.0, rtol=1e-10)
+    assert int(sol.stats["rejected"]) > 0
+
+
+def test_the_first_step_is_initial_step():
+    sol = _root(sine, [1.4, -1.45], max_steps=2, throw=False)
+    assert float(sol.stats["lambda"]) == pytest.approx(0.1)
 
 
 def test_fixed_points_and_pytrees():

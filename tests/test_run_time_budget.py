@@ -126,3 +126,22 @@ def test_what_needs_a_static_budget_says_so():
     for bad in (jnp.asarray(5.0), jnp.array([5, 6])):
         with pytest.raises(TypeError, match="max_steps"):
             fixpoint.fixed_point(cosine, jnp.zeros(3), A, solver=PICARD, max_steps=bad)
+    for bad in (jnp.asarray(0), jnp.asarray(-3)):
+        with pytest.raises(ValueError, match="max_steps"):
+            fixpoint.fixed_point(cosine, jnp.zeros(3), A, solver=PICARD, max_steps=bad)
+
+
+def test_numpy_integers_stay_static_budgets():
+    # A NumPy integer (from a config, `np.max`) is a static option as before,
+    # so what needs a static budget still works with it.
+    for budget in (np.int64(5), np.array(5)):
+        sol = fixpoint.fixed_point(
+            cosine,
+            jnp.zeros(3),
+            A,
+            solver=PICARD,
+            max_steps=budget,
+            record_residuals=True,
+            throw=False,
+        )
+        assert sol.stats["residual_history"].shape == (6,)
