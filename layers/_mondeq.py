@@ -262,7 +262,7 @@ class CircularConvMonotone(AbstractMonotoneLinear):
 
     - `A`: the kernel of the convolution `A`, shape `(c, c, *k)`.
     - `B`: the kernel of the convolution `B`, shape `(c, c, *k)`.
-    - `m`: the monotonicity parameter, a number `> 0` (not checked here).
+    - `m`: the monotonicity parameter, a number `> 0`.
     - `spatial`: the spatial shape of `z` (a tuple of ints).
     """
 
@@ -272,7 +272,20 @@ class CircularConvMonotone(AbstractMonotoneLinear):
     spatial: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(self, A: Array, B: Array, m: float, spatial: tuple[int, ...]):
-        self.A, self.B, self.m, self.spatial = A, B, float(m), tuple(spatial)
+        owner = "CircularConvMonotone"
+        m = internal.check_number(m, "m", "> 0", owner=owner)
+        spatial = tuple(spatial)
+        want = f"(c, c, *k) with {len(spatial)} kernel dims (one per entry of `spatial`)"
+        for name, kernel in (("A", A), ("B", B)):
+            shape = tuple(kernel.shape)
+            if len(shape) != 2 + len(spatial) or shape[0] != shape[1]:
+                raise ValueError(f"{owner}: `{name}` must have shape {want}, got {shape}.")
+        if tuple(A.shape) != tuple(B.shape):
+            raise ValueError(
+                f"{owner}: `A` and `B` must have the same shape, got {tuple(A.shape)} and "
+                f"{tuple(B.shape)}."
+            )
+        self.A, self.B, self.m, self.spatial = A, B, float(m), spatial
 
     def mv(self, z: Array) -> Array:
         az = _circular_conv(self.A, z)

@@ -407,3 +407,15 @@ def test_bad_options():
         PR.solve(net.W(), jnp.zeros(3))  # pyright: ignore
     with pytest.raises(ValueError, match="UnrolledAdjoint"):
         PR.solve(op, jnp.zeros(3), adjoint=fixpoint.UnrolledAdjoint())
+
+
+def test_circular_conv_operator_checks_its_arguments():
+    kernel = jnp.zeros((2, 2, 3, 3))
+    with pytest.raises(ValueError, match="`m`"):
+        CircularConvMonotone(kernel, kernel, 0.0, (4, 4))
+    with pytest.raises(ValueError, match="`A` must have shape"):
+        CircularConvMonotone(jnp.zeros((2, 3, 3, 3)), kernel, 0.5, (4, 4))
+    with pytest.raises(ValueError, match="`B` must have shape"):
+        CircularConvMonotone(kernel, jnp.zeros((2, 3, 3, 3)), 0.5, (4, 4))
+    with pytest.raises(ValueError, match="same shape"):
+        CircularConvMonotone(kernel, jnp.zeros((2, 2, 1, 1)), 0.5, (4, 4))
