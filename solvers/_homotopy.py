@@ -148,8 +148,7 @@ class Homotopy(internal.AbstractSolver):
         h_norm = self.norm(h_res)
         scale = self.norm(start)
         at_end = lam >= 1
-        finite = jnp.isfinite(h_norm) & jnp.all(jnp.isfinite(correction))
-        finite = finite & jnp.all(jnp.isfinite(tangent))
+        finite = jnp.isfinite(h_norm) & jnp.all(jnp.isfinite(correction) & jnp.isfinite(tangent))
         stalled = (state.corrections > 0) & (h_norm > state.last_norm)
         # A prediction that lands farther from the path than the start's whole
         # residual (a nearly singular Jacobian makes the tangent huge) is

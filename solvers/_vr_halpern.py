@@ -150,7 +150,7 @@ class VarianceReducedHalpern(internal.AbstractSolver):
         return self.batch_size or root, self.refresh_every or root
 
     def init(self, problem, y, args):
-        _components(problem)
+        n = _components(problem)
         rdtype = jnp.finfo(y.dtype).dtype
         zero = jnp.array(0)
         return _State(
@@ -161,7 +161,7 @@ class VarianceReducedHalpern(internal.AbstractSolver):
             previous=y,
             since=zero,
             steps=zero,
-            period=jnp.array(self.sizes(_components(problem))[1]),
+            period=jnp.array(self.sizes(n)[1]),
             last_full=jnp.array(jnp.inf, rdtype),
             full_steps=zero,
             evaluations=jnp.array(0, rdtype),
