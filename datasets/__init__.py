@@ -1,8 +1,12 @@
 """Datasets, generators and metrics for the demos and benchmarks: offline graph
-tasks with exact targets and the standard library's own text. Nothing is
+tasks with exact targets, the standard library's own text, and a power-control
+game (iterative water-filling). Nothing is
 downloaded; networkx and scipy (the `graphs` extra) are imported only by the
 generators that need them."""
 
+from ._games import InterferenceGame as InterferenceGame
+from ._games import interference_game as interference_game
+from ._games import water_filling as water_filling
 from ._graphs import GRAPH_FAMILIES as GRAPH_FAMILIES
 from ._graphs import ChainsDataset as ChainsDataset
 from ._graphs import ClassificationExample as ClassificationExample

@@ -11,8 +11,15 @@ from ._adjoint import ImplicitAdjoint as ImplicitAdjoint
 from ._adjoint import NeumannAdjoint as NeumannAdjoint
 from ._adjoint import PhantomAdjoint as PhantomAdjoint
 from ._adjoint import UnrolledAdjoint as UnrolledAdjoint
+from ._blockwise import Blockwise as Blockwise
 from ._cache import uncached as uncached
 from ._compact import Compaction as Compaction
+from ._contraction import ContractionEstimate as ContractionEstimate
+from ._contraction import GameConstants as GameConstants
+from ._contraction import SmallGainCertificate as SmallGainCertificate
+from ._contraction import contraction_estimate as contraction_estimate
+from ._contraction import game_constants as game_constants
+from ._contraction import small_gain_certificate as small_gain_certificate
 from ._custom import custom_fixed_point as custom_fixed_point
 from ._custom import custom_root as custom_root
 from ._decode import Disagreement as Disagreement
@@ -29,6 +36,7 @@ from ._norm import max_norm as max_norm
 from ._norm import rms_norm as rms_norm
 from ._norm import two_norm as two_norm
 from ._parallel import data_parallel as data_parallel
+from ._reversible import ReversibleAdjoint as ReversibleAdjoint
 from ._scan import scan as scan
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution

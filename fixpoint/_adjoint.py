@@ -1,7 +1,7 @@
 """Adjoints: how a solve is differentiated. Passed as `adjoint=` to every entry point."""
 
 import abc
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 import equinox as eqx
 import jax
@@ -28,7 +28,13 @@ class AbstractAdjoint(eqx.Module):
     wherever its cotangent is nonzero (and zero where it is zero). An adjoint has
     no `throw` of its own: the entry point's one switch covers the forward and
     the backward solve.
+
+    `reverse_mode_only` (a class attribute, default False): whether the
+    adjoint's rule is a VJP only, so that forward mode is refused with a
+    message that points to `ImplicitAdjoint`.
     """
+
+    reverse_mode_only: ClassVar[bool] = False
 
     @abc.abstractmethod
     def apply(
@@ -233,6 +239,7 @@ class UnrolledAdjoint(AbstractAdjoint):
     """
 
     checkpoints: int | None = eqx.field(default=None, converter=as_python_number, kw_only=True)
+    reverse_mode_only: ClassVar[bool] = True
 
     def __check_init__(self) -> None:
         if self.checkpoints is not None:
@@ -262,10 +269,11 @@ class UnrolledAdjoint(AbstractAdjoint):
 
 
 def explain_forward_mode(adjoint: AbstractAdjoint, error: TypeError) -> NoReturn:
-    """A readable error for forward mode through `UnrolledAdjoint` (else re-raise)."""
-    if isinstance(adjoint, UnrolledAdjoint) and "forward-mode" in str(error):
+    """A readable error for forward mode through an adjoint that differentiates
+    the iterations in reverse (`UnrolledAdjoint`, `ReversibleAdjoint`); else re-raise."""
+    if adjoint.reverse_mode_only and "forward-mode" in str(error):
         raise TypeError(
-            "`UnrolledAdjoint` backpropagates through the iterations and supports "
+            f"`{type(adjoint).__name__}` backpropagates through the iterations and supports "
             "reverse mode only (`jax.grad`, `jax.vjp`); for forward mode (`jax.jvp`, "
             "`jax.jacfwd`) use `fixpoint.ImplicitAdjoint()`."
         ) from None

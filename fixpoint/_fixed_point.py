@@ -56,7 +56,8 @@ def fixed_point(
       into smaller batches as the others finish, so that a finished sample stops
       costing (`fixpoint.Compaction`; `None`: off, the whole batch runs until
       its slowest sample is done). The answer, result codes and step counts do
-      not change. Not used by `UnrolledAdjoint`, which differentiates the loop.
+      not change. Not used by `UnrolledAdjoint` and `ReversibleAdjoint`, which
+      differentiate the loop.
 
     **Returns:**
 

@@ -373,8 +373,9 @@ def iterate(
 ):
     """Run `solver` on `problem` from the flat `y0`.
 
-    Returns `(y, aux, result, stats)` where `y` is the iterate whose residual was
-    measured last. Each body iteration makes one evaluation; the loop stops on
+    Returns `(y, aux, result, stats, state)` where `y` is the iterate whose
+    residual was measured last and `state` the solver's state after the last
+    step. Each body iteration makes one evaluation; the loop stops on
     convergence, a non-finite residual, divergence (residual norm above
     `divergence_ratio` times the smallest seen), a solver failure, or after
     `max_steps` updates. Finished samples of a `vmap` never move again, so every
@@ -518,4 +519,4 @@ def iterate(
     clash = sorted(set(own) & {"num_steps", "residual", "residual_history", "displacement"})
     if clash:
         raise ValueError(f"{type(solver).__name__}.stats: the loop's own stats {clash} taken.")
-    return final.y, final.aux, result, {**stats, **own}
+    return final.y, final.aux, result, {**stats, **own}, final.state

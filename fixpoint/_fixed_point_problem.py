@@ -45,10 +45,15 @@ class Problem(eqx.Module):
       vectors.
     - `kind`: `"fixed_point"` (`out` is `f(y)`, and `G(y) = y - f(y)`) or
       `"root"` (`out` is `G(y)`, and `f(y) = y - G(y)`).
+    - `blocks`: where `y0` is a tuple, list or dict of blocks (players), the flat
+      slices `(start, stop)` of its top-level blocks, in the flat vector's
+      order; else `None` (default). Solvers that update block by block
+      (`solvers.BestResponse`) read it.
     """
 
     fn: Callable
     kind: Literal["fixed_point", "root"] = eqx.field(static=True)
+    blocks: tuple[tuple[int, int], ...] | None = eqx.field(default=None, static=True)
 
     def evaluate(self, y: Float[Array, " n"], args: Args) -> Evaluation:
         """Call `fn` once at `y` and return both forms.
@@ -83,6 +88,40 @@ class Problem(eqx.Module):
         if self.kind == "fixed_point":
             return y - out, aux
         return out, aux
+
+    def evaluate_block(
+        self, y: Float[Array, " n"], args: Args, k: int
+    ) -> tuple[Float[Array, " m"], Aux]:
+        """Block `k` of the fixed-point map `f(y)`, flat, and `fn`'s auxiliary output.
+
+        With `fn` a `fixpoint.Blockwise`, only block `k`'s function is called (no
+        auxiliary output: `None`); otherwise `fn` is evaluated whole and block
+        `k` kept. Refused (a `TypeError` at trace time) without `blocks`.
+
+        **Arguments:**
+
+        - `y`: the iterate, flat, shape `(n,)`.
+        - `args`: the user's `args`.
+        - `k`: which block, a Python int in `[0, len(blocks))`.
+
+        **Returns:**
+
+        `(f(y)_k, aux)`: the block's slice of the fixed-point form (for
+        `root_find`, `y_k − g(y)_k`), and the auxiliary output (`None` for a
+        `Blockwise`).
+        """
+        if self.blocks is None:
+            raise TypeError(
+                "this solver updates one block at a time: `y0` must be a tuple, list or "
+                "dict of blocks."
+            )
+        a, b = self.blocks[k]
+        block = getattr(self.fn, "block", None)
+        if block is None:
+            ev = self.evaluate(y, args)
+            return ev.fy[a:b], ev.aux
+        out = block(y, args, k)
+        return (out if self.kind == "fixed_point" else y[a:b] - out), None
 
     @property
     def num_components(self) -> int | None:

@@ -10,6 +10,7 @@ from jax.core import Tracer
 from jax.flatten_util import ravel_pytree
 
 from ._adjoint import AbstractAdjoint, explain_forward_mode
+from ._blockwise import Blockwise, FlatBlock, FlatBlockwise, block_keys
 from ._cache import may_cache
 from ._checks import (
     as_float_pytree,
@@ -21,12 +22,14 @@ from ._checks import (
     outputs_as_arrays,
 )
 from ._compact import check_compaction
+from ._contraction import blocks_of
 from ._errors import checked
 from ._finite_sum import FiniteSum, FlatComponent, FlatSum
 from ._fixed_point_loop import LoopOptions, iterate
 from ._fixed_point_problem import Problem
 from ._fixed_point_solver import AbstractSolver
 from ._manual import hoist
+from ._reversible import ReversibleAdjoint
 from ._solution import RESULTS, Solution
 
 
@@ -92,23 +95,44 @@ def _core(
     name, kind, fn, y0, args, solver, adjoint, options, has_aux, compaction, throw
 ) -> Solution:
     y0_flat, unravel, inputs, aux_struct = setup(name, fn, y0, args, has_aux)
+    blocks = blocks_of(y0)
     if eqx.is_array(options.max_steps):
         # A run-time budget travels with the inputs: an adjoint's derivative rule
         # may not close over a traced value (it gets no tangent: an integer).
         inputs = (*inputs, options.max_steps)
+
+    # The reversible adjoint also needs the solver and its final state (the last
+    # two iterates), which it runs backwards.
+    reversing = isinstance(adjoint, ReversibleAdjoint)
 
     def primal(inputs, y, loop, checkpoints):
         f, a = inputs[:2]
         opts = options
         if len(inputs) == 3:
             opts = eqx.tree_at(lambda o: o.max_steps, options, inputs[2])
-        return _split(
-            iterate(solver, Problem(f, kind), y, a, aux_struct, opts, loop, checkpoints, compaction)
+        problem = Problem(f, kind, blocks)
+        # Not compacted when reversing: compaction's `custom_vmap` inside the
+        # reversal's `custom_vjp` breaks forward-over-reverse (`jax.hessian`).
+        y, aux, result, stats, state = iterate(
+            solver,
+            problem,
+            y,
+            a,
+            aux_struct,
+            opts,
+            loop,
+            checkpoints,
+            None if reversing else compaction,
         )
+        return y, ((aux, result, stats, state) if reversing else (aux, result, stats))
 
-    y_flat, (aux, result, stats) = adjoint.apply(
-        primal, residual_fn(kind), inputs, y0_flat, (solver.rtol, solver.atol), _failed, throw
-    )
+    if reversing:
+        y_flat, rest = adjoint.reverse(primal, inputs, y0_flat, solver, kind, _failed, throw)
+        aux, result, stats = rest[:3]
+    else:
+        y_flat, (aux, result, stats) = adjoint.apply(
+            primal, residual_fn(kind), inputs, y0_flat, (solver.rtol, solver.atol), _failed, throw
+        )
     if has_aux:
         # Evaluated again at the (differentiable) solution so that gradients flow
         # through `aux` under every adjoint.
@@ -130,12 +154,15 @@ def setup(name, fn, y0, args, has_aux):
     """
     if not callable(fn):
         raise TypeError(f"`fn` must be callable, got {fn!r}.")
-    if has_aux and isinstance(fn, FiniteSum):
-        raise TypeError(
-            f"`{name}`: `has_aux=True` cannot be used with a `fixpoint.FiniteSum` `fn`: "
-            "its components return the value only."
-        )
+    for kind in (FiniteSum, Blockwise):
+        if has_aux and isinstance(fn, kind):
+            raise TypeError(
+                f"`{name}`: `has_aux=True` cannot be used with a `fixpoint.{kind.__name__}` "
+                "`fn`: its parts return the value only."
+            )
     y0 = as_float_pytree(y0)
+    if isinstance(fn, Blockwise):
+        _check_blockwise(name, fn, y0, args)
     if isinstance(fn, FiniteSum):
         # One component first, so that a wrong output is named as the component's.
         part = eqx.filter_eval_shape(
@@ -151,12 +178,45 @@ def setup(name, fn, y0, args, has_aux):
         # components share its closed-over arrays (so gradients reach them).
         component = hoist(FlatComponent(fn.fn, unravel), y0_flat, args, jnp.int32(0))
         flat_cc = FlatSum(component, fn.num_components)
+    elif isinstance(fn, Blockwise):
+        # One hoisted function per block: the whole call is their concatenation.
+        flat_cc = FlatBlockwise(
+            tuple(
+                hoist(FlatBlock(fn.fns[k], unravel, f"fns[{k!r}](y, args)"), y0_flat, args)
+                for k in block_keys(y0)
+            )
+        )
     else:
         flat_cc = hoist(_Flat(fn, unravel, has_aux), y0_flat, args)
     # Weakly typed scalars (e.g. a Python float under `grad`) come back from
     # `custom_jvp` as Python-like scalars; strong-typed arrays stay arrays.
     inputs = jax.tree.map(_strong, (flat_cc, args))
     return y0_flat, unravel, inputs, aux_struct
+
+
+def _check_blockwise(name, fn, y0, args):
+    """A `Blockwise` needs `y0` of blocks with the same keys, and each block's
+    function must return its block's structure, shapes and dtypes (named)."""
+    if not isinstance(y0, (tuple, list, dict)) or (
+        isinstance(y0, dict) != isinstance(fn.fns, dict)
+        or sorted(block_keys(y0), key=repr) != sorted(block_keys(fn.fns), key=repr)
+    ):
+        got = list(y0) if isinstance(y0, dict) else type(y0).__name__
+        raise ValueError(
+            f"`{name}`: a `fixpoint.Blockwise` `fn` needs `y0` with the same blocks as its "
+            f"`fns` ({block_keys(fn.fns)}), got {got}"
+            + (f" of {len(y0)} blocks" if isinstance(y0, (tuple, list)) else "")
+            + "."
+        )
+    for k in block_keys(y0):
+        part = eqx.filter_eval_shape(
+            lambda y, a, k=k: outputs_as_arrays(fn.fns[k](y, a), f"fns[{k!r}](y, args)"),
+            y0,
+            args,
+        )
+        check_output(
+            part, y0[k], False, name, f"the `Blockwise` block {k!r}", f"fns[{k!r}](y0, args)"
+        )
 
 
 def residual_fn(kind):
@@ -179,11 +239,6 @@ def failed_at(index):
 
 
 _failed = failed_at(1)
-
-
-def _split(out):
-    y, aux, result, stats = out
-    return y, (aux, result, stats)
 
 
 def check_budget(max_steps):

@@ -34,6 +34,8 @@ class RESULTS(eqx.Enumeration):
       estimates the infimal displacement vector `v`, the smallest `y − fn(y)`
       over all `y`, in the library's residual convention (`fn(y) = y + 1` gives
       `v = −1`). Detection, not proof: see the results guide.
+    - `reversal_lost`: only in the error of a gradient: `ReversibleAdjoint`,
+      running the iteration backwards, lost its trajectory (see there).
     - `path_ended`: `solvers.Homotopy` could not follow its solution path to
       the target: the step along the path fell below its `min_step` (a fold,
       where the path turns back, or a singular Jacobian).
@@ -58,6 +60,12 @@ class RESULTS(eqx.Enumeration):
         "fixed point, if any, lies at least half the distance travelled from `y0`: raise "
         "`max_steps` if one may be that far. `stats['displacement']` estimates the "
         "infimal displacement vector."
+    )
+    reversal_lost = (
+        "Running the iteration backwards (`ReversibleAdjoint`) lost the forward trajectory: "
+        "the recovered start drifted from `y0` by more than `rtol` times the distance the "
+        "solve travelled (the number given as the residual), or overflowed, so the gradient "
+        "would not be the iteration's."
     )
     path_ended = (
         "The homotopy's solution path could not be followed to the target problem: its "

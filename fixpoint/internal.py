@@ -31,6 +31,7 @@ from ._checks import check_int as check_int
 from ._checks import check_number as check_number
 from ._compact import check_compaction as check_compaction
 from ._compact import compacted_while_loop as compacted_while_loop
+from ._contraction import spectral_radius_jvp as spectral_radius_jvp
 from ._convergence import converged as converged
 from ._convergence import meets as meets
 from ._convergence import scaled_size as scaled_size
@@ -46,6 +47,8 @@ from ._fixed_point_solver import Step as Step
 from ._fixed_point_solver import check_tolerances as check_tolerances
 from ._manual import fori_loop as fori_loop
 from ._manual import while_loop as while_loop
+from ._reversible import AbstractReversibleSolver as AbstractReversibleSolver
+from ._reversible import ReversibleState as ReversibleState
 from ._scan_loop import iterate_scan as iterate_scan
 from ._scan_solver import AbstractScanSolver as AbstractScanSolver
 from ._scan_solver import ScanProblem as ScanProblem

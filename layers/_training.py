@@ -76,19 +76,9 @@ def spectral_radius(
     def jv(v):
         return jax.jvp(lambda z: f(z, x), (z,), (v,))[1]
 
-    burn_in = iters // 2
-
-    def body(i, carry):
-        v, log_growth = carry
-        w = jv(v)
-        norm = jnp.linalg.norm(w)
-        log_growth = log_growth + jnp.where(i >= burn_in, jnp.log(norm), 0.0)
-        return w / (norm + jnp.finfo(z.dtype).tiny), log_growth
-
-    v = jax.random.normal(key, z.shape, z.dtype)
-    init = (v / jnp.linalg.norm(v), jnp.zeros((), z.dtype))
-    _, log_growth = jax.lax.fori_loop(0, iters, body, init)
-    return jnp.exp(log_growth / (iters - burn_in))
+    # The core's estimate (`fixpoint.contraction_estimate` uses it too).
+    radius, _ = internal.spectral_radius_jvp(jv, jax.random.normal(key, z.shape, z.dtype), iters)
+    return radius
 
 
 def correction_iterates(

@@ -1,6 +1,7 @@
 """Fixed-point and root-finding algorithms for `fixpoint`."""
 
 from ._anderson import Anderson as Anderson
+from ._best_response import BestResponse as BestResponse
 from ._broyden import Broyden as Broyden
 from ._decoding import GSJacobiDecoding as GSJacobiDecoding
 from ._decoding import HybridDecoding as HybridDecoding
@@ -19,6 +20,7 @@ from ._jacobi import PicardSum as PicardSum
 from ._jacobi import Sequential as Sequential
 from ._newton import Newton as Newton
 from ._picard import Picard as Picard
+from ._reversible import Reversible as Reversible
 from ._splitting import AbstractMonotoneLinear as AbstractMonotoneLinear
 from ._splitting import ForwardBackward as ForwardBackward
 from ._splitting import MonotoneMatrix as MonotoneMatrix

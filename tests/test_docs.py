@@ -84,6 +84,8 @@ EXAMPLES = [
     "README.md",
     "docs/getting_started.md",
     "docs/guides/equilibrium_layers.md",
+    "docs/guides/which_adjoint.md",
+    "docs/guides/games.md",
     "docs/guides/writing_a_solver.md",
 ]
 

@@ -10,29 +10,34 @@ import pytest
 import fixpoint
 
 API = {
-    "fixpoint": """AbstractAdjoint AbstractCachedModel Compaction Disagreement FiniteSum
-        ImplicitAdjoint LyapunovEstimate NeumannAdjoint PhantomAdjoint RESULTS Solution SolveError
-        UnrolledAdjoint custom_fixed_point custom_root data_parallel datasets decode
-        first_disagreement fixed_point internal layers lyapunov_estimate max_norm rms_norm
-        root_find scan solvers two_norm uncached""",
-    "fixpoint.solvers": """AbstractMonotoneLinear Anderson Broyden DEER ELK ForwardBackward
-        GSJacobiDecoding GaussSeidel Halpern Homotopy HybridDecoding Jacobi JacobiDecoding
-        LookaheadDecoding MonotoneMatrix NGramPool Newton PeacemanRachford Picard PicardSum
-        QuasiDEER Sequential SequentialDecoding VarianceReducedHalpern""",
+    "fixpoint": """AbstractAdjoint AbstractCachedModel Blockwise Compaction ContractionEstimate
+        Disagreement FiniteSum GameConstants SmallGainCertificate contraction_estimate
+        game_constants small_gain_certificate ImplicitAdjoint LyapunovEstimate NeumannAdjoint
+        PhantomAdjoint RESULTS ReversibleAdjoint Solution SolveError UnrolledAdjoint
+        custom_fixed_point custom_root data_parallel datasets decode first_disagreement
+        fixed_point internal layers lyapunov_estimate max_norm rms_norm root_find scan solvers
+        two_norm uncached""",
+    "fixpoint.solvers": """AbstractMonotoneLinear Anderson BestResponse Broyden DEER ELK
+        ForwardBackward GSJacobiDecoding GaussSeidel Halpern Homotopy HybridDecoding Jacobi
+        JacobiDecoding LookaheadDecoding MonotoneMatrix NGramPool Newton PeacemanRachford
+        Picard PicardSum QuasiDEER Reversible Sequential SequentialDecoding
+        VarianceReducedHalpern""",
     "fixpoint.layers": """CGS CausalTransformer CircularConvMonotone ConvMonDEQ DEQ
         DiagonalGRUCell GCN GIN Graph IGNN MonDEQ ParallelRNN ar_loss batch_graphs
         consistency_loss correction_iterates gcn_aggregate graph_readout jacobi_trajectories
         jacobian_penalty lm_loss normalised_adjacency pad_graph perron_root spectral_norm
         spectral_radius weight_norm""",
-    "fixpoint.internal": """AbstractDecodingSolver AbstractScanSolver AbstractSolver Evaluation
-        LoopScalars Problem ScanProblem Step Time as_python_number check_bool
-        check_compaction check_instance check_int check_number check_tolerances checked
-        compacted_while_loop converged fori_loop iterate_scan linear_recurrence meets
-        once_per_shapes raise_if_failed scaled_size scan_tolerances termination while_loop""",
-    "fixpoint.datasets": """ASCII_VOCAB ChainsDataset ClassificationExample FlowExample
-        GRAPH_FAMILIES GVIExample batch_gvi chains_dataset count_params decode_text encode
-        flow_dataset flow_mse graph_classification_dataset gvi_backup gvi_dataset
-        gvi_metrics node_accuracy random_batches stdlib_text""",
+    "fixpoint.internal": """spectral_radius_jvp AbstractDecodingSolver AbstractReversibleSolver
+        AbstractScanSolver AbstractSolver Evaluation LoopScalars Problem ReversibleState
+        ScanProblem Step Time as_python_number check_bool check_compaction check_instance
+        check_int check_number check_tolerances checked compacted_while_loop converged
+        fori_loop iterate_scan linear_recurrence meets once_per_shapes raise_if_failed
+        scaled_size scan_tolerances termination while_loop""",
+    "fixpoint.datasets": """InterferenceGame interference_game water_filling ASCII_VOCAB
+        ChainsDataset ClassificationExample FlowExample GRAPH_FAMILIES GVIExample batch_gvi
+        chains_dataset count_params decode_text encode flow_dataset flow_mse
+        graph_classification_dataset gvi_backup gvi_dataset gvi_metrics node_accuracy
+        random_batches stdlib_text""",
 }
 
 
@@ -132,6 +137,8 @@ SIGNATURES = {
         "Newton": "rtol, atol, norm, *, linear_solver, damping, min_step",
         "Broyden": "rtol, atol, norm, *, history, min_step",
         "Halpern": "rtol, atol, norm, *, restart_ratio",
+        "BestResponse": "rtol, atol, norm, *, order, damping, seed",
+        "Reversible": "rtol, atol, norm, *, beta",
         "Homotopy": (
             "rtol, atol, norm, *, initial_step, max_step, min_step, corrector_rtol, max_corrections"
         ),
@@ -161,6 +168,7 @@ SIGNATURES = {
         "PhantomAdjoint": "*, steps, damping",
         "NeumannAdjoint": "*, terms",
         "UnrolledAdjoint": "*, checkpoints",
+        "ReversibleAdjoint": "rtol",
         "FiniteSum": "fn, num_components",
         "Compaction": "*, factor, min_bucket, min_batch",
     },
