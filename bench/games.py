@@ -109,14 +109,14 @@ def certificate(crosses: list[float], games: int) -> list[dict]:
             game = datasets.interference_game(jax.random.PRNGKey(seed), 4, 8, cross=cross)
             rho = float(jnp.max(jnp.abs(jnp.linalg.eigvals(game.interference_ratios()))))
             cert = fp.small_gain_certificate(game.constants())
-            counts["contracting"] += rho < 1
-            counts["certified"] += bool(cert.certified)
+            counts["contracting"] += int(rho < 1)
+            counts["certified"] += int(bool(cert.certified))
             margins.append(float(cert.margin))
             if bool(cert.certified):
                 sol = _solve(game, "simultaneous", damping=float(cert.step_size), max_steps=5000)
-                counts["damped_converged"] += sol.result == fp.RESULTS.successful
+                counts["damped_converged"] += bool(sol.result == fp.RESULTS.successful)
             for order in plain:
-                plain[order] += _solve(game, order).result == fp.RESULTS.successful
+                plain[order] += bool(_solve(game, order).result == fp.RESULTS.successful)
         rows.append(
             dict(
                 cross=cross,

@@ -16,8 +16,9 @@ def water_filling(level: Float[Array, " N"], power: Float[Array, ""]) -> Float[A
 
     The water level `μ` is found by bisection (which fixes the set of channels
     in use), then computed exactly from that set, `μ = (power + Σ_active
-    level) / |active|`, so the result is exact and differentiable in `level`
-    and `power` away from a change of the active set.
+    level) / |active|`, so the result is exact up to rounding and
+    differentiable in `level` and `power` away from a change of the active
+    set. A dead channel (an infinite level) gets no power.
 
     **Arguments:**
 
@@ -29,8 +30,9 @@ def water_filling(level: Float[Array, " N"], power: Float[Array, ""]) -> Float[A
 
     The allocation, shape `(N,)`, non-negative, summing to `power`.
     """
+    # The level lies between the best channel's and that plus all the power.
     lo = jnp.min(level)
-    hi = jnp.max(level) + power
+    hi = lo + power
 
     def body(_, bounds):
         lo, hi = bounds

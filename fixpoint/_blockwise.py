@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
@@ -19,8 +20,20 @@ from ._custom_types import Args, Y
 
 
 def block_keys(y: Any) -> list:
-    """The top-level keys of a tuple, list or dict `y`, in `ravel_pytree`'s order."""
-    return sorted(y) if isinstance(y, dict) else list(range(len(y)))
+    """The top-level keys of a tuple, list, namedtuple, dict or `OrderedDict` `y`, in
+    JAX's flattening order (so `ravel_pytree`'s): dict keys (sorted for a dict,
+    in insertion order for an `OrderedDict`), else positions."""
+    paths = jax.tree_util.tree_flatten_with_path(y, is_leaf=lambda x: x is not y)[0]
+    keys = []
+    for path, _ in paths:
+        entry = path[0]
+        keys.append(entry.key if isinstance(entry, jax.tree_util.DictKey) else len(keys))
+    return keys
+
+
+def is_blocks(y: Any) -> bool:
+    """Whether `y` is a non-empty tuple, list or dict (of blocks)."""
+    return isinstance(y, (tuple, list, dict)) and len(y) > 0
 
 
 class Blockwise(eqx.Module):
@@ -58,7 +71,7 @@ class Blockwise(eqx.Module):
                 "Blockwise: `fns` must be a non-empty tuple, list or dict of functions, "
                 f"one per block, got {type(self.fns).__name__}."
             )
-        for k in block_keys(self.fns):
+        for k in self.fns if isinstance(self.fns, dict) else range(len(self.fns)):
             if not callable(self.fns[k]):
                 raise TypeError(f"Blockwise: `fns[{k!r}]` must be callable, got {self.fns[k]!r}.")
 
@@ -74,9 +87,8 @@ class Blockwise(eqx.Module):
 
         A pytree like `y`, block `k` being `fns[k](y, args)`.
         """
-        if isinstance(y, dict):
-            return {k: self.fns[k](y, args) for k in y}
-        return type(y)(self.fns[k](y, args) for k in range(len(y)))
+        _, treedef = jax.tree_util.tree_flatten(y, is_leaf=lambda x: x is not y)
+        return jax.tree_util.tree_unflatten(treedef, [self.fns[k](y, args) for k in block_keys(y)])
 
 
 class FlatBlock(eqx.Module):

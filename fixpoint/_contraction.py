@@ -23,6 +23,7 @@ from jax.core import Tracer
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._blockwise import is_blocks
 from ._checks import as_float_pytree, check_int
 
 
@@ -165,13 +166,19 @@ def contraction_estimate(
 
 def blocks_of(y: Any) -> tuple[tuple[int, int], ...] | None:
     """The flat slices `(start, stop)` of `y`'s top-level blocks (the children of a
-    tuple, list or dict, in `ravel_pytree`'s order), or `None` if `y` is not one."""
-    if not isinstance(y, (tuple, list, dict)) or len(y) == 0:
+    tuple, list or dict, in JAX's flattening order, which is `ravel_pytree`'s), or
+    `None` if `y` is not one."""
+    if not is_blocks(y):
         return None
-    parts = [y[k] for k in sorted(y)] if isinstance(y, dict) else list(y)
+    parts = jax.tree_util.tree_flatten(y, is_leaf=lambda x: x is not y)[0]
     sizes = [int(sum(np.size(leaf) for leaf in jax.tree.leaves(p))) for p in parts]
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     return tuple((int(bounds[i]), int(bounds[i + 1])) for i in range(len(sizes)))
+
+
+def _as_float(x):
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float))
 
 
 class GameConstants(eqx.Module):
@@ -192,9 +199,11 @@ class GameConstants(eqx.Module):
     - `local`: whether the constants are estimates at one point.
     """
 
-    mu: Float[Array, " K"]
-    coupling: Float[Array, "K K"]
-    lipschitz: Float[Array, " K"] | None = None
+    mu: Float[Array, " K"] = eqx.field(converter=lambda x: _as_float(x))
+    coupling: Float[Array, "K K"] = eqx.field(converter=lambda x: _as_float(x))
+    lipschitz: Float[Array, " K"] | None = eqx.field(
+        default=None, converter=lambda x: None if x is None else _as_float(x)
+    )
     local: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
@@ -295,22 +304,21 @@ def _margin(mu, coupling, w):
 
 
 def _best_weights(mu, coupling, steps):
-    """The weights: for two blocks the closed form; for more, a start that
+    """The weights: for two blocks coupled both ways the closed form; else a start that
     certifies whenever the comparison matrix `M` (`M_ii = μ_i`, `M_ij = −L_ij`)
     is a nonsingular M-matrix (`ρ(Γ) < 1`, `Γ_ij = L_ij / μ_i`), improved by
     gradient ascent on `log w`."""
     k = mu.shape[0]
     off = coupling * (1 - jnp.eye(k, dtype=coupling.dtype))
-    if k == 2:
+    if k == 2 and not isinstance(off, Tracer) and bool((off[0, 1] > 0) & (off[1, 0] > 0)):
         # λ_min of the weighted 2x2 is μ1 + μ2 − √((μ1 − μ2)² + (L12 + t L21)²/t)
-        # for w = (1, t): best at t = L12 / L21.
-        l12, l21 = off[0, 1], off[1, 0]
-        t = jnp.where((l12 > 0) & (l21 > 0), l12 / jnp.where(l21 > 0, l21, 1), 1.0)
-        return jnp.stack([jnp.ones_like(t), t])
+        # for w = (1, t): best at t = L12 / L21. (One-sided coupling: the best t
+        # is a limit; the general start below certifies.)
+        return jnp.stack([jnp.ones_like(off[0, 1]), off[0, 1] / off[1, 0]])
     # C = D M + Mᵀ D with D = diag(w). For a nonsingular M-matrix, q = M⁻¹1 > 0
-    # and p = M⁻ᵀ1 > 0, and w = p / q makes C positive definite (C q/w... the
-    # classic diagonal Lyapunov solution: C (q) = D M q + Mᵀ p > 0 row-wise with
-    # C a Z-matrix). Otherwise start from all ones.
+    # and p = M⁻ᵀ1 > 0, and w = p / q gives C q = D M q + Mᵀ D q = p + p > 0
+    # with C a Z-matrix, so C is positive definite (the classic diagonal
+    # Lyapunov solution). Otherwise start from all ones.
     m = jnp.diag(mu) - off
     ones = jnp.ones_like(mu)
     q = jnp.linalg.solve(m, ones)
@@ -356,10 +364,15 @@ def small_gain_certificate(
     With the block constants of `F(y) = y − f(y)` (see `fixpoint.GameConstants`)
     it forms `C_ii = 2 w_i μ_i`, `C_ij = −(w_i L_ij + w_j L_ji)` and the margin
     `α*(w) = ½ λ_min(D^-½ C D^-½)`, `D = diag(w)`; certified when `α* > 0`. The
-    weights, unless given: for two blocks the best ones in closed form,
-    `w = (1, L12/L21)` (margin `½(μ1 + μ2 − √((μ1 − μ2)² + 4 L12 L21))`); for more,
-    the left Perron vector of `Γ_ij = L_ij / μ_i`, improved by `steps` steps of
-    gradient ascent on `log w` (the best seen is kept). With global bounds the
+    weights, unless given: for two blocks coupled both ways the best ones in
+    closed form, `w = (1, L12/L21)` (margin `½(μ1 + μ2 − √((μ1 − μ2)² + 4 L12
+    L21))`); else
+    `w = (M⁻ᵀ1) / (M⁻¹1)` (`M_ii = μ_i`, `M_ij = −L_ij`), which certifies
+    whenever `M` is a nonsingular M-matrix (`ρ(Γ) < 1`, `Γ_ij = L_ij / μ_i`),
+    improved by `steps` steps of gradient ascent on `log w` (the best seen is
+    kept). A margin within rounding of zero (`100 ε` times the largest
+    constant), or constants that are not finite or negative couplings, are
+    not certified. With global bounds the
     certificate is a proof; with `fixpoint.game_constants`' estimates it is
     `local`.
 
@@ -415,7 +428,15 @@ def small_gain_certificate(
         lam = off + jnp.diag(lip)
         s = jnp.sqrt(w)
         ell = jnp.linalg.norm(s[:, None] * lam / s[None, :], 2)
-    certified = margin > 0
+    sound = (
+        jnp.all(jnp.isfinite(mu))
+        & jnp.all(jnp.isfinite(off))
+        & jnp.all(off >= 0)
+        & jnp.all(jnp.isfinite(w))
+        & jnp.all(w > 0)
+    )
+    scale = jnp.maximum(jnp.max(jnp.abs(mu)), jnp.max(jnp.abs(off)))
+    certified = sound & (margin > 100 * jnp.finfo(mu.dtype).eps * scale)
     ok = certified & jnp.isfinite(ell)
     step = jnp.where(ok, margin / ell**2, jnp.nan)
     rate = jnp.where(ok, jnp.sqrt(jnp.maximum(1 - (margin / ell) ** 2, 0.0)), jnp.nan)

@@ -29,9 +29,10 @@ class BestResponse(internal.AbstractSolver):
     blocks were already updated. With `fn` a `fixpoint.Blockwise` (one function
     per block) a sweep costs one evaluation of each block's function, as much
     as one whole evaluation; with a plain `fn` it costs `K` whole evaluations
-    (each update evaluates `fn` whole and keeps one block). Under `jax.vmap`
-    the random order evaluates every block's branch at each update (`K` times
-    the work), since the order differs per sample.
+    (each update evaluates `fn` whole and keeps one block). The random order
+    depends only on `seed` (every sample of a `jax.vmap` gets the same one),
+    but under `jax.vmap` it is picked by a `lax.switch` on a batched index,
+    which evaluates every block's branch at each update (`K` times the work).
 
     *What is tested.* For the sequential orders the residual is the sweep's own,
     `(y − sweep(y)) / α`, whose zeros are `fn`'s fixed points: `‖y − f(y)‖ ≤
@@ -55,7 +56,7 @@ class BestResponse(internal.AbstractSolver):
     - `order`: `"simultaneous"` (default), `"sequential"` or `"random"`.
     - `damping`: `α` in `(0, 1]` (default 1): each block moves this fraction
       of the way to its best response (`fixpoint.small_gain_certificate`'s
-      `step_size` is one that contracts).
+      `step_size` is one under which the simultaneous order contracts).
     - `seed`: the seed of the random order, an integer in `[0, 2**32)`.
     """
 
@@ -78,6 +79,10 @@ class BestResponse(internal.AbstractSolver):
         internal.check_int(self.seed, "seed", 0, owner="BestResponse")
         if self.seed >= 2**32:
             raise ValueError(f"BestResponse: `seed` must be below 2**32, got {self.seed}.")
+
+    def drift_rate(self):
+        # The simultaneous order is Picard (Krasnoselskii–Mann with damping α).
+        return self.damping if self.order == "simultaneous" else None
 
     def _blocks(self, problem):
         blocks = problem.blocks

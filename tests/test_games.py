@@ -168,3 +168,46 @@ def test_bad_options_and_states_are_named():
         fixpoint.small_gain_certificate(jnp.ones(2), jnp.eye(2), weights=jnp.array([1.0, -1.0]))
     with pytest.raises(ValueError, match="iterations"):
         fixpoint.contraction_estimate(lambda y, a: y, jnp.ones(2), iterations=1)
+
+
+def test_edge_cases_found_in_review():
+    # One-sided coupling: certified (the best weight is a limit; the M-matrix start
+    # finds a certifying one).
+    one_sided = fixpoint.small_gain_certificate(jnp.ones(2), jnp.array([[0, 10.0], [0, 0]]))
+    assert bool(one_sided.certified) and float(one_sided.margin) > 0.5
+    # A NaN constant is never certified; nor a singular boundary case (ρ(Γ) = 1).
+    assert not bool(
+        fixpoint.small_gain_certificate(jnp.array([1, jnp.nan]), jnp.zeros((2, 2))).certified
+    )
+    ring = jnp.array([[0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]])
+    assert not bool(fixpoint.small_gain_certificate(jnp.ones(3), ring).certified)
+    # Lists and integers are accepted as constants.
+    assert bool(
+        fixpoint.small_gain_certificate([1, 1], [[0, 0], [0, 0]], weights=[0.5, 0.5]).certified
+    )
+    # A dead channel (infinite level) gets no power; widely spread levels.
+    np.testing.assert_allclose(
+        datasets.water_filling(jnp.array([0.0, 10.0, jnp.inf]), 1.0), [1, 0, 0]
+    )
+    np.testing.assert_allclose(
+        datasets.water_filling(jnp.array([0.0, 0.5, 1e300]), 2.0), [1.25, 0.75, 0]
+    )
+    # An OrderedDict state (flattened in insertion order) and a namedtuple state.
+    from collections import OrderedDict, namedtuple
+
+    def shrink(y, args):
+        return 0.5 * y["a"][:1] + 0.1
+
+    y0 = OrderedDict(b=jnp.ones(1), a=jnp.ones(3))
+    fn = fixpoint.Blockwise(OrderedDict(b=shrink, a=lambda y, args: 0.9 * jnp.resize(y["b"], 3)))
+    for order in ORDERS:
+        sol = fixpoint.fixed_point(fn, y0, solver=solvers.BestResponse(1e-12, 1e-12, order=order))
+        np.testing.assert_allclose(sol.value["b"], 0.1 / (1 - 0.45), rtol=1e-9)
+    pair = namedtuple("pair", "u v")
+    fn = fixpoint.Blockwise((lambda y, a: 0.5 * y.v, lambda y, a: 0.5 * y.u + 1.0))
+    sol = fixpoint.fixed_point(
+        fn,
+        pair(jnp.zeros(2), jnp.zeros(2)),
+        solver=solvers.BestResponse(1e-12, 1e-12, order="sequential"),
+    )
+    np.testing.assert_allclose(sol.value.v, 4 / 3, rtol=1e-9)
