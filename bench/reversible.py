@@ -13,7 +13,8 @@ norm `rho`, `x` one input):
   of the fixed point), as relative errors `‖g − g_ref‖₂ / ‖g_ref‖₂` over all
   leaves; whether the default check (`ReversibleAdjoint()`, `rtol=1e-2`) refuses
   the reversal; and the drift of the recovered start relative to the distance
-  travelled (the number that check compares with `rtol`), from the solver's own
+  travelled (the number that check compares with `rtol`: with `y0 = 0` the check's
+  scale `max(‖y − y0‖, ‖y0‖, ‖y‖)` is the distance travelled), from the solver's own
   `update` / `revert` run `N` steps forward and back.
 - `cost` (hidden 512, batch 64, float32, `bench/deq_memory.py`'s cell `tanh(0.5 W z +
   U x + c)`), in two forms: `joint`, one fixed point for the whole batch (`z` of shape

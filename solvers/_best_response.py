@@ -28,8 +28,10 @@ class BestResponse(internal.AbstractSolver):
     A sequential or random sweep evaluates block `k` at a state whose earlier
     blocks were already updated. With `fn` a `fixpoint.Blockwise` (one function
     per block) a sweep costs one evaluation of each block's function, as much
-    as one whole evaluation; with a plain `fn` it costs `K` whole evaluations
-    (each update evaluates `fn` whole and keeps one block). The random order
+    as one whole evaluation; with a plain `fn` each update evaluates `fn`
+    whole and keeps one block, nominally `K` whole evaluations per sweep (where
+    `fn` is plain JAX, XLA drops the work of the blocks whose outputs are
+    discarded: in `bench/games.py` both forms take the same time). The random order
     depends only on `seed` (every sample of a `jax.vmap` gets the same one),
     but under `jax.vmap` it is picked by a `lax.switch` on a batched index,
     which evaluates every block's branch at each update (`K` times the work).
