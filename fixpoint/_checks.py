@@ -52,10 +52,17 @@ def outputs_as_arrays(out, what: str = "fn(y, args)"):
 
 
 def check_output(
-    out_struct, y0, has_aux: bool, name: str, fn: str = "`fn`", call: str = "fn(y0, args)"
+    out_struct,
+    y0,
+    has_aux: bool,
+    name: str,
+    fn: str = "`fn`",
+    call: str = "fn(y0, args)",
+    root: str = "y0",
 ):
     """Check that `fn(y0, args)` has the structure, shapes and dtypes of `y0`
-    (`fn` and `call` name the function and the call in the messages)."""
+    (`fn` and `call` name the function and the call in the messages, `root`
+    what `y0` is, e.g. `y0[1]` for one block)."""
     if has_aux:
         if not (isinstance(out_struct, tuple) and len(out_struct) == 2):
             raise ValueError(
@@ -72,21 +79,21 @@ def check_output(
             else ""
         )
         raise ValueError(
-            f"{fn} must return a pytree with the same structure as `y0`{hint}.\n"
-            f"  y0: {y_struct}\n  {call}: {o_struct}"
+            f"{fn} must return a pytree with the same structure as `{root}`{hint}.\n"
+            f"  {root}: {y_struct}\n  {call}: {o_struct}"
         )
     for (path, y), o in zip(
         jax.tree_util.tree_flatten_with_path(y0)[0], jax.tree.leaves(out_struct), strict=True
     ):
-        where = f"y0{jax.tree_util.keystr(path)}"
+        where = f"{root}{jax.tree_util.keystr(path)}"
         if tuple(o.shape) != tuple(y.shape):
             raise ValueError(
-                f"{fn} changed the shape of `{where}`: y0 has shape {tuple(y.shape)}, "
+                f"{fn} changed the shape of `{where}`: {root} has shape {tuple(y.shape)}, "
                 f"{call} has shape {tuple(o.shape)}."
             )
         if o.dtype != y.dtype:
             raise TypeError(
-                f"{fn} changed the dtype of `{where}`: y0 has dtype {y.dtype}, "
+                f"{fn} changed the dtype of `{where}`: {root} has dtype {y.dtype}, "
                 f"{call} has dtype {o.dtype}. Make {fn} return the dtype it is "
                 "given (or cast `y0`)."
             )

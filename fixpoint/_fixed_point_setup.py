@@ -201,7 +201,11 @@ def _check_blockwise(name, fn, y0, args):
         isinstance(y0, dict) != isinstance(fn.fns, dict)
         or sorted(block_keys(y0), key=repr) != sorted(block_keys(fn.fns), key=repr)
     ):
-        got = list(y0) if isinstance(y0, dict) else type(y0).__name__
+        got = (
+            f"a dict with keys {list(y0)}"
+            if isinstance(y0, dict)
+            else (type(y0).__name__ if isinstance(y0, (tuple, list)) else "a single array")
+        )
         raise ValueError(
             f"`{name}`: a `fixpoint.Blockwise` `fn` needs `y0` with the same blocks as its "
             f"`fns` ({block_keys(fn.fns)}), got {got}"
@@ -215,7 +219,13 @@ def _check_blockwise(name, fn, y0, args):
             args,
         )
         check_output(
-            part, y0[k], False, name, f"the `Blockwise` block {k!r}", f"fns[{k!r}](y0, args)"
+            part,
+            y0[k],
+            False,
+            name,
+            f"the `Blockwise` block {k!r}",
+            f"fns[{k!r}](y0, args)",
+            root=f"y0[{k!r}]",
         )
 
 
