@@ -13,6 +13,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._checks import outputs_as_arrays
@@ -34,6 +35,18 @@ def block_keys(y: Any) -> list:
 def is_blocks(y: Any) -> bool:
     """Whether `y` is a non-empty tuple, list or dict (of blocks)."""
     return isinstance(y, (tuple, list, dict)) and len(y) > 0
+
+
+def blocks_of(y: Any) -> tuple[tuple[int, int], ...] | None:
+    """The flat slices `(start, stop)` of `y`'s top-level blocks (the children of a
+    tuple, list or dict, in JAX's flattening order, which is `ravel_pytree`'s), or
+    `None` if `y` is not one."""
+    if not is_blocks(y):
+        return None
+    parts = jax.tree_util.tree_flatten(y, is_leaf=lambda x: x is not y)[0]
+    sizes = [int(sum(np.size(leaf) for leaf in jax.tree.leaves(p))) for p in parts]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return tuple((int(bounds[i]), int(bounds[i + 1])) for i in range(len(sizes)))
 
 
 class Blockwise(eqx.Module):

@@ -23,7 +23,7 @@ from jax.core import Tracer
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._blockwise import is_blocks
+from ._blockwise import blocks_of
 from ._checks import as_float_pytree, check_int
 
 
@@ -162,18 +162,6 @@ def contraction_estimate(
 
 
 # ----------------------------------------------------------------------- games
-
-
-def blocks_of(y: Any) -> tuple[tuple[int, int], ...] | None:
-    """The flat slices `(start, stop)` of `y`'s top-level blocks (the children of a
-    tuple, list or dict, in JAX's flattening order, which is `ravel_pytree`'s), or
-    `None` if `y` is not one."""
-    if not is_blocks(y):
-        return None
-    parts = jax.tree_util.tree_flatten(y, is_leaf=lambda x: x is not y)[0]
-    sizes = [int(sum(np.size(leaf) for leaf in jax.tree.leaves(p))) for p in parts]
-    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    return tuple((int(bounds[i]), int(bounds[i + 1])) for i in range(len(sizes)))
 
 
 def _as_float(x):

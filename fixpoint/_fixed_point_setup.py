@@ -10,7 +10,7 @@ from jax.core import Tracer
 from jax.flatten_util import ravel_pytree
 
 from ._adjoint import AbstractAdjoint, explain_forward_mode
-from ._blockwise import Blockwise, FlatBlock, FlatBlockwise, block_keys
+from ._blockwise import Blockwise, FlatBlock, FlatBlockwise, block_keys, blocks_of
 from ._cache import may_cache
 from ._checks import (
     as_float_pytree,
@@ -22,7 +22,6 @@ from ._checks import (
     outputs_as_arrays,
 )
 from ._compact import check_compaction
-from ._contraction import blocks_of
 from ._errors import checked
 from ._finite_sum import FiniteSum, FlatComponent, FlatSum
 from ._fixed_point_loop import LoopOptions, iterate
