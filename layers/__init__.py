@@ -1,6 +1,7 @@
 """`fixpoint.layers`: Equinox layers built on `fixpoint` and `fixpoint.solvers`,
 with their training losses and tools."""
 
+from ._boltzmann import MonotoneDBM as MonotoneDBM
 from ._consistency import ar_loss as ar_loss
 from ._consistency import consistency_loss as consistency_loss
 from ._consistency import jacobi_trajectories as jacobi_trajectories
@@ -21,6 +22,9 @@ from ._mondeq import ConvMonDEQ as ConvMonDEQ
 from ._mondeq import MonDEQ as MonDEQ
 from ._rnn import DiagonalGRUCell as DiagonalGRUCell
 from ._rnn import ParallelRNN as ParallelRNN
+from ._subhomogeneous import SubhomogeneousDEQ as SubhomogeneousDEQ
+from ._subhomogeneous import SubhomogeneousMap as SubhomogeneousMap
+from ._subhomogeneous import thompson_distance as thompson_distance
 from ._training import correction_iterates as correction_iterates
 from ._training import jacobian_penalty as jacobian_penalty
 from ._training import spectral_norm as spectral_norm

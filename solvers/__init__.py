@@ -20,6 +20,9 @@ from ._jacobi import PicardSum as PicardSum
 from ._jacobi import Sequential as Sequential
 from ._newton import Newton as Newton
 from ._picard import Picard as Picard
+from ._proximal import AbstractProximal as AbstractProximal
+from ._proximal import MeanField as MeanField
+from ._proximal import NonNegative as NonNegative
 from ._reversible import Reversible as Reversible
 from ._splitting import AbstractMonotoneLinear as AbstractMonotoneLinear
 from ._splitting import ForwardBackward as ForwardBackward

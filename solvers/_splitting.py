@@ -1,4 +1,4 @@
-"""Operator splitting for monotone equilibria `z = relu(W z + b)` (monDEQ).
+"""Operator splitting for monotone equilibria `z = σ(W z + b)` (monDEQ, monotone DBMs).
 
 Winston & Kolter 2020, "Monotone operator equilibrium networks" (NeurIPS). With
 `I - W ⪰ m I` (`m > 0`) the equilibrium is the unique zero of the strongly
@@ -8,10 +8,16 @@ Forward–backward and Peaceman–Rachford splitting find it; unlike plain
 iteration `z <- relu(W z + b)` they converge for every such `W` (forward–backward
 for a small enough step, Peaceman–Rachford for any step).
 
+More generally `σ` may be the proximal operator of any closed convex `f`
+(`AbstractProximal`; `relu` is `NonNegative`): the equilibrium is then the zero of
+`0 ∈ (I - W) z - b + ∂f(z)` and the steps use `prox_{αf}` (`MeanField`: the
+sigmoid / softmax of a Boltzmann machine's mean-field update).
+
 These solvers need the structure of the map (the linear operator `W`, its
-monotonicity `m`, a resolvent), which `fixpoint.fixed_point(fn, ...)` does not
-see, so they are called as `solver.solve(operator, b, z0)`. Gradients come from
-`fixpoint.custom_fixed_point` on `z -> relu(W z + b)`: the splitting iteration
+monotonicity `m`, a resolvent, the nonlinearity's proximal operator), which
+`fixpoint.fixed_point(fn, ...)` does not see, so they are called as
+`solver.solve(operator, b, z0, nonlinearity=...)`. Gradients come from
+`fixpoint.custom_fixed_point` on `z -> σ(W z + b)`: the splitting iteration
 itself is never differentiated.
 """
 
@@ -27,6 +33,8 @@ from jaxtyping import Array, Float
 
 import fixpoint
 from fixpoint import internal
+
+from ._proximal import AbstractProximal, NonNegative
 
 # ---- the linear part ---------------------------------------------------------
 
@@ -156,10 +164,10 @@ class _Carry(eqx.Module):
     scalars: Array  # `internal.LoopScalars`, packed
 
 
-def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
-    """Run `update(z, u, wz) -> (z, u)` until `relu(W z + b) ≈ z`; return a Solution.
+def _iterate(solver, operator, b, sigma, z0, u0, update, max_steps, compaction=None):
+    """Run `update(z, u, wz) -> (z, u)` until `σ(W z + b) ≈ z`; return a Solution.
 
-    The residual `r = relu(W z + b) - z` is measured at the current iterate
+    The residual `r = σ(W z + b) - z` is measured at the current iterate
     before each update, so the returned `value` is the iterate whose residual is
     reported. The loop stops on convergence (`internal.converged`: `norm(r / (atol +
     rtol |z|)) < 1`, with a residual that has fallen: see `internal.converged`), a
@@ -176,7 +184,7 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
     def body(c):
         prev = Scalars.read(c.scalars, dtype)
         wz = operator.mv(c.z)
-        r = jax.nn.relu(wz + b) - c.z
+        r = sigma(wz + b) - c.z
         rnorm = solver.norm(r)
         start = prev.first_norm(rnorm)
         finite = jnp.isfinite(rnorm)
@@ -212,8 +220,8 @@ def _iterate(solver, operator, b, z0, u0, update, max_steps, compaction=None):
 
 
 def _equilibrium_map(z, args):
-    operator, b = args
-    return jax.nn.relu(operator.mv(z) + b)
+    operator, b, sigma = args
+    return sigma(operator.mv(z) + b)
 
 
 def _already_solved(z, args):
@@ -225,14 +233,14 @@ def _already_solved(z, args):
 
 
 @eqx.filter_jit
-def _run(solver, operator, b, z0, max_steps, compaction):
+def _run(solver, operator, b, sigma, z0, max_steps, compaction):
     """The splitting loop, compiled once per (solver, operator structure, shapes)."""
     u0 = solver.u_init(operator, b, z0)
-    update = solver.update(operator, b)
-    return _iterate(solver, operator, b, z0, u0, update, max_steps, compaction)
+    update = solver.update(operator, b, sigma)
+    return _iterate(solver, operator, b, sigma, z0, u0, update, max_steps, compaction)
 
 
-def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction):
+def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction, sigma):
     """Checks, the splitting loop on stop-gradient inputs, then the implicit gradient."""
     if not isinstance(operator, AbstractMonotoneLinear):
         raise TypeError(
@@ -248,6 +256,11 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction)
             "not differentiated); use `ImplicitAdjoint`, `PhantomAdjoint` or `NeumannAdjoint`."
         )
     internal.check_compaction(compaction, f"{name}.solve: `compaction`")
+    if not isinstance(sigma, AbstractProximal):
+        raise TypeError(
+            f"{name}.solve: `nonlinearity` must be a `fixpoint.solvers.AbstractProximal` "
+            f"(e.g. `NonNegative()` for relu, `MeanField(...)`), got {sigma!r}."
+        )
     b = jnp.asarray(b)
     if not jnp.issubdtype(b.dtype, jnp.floating):
         raise TypeError(f"{name}.solve: `b` must be floating point, got dtype {b.dtype}.")
@@ -263,17 +276,28 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction)
             f"{name}.solve: `operator.mv(z)` must have the shape and dtype of `b` "
             f"({b.shape}, {b.dtype}), got ({wz_struct.shape}, {wz_struct.dtype})."
         )
+    try:
+        sigma_struct = jax.eval_shape(sigma, z0)
+    except Exception as e:
+        raise ValueError(
+            f"{name}.solve: `nonlinearity` cannot be applied to a state of shape {b.shape}: {e}"
+        ) from e
+    if sigma_struct.shape != b.shape or sigma_struct.dtype != b.dtype:
+        raise ValueError(
+            f"{name}.solve: `nonlinearity(v)` must have the shape and dtype of `b` "
+            f"({b.shape}, {b.dtype}), got ({sigma_struct.shape}, {sigma_struct.dtype})."
+        )
 
-    op_nd, b_nd, z0_nd = jax.tree.map(
-        lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, (operator, b, z0)
+    op_nd, b_nd, sigma_nd, z0_nd = jax.tree.map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, (operator, b, sigma, z0)
     )
-    sol = _run(solver, op_nd, b_nd, z0_nd, max_steps, compaction)
+    sol = _run(solver, op_nd, b_nd, sigma_nd, z0_nd, max_steps, compaction)
     # The derivative of a failed solve is NaN where its cotangent is nonzero:
     # `custom_fixed_point` checks the returned point against the same tolerance.
     solve_fn = fixpoint.custom_fixed_point(
         _equilibrium_map, adjoint=adjoint, rtol=solver.rtol, atol=solver.atol
     )(_already_solved)
-    value = solve_fn(sol.value, (operator, b))
+    value = solve_fn(sol.value, (operator, b, sigma))
     result, stats = sol.result, sol.stats
     if throw:
         value, result, stats = internal.checked(
@@ -287,6 +311,7 @@ def _solve(solver, name, operator, b, z0, max_steps, throw, adjoint, compaction)
 
 
 _IMPLICIT = fixpoint.ImplicitAdjoint()
+_RELU = NonNegative()
 
 
 def _check_common(solver):
@@ -310,8 +335,10 @@ class _AbstractSplitting(eqx.Module):
     divergence_ratio: AbstractVar[float]
 
     @abc.abstractmethod
-    def update(self, op: AbstractMonotoneLinear, bias: Array) -> _Update:
-        """`step(z, u, wz) -> (z_next, u_next)` for this operator and bias."""
+    def update(
+        self, op: AbstractMonotoneLinear, bias: Array, nonlinearity: AbstractProximal
+    ) -> _Update:
+        """`step(z, u, wz) -> (z_next, u_next)` for this operator, bias and nonlinearity."""
 
     @abc.abstractmethod
     def u_init(self, op: AbstractMonotoneLinear, bias: Array, z0: Array) -> Array | None:
@@ -327,8 +354,9 @@ class _AbstractSplitting(eqx.Module):
         throw: bool = True,
         adjoint: fixpoint.AbstractAdjoint = _IMPLICIT,
         compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
+        nonlinearity: AbstractProximal = _RELU,
     ) -> fixpoint.Solution:
-        """Solve `z = relu(W z + b)` where `W` is `operator`.
+        """Solve `z = σ(W z + b)` where `W` is `operator` and `σ` is `nonlinearity`.
 
         **Arguments:**
 
@@ -345,11 +373,14 @@ class _AbstractSplitting(eqx.Module):
         - `compaction`: under `jax.vmap`, gather the unfinished samples into
           smaller batches as the others finish (`fixpoint.Compaction`; `None`:
           off). The answers, result codes and step counts do not change.
+        - `nonlinearity`: `σ`, the proximal operator of a closed convex `f`
+          (`fixpoint.solvers.AbstractProximal`); default `NonNegative()`, `relu`.
+          Its arrays (e.g. `MeanField`'s observed values) get gradients too.
 
         **Returns:**
 
         A `fixpoint.Solution` with `stats["num_steps"]` and `stats["residual"]`,
-        the norm of `relu(W z + b) - z` at `value`.
+        the norm of `σ(W z + b) - z` at `value`.
         """
         return _solve(
             self,
@@ -361,18 +392,20 @@ class _AbstractSplitting(eqx.Module):
             throw,
             adjoint,
             compaction,
+            nonlinearity,
         )
 
 
 class ForwardBackward(_AbstractSplitting):
-    """Forward–backward splitting for `z = relu(W z + b)`.
+    """Forward–backward splitting for `z = σ(W z + b)` (`σ = relu` by default).
 
-        z <- relu((1 - α) z + α (W z + b))
+        z <- prox_{αf}((1 - α) z + α (W z + b))
 
-    a forward (gradient) step on `(I - W) z - b` followed by the resolvent of the
-    orthant's normal cone, `relu`. With `sym(I - W) ⪰ m I` and `L = ‖I - W‖₂` it
-    contracts with factor `sqrt(1 - 2αm + α²L²) < 1` for `0 < α < 2m/L²`; larger
-    steps may diverge, which is reported (`RESULTS.diverged`, `nonfinite` or
+    a forward (gradient) step on `(I - W) z - b` followed by the resolvent of `∂f`,
+    the nonlinearity's proximal operator with step `α` (`relu` for every `α` when
+    `f` is the orthant's indicator; see `AbstractProximal`). With `sym(I - W) ⪰ m I`
+    and `L = ‖I - W‖₂` it contracts with factor `sqrt(1 - 2αm + α²L²) < 1` for
+    `0 < α < 2m/L²`; larger steps may diverge, which is reported (`RESULTS.diverged`, `nonfinite` or
     `max_steps_reached`), never silent. One product with `W` per step.
 
     Called as `solver.solve(operator, b, z0)` (see `solve`), not through
@@ -384,7 +417,7 @@ class ForwardBackward(_AbstractSplitting):
     **Arguments:**
 
     - `rtol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
-      `r = relu(W z + b) - z`; a number in `[0, 1)`.
+      `r = σ(W z + b) - z`; a number in `[0, 1)`.
     - `atol`: the absolute tolerance of that test, `>= 0`.
     - `norm`: the residual norm, default `fixpoint.max_norm`.
 
@@ -426,11 +459,13 @@ class ForwardBackward(_AbstractSplitting):
             return jnp.asarray(self.alpha)
         return operator.m / jnp.square(operator.lipschitz())
 
-    def update(self, op: AbstractMonotoneLinear, bias: Array) -> _Update:
+    def update(
+        self, op: AbstractMonotoneLinear, bias: Array, nonlinearity: AbstractProximal
+    ) -> _Update:
         alpha = self.step_size(op).astype(bias.dtype)
 
         def fb(z, u, wz):
-            return jax.nn.relu((1 - alpha) * z + alpha * (wz + bias)), u
+            return nonlinearity.prox((1 - alpha) * z + alpha * (wz + bias), alpha), u
 
         return fb
 
@@ -439,7 +474,7 @@ class ForwardBackward(_AbstractSplitting):
 
 
 class PeacemanRachford(_AbstractSplitting):
-    """Peaceman–Rachford splitting for `z = relu(W z + b)`.
+    """Peaceman–Rachford splitting for `z = σ(W z + b)` (`σ = relu` by default).
 
     With `V = (I + α (I - W))⁻¹` (the resolvent of the linear part, formed once
     per solve by `operator.resolvent`), starting from `u = z = z0`:
@@ -447,12 +482,13 @@ class PeacemanRachford(_AbstractSplitting):
         u_½ = 2 z - u
         z_½ = V (u_½ + α b)
         u   = 2 z_½ - u_½
-        z   = relu(u)
+        z   = prox_{αf}(u)          (relu for the default nonlinearity)
 
     Because `I - W` is strongly monotone (`m > 0`) and Lipschitz, this converges
     linearly for *every* `α > 0` (the rate depends on `α`; the paper tunes it,
-    `1` is its default). One product with `W` (for the residual) and one resolvent
-    application per step.
+    `1` is its default; at `α = 1` the proximal step is `σ` itself, so the
+    mean-field softmax needs no inner iterations). One product with `W` (for the
+    residual) and one resolvent application per step.
 
     Called as `solver.solve(operator, b, z0)` (see `solve`), not through
     `fixpoint.fixed_point`. Winston & Kolter, *Monotone operator equilibrium
@@ -464,7 +500,7 @@ class PeacemanRachford(_AbstractSplitting):
     **Arguments:**
 
     - `rtol`: converged when `norm(r / (atol + rtol |z|)) < 1`, with
-      `r = relu(W z + b) - z`; a number in `[0, 1)`.
+      `r = σ(W z + b) - z`; a number in `[0, 1)`.
     - `atol`: the absolute tolerance of that test, `>= 0`.
     - `norm`: the residual norm, default `fixpoint.max_norm`.
 
@@ -487,7 +523,9 @@ class PeacemanRachford(_AbstractSplitting):
         _check_common(self)
         internal.check_number(self.alpha, "alpha", "> 0", owner="PeacemanRachford")
 
-    def update(self, op: AbstractMonotoneLinear, bias: Array) -> _Update:
+    def update(
+        self, op: AbstractMonotoneLinear, bias: Array, nonlinearity: AbstractProximal
+    ) -> _Update:
         alpha = jnp.asarray(self.alpha, bias.dtype)
         resolve = op.resolvent(alpha)
         alpha_b = alpha * bias
@@ -497,7 +535,7 @@ class PeacemanRachford(_AbstractSplitting):
             u_half = 2 * z - u
             z_half = resolve(u_half + alpha_b)
             u = 2 * z_half - u_half
-            return jax.nn.relu(u), u
+            return nonlinearity.prox(u, alpha), u
 
         return pr
 

@@ -17,16 +17,17 @@ API = {
         custom_fixed_point custom_root data_parallel datasets decode first_disagreement
         fixed_point internal layers lyapunov_estimate max_norm rms_norm root_find scan solvers
         two_norm uncached""",
-    "fixpoint.solvers": """AbstractMonotoneLinear Anderson BestResponse Broyden DEER ELK
-        ForwardBackward GSJacobiDecoding GaussSeidel Halpern Homotopy HybridDecoding Jacobi
-        JacobiDecoding LookaheadDecoding MonotoneMatrix NGramPool Newton PeacemanRachford
-        Picard PicardSum QuasiDEER Reversible Sequential SequentialDecoding
-        VarianceReducedHalpern""",
+    "fixpoint.solvers": """AbstractMonotoneLinear AbstractProximal Anderson
+        BestResponse Broyden DEER ELK ForwardBackward GSJacobiDecoding GaussSeidel Halpern
+        Homotopy HybridDecoding Jacobi JacobiDecoding LookaheadDecoding MeanField
+        MonotoneMatrix NGramPool Newton NonNegative PeacemanRachford Picard PicardSum
+        QuasiDEER Reversible Sequential SequentialDecoding VarianceReducedHalpern""",
     "fixpoint.layers": """CGS CausalTransformer CircularConvMonotone ConvMonDEQ DEQ
-        DiagonalGRUCell GCN GIN Graph IGNN MonDEQ ParallelRNN ar_loss batch_graphs
-        consistency_loss correction_iterates gcn_aggregate graph_readout jacobi_trajectories
-        jacobian_penalty lm_loss normalised_adjacency pad_graph perron_root spectral_norm
-        spectral_radius weight_norm""",
+        DiagonalGRUCell GCN GIN Graph IGNN MonDEQ MonotoneDBM ParallelRNN SubhomogeneousDEQ
+        SubhomogeneousMap ar_loss batch_graphs consistency_loss correction_iterates
+        gcn_aggregate graph_readout jacobi_trajectories jacobian_penalty lm_loss
+        normalised_adjacency pad_graph perron_root spectral_norm spectral_radius
+        thompson_distance weight_norm""",
     "fixpoint.internal": """spectral_radius_jvp AbstractDecodingSolver AbstractReversibleSolver
         AbstractScanSolver AbstractSolver Evaluation LoopScalars Problem ReversibleState
         ScanProblem Step Time as_python_number check_bool check_compaction check_instance
@@ -147,6 +148,8 @@ SIGNATURES = {
         ),
         "ForwardBackward": "rtol, atol, norm, *, alpha, divergence_ratio",
         "PeacemanRachford": "rtol, atol, norm, *, alpha, divergence_ratio",
+        "NonNegative": "",
+        "MeanField": "binary, groups, categories, *, observed, values, newton_steps",
         "Sequential": "rtol, atol, norm",
         "Jacobi": "rtol, atol, norm, *, window",
         "GaussSeidel": "rtol, atol, norm, *, block_size",
