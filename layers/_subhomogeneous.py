@@ -107,7 +107,9 @@ class SubhomogeneousDEQ(DEQ):
     - `adjoint`, `max_steps` (default `100`), `throw`, `dropout`, `compaction`: as
       for `fixpoint.layers.DEQ`.
     - `dtype`: the parameters' dtype (default: JAX's default float).
-    - `key`: a `jax.random` key; weights are uniform in `±1/sqrt(fan_in)`.
+    - `key`: a `jax.random` key. `U` and `b` are uniform in `±1/sqrt(in_size)`,
+      `W` in `±1/hidden_size` (so the rows of `|W|` sum to about ½ and the input
+      is not drowned by the recurrence; any scale keeps the guarantee).
     """
 
     def __init__(
@@ -137,7 +139,9 @@ class SubhomogeneousDEQ(DEQ):
             return jax.random.uniform(k, shape, dtype, -lim, lim)
 
         f = SubhomogeneousMap(
-            weight=uniform(kw, (hidden_size, hidden_size), hidden_size),
+            # Uniform in ±1/hidden: the rows of |W| sum to about ½, so the recurrence
+            # does not drown the input (any scale is allowed; this one trains well).
+            weight=uniform(kw, (hidden_size, hidden_size), hidden_size**2),
             input_weight=uniform(ku, (hidden_size, in_size), in_size),
             bias=uniform(kb, (hidden_size,), in_size),
             mu=float(mu),
