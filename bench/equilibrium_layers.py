@@ -248,19 +248,19 @@ class PlainBM(eqx.Module):
 
     S: jax.Array
     bias: jax.Array
-    different: jax.Array = eqx.field(static=True)
     sigma_layout: tuple = eqx.field(static=True)
 
     def __init__(self, binary, groups, categories, key):
         n = binary + groups * categories
-        v = np.concatenate([np.arange(binary), binary + np.repeat(np.arange(groups), categories)])
         self.S = jax.random.uniform(key, (n, n), minval=-0.5 / np.sqrt(n), maxval=0.5 / np.sqrt(n))
         self.bias = jnp.zeros(n)
-        self.different = (v[:, None] != v[None, :]).astype(np.float32)
         self.sigma_layout = (binary, groups, categories)
 
     def W(self):
-        return (self.S + self.S.T) * self.different
+        binary, groups, categories = self.sigma_layout
+        v = np.concatenate([np.arange(binary), binary + np.repeat(np.arange(groups), categories)])
+        different = jnp.asarray(v[:, None] != v[None, :], self.S.dtype)
+        return (self.S + self.S.T) * different
 
     def iterate(self, observed, values, q, steps, damping=0.5):
         sigma = solvers.MeanField(*self.sigma_layout, observed=observed, values=values)

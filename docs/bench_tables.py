@@ -113,6 +113,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "solvers_cpu": ("python bench/solvers.py", "script docstring; settings recorded"),
     "reversible_cpu": ("python bench/reversible.py", "script docstring; settings recorded"),
     "games_cpu": ("python bench/games.py", "script docstring; settings recorded"),
+    "equilibrium_layers_cpu": (
+        "python bench/equilibrium_layers.py",
+        "script docstring; settings recorded",
+    ),
 }
 
 # --------------------------------------------------------------------------- formatting
@@ -1554,6 +1558,152 @@ def _games(d: dict[str, Any]) -> Parts:
     ]
 
 
+def _pm(mean: Any, std: Any, n: int = 3) -> str:
+    return f"{sig(mean, n)} ± {sig(std, 1)}"
+
+
+def _equilibrium_layers(d: dict[str, Any]) -> Parts:
+    out: Parts = []
+    if "scaling" in d:
+        rows = [
+            [
+                par(r["scale"]),
+                r["layer"],
+                f"{r['converged']:.2f}",
+                f"{r['mean_steps']:.1f}",
+                sig(r["spread"], 2) if r["spread"] is not None else "none converged",
+                sig(r["error_bound"], 2) if r["error_bound"] is not None else "",
+            ]
+            for r in d["scaling"]
+        ]
+        out.append(
+            (
+                "scaling",
+                _part(
+                    "One random layer (64 → 64), its recurrent weight times the scale; 64 "
+                    "digit images × 4 random starts, tolerance 1e-5, 200 steps. Spread: "
+                    "the largest difference between answers from different starts "
+                    "(max-norm for the DEQ, Thompson's metric for the subhomogeneous "
+                    "one); bound: the largest `error_bound`",
+                    table(
+                        ["scale", "layer", "converged", "mean steps", "spread", "bound"],
+                        rows,
+                    ),
+                ),
+            )
+        )
+    if "digits" in d:
+        dig = d["digits"]
+        rows = [
+            [
+                r["layer"],
+                _pm(r["test_acc"], r["test_acc_std"]),
+                _pm(r["test_steps"], r["test_steps_std"]),
+                f"{r['converged']:.3f}",
+                f"{r['train_s']:.0f}",
+            ]
+            for r in dig["summary"]
+        ]
+        out.append(
+            (
+                "digits",
+                _part(
+                    f"Digits (1,437 train / 360 test), {dig['summary'][0]['seeds']} seeds × "
+                    f"{dig['epochs']} epochs, 64 hidden units, layer norm + linear head: "
+                    "mean ± std over seeds",
+                    table(
+                        [
+                            "layer",
+                            "test accuracy",
+                            "solver steps (test)",
+                            "converged",
+                            "training (s)",
+                        ],
+                        rows,
+                    ),
+                ),
+            )
+        )
+    if "completion" in d:
+        comp = d["completion"]
+        rows = []
+        for r in comp["summary"]:
+            if r["model"] == "monotone":
+                note = f"{r['mean_steps']:.0f} PR steps, {r['converged']:.3f} converged"
+            elif r["model"] == "plain":
+                note = f"{r['unsettled']:.3f} unsettled after 300 iterations"
+            else:
+                note = ""
+            rows.append(
+                [
+                    {"monotone": "MonotoneDBM", "plain": "plain BM", "prior": "pixel prior"}[
+                        r["model"]
+                    ],
+                    r["half"],
+                    _pm(r["mae"], r["mae_std"]),
+                    _pm(r["acc"], r["acc_std"]),
+                    sig(r["spread"], 2) if "spread" in r else "",
+                    note,
+                ]
+            )
+        out.append(
+            (
+                "completion",
+                _part(
+                    f"Digit completion, {comp['epochs']} epochs, mean ± std over seeds: "
+                    "mean absolute error of the expected intensity and accuracy of the "
+                    "most likely of 4 levels on the hidden half; spread: the largest "
+                    "difference between marginals from 5 random starts",
+                    table(
+                        [
+                            "model",
+                            "hidden half",
+                            "intensity MAE",
+                            "level accuracy",
+                            "spread over starts",
+                            "inference",
+                        ],
+                        rows,
+                    ),
+                ),
+            )
+        )
+        sweeps = [
+            (r["seed"], r["half"], a)
+            for r in comp["runs"]
+            if r["model"] == "monotone"
+            for a in r.get("alpha_sweep", [])
+        ]
+        if sweeps:
+            rows = [
+                [
+                    str(seed),
+                    half,
+                    par(a["alpha"]),
+                    f"{a['mean_steps']:.1f}",
+                    f"{a['converged']:.3f}",
+                    ms(a["time_s"]),
+                ]
+                for seed, half, a in sweeps
+                if seed == 0
+            ]
+            out.append(
+                (
+                    "alpha",
+                    _part(
+                        "Peaceman–Rachford's step α on the trained MonotoneDBM (seed 0, "
+                        "360 test images, tolerance 1e-4): mean steps and the time of "
+                        "the batch's solve",
+                        table(
+                            ["seed", "hidden half", "α", "mean steps", "converged", "time (ms)"],
+                            rows,
+                        ),
+                    ),
+                )
+            )
+    return out
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], Parts]] = {
     "batch_cpu": _batch,
     "batch_overhead_cpu": _batch,
@@ -1584,6 +1734,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Parts]] = {
     "solvers_cpu": _solvers,
     "reversible_cpu": _reversible,
     "games_cpu": _games,
+    "equilibrium_layers_cpu": _equilibrium_layers,
 }
 
 

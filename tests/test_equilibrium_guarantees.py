@@ -151,12 +151,15 @@ def test_dbm_couplings_are_a_boltzmann_machine_and_monotone_for_any_weights():
 @pytest.mark.parametrize("evidence", [False, True])
 def test_dbm_mean_field_fixed_point_is_unique_and_minimises_the_free_energy(evidence):
     observed, values = (_OBSERVED, _VALUES) if evidence else (None, None)
-    answers = [
-        _solve(_tight, observed, values, _random_start(jax.random.key(k), _tight)) for k in range(6)
-    ]
-    for sol in answers:
-        assert sol.result == fixpoint.RESULTS.successful
-        np.testing.assert_allclose(sol.value, answers[0].value, atol=1e-10)
+    for scale in (30.0, 1.0):  # any weights; the last one is checked further below
+        dbm = eqx.tree_at(lambda d: d.A, _tight, scale * _tight.A)
+        answers = [
+            _solve(dbm, observed, values, _random_start(jax.random.key(k), dbm))
+            for k in range(6)
+        ]
+        for sol in answers:
+            assert sol.result == fixpoint.RESULTS.successful
+            np.testing.assert_allclose(sol.value, answers[0].value, atol=1e-10)
     q = answers[0].value
     # The mean-field equations, with the evidence clamped.
     sigma = _tight.nonlinearity(observed, values)
