@@ -144,11 +144,13 @@ class MonotoneDBM(_AbstractMonotone):
         `Â`, the shape of `A`. A variable whose block already satisfies the bound
         is unchanged.
         """
-        a_bin = self.A[:, : self.binary]
-        a_cat = self.A[:, self.binary :].reshape(-1, self.groups, self.categories)
-        sq_bin = jnp.sum(a_bin**2, axis=0)
-        gram = jnp.einsum("rgk,rgl->gkl", a_cat, a_cat)
-        sq_cat = jnp.linalg.eigvalsh(gram)[..., -1] if self.groups else jnp.zeros((0,))
+        sq_bin = jnp.sum(self.A[:, : self.binary] ** 2, axis=0)
+        if self.groups:
+            a_cat = self.A[:, self.binary :].reshape(-1, self.groups, self.categories)
+            gram = jnp.einsum("rgk,rgl->gkl", a_cat, a_cat)
+            sq_cat = jnp.linalg.eigvalsh(gram)[..., -1]
+        else:
+            sq_cat = jnp.zeros((0,), self.A.dtype)
         squared = jnp.concatenate([sq_bin, sq_cat]).astype(self.A.dtype)
         limit = 1 - self.m
         # min(1, sqrt(limit / ‖Â_v‖²)), written to have a finite derivative at 0.

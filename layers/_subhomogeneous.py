@@ -11,6 +11,11 @@ point `z*`, reached from every positive start by plain iteration at the rate
 `d_T(z_k, z*) ≤ μᵏ d_T(z_0, z*)`, with the computable bound
 `d_T(z, z*) ≤ d_T(z, F(z)) / (1 − μ)`.
 
+The layer iterates in log coordinates, `u ↦ log F(eᵘ)` (the same iterates as plain
+iteration of `F`): there the residual is `d_T(F(z), z)`, which a contraction never
+lets grow, so no solver mistakes the growth of `z` towards a large fixed point for
+divergence, and the tolerance is a tolerance in Thompson's metric.
+
 The layer here: `F(z; x) = (1 + relu(|W| z + relu(U x + b)))^μ` (elementwise power).
 With `t = |W| z + relu(U x + b) ≥ 0` on the cone, `|F'(z)| z = μ (1 + t)^{μ−1} |W| z
 ≤ μ (1 + t)^{μ−1} (1 + t) = μ F(z)`, for *any* `W`, `U`, `b`: no norm constraint on
@@ -23,12 +28,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import fixpoint
 from fixpoint import internal, solvers
 
 from ._deq import DEQ
+
+
+class _LogApply(eqx.Module):
+    """`u ↦ log F(eᵘ, x)`: the map in log coordinates (a module, so compiled loops
+    are reused across calls)."""
+
+    def __call__(self, u, args):
+        f, x = args
+        return jnp.log(f(jnp.exp(u), x))
+
+
+_log_apply = _LogApply()
 
 
 class SubhomogeneousMap(eqx.Module):
@@ -73,6 +90,9 @@ def thompson_distance(y: Array, z: Array) -> Float[Array, ""]:
     return jnp.max(jnp.abs(safe(y) - safe(z)))
 
 
+_DEFAULT_SOLVER = solvers.Picard(0.0, 1e-4)
+
+
 class SubhomogeneousDEQ(DEQ):
     """A DEQ whose fixed point exists and is unique for any weights.
 
@@ -84,14 +104,22 @@ class SubhomogeneousDEQ(DEQ):
     `W`, `U`, `b`, hence (nonlinear Perron–Frobenius theory) a contraction of rate
     `μ < 1` in Thompson's metric `d_T(y, z) = ‖log y − log z‖_∞`. So `z*` exists, is
     unique, and plain iteration (`fixpoint.solvers.Picard`, the default) reaches it
-    from every start with `d_T(z_k, z*) ≤ μᵏ d_T(z_0, z*)`; `error_bound` turns the
-    last step into a guaranteed bound on `d_T(z, z*)`. The max-norm relative
-    residual test of the solvers, `‖F(z) − z‖_∞ < rtol · |z|` (here `z ≥ 1`), is
-    a test on `d_T(z, F(z))`, the quantity that bound uses.
+    from every start with `d_T(z_k, z*) ≤ μᵏ d_T(z_0, z*)`.
+
+    The solver runs in log coordinates, on `u ↦ log F(eᵘ, x)` from
+    `u_0 = log F(z0, x)` (one application of `F` puts any start, also zero or
+    negative, into the cone): the iterates are plain iteration's, the residual
+    (`stats["residual"]`) is `d_T(F(z), z)`, which the contraction never lets
+    grow however large `W` is, and the default tolerance `atol = 1e-4` is in
+    Thompson's metric, so a converged `z` satisfies
+    `d_T(z, z*) ≤ atol / (1 − μ)` (`error_bound` computes the bound for any `z`).
+    `solve(x).value` is `z`, not `u`. `z*` grows like `‖W‖^{μ/(1−μ)}`; where it
+    overflows the dtype the result is `nonfinite`, never a wrong number.
 
     Everything else is `fixpoint.layers.DEQ`'s: `solve(x, z0)` returns the
     `fixpoint.Solution`, gradients are implicit by default, settings change
-    with `with_settings`, and `jax.vmap` maps over a batch.
+    with `with_settings`, and `jax.vmap` maps over a batch. There is no dropout
+    (a zeroed entry leaves the cone).
 
     **Arguments:**
 
@@ -102,10 +130,11 @@ class SubhomogeneousDEQ(DEQ):
     - `mu`: the degree of subhomogeneity `μ`, a number in `(0, 1)` (default `0.5`):
       the contraction rate in Thompson's metric. Smaller is faster to solve and
       less expressive.
-    - `solver`: default `fixpoint.solvers.Picard(1e-4, 1e-6)`, which the theorem
-      covers; any other solver of `fixpoint.solvers` runs but is not covered by it.
-    - `adjoint`, `max_steps` (default `100`), `throw`, `dropout`, `compaction`: as
-      for `fixpoint.layers.DEQ`.
+    - `solver`: default `fixpoint.solvers.Picard(0.0, 1e-4)` (tolerance `1e-4` on
+      `d_T(F(z), z)`), which the theorem covers; any other solver of
+      `fixpoint.solvers` runs (on `u = log z`) but is not covered by it.
+    - `adjoint`, `max_steps` (default `100`), `throw`, `compaction`: as for
+      `fixpoint.layers.DEQ`.
     - `dtype`: the parameters' dtype (default: JAX's default float).
     - `key`: a `jax.random` key. `U` and `b` are uniform in `±1/sqrt(in_size)`,
       `W` in `±1/hidden_size` (so the rows of `|W|` sum to about ½ and the input
@@ -122,7 +151,6 @@ class SubhomogeneousDEQ(DEQ):
         adjoint: fixpoint.AbstractAdjoint | None = None,
         max_steps: int = 100,
         throw: bool = True,
-        dropout: float = 0.0,
         compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray,
@@ -148,14 +176,71 @@ class SubhomogeneousDEQ(DEQ):
         )
         super().__init__(
             f,
-            solver=solvers.Picard(1e-4, 1e-6) if solver is None else solver,
+            solver=solver,
             adjoint=adjoint,
             max_steps=max_steps,
             throw=throw,
             z_shape=(hidden_size,),
-            dropout=dropout,
             compaction=compaction,
         )
+
+    def _configure(self, *, solver, adjoint, max_steps, throw, dropout, normalise, compaction):
+        if dropout:
+            raise ValueError(
+                "SubhomogeneousDEQ: `dropout` must be 0 (a zeroed entry leaves the positive "
+                f"cone, where the guarantee holds), got {dropout!r}."
+            )
+        super()._configure(
+            solver=_DEFAULT_SOLVER if solver is None else solver,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            throw=throw,
+            dropout=0.0,
+            normalise=normalise,
+            compaction=compaction,
+        )
+
+    def solve(
+        self,
+        x: Array,
+        z0: Array | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+        record_residuals: bool = False,
+        max_steps: int | Int[Array, ""] | None = None,
+    ) -> fixpoint.Solution:
+        """Solve for the fixed point of one input; returns the `fixpoint.Solution`.
+
+        **Arguments:**
+
+        - `x`: one input, `(in_size,)`.
+        - `z0`: the starting state (any real vector; default zeros).
+        - `key`, `inference`: accepted for `fixpoint.layers.DEQ`'s signature;
+          unused (no dropout).
+        - `record_residuals`, `max_steps`: as for `fixpoint.layers.DEQ.solve`.
+
+        **Returns:**
+
+        A `fixpoint.Solution` whose `value` is `z*` and whose
+        `stats["residual"]` is `d_T(F(z), z)` at `value`.
+        """
+        del key, inference
+        z0 = self.initial(x, z0)
+        f = self.prepared()
+        self.check(f, x, z0)
+        sol = fixpoint.fixed_point(
+            _log_apply,
+            jnp.log(f(z0, x)),
+            (f, x),
+            solver=self.solver,
+            adjoint=self.adjoint,
+            max_steps=self.max_steps if max_steps is None else max_steps,
+            throw=self.throw,
+            record_residuals=record_residuals,
+            compaction=self.compaction,
+        )
+        return eqx.tree_at(lambda s: s.value, sol, jnp.exp(sol.value))
 
     @property
     def mu(self) -> float:
@@ -178,5 +263,11 @@ class SubhomogeneousDEQ(DEQ):
 
         The bound, a scalar (`inf` if `z` has an entry `≤ 0`).
         """
+        hidden = self.f.weight.shape[0]  # type: ignore[attr-defined]
+        if jnp.shape(z) != (hidden,):
+            raise ValueError(
+                f"SubhomogeneousDEQ.error_bound: `z` must have shape ({hidden},), got "
+                f"{tuple(jnp.shape(z))}."
+            )
         f = self.prepared()
         return thompson_distance(z, f(z, x)) / (1 - self.mu)

@@ -27,6 +27,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 from jaxtyping import Array, Bool, Float
 
 from fixpoint import internal
@@ -128,7 +129,9 @@ def _log_probability(z, alpha, steps):
     left, `u₀ = w`). At `α = 1`, `s = z`.
     """
     exact = alpha == 1
-    below = alpha < 1
+    # At α = 1 the answer is `z`; the discarded iteration then runs the `α < 1` form,
+    # whose slope `1 + eᵘ` never vanishes (so its derivative, zeroed, is not NaN).
+    below = alpha <= 1
     shift = jnp.log(jnp.where(exact, 1, jnp.abs(1 - alpha)) / alpha)
     w = z + shift
     sign = jnp.where(below, 1, -1).astype(z.dtype)
@@ -271,6 +274,7 @@ class MeanField(AbstractProximal):
 
         `(q_binary, q_groups)`: shapes `(binary,)` and `(groups, categories)`.
         """
+        self._check(q)
         return q[: self.binary], q[self.binary :].reshape(self.groups, self.categories)
 
     def _join(self, binary, groups):
@@ -288,7 +292,7 @@ class MeanField(AbstractProximal):
         return jnp.where(per_unit, self.values.astype(q.dtype), q)
 
     def _check(self, v):
-        if v.shape != (self.size,):
+        if jnp.shape(v) != (self.size,):
             raise ValueError(
                 f"MeanField: the state must have shape ({self.size},) (binary + groups · "
                 f"categories), got {tuple(v.shape)}."
@@ -301,6 +305,8 @@ class MeanField(AbstractProximal):
 
     def prox(self, v: Float[Array, " units"], alpha: Float[Array, ""]) -> Float[Array, " units"]:
         self._check(v)
+        if not isinstance(alpha, Tracer) and not float(alpha) > 0:
+            raise ValueError(f"MeanField.prox: `alpha` must be > 0, got {alpha!r}.")
         alpha = jnp.asarray(alpha, v.dtype)
         b, g = self.split(v)
         out = self._join(

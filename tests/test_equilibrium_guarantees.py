@@ -108,6 +108,19 @@ def test_mean_field_clamps_observed_variables_and_names_bad_input():
         MeanField(1, 1, 2, observed=jnp.array([True, False]), values=jnp.zeros(2))
     with pytest.raises(ValueError, match=r"state must have shape \(3,\)"):
         MeanField(1, 1, 2)(jnp.zeros(4))
+    with pytest.raises(ValueError, match="`alpha` must be > 0"):
+        MeanField(1, 1, 2).prox(jnp.zeros(3), 0.0)
+
+
+def test_mean_field_prox_at_alpha_one_differentiates_like_sigma():
+    mf = MeanField(2, 2, 3)
+    v = jnp.linspace(-2.0, 3.0, mf.size)
+    for i in (0, 3, 7):
+        np.testing.assert_allclose(
+            jax.grad(lambda v, i=i: mf.prox(v, 1.0)[i])(v),
+            jax.grad(lambda v, i=i: mf(v)[i])(v),
+            atol=1e-12,
+        )
 
 
 # ---- the monotone Boltzmann machine -------------------------------------------
@@ -154,8 +167,7 @@ def test_dbm_mean_field_fixed_point_is_unique_and_minimises_the_free_energy(evid
     for scale in (30.0, 1.0):  # any weights; the last one is checked further below
         dbm = eqx.tree_at(lambda d: d.A, _tight, scale * _tight.A)
         answers = [
-            _solve(dbm, observed, values, _random_start(jax.random.key(k), dbm))
-            for k in range(6)
+            _solve(dbm, observed, values, _random_start(jax.random.key(k), dbm)) for k in range(6)
         ]
         for sol in answers:
             assert sol.result == fixpoint.RESULTS.successful
@@ -254,12 +266,37 @@ def test_dbm_vmap_and_jit_equal_single_calls_and_bad_input_is_named():
         )
 
 
-def test_dbm_failed_solve_reports_its_result():
+def test_dbm_failed_solve_reports_its_result_and_only_its_gradient_is_nan():
     dbm = _DBM.with_settings(max_steps=2, throw=False)
     sol = dbm.solve(_OBSERVED, _VALUES)
     assert sol.result == fixpoint.RESULTS.max_steps_reached
     with pytest.raises(fixpoint.SolveError):
         _DBM.with_settings(max_steps=2).solve(_OBSERVED, _VALUES)
+    # In a batch (compacted), a sample that fails gets NaN derivatives, the others
+    # finite ones: the loop's result code decides, not a re-check of the point.
+    # Half the batch starts at its answer (converged at once), half from the
+    # default start (not within 3 steps).
+    hard = _DBM.with_settings(max_steps=3, throw=False)
+    answer = _tight.solve(_OBSERVED, _VALUES).value
+    observed = jnp.stack([_OBSERVED] * 6)
+    values = jnp.stack([_VALUES] * 6)
+    q0 = jnp.stack([answer, _tight.nonlinearity(_OBSERVED, _VALUES)(jnp.zeros(_DBM.size))] * 3)
+    sols = jax.vmap(hard.solve)(observed, values, q0)
+    failed = np.asarray(sols.result != fixpoint.RESULTS.successful)
+    np.testing.assert_array_equal(failed, [False, True] * 3)
+    grads = jax.grad(lambda v: jnp.sum(jax.vmap(hard)(observed, v, q0) ** 2))(values)
+    per_sample_nan = np.asarray(jnp.isnan(grads).any(axis=1))
+    np.testing.assert_array_equal(per_sample_nan, failed)
+
+
+def test_dbm_with_one_kind_of_unit():
+    for sizes in ((6, 0, 2), (0, 3, 4)):
+        dbm = MonotoneDBM(*sizes, key=jax.random.key(0), dtype=jnp.float64)
+        sol = dbm.solve()
+        assert sol.result == fixpoint.RESULTS.successful
+        assert bool(dbm.is_monotone())
+    with pytest.raises(ValueError, match=r"state must have shape \(12,\)"):
+        dbm.free_energy(jnp.zeros(5))
 
 
 # ---- the subhomogeneous DEQ ----------------------------------------------------
@@ -269,7 +306,7 @@ _SUB = SubhomogeneousDEQ(
     12,
     key=jax.random.key(3),
     dtype=jnp.float64,
-    solver=solvers.Picard(1e-12, 0.0),
+    solver=solvers.Picard(0.0, 1e-12),
     max_steps=500,
 )
 _X = jax.random.normal(jax.random.key(4), (5,), jnp.float64)
@@ -303,7 +340,7 @@ def test_subhomogeneous_fixed_point_is_unique_from_every_start_at_every_scale():
             assert sol.result == fixpoint.RESULTS.successful
             assert float(thompson_distance(sol.value, ref.value)) < 1e-10
         # The a-posteriori bound holds against a far more accurate answer.
-        loose = deq.with_settings(solver=solvers.Picard(1e-3, 0.0))
+        loose = deq.with_settings(solver=solvers.Picard(0.0, 1e-3))
         z = _sub_solve(loose, _X, None).value
         assert float(thompson_distance(z, ref.value)) <= float(deq.error_bound(_X, z))
 
@@ -346,3 +383,24 @@ def test_subhomogeneous_vmap_jit_and_bad_options():
         SubhomogeneousDEQ(2, 0, key=jax.random.key(0))
     sol = _SUB.with_settings(max_steps=2, throw=False).solve(_X)
     assert sol.result == fixpoint.RESULTS.max_steps_reached
+    with pytest.raises(ValueError, match="dropout"):
+        _SUB.with_settings(dropout=0.1)
+    assert _SUB.with_settings(solver=None).solver == solvers.Picard(0.0, 1e-4)
+
+
+def test_subhomogeneous_large_weights_and_degree_near_one():
+    """The residual is Thompson's distance, which never grows: no divergence alarm
+    while `z` grows towards a large fixed point; an overflow is `nonfinite`."""
+    x = jnp.ones(5)
+    for mu, scale in ((0.8, 64.0), (0.9, 16.0), (0.5, 1e6)):
+        deq = SubhomogeneousDEQ(
+            5, 16, mu=mu, max_steps=300, key=jax.random.key(0), dtype=jnp.float32
+        )
+        deq = _scaled(deq, scale)
+        x32 = x.astype(jnp.float32)
+        sol = deq.solve(x32)
+        assert sol.result == fixpoint.RESULTS.successful
+        assert float(sol.stats["residual"]) < 1e-4
+        assert float(deq.error_bound(x32, sol.value)) < 1e-4 / (1 - mu) * 1.01
+    deq = SubhomogeneousDEQ(5, 16, mu=0.9, throw=False, key=jax.random.key(0), dtype=jnp.float32)
+    assert _scaled(deq, 1e5).solve(x.astype(jnp.float32)).result == fixpoint.RESULTS.nonfinite
