@@ -274,8 +274,9 @@ class PlainBM(eqx.Module):
 def evidence(levels, hidden_mask):
     """`observed` (hidden units, pixels) and `values` (hidden zeros, one-hot pixels)."""
     observed = np.concatenate([np.zeros(HIDDEN, bool), ~hidden_mask])
-    onehot = np.eye(LEVELS, dtype=np.float32)[levels].reshape(-1)
-    values = np.concatenate([np.zeros(HIDDEN, np.float32), onehot])
+    # The hidden pixels' values are zeroed: the model never sees them.
+    onehot = np.eye(LEVELS, dtype=np.float32)[levels] * ~hidden_mask[:, None]
+    values = np.concatenate([np.zeros(HIDDEN, np.float32), onehot.reshape(-1)])
     return observed, values
 
 
