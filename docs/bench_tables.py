@@ -1581,7 +1581,8 @@ def _equilibrium_layers(d: dict[str, Any]) -> Parts:
                 "scaling",
                 _part(
                     "One random layer (64 → 64), its recurrent weight times the scale; 64 "
-                    "digit images × 4 random starts, tolerance 1e-5, 200 steps. Spread: "
+                    "digit images × 4 random starts, tolerance 1e-5 (on Thompson's distance for "
+                    "the subhomogeneous layer), 200 steps. Spread: "
                     "the largest difference between answers from different starts "
                     "(max-norm for the DEQ, Thompson's metric for the subhomogeneous "
                     "one); bound: the largest `error_bound`",
