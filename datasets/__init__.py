@@ -1,6 +1,6 @@
 """Datasets, generators and metrics for the demos and benchmarks: offline graph
-tasks with exact targets, the standard library's own text, and a power-control
-game (iterative water-filling). Nothing is
+tasks with exact targets, group word problems (state tracking), the standard
+library's own text, and a power-control game (iterative water-filling). Nothing is
 downloaded; networkx and scipy (the `graphs` extra) are imported only by the
 generators that need them."""
 
@@ -22,6 +22,9 @@ from ._graphs import gvi_backup as gvi_backup
 from ._graphs import gvi_dataset as gvi_dataset
 from ._graphs import gvi_metrics as gvi_metrics
 from ._graphs import node_accuracy as node_accuracy
+from ._groups import GROUPS as GROUPS
+from ._groups import multiplication_table as multiplication_table
+from ._groups import word_problem as word_problem
 from ._text import ASCII_VOCAB as ASCII_VOCAB
 from ._text import decode_text as decode_text
 from ._text import encode as encode

@@ -22,6 +22,11 @@ from ._mondeq import ConvMonDEQ as ConvMonDEQ
 from ._mondeq import MonDEQ as MonDEQ
 from ._rnn import DiagonalGRUCell as DiagonalGRUCell
 from ._rnn import ParallelRNN as ParallelRNN
+from ._sequence import FixedPointRNN as FixedPointRNN
+from ._sequence import FixedPointRNNCoefficients as FixedPointRNNCoefficients
+from ._sequence import FixedPointRNNMap as FixedPointRNNMap
+from ._sequence import ImplicitSSM as ImplicitSSM
+from ._sequence import SelectiveSSM as SelectiveSSM
 from ._subhomogeneous import SubhomogeneousDEQ as SubhomogeneousDEQ
 from ._subhomogeneous import SubhomogeneousMap as SubhomogeneousMap
 from ._subhomogeneous import thompson_distance as thompson_distance

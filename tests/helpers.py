@@ -50,3 +50,13 @@ def finite_difference_grad(f, x, eps=1e-6):
         lo = f(jnp.asarray((flat - e).reshape(np.shape(x))))
         out[i] = (float(hi) - float(lo)) / (2 * eps)
     return out.reshape(np.shape(x))
+
+
+def directional_fd(loss, flat, grad_flat, directions=4, eps=1e-6):
+    """Central differences along random unit directions against `grad · d`."""
+    loss = jax.jit(loss)
+    for k in range(directions):
+        d = jax.random.normal(jax.random.key(100 + k), flat.shape, flat.dtype)
+        d = d / jnp.linalg.norm(d)
+        fd = (float(loss(flat + eps * d)) - float(loss(flat - eps * d))) / (2 * eps)
+        np.testing.assert_allclose(float(grad_flat @ d), fd, rtol=1e-5, atol=1e-7)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import directional_fd
 from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize, minimize_scalar
 
@@ -211,16 +212,6 @@ def test_dbm_solvers_agree_and_prox_steps_are_used():
         np.testing.assert_allclose(sol.value, reference, atol=1e-9)
 
 
-def _directional_fd(loss, flat, grad_flat, directions=4, eps=1e-6):
-    """Central differences along random unit directions against `grad · d`."""
-    loss = jax.jit(loss)
-    for k in range(directions):
-        d = jax.random.normal(jax.random.key(100 + k), flat.shape, flat.dtype)
-        d = d / jnp.linalg.norm(d)
-        fd = (float(loss(flat + eps * d)) - float(loss(flat - eps * d))) / (2 * eps)
-        np.testing.assert_allclose(float(grad_flat @ d), fd, rtol=1e-5, atol=1e-7)
-
-
 def _dense_implicit_grad(dbm, observed, values, q):
     """d(sum(sin q))/d(bias) by the implicit function theorem, densely."""
     sigma = dbm.nonlinearity(observed, values)
@@ -240,7 +231,7 @@ def test_dbm_gradients_match_finite_differences_and_a_dense_solve():
     params = (_tight.A, _tight.bias, _VALUES)
     grad = jax.jit(jax.grad(loss))(params)
     flat, unravel = ravel_pytree(params)
-    _directional_fd(lambda p: loss(unravel(p)), flat, ravel_pytree(grad)[0])
+    directional_fd(lambda p: loss(unravel(p)), flat, ravel_pytree(grad)[0])
     q = _tight(_OBSERVED, _VALUES)
     np.testing.assert_allclose(
         grad[1], _dense_implicit_grad(_tight, _OBSERVED, _VALUES, q), atol=1e-9
@@ -368,7 +359,7 @@ def test_subhomogeneous_gradients_match_finite_differences_and_unrolling():
     fn = lambda p, x: loss(eqx.combine(p, static), x)
     grad = jax.jit(jax.grad(fn, argnums=(0, 1)))(params, _X)
     flat, unravel = ravel_pytree((params, _X))
-    _directional_fd(lambda p: fn(*unravel(p)), flat, ravel_pytree(grad)[0])
+    directional_fd(lambda p: fn(*unravel(p)), flat, ravel_pytree(grad)[0])
     unrolled = _SUB.with_settings(adjoint=fixpoint.UnrolledAdjoint())
     grad_u = jax.jit(jax.grad(loss, argnums=(0, 1)))(unrolled, _X)
     for g, u in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_u), strict=True):
