@@ -442,7 +442,7 @@ class ImplicitSSM(DEQ):
     Keyword-only:
 
     - `solver`: default `fixpoint.solvers.Anderson(1e-3, 1e-3)`.
-    - `adjoint`, `max_steps` (default `30`), `throw`, `compaction`: as for
+    - `adjoint`, `max_steps` (default `50`), `throw`, `compaction`: as for
       `fixpoint.layers.DEQ`.
     - `signed`: decays in `(−1, 1)` (default `True`: `2 exp(Δ A) − 1`, after
       Grazzi et al., *Unlocking State-Tracking in Linear RNNs Through Negative
@@ -459,7 +459,7 @@ class ImplicitSSM(DEQ):
         *,
         solver: internal.AbstractSolver | None = None,
         adjoint: fixpoint.AbstractAdjoint | None = None,
-        max_steps: int = 30,
+        max_steps: int = 50,
         throw: bool = True,
         compaction: fixpoint.Compaction | None = fixpoint.Compaction(),
         signed: bool = True,
