@@ -1,12 +1,12 @@
 """Group word problems: state tracking with exact labels, generated here.
 
 A sequence of group elements `g_1 … g_T` is labelled at every position with the
-running product `g_1 g_2 ⋯ g_t`. For an abelian group (parity, `Z_n`) the label is
-a function of the counts of each element; for a non-abelian one (`S3`, `A4`,
-`A5`, `S5`) it depends on the order, and a diagonal linear recurrence cannot
-track it (Merrill, Petty & Sabharwal, *The Illusion of State in State-Space
-Models*, ICML 2024; Grazzi et al., *Unlocking State-Tracking in Linear RNNs
-Through Negative Eigenvalues*, ICLR 2025).
+running product `g_t ⋯ g_2 g_1` (the newest element applied last). For an abelian
+group (parity, `Z_n`) the label is a function of the counts of each element; for a
+non-abelian one (`S3`, `A4`, `A5`, `S5`) it depends on the order, and a diagonal
+linear recurrence cannot track it (Merrill, Petty & Sabharwal, *The Illusion of
+State in State-Space Models*, ICML 2024; Grazzi et al., *Unlocking State-Tracking in
+Linear RNNs Through Negative Eigenvalues*, ICLR 2025).
 """
 
 import itertools
@@ -38,6 +38,11 @@ def _elements(group: str) -> tuple[tuple[int, ...], ...]:
     return perms if group[0] == "S" else tuple(p for p in perms if _sign(p) == 1)
 
 
+def _check_group(group: str, owner: str) -> None:
+    if group not in GROUPS:
+        raise ValueError(f"{owner}: `group` must be one of {', '.join(GROUPS)}, got {group!r}.")
+
+
 def multiplication_table(group: str) -> Int[np.ndarray, "n n"]:
     """The group's multiplication table: `table[a, b]` is the index of `a · b`.
 
@@ -52,10 +57,7 @@ def multiplication_table(group: str) -> Int[np.ndarray, "n n"]:
 
     `int32[n, n]` with `n` the order of the group.
     """
-    if group not in GROUPS:
-        raise ValueError(
-            f"multiplication_table: `group` must be one of {', '.join(GROUPS)}, got {group!r}."
-        )
+    _check_group(group, "multiplication_table")
     elements = _elements(group)
     index = {p: i for i, p in enumerate(elements)}
     table = np.empty((len(elements), len(elements)), np.int32)
@@ -88,11 +90,19 @@ def word_problem(
     `(tokens, labels)`, both NumPy `int32[num, length]` with values in
     `[0, order)`.
     """
+    _check_group(group, "word_problem")
     table = multiplication_table(group)
     for name, value in (("num", num), ("length", length)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"word_problem: `{name}` must be an int >= 1, got {value!r}.")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if isinstance(seed, np.random.Generator):
+        rng = seed
+    elif isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
+        rng = np.random.default_rng(int(seed))
+    else:
+        raise TypeError(
+            f"word_problem: `seed` must be an int >= 0 or a numpy.random.Generator, got {seed!r}."
+        )
     tokens = rng.integers(0, table.shape[0], size=(num, length)).astype(np.int32)
     labels = np.empty_like(tokens)
     state = np.zeros(num, np.int32)  # the identity

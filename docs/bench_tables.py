@@ -117,6 +117,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "python bench/equilibrium_layers.py",
         "script docstring; settings recorded",
     ),
+    "state_tracking_cpu": (
+        "python bench/state_tracking.py",
+        "script docstring; settings recorded",
+    ),
 }
 
 # --------------------------------------------------------------------------- formatting
@@ -1705,6 +1709,70 @@ def _equilibrium_layers(d: dict[str, Any]) -> Parts:
     return out
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _std(xs: list[float]) -> float:
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def _state_tracking(d: dict[str, Any]) -> Parts:
+    results = d["results"]
+    length = d["settings"]["length"]
+    lengths = [length, 2 * length, 4 * length]
+    out: Parts = []
+    for group in dict.fromkeys(r["group"] for r in results):
+        base = next(
+            (r["timing"] for r in results if r["group"] == group and r["model"] == "diagonal"),
+            None,
+        )
+        rows = []
+        for kind in dict.fromkeys(r["model"] for r in results if r["group"] == group):
+            runs = [r for r in results if r["group"] == group and r["model"] == kind]
+            acc = [[r["test"][str(n)]["accuracy"] for r in runs] for n in lengths]
+            timed = next(r["timing"] for r in runs if "timing" in r)
+            test_its = [r["test"][str(length)]["iterations_mean"] for r in runs]
+            converged = min(r["test"][str(n)]["converged"] for r in runs for n in lengths)
+            rows.append(
+                [
+                    kind,
+                    runs[0]["params"],
+                    *(_pm(_mean(a), _std(a)) for a in acc),
+                    "–" if kind == "diagonal" else f"{_mean(test_its):.1f}",
+                    "–" if kind == "diagonal" else f"{converged:.3f}",
+                    f"{_mean([r['masked_fraction'] for r in runs]):.3f}",
+                    ms(timed["forward_backward_ms"] / 1e3),
+                    ratio(timed["forward_backward_ms"] / base["forward_backward_ms"])
+                    if base
+                    else "",
+                ]
+            )
+        out.append(
+            (
+                group,
+                _part(
+                    f"The {group} word problem: {len(runs)} seed(s), {runs[0]['steps']} training "
+                    f"steps of {d['settings']['batch']} words of length {length}; per-token "
+                    "accuracy on 1,024 test words per length (mean ± std over seeds). "
+                    f"Iterations: mean depth iterations per sequence at length {length}; "
+                    "converged: the smallest fraction of test solves that converged at any "
+                    "length; masked: the fraction of training sequences masked out of the "
+                    "loss because their solve failed; time: forward + backward of one "
+                    "training batch, and its ratio to the diagonal layer",
+                    table(
+                        ["model", "params"]
+                        + [f"acc @ {n}" for n in lengths]
+                        + ["iterations", "converged", "masked", "fwd+bwd", "vs diagonal"],
+                        rows,
+                    ),
+                ),
+            )
+        )
+    return out
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], Parts]] = {
     "batch_cpu": _batch,
     "batch_overhead_cpu": _batch,
@@ -1736,6 +1804,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Parts]] = {
     "reversible_cpu": _reversible,
     "games_cpu": _games,
     "equilibrium_layers_cpu": _equilibrium_layers,
+    "state_tracking_cpu": _state_tracking,
 }
 
 

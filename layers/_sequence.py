@@ -40,9 +40,8 @@ def _uniform(key, shape, fan_in, dtype, scale=1.0):
     return jax.random.uniform(key, shape, dtype, -lim, lim)
 
 
-def _check_sequence(xs, width: int, name: str, owner: str) -> None:
+def _check_sequence(xs, width: int, name: str, owner: str, dtype=None) -> None:
     shape = tuple(getattr(xs, "shape", ()))
-    dtype = getattr(xs, "dtype", None)
     if len(shape) != 2 or shape[1] != width or shape[0] < 1:
         hint = (
             " A batch of sequences: map the layer over it with `jax.vmap`."
@@ -52,8 +51,24 @@ def _check_sequence(xs, width: int, name: str, owner: str) -> None:
         raise ValueError(
             f"{owner}: `{name}` must have shape (T, {width}) with T >= 1, got {shape}.{hint}"
         )
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{owner}: `{name}` must be a floating-point array, got dtype {dtype}.")
+    got = getattr(xs, "dtype", None)
+    if got is None or not jnp.issubdtype(got, jnp.floating):
+        raise TypeError(f"{owner}: `{name}` must be a floating-point array, got dtype {got}.")
+    if dtype is not None and got != dtype:
+        raise TypeError(
+            f"{owner}: `{name}` has dtype {got}, the layer's parameters {dtype}; cast one "
+            f"of them (e.g. `{name}.astype(jnp.{jnp.dtype(dtype).name})`)."
+        )
+
+
+def _check_start(z0, shape, dtype, owner: str) -> None:
+    if tuple(jnp.shape(z0)) != tuple(shape):
+        raise ValueError(f"{owner}: `z0` must have shape {tuple(shape)}, got {jnp.shape(z0)}.")
+    if getattr(z0, "dtype", None) != dtype:
+        raise TypeError(
+            f"{owner}: `z0` must be an array of dtype {dtype} (the layer's), got "
+            f"{getattr(z0, 'dtype', type(z0).__name__)}."
+        )
 
 
 def _no_dropout(owner: str, dropout) -> None:
@@ -70,7 +85,7 @@ def _no_dropout(owner: str, dropout) -> None:
 class FixedPointRNNCoefficients(eqx.Module):
     """The input-dependent coefficients of a `FixedPointRNN` for one sequence.
 
-    **Fields:**
+    **Arguments:**
 
     - `decay`: `Λ_t`, `(T, hidden)`, entries in `(−1, 1)`.
     - `mixer`: `Q_t`, `(T, hidden, hidden)`, each with `‖Q_t‖₂ < mixer_bound`.
@@ -105,8 +120,14 @@ class FixedPointRNNMap(eqx.Module):
     iteration, `h_t ← Λ_t h_{t-1} + Q_t h_t + B x_t + b` for all `t` by one
     associative scan (`h_{-1} = 0`).
 
-    **Fields:** `decay_weight`, `decay_bias`, `mixer_weight`, `mixer_bias`,
-    `input_weight`, `input_bias`; `mixer_bound` (static).
+    **Arguments:**
+
+    - `decay_weight`, `decay_bias`: `W_Λ`, `(hidden, input)`, and `b_Λ`, `(hidden,)`.
+    - `mixer_weight`, `mixer_bias`: `W_Q`, `(hidden², input)`, and `b_Q`, `(hidden²,)`.
+    - `input_weight`, `input_bias`: `B`, `(hidden, input)`, and `b`, `(hidden,)`.
+    - `mixer_bound`: `c`, a number in `(0, 1)` (static).
+
+    `FixedPointRNN` builds one; construct it directly only to set the weights.
     """
 
     decay_weight: Float[Array, "hidden input"]
@@ -123,9 +144,14 @@ class FixedPointRNNMap(eqx.Module):
         decay = jnp.tanh(jnp.matmul(xs, self.decay_weight.T, precision=_HI) + self.decay_bias)
         m = jnp.matmul(xs, self.mixer_weight.T, precision=_HI) + self.mixer_bias
         m = m.reshape(xs.shape[0], hidden, hidden)
-        frob = jnp.sqrt(1 + jnp.sum(m * m, axis=(1, 2), keepdims=True))
+        # c M / sqrt(1 + ‖M‖_F²), computed with M scaled to max |M| = 1 so that a huge
+        # M gives c M / ‖M‖_F rather than an overflow to 0.
+        tiny = jnp.finfo(m.dtype).tiny
+        scale = jnp.maximum(jnp.max(jnp.abs(m), axis=(1, 2), keepdims=True), tiny)
+        unit = m / scale
+        norm = jnp.sqrt((1 / scale) ** 2 + jnp.sum(unit * unit, axis=(1, 2), keepdims=True))
         drive = jnp.matmul(xs, self.input_weight.T, precision=_HI) + self.input_bias
-        return FixedPointRNNCoefficients(decay, self.mixer_bound * m / frob, drive)
+        return FixedPointRNNCoefficients(decay, self.mixer_bound * unit / norm, drive)
 
     def __call__(self, h: Float[Array, "T hidden"], xs: Float[Array, "T input"]) -> Array:
         """One depth iteration from the states `h` for the inputs `xs`."""
@@ -155,9 +181,16 @@ class FixedPointRNN(DEQ):
     associative scan (O(T · hidden²) work, O(log T) depth), and the fixed point
     of that iteration is the dense recurrence above. The iteration's error map is
     block lower-triangular with the blocks `Q_t` on its diagonal, so its spectral
-    radius is `max_t ρ(Q_t) < mixer_bound`: it converges from any start, for any
-    weights (the transient may grow with `T` where `|Λ_t|` is near 1 before it
-    decays; `stats["num_steps"]` says how many iterations a solve took).
+    radius is `max_t ρ(Q_t) < mixer_bound`, for any weights: the iteration
+    converges *asymptotically* from any start, in exact arithmetic. That is not a
+    bound on the number of iterations. The map is far from normal where `|Λ_t|`
+    is near 1, and the error can then grow by many orders of magnitude before it
+    decays, more so for longer sequences; the loop stops such a solve as
+    `diverged` or `max_steps_reached`, never with a wrong answer. `Anderson` or
+    `Newton` (`solver=`) solve such instances in far fewer iterations. The dense
+    recurrence itself is not bounded either: `‖(I − Q_t)⁻¹ Λ_t‖` can reach
+    `1 / (1 − mixer_bound)`, so the states can grow along the sequence.
+    `stats["num_steps"]` and `result` say how each solve went.
 
     Everything else is `fixpoint.layers.DEQ`'s: `rnn.solve(xs)` returns the
     `fixpoint.Solution` (`value`: the states, `stats["num_steps"]`, `result`),
@@ -238,6 +271,10 @@ class FixedPointRNN(DEQ):
         )
 
     @property
+    def _dtype(self):
+        return self.f.input_weight.dtype  # type: ignore[attr-defined]
+
+    @property
     def input_size(self) -> int:
         """The width of `x_t`."""
         return self.f.input_weight.shape[1]  # type: ignore[attr-defined]
@@ -274,16 +311,16 @@ class FixedPointRNN(DEQ):
         """
         del key, inference
         owner = "FixedPointRNN"
-        _check_sequence(xs, self.input_size, "xs", owner)
+        _check_sequence(xs, self.input_size, "xs", owner, self._dtype)
         shape = (xs.shape[0], self.hidden_size)
         if z0 is None:
             z0 = jnp.zeros(shape, xs.dtype)
-        elif tuple(jnp.shape(z0)) != shape:
-            raise ValueError(f"{owner}: `z0` must have shape {shape}, got {jnp.shape(z0)}.")
+        else:
+            _check_start(z0, shape, xs.dtype, owner)
         return fixpoint.fixed_point(
             _sweep,
             z0,
-            self.f.coefficients(xs),  # type: ignore[attr-defined]
+            self.prepared().coefficients(xs),  # type: ignore[attr-defined]
             solver=self.solver,
             adjoint=self.adjoint,
             max_steps=self.max_steps if max_steps is None else max_steps,
@@ -303,8 +340,8 @@ class FixedPointRNN(DEQ):
 
         A `FixedPointRNNCoefficients`.
         """
-        _check_sequence(xs, self.input_size, "xs", "FixedPointRNN")
-        return self.f.coefficients(xs)  # type: ignore[attr-defined]
+        _check_sequence(xs, self.input_size, "xs", "FixedPointRNN", self._dtype)
+        return self.prepared().coefficients(xs)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- ImplicitSSM
@@ -326,16 +363,28 @@ class SelectiveSSM(eqx.Module):
     - output `LayerNorm(W_o (y_t ⊙ silu(g_t)))` with `y_t = C_t · s_t[:, :] + D ⊙ u_t`.
 
     With `z = 0` it is an ordinary (diagonal, input-selective) SSM layer of `xs`;
-    `ImplicitSSM` iterates it to `z* = block(z*, xs)`. The output norm keeps every
-    iterate in a bounded set, so a fixed point exists for any weights (Brouwer's
-    theorem); it need not be unique.
+    `ImplicitSSM` iterates it to `z* = block(z*, xs)`. The output norm keeps the
+    block's values in a bounded set, so a fixed point exists for any weights
+    (Brouwer's theorem); it need not be unique.
 
     Gu & Dao, *Mamba: Linear-Time Sequence Modeling with Selective State Spaces*,
     COLM 2024.
 
-    **Fields:** `in_proj` (`(3 d_model + 2 state_size, d_model)`: `Δ`, `u`, `g`,
-    `B`, `C` stacked), `dt_bias`, `a_log` (`(d_model, state_size)`),
-    `skip` (`D`), `feedback` (`a`), `out_proj`, `norm`; `signed` (static).
+    **Arguments:**
+
+    - `d_model`: the width of the sequence.
+    - `state_size`: the state per channel (`N`).
+
+    Keyword-only:
+
+    - `signed`: decays in `(−1, 1)` (default `True`) or `(0, 1)`. A static field
+      (part of the architecture): a checkpoint does not hold it.
+    - `dtype`: the parameters' dtype.
+    - `key`: a `jax.random` key.
+
+    Its weights: `in_proj` (`(3 d_model + 2 state_size, d_model)`: `Δ`, `u`, `g`,
+    `B`, `C` stacked), `dt_bias`, `a_log` (`(d_model, state_size)`), `skip` (`D`),
+    `feedback` (`a`), `out_proj`, `norm`. `ImplicitSSM` builds one.
     """
 
     in_proj: Float[Array, "rows d_model"]
@@ -494,6 +543,10 @@ class ImplicitSSM(DEQ):
         )
 
     @property
+    def _dtype(self):
+        return self.f.skip.dtype  # type: ignore[attr-defined]
+
+    @property
     def d_model(self) -> int:
         """The width of the sequence."""
         return self.f.d_model  # type: ignore[attr-defined]
@@ -522,12 +575,9 @@ class ImplicitSSM(DEQ):
 
         A `fixpoint.Solution` whose `value` is `z*`, `(T, d_model)`.
         """
-        _check_sequence(xs, self.d_model, "xs", "ImplicitSSM")
-        if z0 is not None and tuple(jnp.shape(z0)) != tuple(xs.shape):
-            raise ValueError(
-                f"ImplicitSSM: `z0` must have the shape of `xs`, {tuple(xs.shape)}, got "
-                f"{tuple(jnp.shape(z0))}."
-            )
+        _check_sequence(xs, self.d_model, "xs", "ImplicitSSM", self._dtype)
+        if z0 is not None:
+            _check_start(z0, xs.shape, xs.dtype, "ImplicitSSM")
         return super().solve(xs, z0, record_residuals=record_residuals, max_steps=max_steps)
 
     def diagonal(self, xs: Float[Array, "T d_model"]) -> Float[Array, "T d_model"]:
@@ -544,5 +594,5 @@ class ImplicitSSM(DEQ):
 
         `block(0, xs)`, `(T, d_model)`.
         """
-        _check_sequence(xs, self.d_model, "xs", "ImplicitSSM")
+        _check_sequence(xs, self.d_model, "xs", "ImplicitSSM", self._dtype)
         return self.f(jnp.zeros_like(xs), xs)

@@ -86,6 +86,7 @@ EXAMPLES = [
     "docs/guides/equilibrium_layers.md",
     "docs/guides/which_adjoint.md",
     "docs/guides/games.md",
+    "docs/guides/sequence_layers.md",
     "docs/guides/writing_a_solver.md",
 ]
 

@@ -23,7 +23,8 @@ API = {
         MonotoneMatrix NGramPool Newton NonNegative PeacemanRachford Picard PicardSum
         QuasiDEER Reversible Sequential SequentialDecoding VarianceReducedHalpern""",
     "fixpoint.layers": """CGS CausalTransformer CircularConvMonotone ConvMonDEQ DEQ
-        DiagonalGRUCell GCN GIN Graph IGNN MonDEQ MonotoneDBM ParallelRNN SubhomogeneousDEQ
+        DiagonalGRUCell FixedPointRNN FixedPointRNNCoefficients FixedPointRNNMap GCN GIN
+        Graph IGNN ImplicitSSM MonDEQ MonotoneDBM ParallelRNN SelectiveSSM SubhomogeneousDEQ
         SubhomogeneousMap ar_loss batch_graphs consistency_loss correction_iterates
         gcn_aggregate graph_readout jacobi_trajectories jacobian_penalty lm_loss
         normalised_adjacency pad_graph perron_root spectral_norm spectral_radius
@@ -35,10 +36,10 @@ API = {
         fori_loop iterate_scan linear_recurrence meets once_per_shapes raise_if_failed
         scaled_size scan_tolerances termination while_loop""",
     "fixpoint.datasets": """InterferenceGame interference_game water_filling ASCII_VOCAB
-        ChainsDataset ClassificationExample FlowExample GRAPH_FAMILIES GVIExample batch_gvi
-        chains_dataset count_params decode_text encode flow_dataset flow_mse
-        graph_classification_dataset gvi_backup gvi_dataset gvi_metrics node_accuracy
-        random_batches stdlib_text""",
+        ChainsDataset ClassificationExample FlowExample GRAPH_FAMILIES GROUPS GVIExample
+        batch_gvi chains_dataset count_params decode_text encode flow_dataset flow_mse
+        graph_classification_dataset gvi_backup gvi_dataset gvi_metrics multiplication_table
+        node_accuracy random_batches stdlib_text word_problem""",
 }
 
 

@@ -29,6 +29,10 @@ _RNN = FixedPointRNN(
 _RNN = eqx.tree_at(lambda r: r.f.mixer_weight, _RNN, 30 * _RNN.f.mixer_weight)
 
 
+def _halve_mixer(f):
+    return eqx.tree_at(lambda m: m.mixer_weight, f, f.mixer_weight / 2)
+
+
 def _dense_recurrence(rnn, xs):
     """`h_t = (I - Q_t)^{-1} (Λ_t h_{t-1} + B x_t + b)` by `lax.scan` and a dense solve."""
     c = rnn.coefficients(xs)
@@ -50,8 +54,19 @@ def test_fixed_point_rnn_equals_the_dense_linear_recurrence():
     # The mixer is strong here, and bounded for any weights.
     norms = jnp.linalg.norm(c.mixer, ord=2, axis=(1, 2))
     assert 0.5 < float(norms.max()) < _RNN.f.mixer_bound
-    huge = eqx.tree_at(lambda r: r.f.mixer_weight, _RNN, 1e4 * _RNN.f.mixer_weight)
-    assert float(jnp.linalg.norm(huge.coefficients(_XS).mixer, ord=2, axis=(1, 2)).max()) < 0.9
+    # Huge weights: Q_t tends to c M / ‖M‖_F (no overflow to zero).
+    for scale in (1e4, 1e200):
+        huge = eqx.tree_at(lambda r: r.f.mixer_weight, _RNN, scale * _RNN.f.mixer_weight)
+        frob = jnp.linalg.norm(huge.coefficients(_XS).mixer, axis=(1, 2))
+        np.testing.assert_allclose(frob, 0.9, rtol=1e-6)
+    # `normalise` (a setting of every DEQ) is applied to the weights before a solve.
+    halved = _RNN.with_settings(normalise=_halve_mixer)
+    np.testing.assert_allclose(
+        halved.coefficients(_XS).mixer,
+        eqx.tree_at(lambda r: r.f.mixer_weight, _RNN, _RNN.f.mixer_weight / 2)
+        .coefficients(_XS)
+        .mixer,
+    )
     assert float(jnp.abs(c.decay).max()) < 1
     # From zeros, the first iteration is the diagonal RNN (the mixer acts on zeros).
     one = _RNN.with_settings(max_steps=1, throw=False).solve(_XS).value
@@ -59,6 +74,29 @@ def test_fixed_point_rnn_equals_the_dense_linear_recurrence():
     np.testing.assert_allclose(one, diagonal, atol=1e-12)
     # A warm start at the answer converges at once.
     assert int(_RNN.solve(_XS, sol.value).stats["num_steps"]) <= 1
+
+
+def test_fixed_point_rnn_far_from_normal_is_reported_and_anderson_solves_it():
+    """`Q_t ≈ −0.9 I` and `Λ_t ≈ 0.995`: the iteration's spectral radius is 0.9, but
+    its error first grows by orders of magnitude. Plain iteration reports it (never
+    a wrong answer); Anderson solves it."""
+    rnn = FixedPointRNN(1, 2, throw=False, dtype=jnp.float64, key=jax.random.key(0))
+    rnn = eqx.tree_at(
+        lambda r: (r.f.mixer_weight, r.f.mixer_bias, r.f.decay_weight, r.f.decay_bias),
+        rnn,
+        (
+            jnp.zeros((4, 1), jnp.float64),
+            -1e3 * jnp.eye(2, dtype=jnp.float64).reshape(-1),
+            jnp.zeros((2, 1), jnp.float64),
+            jnp.full((2,), 3.0, jnp.float64),
+        ),
+    )
+    xs = jnp.ones((16, 1), jnp.float64)
+    picard = rnn.solve(xs)
+    assert picard.result != fixpoint.RESULTS.successful
+    anderson = rnn.with_settings(solver=solvers.Anderson(1e-10, 1e-10)).solve(xs)
+    assert anderson.result == fixpoint.RESULTS.successful
+    np.testing.assert_allclose(anderson.value, _dense_recurrence(rnn, xs), atol=1e-8)
 
 
 def _rnn_loss(rnn, xs):
@@ -186,8 +224,14 @@ def test_bad_shapes_and_options_are_named():
         _RNN(jnp.ones((5, 3), jnp.int32))
     with pytest.raises(ValueError, match=r"`z0` must have shape \(12, 4\)"):
         _RNN.solve(_XS, jnp.zeros((12, 3)))
-    with pytest.raises(ValueError, match="ImplicitSSM: `z0` must have the shape of `xs`"):
+    with pytest.raises(ValueError, match=r"ImplicitSSM: `z0` must have shape \(10, 4\)"):
         _SSM.solve(_SEQ, jnp.zeros((9, 4)))
+    with pytest.raises(TypeError, match="`z0` must be an array of dtype float64"):
+        _SSM.solve(_SEQ, jnp.zeros((10, 4), jnp.float32))
+    with pytest.raises(TypeError, match="`xs` has dtype float32, the layer's parameters float64"):
+        _RNN(_XS.astype(jnp.float32))
+    with pytest.raises(TypeError, match="`xs` has dtype float32"):
+        _SSM.diagonal(_SEQ.astype(jnp.float32))
     with pytest.raises(ValueError, match=r"FixedPointRNN: `mixer_bound` must lie in \(0, 1\)"):
         FixedPointRNN(2, 3, mixer_bound=1.0, key=key)
     with pytest.raises(ValueError, match="FixedPointRNN: `hidden_size`"):
@@ -234,3 +278,5 @@ def test_word_problem_labels_are_running_products():
         datasets.word_problem("S4", 2, 3)
     with pytest.raises(ValueError, match="`length` must be an int >= 1"):
         datasets.word_problem("S3", 2, 0)
+    with pytest.raises(TypeError, match="word_problem: `seed` must be an int"):
+        datasets.word_problem("S3", 2, 3, seed=None)
