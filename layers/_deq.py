@@ -300,6 +300,36 @@ class DEQ(AbstractConfigurable):
         return self.solve(x, z0, key=key, inference=inference, max_steps=max_steps).value
 
 
+class FixedMapDEQ(DEQ):
+    """A `DEQ` subclass whose map is built in: its own default solver, no dropout.
+
+    Subclasses set `default_solver` and `no_dropout_reason` (class attributes).
+    Not public: the layers built on it document their settings themselves.
+    """
+
+    default_solver: ClassVar[internal.AbstractSolver]
+    no_dropout_reason: ClassVar[str]
+
+    def __init__(self, f: Callable, **settings):
+        super().__init__(f, **settings)
+
+    def _configure(self, *, solver, adjoint, max_steps, throw, dropout, normalise, compaction):
+        if dropout:
+            raise ValueError(
+                f"{type(self).__name__}: `dropout` must be 0 ({self.no_dropout_reason}), "
+                f"got {dropout!r}."
+            )
+        super()._configure(
+            solver=self.default_solver if solver is None else solver,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            throw=throw,
+            dropout=0.0,
+            normalise=normalise,
+            compaction=compaction,
+        )
+
+
 @internal.once_per_shapes
 def _check_f(z_shape_given: bool, f: Callable, x: Array, z0: Array) -> None:
     where = "`z_shape`" if z_shape_given else "`x`'s shape (no `z_shape` given)"

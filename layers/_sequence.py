@@ -20,6 +20,7 @@ result codes, its adjoints and compaction under `jax.vmap`.
 """
 
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -30,7 +31,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 import fixpoint
 from fixpoint import internal, solvers
 
-from ._deq import DEQ
+from ._deq import FixedMapDEQ
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -68,14 +69,6 @@ def _check_start(z0, shape, dtype, owner: str) -> None:
         raise TypeError(
             f"{owner}: `z0` must be an array of dtype {dtype} (the layer's), got "
             f"{getattr(z0, 'dtype', type(z0).__name__)}."
-        )
-
-
-def _no_dropout(owner: str, dropout) -> None:
-    if dropout:
-        raise ValueError(
-            f"{owner}: `dropout` must be 0 (a mask on the iterated map would change the "
-            f"recurrence it solves), got {dropout!r}."
         )
 
 
@@ -158,7 +151,7 @@ class FixedPointRNNMap(eqx.Module):
         return _sweep(h, self.coefficients(xs))
 
 
-class FixedPointRNN(DEQ):
+class FixedPointRNN(FixedMapDEQ):
     """A dense linear RNN computed as the fixed point of a diagonal one.
 
     Movahedi, Sarnthein, Cirone & Orvieto, *Fixed-Point RNNs: From Diagonal to
@@ -219,6 +212,11 @@ class FixedPointRNN(DEQ):
       close to diagonal (and converges in a few iterations) and learns to mix.
     """
 
+    default_solver: ClassVar[internal.AbstractSolver] = solvers.Picard(1e-4, 1e-4)
+    no_dropout_reason: ClassVar[str] = (
+        "a mask on the iterated map would change the recurrence it solves"
+    )
+
     def __init__(
         self,
         input_size: int,
@@ -255,18 +253,6 @@ class FixedPointRNN(DEQ):
             max_steps=max_steps,
             throw=throw,
             z_shape=None,
-            compaction=compaction,
-        )
-
-    def _configure(self, *, solver, adjoint, max_steps, throw, dropout, normalise, compaction):
-        _no_dropout("FixedPointRNN", dropout)
-        super()._configure(
-            solver=solvers.Picard(1e-4, 1e-4) if solver is None else solver,
-            adjoint=adjoint,
-            max_steps=max_steps,
-            throw=throw,
-            dropout=0.0,
-            normalise=normalise,
             compaction=compaction,
         )
 
@@ -453,7 +439,7 @@ class SelectiveSSM(eqx.Module):
         return jax.vmap(self.norm)(out)
 
 
-class ImplicitSSM(DEQ):
+class ImplicitSSM(FixedMapDEQ):
     """A selective SSM iterated to a fixed point in depth: a nonlinear RNN whose every
     iteration is a parallel scan over time.
 
@@ -501,6 +487,11 @@ class ImplicitSSM(DEQ):
     - `key`: a `jax.random` key.
     """
 
+    default_solver: ClassVar[internal.AbstractSolver] = solvers.Anderson(1e-3, 1e-3)
+    no_dropout_reason: ClassVar[str] = (
+        "a mask on the iterated map would change the recurrence it solves"
+    )
+
     def __init__(
         self,
         d_model: int,
@@ -527,18 +518,6 @@ class ImplicitSSM(DEQ):
             max_steps=max_steps,
             throw=throw,
             z_shape=None,
-            compaction=compaction,
-        )
-
-    def _configure(self, *, solver, adjoint, max_steps, throw, dropout, normalise, compaction):
-        _no_dropout("ImplicitSSM", dropout)
-        super()._configure(
-            solver=solvers.Anderson(1e-3, 1e-3) if solver is None else solver,
-            adjoint=adjoint,
-            max_steps=max_steps,
-            throw=throw,
-            dropout=0.0,
-            normalise=normalise,
             compaction=compaction,
         )
 

@@ -23,6 +23,8 @@ the weights. `F ≥ 1`, so every start (also zero, also outside the cone) is in 
 cone after one step.
 """
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 import fixpoint
 from fixpoint import internal, solvers
 
-from ._deq import DEQ
+from ._deq import FixedMapDEQ
 
 
 class _LogApply(eqx.Module):
@@ -93,7 +95,7 @@ def thompson_distance(y: Array, z: Array) -> Float[Array, ""]:
 _DEFAULT_SOLVER = solvers.Picard(0.0, 1e-4)
 
 
-class SubhomogeneousDEQ(DEQ):
+class SubhomogeneousDEQ(FixedMapDEQ):
     """A DEQ whose fixed point exists and is unique for any weights.
 
     Sittoni & Tudisco, *Subhomogeneous Deep Equilibrium Models*, ICML 2024.
@@ -141,6 +143,11 @@ class SubhomogeneousDEQ(DEQ):
       is not drowned by the recurrence; any scale keeps the guarantee).
     """
 
+    default_solver: ClassVar[internal.AbstractSolver] = _DEFAULT_SOLVER
+    no_dropout_reason: ClassVar[str] = (
+        "a zeroed entry leaves the positive cone, where the guarantee holds"
+    )
+
     def __init__(
         self,
         in_size: int,
@@ -181,22 +188,6 @@ class SubhomogeneousDEQ(DEQ):
             max_steps=max_steps,
             throw=throw,
             z_shape=(hidden_size,),
-            compaction=compaction,
-        )
-
-    def _configure(self, *, solver, adjoint, max_steps, throw, dropout, normalise, compaction):
-        if dropout:
-            raise ValueError(
-                "SubhomogeneousDEQ: `dropout` must be 0 (a zeroed entry leaves the positive "
-                f"cone, where the guarantee holds), got {dropout!r}."
-            )
-        super()._configure(
-            solver=_DEFAULT_SOLVER if solver is None else solver,
-            adjoint=adjoint,
-            max_steps=max_steps,
-            throw=throw,
-            dropout=0.0,
-            normalise=normalise,
             compaction=compaction,
         )
 
