@@ -261,8 +261,13 @@ class DEQ(AbstractConfigurable):
         f = self.prepared()
         self.check(f, x, z0)
         args = (f, x, self.mask(z0, key, inference))
+        return self._fixed_point(_apply, z0, args, max_steps, record_residuals)
+
+    def _fixed_point(self, fn, z0, args, max_steps, record_residuals) -> fixpoint.Solution:
+        """`fixpoint.fixed_point(fn, z0, args)` with this layer's solve settings (and
+        this call's `max_steps`, if given)."""
         return fixpoint.fixed_point(
-            _apply,
+            fn,
             z0,
             args,
             solver=self.solver,

@@ -303,17 +303,8 @@ class FixedPointRNN(FixedMapDEQ):
             z0 = jnp.zeros(shape, xs.dtype)
         else:
             _check_start(z0, shape, xs.dtype, owner)
-        return fixpoint.fixed_point(
-            _sweep,
-            z0,
-            self.prepared().coefficients(xs),  # type: ignore[attr-defined]
-            solver=self.solver,
-            adjoint=self.adjoint,
-            max_steps=self.max_steps if max_steps is None else max_steps,
-            throw=self.throw,
-            record_residuals=record_residuals,
-            compaction=self.compaction,
-        )
+        coefficients = self.prepared().coefficients(xs)  # type: ignore[attr-defined]
+        return self._fixed_point(_sweep, z0, coefficients, max_steps, record_residuals)
 
     def coefficients(self, xs: Float[Array, "T input"]) -> FixedPointRNNCoefficients:
         """`Λ_t`, `Q_t` and `B x_t + b` for one sequence (see `FixedPointRNNMap`).

@@ -220,17 +220,7 @@ class SubhomogeneousDEQ(FixedMapDEQ):
         z0 = self.initial(x, z0)
         f = self.prepared()
         self.check(f, x, z0)
-        sol = fixpoint.fixed_point(
-            _log_apply,
-            jnp.log(f(z0, x)),
-            (f, x),
-            solver=self.solver,
-            adjoint=self.adjoint,
-            max_steps=self.max_steps if max_steps is None else max_steps,
-            throw=self.throw,
-            record_residuals=record_residuals,
-            compaction=self.compaction,
-        )
+        sol = self._fixed_point(_log_apply, jnp.log(f(z0, x)), (f, x), max_steps, record_residuals)
         return eqx.tree_at(lambda s: s.value, sol, jnp.exp(sol.value))
 
     @property
